@@ -1,0 +1,156 @@
+//! The webhook's JSON wire format -> the typed [`Envelope`]. The only module that knows the JSON.
+//!
+//! Field names, nullability and which fields are required come from the protos: build.rs puts
+//! serde attributes on the generated messages (see `serde_support`). Unknown fields and `Rels`
+//! kinds are skipped here; they are not lost, because the original body is stored beside the
+//! typed message.
+
+pub mod serde_support;
+
+use crate::pb::webhook::v1::Envelope;
+use crate::wire::Keys;
+
+/// Why a body is not a webhook event. Says where (a field path such as `ChatEvent.Id` or
+/// `Rels.Chats[0].ProjectId`, `.` for the whole body) and what was expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct DecodeError {
+    /// Where in the body: a dotted field path with `[i]` for array items.
+    pub path: String,
+    /// What is wrong and what was expected.
+    pub message: String,
+    /// 1-based line of the offending byte, when the parser knows it.
+    pub line: Option<usize>,
+    /// 1-based column of the offending byte, when the parser knows it.
+    pub column: Option<usize>,
+}
+
+impl DecodeError {
+    fn at(path: &str, message: impl Into<String>) -> Self {
+        Self {
+            path: path.to_owned(),
+            message: message.into(),
+            line: None,
+            column: None,
+        }
+    }
+
+    fn from_serde(err: serde_path_to_error::Error<serde_json::Error>) -> Self {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        Self::from_json(
+            if path.is_empty() {
+                ".".to_owned()
+            } else {
+                path
+            },
+            &inner,
+        )
+    }
+
+    /// A JSON syntax or type error at the top of the body.
+    pub fn from_json_error(err: &serde_json::Error) -> Self {
+        Self::from_json(".".to_owned(), err)
+    }
+
+    fn from_json(path: String, err: &serde_json::Error) -> Self {
+        let (line, column) = (err.line(), err.column());
+        let text = err.to_string();
+        // serde_json appends the position; it is reported in its own fields.
+        let message = match text.rfind(" at line ") {
+            Some(i) if line > 0 => text[..i].to_owned(),
+            _ => text,
+        };
+        let message = match err.classify() {
+            serde_json::error::Category::Syntax => format!("malformed JSON: {message}"),
+            serde_json::error::Category::Eof => format!("truncated JSON: {message}"),
+            _ => message,
+        };
+        Self {
+            path,
+            message,
+            line: (line > 0).then_some(line),
+            column: (line > 0).then_some(column),
+        }
+    }
+}
+
+/// Decodes one webhook body. Accepts both known versions of the format, unknown fields, `null`
+/// for any field, int64 ids beyond 2^53. Rejects anything that is not a JSON object with a
+/// `ChatEvent` that has an `Id` and a `Type`, and any field of the wrong type.
+pub fn decode(body: &[u8]) -> Result<Envelope, DecodeError> {
+    // serde reads a JSON array into a struct positionally; a webhook body is always an object.
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => {}
+        None => return Err(DecodeError::at(".", "empty body: expected a JSON object")),
+        Some(_) => {
+            // Let the parser say what it is (or where the syntax breaks).
+            let value: Result<serde_json::Value, _> = serde_json::from_slice(body);
+            return Err(match value {
+                Err(err) => DecodeError::from_json(".".to_owned(), &err),
+                Ok(other) => DecodeError::at(
+                    ".",
+                    format!("expected a JSON object, found {}", kind(&other)),
+                ),
+            });
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let envelope: Envelope =
+        serde_path_to_error::deserialize(&mut de).map_err(DecodeError::from_serde)?;
+    de.end()
+        .map_err(|err| DecodeError::from_json(".".to_owned(), &err))?;
+    validate(&envelope)?;
+    Ok(envelope)
+}
+
+/// Checks what the types cannot: a typed envelope (from JSON or from gRPC Publish) must carry a
+/// `ChatEvent` with a `Type`.
+pub fn validate(envelope: &Envelope) -> Result<(), DecodeError> {
+    let Some(event) = &envelope.chat_event else {
+        return Err(DecodeError::at(
+            "ChatEvent",
+            "missing field `ChatEvent`: expected an object",
+        ));
+    };
+    if event.r#type.is_empty() {
+        return Err(DecodeError::at(
+            "ChatEvent.Type",
+            "empty event type: expected a string such as \"message_created\"",
+        ));
+    }
+    Ok(())
+}
+
+/// The fields subscribers filter on, read once at ingest and stored beside the event.
+pub fn keys(envelope: &Envelope) -> Keys {
+    let event = envelope.chat_event.clone().unwrap_or_default();
+    let rels = envelope.rels.as_ref();
+    let chat = event
+        .chat_id
+        .and_then(|id| rels.and_then(|rels| rels.chats.iter().find(|chat| chat.id == id)));
+    Keys {
+        event_id: event.id,
+        event_type: event.r#type,
+        actor: event.actor,
+        chat_id: event.chat_id,
+        client_id: event.client_id,
+        user_id: event.user_id,
+        project_id: chat.map(|chat| chat.project_id),
+        channel_id: chat.map(|chat| chat.channel_id),
+    }
+}
+
+fn kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests;

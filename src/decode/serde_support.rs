@@ -1,0 +1,40 @@
+//! Field deserializers named by the serde attributes that build.rs puts on the generated
+//! webhook messages.
+
+use serde::{Deserialize, Deserializer};
+
+/// A non-nullable field: `null` reads as the default, as in the proto3 JSON mapping.
+pub fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+/// An opaque object (`APNS`, `Options`, `Permissions`, `Fields`): any JSON, kept as
+/// `google.protobuf.Value`; `null` reads as unset.
+pub fn opaque<'de, D>(deserializer: D) -> Result<Option<prost_types::Value>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    Ok(Option::<serde_json::Value>::deserialize(deserializer)?.map(to_value))
+}
+
+fn to_value(json: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match json {
+        serde_json::Value::Null => Kind::NullValue(prost_types::NullValue::NullValue.into()),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        // google.protobuf.Value holds numbers as doubles; the exact text stays in the raw JSON.
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.into_iter().map(to_value).collect(),
+        }),
+        serde_json::Value::Object(fields) => Kind::StructValue(prost_types::Struct {
+            fields: fields.into_iter().map(|(k, v)| (k, to_value(v))).collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
+}

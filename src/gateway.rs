@@ -1,0 +1,191 @@
+//! The gateway's core, shared by the HTTP and gRPC edges: ingest (decode, record, append) and
+//! subscriptions and lookups over the log and the live tail.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use prost::Message;
+use tokio::sync::watch;
+
+use crate::decode::{self, DecodeError};
+use crate::hub::Hub;
+use crate::log::{Appended, LogError, NewRecord, SharedLog};
+use crate::pb::webhook::v1::Envelope;
+use crate::subscribe::{Filter, Start, SubscribeError, Subscription};
+use crate::wire::{EncodedEvent, StoredEvent};
+
+/// Why an event was not stored.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IngestError {
+    /// The body is not a valid webhook event; the sender must fix it.
+    #[error(transparent)]
+    Invalid(#[from] DecodeError),
+    /// Storage failed; nothing was acknowledged; the sender should retry.
+    #[error(transparent)]
+    Unavailable(#[from] LogError),
+}
+
+/// Shared state behind every handler. Cheap to clone.
+#[derive(Clone)]
+pub struct Gateway {
+    log: SharedLog,
+    hub: Hub,
+    /// Fires once when the gateway starts shutting down; streams end, readiness drops.
+    shutdown: watch::Receiver<bool>,
+    /// False while draining.
+    accepting: Arc<AtomicBool>,
+}
+
+impl Gateway {
+    /// A gateway over `log`, with a live tail of `live_buffer` events.
+    pub fn new(log: SharedLog, live_buffer: usize, shutdown: watch::Receiver<bool>) -> Self {
+        let hub = Hub::start(log.clone(), live_buffer, shutdown.clone());
+        Self {
+            log,
+            hub,
+            shutdown,
+            accepting: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// Stores one webhook JSON body. The body is kept verbatim beside the typed message.
+    pub async fn ingest_json(&self, body: Bytes) -> Result<Appended, IngestError> {
+        let record = Self::record_from_json(body)?;
+        let mut appended = self.log.append(vec![record]).await?;
+        appended
+            .pop()
+            .ok_or_else(|| LogError::Unavailable("log returned no result".into()).into())
+    }
+
+    /// Stores several webhook JSON bodies with one append (one sync). A body that does not decode
+    /// gets its own error and does not stop the others.
+    pub async fn ingest_batch(
+        &self,
+        bodies: Vec<Bytes>,
+    ) -> Result<Vec<Result<Appended, DecodeError>>, LogError> {
+        let mut results: Vec<Result<Appended, DecodeError>> = Vec::with_capacity(bodies.len());
+        let mut records = Vec::with_capacity(bodies.len());
+        for body in bodies {
+            match Self::record_from_json(body) {
+                Ok(record) => {
+                    records.push(record);
+                    // Placeholder, replaced by the append result below.
+                    results.push(Ok(Appended {
+                        sequence: 0,
+                        duplicate: false,
+                    }));
+                }
+                Err(error) => results.push(Err(error)),
+            }
+        }
+        if records.is_empty() {
+            return Ok(results);
+        }
+        let mut appended = self.log.append(records).await?.into_iter();
+        for slot in results.iter_mut().filter(|slot| slot.is_ok()) {
+            *slot = Ok(appended
+                .next()
+                .ok_or_else(|| LogError::Unavailable("log returned too few results".into()))?);
+        }
+        Ok(results)
+    }
+
+    /// Stores a typed envelope (gRPC Publish); there is no original JSON to keep.
+    pub async fn ingest_envelope(&self, envelope: Envelope) -> Result<Appended, IngestError> {
+        decode::validate(&envelope)?;
+        let record = Self::record(&envelope, Bytes::new());
+        let mut appended = self.log.append(vec![record]).await?;
+        appended
+            .pop()
+            .ok_or_else(|| LogError::Unavailable("log returned no result".into()).into())
+    }
+
+    fn record_from_json(body: Bytes) -> Result<NewRecord, DecodeError> {
+        let envelope = decode::decode(&body)?;
+        Ok(Self::record(&envelope, body))
+    }
+
+    fn record(envelope: &Envelope, raw_json: Bytes) -> NewRecord {
+        let keys = decode::keys(envelope);
+        let event_id = keys.event_id;
+        let stored = StoredEvent {
+            envelope: envelope.encode_to_vec().into(),
+            raw_json,
+            keys: Some(keys),
+        };
+        NewRecord {
+            event_id,
+            received_at_ms: now_ms(),
+            payload: stored.encode_to_vec().into(),
+        }
+    }
+
+    /// Opens a subscription.
+    pub async fn subscribe(
+        &self,
+        filter: Filter,
+        start: Start,
+    ) -> Result<Subscription, SubscribeError> {
+        Subscription::new(
+            self.log.clone(),
+            &self.hub,
+            self.shutdown.clone(),
+            filter,
+            start,
+        )
+        .await
+    }
+
+    /// The stored event with this sequence.
+    pub async fn get_by_sequence(
+        &self,
+        sequence: u64,
+    ) -> Result<Option<EncodedEvent>, SubscribeError> {
+        let records = self.log.read(sequence, 1).await?;
+        let Some(record) = records
+            .into_iter()
+            .next()
+            .filter(|record| record.sequence == sequence)
+        else {
+            return Ok(None);
+        };
+        EncodedEvent::from_payload(record.sequence, record.received_at_ms, record.payload)
+            .map(Some)
+            .map_err(|_| SubscribeError::Corrupt(sequence))
+    }
+
+    /// The stored event with this `ChatEvent.Id`.
+    pub async fn get_by_event_id(
+        &self,
+        event_id: i64,
+    ) -> Result<Option<EncodedEvent>, SubscribeError> {
+        match self.log.find_event(event_id).await? {
+            Some(sequence) => self.get_by_sequence(sequence).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Whether the gateway takes ingest now: not draining and the log is healthy.
+    pub fn ready(&self) -> bool {
+        self.accepting.load(Ordering::Relaxed) && !*self.shutdown.borrow() && self.log.healthy()
+    }
+
+    /// Marks the gateway as draining (readiness and health go down first).
+    pub fn start_draining(&self) {
+        self.accepting.store(false, Ordering::Relaxed);
+    }
+
+    /// Number of live subscribers.
+    pub fn subscribers(&self) -> usize {
+        self.hub.receivers()
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,208 @@
+//! The gRPC edge: `iqchannels.gateway.v1.EventGateway`, health and reflection. The only module
+//! that knows tonic; the one place errors become `tonic::Status`.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures_util::Stream;
+use tonic::{Request, Response, Status};
+use tonic_health::ServingStatus;
+
+use crate::decode::DecodeError;
+use crate::gateway::{Gateway, IngestError};
+use crate::log::LogError;
+use crate::pb::gateway::v1::{
+    event_gateway_server::{EventGateway, EventGatewayServer},
+    get_event_request, publish_request, subscribe_request, GetEventRequest, PublishRequest,
+    PublishResponse, SubscribeRequest,
+};
+use crate::subscribe::{Filter, Start, SubscribeError};
+use crate::wire::WireEvent;
+
+/// The tonic routes for everything gRPC the gateway serves on its port.
+pub fn routes(
+    gateway: Gateway,
+    max_message_bytes: usize,
+) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
+    let descriptors = [
+        crate::pb::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ];
+    let mut v1 = tonic_reflection::server::Builder::configure();
+    let mut v1alpha = tonic_reflection::server::Builder::configure();
+    for set in descriptors {
+        v1 = v1.register_encoded_file_descriptor_set(set);
+        v1alpha = v1alpha.register_encoded_file_descriptor_set(set);
+    }
+    let (reporter, health) = tonic_health::server::health_reporter();
+    tokio::spawn(report_health(gateway.clone(), reporter));
+    let service = EventGatewayServer::new(Service { gateway })
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(usize::MAX);
+    Ok(tonic::service::Routes::new(service)
+        .add_service(health)
+        .add_service(v1.build_v1()?)
+        .add_service(v1alpha.build_v1alpha()?))
+}
+
+/// Keeps `grpc.health.v1` in step with readiness: SERVING when ready, NOT_SERVING while the store
+/// is failing or the gateway drains.
+async fn report_health(gateway: Gateway, reporter: tonic_health::server::HealthReporter) {
+    let mut last = None;
+    loop {
+        let status = if gateway.ready() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        if last != Some(status) {
+            reporter.set_service_status("", status).await;
+            reporter
+                .set_service_status(
+                    crate::pb::gateway::v1::event_gateway_server::SERVICE_NAME,
+                    status,
+                )
+                .await;
+            last = Some(status);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+struct Service {
+    gateway: Gateway,
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<WireEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl EventGateway for Service {
+    type SubscribeStream = EventStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let request = request.into_inner();
+        let filter = request.filter.map(filter_from).unwrap_or_default();
+        let start = match request.start {
+            None => Start::Live,
+            Some(subscribe_request::Start::Beginning(())) => Start::Beginning,
+            Some(subscribe_request::Start::AfterSequence(sequence)) => Start::After(sequence),
+            Some(subscribe_request::Start::SinceTime(at)) => Start::Since(
+                at.seconds
+                    .saturating_mul(1000)
+                    .saturating_add(i64::from(at.nanos / 1_000_000)),
+            ),
+        };
+        let include_raw = request.include_raw_json;
+        let subscription = self
+            .gateway
+            .subscribe(filter, start)
+            .await
+            .map_err(subscribe_status)?;
+        tracing::debug!(position = subscription.position(), "subscriber attached");
+        // The stream is pulled by tonic as the client reads: a slow client holds at most the one
+        // page its cursor has read; a client that leaves drops the subscription.
+        let stream = futures_util::stream::unfold(Some(subscription), move |state| async move {
+            let mut subscription = state?;
+            match subscription.next().await {
+                Ok(event) => Some((Ok(WireEvent { event, include_raw }), Some(subscription))),
+                Err(error) => Some((Err(subscribe_status(error)), None)),
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn publish(
+        &self,
+        request: Request<PublishRequest>,
+    ) -> Result<Response<PublishResponse>, Status> {
+        let appended = match request.into_inner().event {
+            Some(publish_request::Event::RawJson(body)) => {
+                self.gateway.ingest_json(body.into()).await
+            }
+            Some(publish_request::Event::Envelope(envelope)) => {
+                self.gateway.ingest_envelope(envelope).await
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "event: expected `envelope` or `raw_json`",
+                ))
+            }
+        }
+        .map_err(ingest_status)?;
+        Ok(Response::new(PublishResponse {
+            sequence: appended.sequence,
+            duplicate: appended.duplicate,
+        }))
+    }
+
+    async fn get_event(
+        &self,
+        request: Request<GetEventRequest>,
+    ) -> Result<Response<WireEvent>, Status> {
+        let request = request.into_inner();
+        let found = match request.key {
+            Some(get_event_request::Key::Sequence(sequence)) => {
+                self.gateway.get_by_sequence(sequence).await
+            }
+            Some(get_event_request::Key::EventId(event_id)) => {
+                self.gateway.get_by_event_id(event_id).await
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "key: expected `sequence` or `event_id`",
+                ))
+            }
+        }
+        .map_err(subscribe_status)?;
+        let event = found.ok_or_else(|| Status::not_found("no stored event with that key"))?;
+        Ok(Response::new(WireEvent {
+            event: event.into(),
+            include_raw: request.include_raw_json,
+        }))
+    }
+}
+
+fn filter_from(filter: crate::pb::gateway::v1::Filter) -> Filter {
+    Filter {
+        event_types: filter.event_types,
+        project_ids: filter.project_ids,
+        channel_ids: filter.channel_ids,
+        chat_ids: filter.chat_ids,
+        client_ids: filter.client_ids,
+        user_ids: filter.user_ids,
+        actors: filter.actors,
+    }
+}
+
+fn decode_status(error: DecodeError) -> Status {
+    let position = match (error.line, error.column) {
+        (Some(line), Some(column)) => format!(" (line {line}, column {column})"),
+        _ => String::new(),
+    };
+    Status::invalid_argument(format!("{}: {}{position}", error.path, error.message))
+}
+
+fn log_status(error: LogError) -> Status {
+    match error {
+        LogError::Truncated { .. } => Status::out_of_range(error.to_string()),
+        LogError::Unavailable(_) | LogError::Closed => Status::unavailable(error.to_string()),
+    }
+}
+
+fn ingest_status(error: IngestError) -> Status {
+    match error {
+        IngestError::Invalid(error) => decode_status(error),
+        IngestError::Unavailable(error) => log_status(error),
+    }
+}
+
+fn subscribe_status(error: SubscribeError) -> Status {
+    match error {
+        SubscribeError::Log(error) => log_status(error),
+        SubscribeError::Corrupt(_) => Status::data_loss(error.to_string()),
+        SubscribeError::ShuttingDown => Status::unavailable(error.to_string()),
+    }
+}

@@ -1,0 +1,257 @@
+//! The HTTP/1.1 edge: JSON ingest and health. The only module that knows axum; the one place
+//! errors become HTTP responses. gRPC requests on the same port are handed to tonic's routes.
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde_json::json;
+use tower::ServiceExt;
+
+use crate::decode::DecodeError;
+use crate::gateway::{Gateway, IngestError};
+use crate::log::{Appended, LogError};
+
+/// Settings of the HTTP edge.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    pub max_body_bytes: usize,
+}
+
+#[derive(Clone)]
+struct AppState {
+    gateway: Gateway,
+    config: HttpConfig,
+}
+
+/// The whole service on the shared port: HTTP routes, and `grpc` for requests whose content type
+/// is `application/grpc*`.
+pub fn router(gateway: Gateway, config: HttpConfig, grpc: tonic::service::Routes) -> Router {
+    let grpc = grpc.prepare();
+    Router::new()
+        .route("/v1/events", post(post_event))
+        .route("/v1/events:batch", post(post_batch))
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .method_not_allowed_fallback(|| async { HttpError::MethodNotAllowed })
+        .fallback(move |request: Request| {
+            let grpc = grpc.clone();
+            async move {
+                if is_grpc(request.headers()) {
+                    match grpc.oneshot(request).await {
+                        Ok(response) => response.map(Body::new),
+                        Err(never) => match never {},
+                    }
+                } else {
+                    HttpError::NotFound.into_response()
+                }
+            }
+        })
+        .with_state(AppState { gateway, config })
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.gateway.ready() {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not ready"})),
+        )
+            .into_response()
+    }
+}
+
+async fn post_event(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<Json<Appended>, HttpError> {
+    require_content_type(request.headers(), &["application/json"])?;
+    let body = read_body(request, state.config.max_body_bytes).await?;
+    Ok(Json(state.gateway.ingest_json(body).await?))
+}
+
+/// `POST /v1/events:batch`: a JSON array of events (`application/json`) or one event per line
+/// (`application/x-ndjson`). Answers 200 with one result per item, in order: a bad item is
+/// answered with its error and does not reject the others. The whole batch is rejected (400)
+/// only when it cannot be split into items; 503 when storage fails (nothing acknowledged).
+async fn post_batch(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<Json<serde_json::Value>, HttpError> {
+    let ndjson = [
+        "application/x-ndjson",
+        "application/ndjson",
+        "application/jsonl",
+        "application/json-seq",
+    ];
+    let content_type = require_content_type(
+        request.headers(),
+        &["application/json", ndjson[0], ndjson[1], ndjson[2]],
+    )?;
+    let body = read_body(request, state.config.max_body_bytes).await?;
+    let items = if content_type == "application/json" {
+        split_array(&body)?
+    } else {
+        split_lines(&body)
+    };
+    let results = state
+        .gateway
+        .ingest_batch(items)
+        .await
+        .map_err(HttpError::Storage)?;
+    let (mut stored, mut duplicates, mut rejected) = (0, 0, 0);
+    let results: Vec<serde_json::Value> = results
+        .into_iter()
+        .map(|result| match result {
+            Ok(appended) => {
+                if appended.duplicate {
+                    duplicates += 1
+                } else {
+                    stored += 1
+                }
+                json!(appended)
+            }
+            Err(error) => {
+                rejected += 1;
+                decode_error_json(&error)
+            }
+        })
+        .collect();
+    Ok(Json(
+        json!({"stored": stored, "duplicates": duplicates, "rejected": rejected, "results": results}),
+    ))
+}
+
+/// Splits a JSON array into its items' exact bytes.
+fn split_array(body: &Bytes) -> Result<Vec<Bytes>, HttpError> {
+    let items: Vec<&serde_json::value::RawValue> =
+        serde_json::from_slice(body).map_err(|error| {
+            let mut decode = DecodeError::from_json_error(&error);
+            decode.message = format!("expected a JSON array of events: {}", decode.message);
+            HttpError::Invalid(decode)
+        })?;
+    Ok(items
+        .into_iter()
+        .map(|item| body.slice_ref(item.get().as_bytes()))
+        .collect())
+}
+
+/// Splits NDJSON into its non-blank lines.
+fn split_lines(body: &Bytes) -> Vec<Bytes> {
+    body.split(|&b| b == b'\n')
+        .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
+        .map(|line| body.slice_ref(line))
+        .collect()
+}
+
+/// The media type without parameters, if it is one of `allowed`.
+fn require_content_type(
+    headers: &HeaderMap,
+    allowed: &[&'static str],
+) -> Result<&'static str, HttpError> {
+    let value = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let media = value.split(';').next().unwrap_or("").trim();
+    allowed
+        .iter()
+        .find(|allowed| media.eq_ignore_ascii_case(allowed))
+        .copied()
+        .ok_or(HttpError::UnsupportedMediaType(allowed.join(", ")))
+}
+
+async fn read_body(request: Request, limit: usize) -> Result<Bytes, HttpError> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(HttpError::TooLarge(limit));
+    }
+    axum::body::to_bytes(request.into_body(), limit)
+        .await
+        .map_err(|error| {
+            let too_large = std::error::Error::source(&error)
+                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                HttpError::TooLarge(limit)
+            } else {
+                HttpError::BodyRead
+            }
+        })
+}
+
+fn decode_error_json(error: &DecodeError) -> serde_json::Value {
+    let mut body = json!({"error": error.message, "path": error.path});
+    if let (Some(line), Some(column)) = (error.line, error.column) {
+        body["line"] = json!(line);
+        body["column"] = json!(column);
+    }
+    body
+}
+
+/// Every way an HTTP request fails; each maps to one status and a JSON body `{"error": ...}`.
+#[derive(Debug, thiserror::Error)]
+enum HttpError {
+    #[error("invalid event")]
+    Invalid(DecodeError),
+    #[error(transparent)]
+    Storage(LogError),
+    #[error("request body is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("unsupported content type; expected one of: {0}")]
+    UnsupportedMediaType(String),
+    #[error("could not read the request body")]
+    BodyRead,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("not found")]
+    NotFound,
+}
+
+impl From<IngestError> for HttpError {
+    fn from(error: IngestError) -> Self {
+        match error {
+            IngestError::Invalid(error) => Self::Invalid(error),
+            IngestError::Unavailable(error) => Self::Storage(error),
+        }
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            Self::Invalid(_) | Self::BodyRead => StatusCode::BAD_REQUEST,
+            Self::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::NotFound => StatusCode::NOT_FOUND,
+        };
+        let body = match &self {
+            Self::Invalid(error) => decode_error_json(error),
+            other => json!({"error": other.to_string()}),
+        };
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

@@ -1,0 +1,24 @@
+//! iqchannels-gateway: receives iQChannels webhook events over HTTP and gRPC, stores each durably
+//! and once, and streams them as typed protobuf to gRPC subscribers.
+//!
+//! # Layout
+//! - [`decode`]: webhook JSON bytes -> typed [`pb::webhook::v1::Envelope`], with clear errors.
+//! - [`wire`]: the stored record and the pre-encoded gRPC `Event` every stream shares.
+//! - [`log`]: the seam where events get sequences and become durable ([`log::EventLog`]).
+//! - [`hub`]: the bounded live tail, fed from the log.
+//! - [`subscribe`]: a subscriber's cursor over the log and the live tail, with its filter.
+//! - [`gateway`]: ingest, subscriptions and lookups, shared by the edges.
+//! - [`http`], [`grpc`]: the edges (axum, tonic).
+//! - [`server`]: one port for both, graceful shutdown.
+//! - [`pb`]: generated code and the descriptor set.
+
+pub mod decode;
+pub mod gateway;
+pub mod grpc;
+pub mod http;
+pub mod hub;
+pub mod log;
+pub mod pb;
+pub mod server;
+pub mod subscribe;
+pub mod wire;

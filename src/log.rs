@@ -1,0 +1,107 @@
+//! The event log seam: where events get their sequence and become durable.
+//!
+//! The log stores opaque payloads under strictly increasing sequences (from 1, no gaps), with the
+//! time each was received and a deduplication key (`ChatEvent.Id`). Implementations:
+//! [`memory::MemoryLog`] (tests, benchmarks) and the durable stores. Handlers see only
+//! [`EventLog`]; a store plugs in by implementing it.
+
+pub mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::watch;
+
+/// One event to append.
+#[derive(Debug, Clone)]
+pub struct NewRecord {
+    /// Deduplication key: the same id is stored once.
+    pub event_id: i64,
+    /// When the gateway received it, milliseconds since the Unix epoch.
+    pub received_at_ms: i64,
+    /// Opaque bytes ([`crate::wire::StoredEvent`]).
+    pub payload: Bytes,
+}
+
+/// The result of appending one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Appended {
+    /// The record's sequence; for a duplicate, the sequence of the record stored first.
+    pub sequence: u64,
+    /// True when a record with the same `event_id` was already stored.
+    pub duplicate: bool,
+}
+
+/// One stored record.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Position in the log.
+    pub sequence: u64,
+    /// When the gateway received it, milliseconds since the Unix epoch.
+    pub received_at_ms: i64,
+    /// The payload as appended.
+    pub payload: Bytes,
+}
+
+/// The retained range of sequences: `first..next` (empty when equal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// The oldest retained sequence.
+    pub first: u64,
+    /// The sequence the next appended record will get.
+    pub next: u64,
+}
+
+/// Why the log could not do what was asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LogError {
+    /// The requested sequence was removed by retention.
+    #[error(
+        "sequence {requested} is no longer retained; the oldest retained sequence is {oldest}"
+    )]
+    Truncated {
+        /// What was asked for.
+        requested: u64,
+        /// The oldest sequence still stored.
+        oldest: u64,
+    },
+    /// The storage failed (disk, network); nothing was acknowledged. Callers answer "retry".
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// The log is closed (the gateway is shutting down).
+    #[error("the event log is closed")]
+    Closed,
+}
+
+/// The seam between ingest/subscribe and storage.
+#[async_trait]
+pub trait EventLog: Send + Sync + 'static {
+    /// Appends records in order, storing each `event_id` once (also within the batch). Returns
+    /// only once the stored records are durable; results are in the order of `records`.
+    async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>, LogError>;
+
+    /// Up to `limit` records with sequence `>= from`, in order; empty at the end of the log.
+    /// [`LogError::Truncated`] when `from` is older than the oldest retained record.
+    async fn read(&self, from: u64, limit: usize) -> Result<Vec<Record>, LogError>;
+
+    /// The sequence under which `event_id` is stored.
+    async fn find_event(&self, event_id: i64) -> Result<Option<u64>, LogError>;
+
+    /// The first retained sequence received at or after `at_ms` (`next` if none).
+    async fn seek_time(&self, at_ms: i64) -> Result<u64, LogError>;
+
+    /// The retained range now.
+    fn bounds(&self) -> Bounds;
+
+    /// The highest durable sequence (0 when empty), updated after every append.
+    fn committed(&self) -> watch::Receiver<u64>;
+
+    /// Whether the log can take appends now (for readiness).
+    fn healthy(&self) -> bool {
+        true
+    }
+}
+
+/// A shared log.
+pub type SharedLog = Arc<dyn EventLog>;

@@ -1,0 +1,170 @@
+//! Serves one bound listener: HTTP/1.1 and HTTP/2 cleartext (gRPC) on the same port, until the
+//! shutdown signal, then drains within a grace period.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::gateway::Gateway;
+use crate::http::HttpConfig;
+use crate::log::SharedLog;
+
+/// Everything `serve` needs besides the listener.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Largest HTTP request body (and gRPC request message), in bytes.
+    pub max_body_bytes: usize,
+    /// Events kept in the live tail before a slow subscriber is moved to reading from the log.
+    pub live_buffer: usize,
+    /// How long in-flight requests may take to finish after the shutdown signal.
+    pub grace: Duration,
+    /// Interval of HTTP/2 keepalive pings, so dead subscribers are noticed and freed.
+    pub http2_keepalive: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1024 * 1024,
+            live_buffer: 4096,
+            grace: Duration::from_secs(10),
+            http2_keepalive: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The reflection service could not index the descriptors.
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The listener failed.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves `listener` with `log` until `shutdown` resolves, then drains: readiness drops, streams
+/// end with UNAVAILABLE, in-flight requests get `config.grace` to finish.
+pub async fn serve(
+    listener: TcpListener,
+    log: SharedLog,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let gateway = Gateway::new(log, config.live_buffer, stop_rx);
+    let grpc = crate::grpc::routes(gateway.clone(), config.max_body_bytes)?;
+    let app = crate::http::router(
+        gateway.clone(),
+        HttpConfig {
+            max_body_bytes: config.max_body_bytes,
+        },
+        grpc,
+    );
+    let service = TowerToHyperService::new(app);
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .header_read_timeout(Duration::from_secs(10))
+        .timer(hyper_util::rt::TokioTimer::new());
+    builder
+        .http2()
+        .keep_alive_interval(config.http2_keepalive)
+        .keep_alive_timeout(Duration::from_secs(20))
+        .timer(hyper_util::rt::TokioTimer::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+
+    tracing::info!(address = %listener.local_addr()?, "listening (HTTP/1.1 and gRPC)");
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: wait, keep serving.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, %peer, "could not set TCP_NODELAY");
+        }
+        let connection =
+            builder.serve_connection_with_upgrades(TokioIo::new(stream), service.clone());
+        let connection = graceful.watch(connection.into_owned());
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, %peer, "connection ended with an error");
+            }
+        });
+    }
+
+    drain(&gateway, &stop_tx, graceful, config.grace).await;
+    Ok(())
+}
+
+async fn drain(
+    gateway: &Gateway,
+    stop: &watch::Sender<bool>,
+    graceful: hyper_util::server::graceful::GracefulShutdown,
+    grace: Duration,
+) {
+    tracing::info!("shutting down: draining connections");
+    gateway.start_draining();
+    // Give health checkers a moment to see NOT_SERVING before streams end.
+    tokio::time::sleep(Duration::from_millis(250).min(grace)).await;
+    stop.send_replace(true);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_secs = grace.as_secs_f64(),
+            "grace period over; closing remaining connections"
+        );
+    }
+}
+
+/// Resolves when the process gets SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}
+
+/// Convenience for tests and embedders: the address a listener is bound to.
+pub fn local_addr(listener: &TcpListener) -> std::io::Result<SocketAddr> {
+    listener.local_addr()
+}
