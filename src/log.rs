@@ -5,6 +5,7 @@
 //! [`memory::MemoryLog`] (tests, benchmarks) and the durable stores. Handlers see only
 //! [`EventLog`]; a store plugs in by implementing it.
 
+pub mod embedded;
 pub mod memory;
 
 use std::sync::Arc;

@@ -1,11 +1,13 @@
 //! The `iqchannels-gateway` binary: parses flags, sets up logging, binds, serves.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use iqchannels_gateway::log::embedded::{EmbeddedLog, Retention};
 use iqchannels_gateway::log::{memory::MemoryLog, SharedLog};
 use iqchannels_gateway::server::{self, ServerConfig};
 
@@ -29,6 +31,22 @@ struct ServeArgs {
     /// Address to listen on; HTTP/1.1 and gRPC (HTTP/2 cleartext) share it.
     #[arg(long, env = "IQGW_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Where events are stored: `embedded` (durable, in --data-dir) or `memory` (lost on exit;
+    /// for tests and benchmarks).
+    #[arg(long, env = "IQGW_STORE", value_enum, default_value_t = Store::Embedded)]
+    store: Store,
+    /// Directory of the embedded store.
+    #[arg(long, env = "IQGW_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+    /// Retention: keep at most this many events (default: all).
+    #[arg(long, env = "IQGW_RETENTION_MAX_EVENTS")]
+    retention_max_events: Option<u64>,
+    /// Retention: drop events older than this, e.g. `7d`, `12h` (default: keep).
+    #[arg(long, env = "IQGW_RETENTION_MAX_AGE", value_parser = humantime::parse_duration)]
+    retention_max_age: Option<Duration>,
+    /// Retention: keep at most this many bytes of events (default: no limit).
+    #[arg(long, env = "IQGW_RETENTION_MAX_BYTES")]
+    retention_max_bytes: Option<u64>,
     /// Largest accepted request body (HTTP) or message (gRPC), in bytes; larger gets 413.
     #[arg(long, env = "IQGW_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     max_body_bytes: usize,
@@ -41,6 +59,14 @@ struct ServeArgs {
     /// Log output format.
     #[arg(long, env = "IQGW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Store {
+    /// Durable: an embedded redb file in --data-dir; acknowledged events survive crashes.
+    Embedded,
+    /// In memory: everything is lost when the process exits.
+    Memory,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -61,7 +87,15 @@ async fn main() -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
-    let log: SharedLog = Arc::new(MemoryLog::default());
+    let retention = Retention {
+        max_events: args.retention_max_events,
+        max_age: args.retention_max_age,
+        max_bytes: args.retention_max_bytes,
+    };
+    let log: SharedLog = match args.store {
+        Store::Embedded => Arc::new(EmbeddedLog::open(&args.data_dir, retention)?),
+        Store::Memory => Arc::new(MemoryLog::new(retention.max_events.map(|n| n as usize))),
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

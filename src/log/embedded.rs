@@ -1,0 +1,537 @@
+//! The embedded durable [`EventLog`] (the default store): one redb file in the data dir.
+//!
+//! Why redb: it is a maintained, pure-Rust, ACID embedded B-tree store. A commit with
+//! `Durability::Immediate` is fsynced before it returns, and a crash at any point leaves the file
+//! at the last committed transaction (its commit slots are checksummed; a torn commit is
+//! detected and discarded on open). That gives "acknowledged means durable" and "nothing
+//! half-written is served" without a hand-written log format.
+//!
+//! Layout: table `events` (sequence -> received_at_ms ‖ event_id ‖ payload), table `ids`
+//! (event id -> sequence, the dedup index, removed together with its event by retention), table
+//! `meta` (`next`: the next sequence, so sequences never go back even when retention empties the
+//! log).
+//!
+//! Group commit: one writer task takes every append request waiting in its queue and commits them
+//! in one transaction (one fsync). A lone request is committed at once: the writer never waits
+//! for more work to arrive.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{Appended, Bounds, EventLog, LogError, NewRecord, Record};
+
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const IDS: TableDefinition<i64, u64> = TableDefinition::new("ids");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const NEXT: &str = "next";
+/// Total size of the `events` values, for byte retention.
+const BYTES: &str = "bytes";
+/// Bytes before the payload in an `events` value: received_at_ms, event_id.
+const HEADER: usize = 16;
+/// Records committed in one transaction at most.
+const MAX_GROUP: usize = 8192;
+/// Append requests waiting for the writer; when full, appenders wait for room.
+const QUEUE: usize = 4096;
+
+/// What the embedded store keeps; every limit is optional and all set ones apply.
+#[derive(Debug, Clone, Default)]
+pub struct Retention {
+    /// Keep at most this many events.
+    pub max_events: Option<u64>,
+    /// Keep events received within this age.
+    pub max_age: Option<Duration>,
+    /// Keep at most this many bytes of stored events (payload and header).
+    pub max_bytes: Option<u64>,
+}
+
+/// Statistics of the writer, for metrics and logs.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Transactions committed (each one fsync).
+    pub syncs: AtomicU64,
+    /// Records written by those transactions.
+    pub records: AtomicU64,
+}
+
+/// The embedded store.
+pub struct EmbeddedLog {
+    shared: Arc<Shared>,
+    /// Bounded queue to the writer task; when full, `append` waits.
+    requests: mpsc::Sender<AppendRequest>,
+}
+
+struct Shared {
+    path: PathBuf,
+    /// The open database; `None` between closing and reopening it after an I/O error.
+    db: RwLock<Option<Arc<Database>>>,
+    first: AtomicU64,
+    next: AtomicU64,
+    committed: watch::Sender<u64>,
+    healthy: AtomicBool,
+    stats: WriterStats,
+}
+
+struct AppendRequest {
+    records: Vec<NewRecord>,
+    reply: oneshot::Sender<Result<Vec<Appended>, LogError>>,
+}
+
+fn unavailable(error: impl std::fmt::Display) -> LogError {
+    LogError::Unavailable(error.to_string())
+}
+
+impl EmbeddedLog {
+    /// Opens (or creates) the store in `dir` and starts its writer. A crash-torn last
+    /// transaction is discarded here by redb's recovery.
+    pub fn open(dir: &Path, retention: Retention) -> Result<Self, LogError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| unavailable(format!("cannot create {}: {e}", dir.display())))?;
+        let path = dir.join("events.redb");
+        let db = open_database(&path)?;
+        let (first, next) = read_bounds(&db)?;
+        let shared = Arc::new(Shared {
+            path,
+            db: RwLock::new(Some(Arc::new(db))),
+            first: AtomicU64::new(first),
+            next: AtomicU64::new(next),
+            committed: watch::channel(next - 1).0,
+            healthy: AtomicBool::new(true),
+            stats: WriterStats::default(),
+        });
+        let (requests, queue) = mpsc::channel(QUEUE);
+        tokio::spawn(writer(shared.clone(), queue, retention));
+        tracing::info!(path = %shared.path.display(), first, next, "embedded store open");
+        Ok(Self { shared, requests })
+    }
+
+    /// Writer statistics (syncs, records).
+    pub fn stats(&self) -> &WriterStats {
+        &self.shared.stats
+    }
+
+    async fn with_db<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Database) -> Result<T, redb::Error> + Send + 'static,
+    ) -> Result<T, LogError> {
+        let db = self.shared.database()?;
+        tokio::task::spawn_blocking(move || work(&db))
+            .await
+            .map_err(unavailable)?
+            .map_err(unavailable)
+    }
+}
+
+impl Shared {
+    fn database(&self) -> Result<Arc<Database>, LogError> {
+        let db = self
+            .db
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        db.ok_or_else(|| LogError::Unavailable("the embedded store is being reopened".into()))
+    }
+}
+
+fn open_database(path: &Path) -> Result<Database, LogError> {
+    let db = Database::create(path)
+        .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+    let init = || -> Result<(), redb::Error> {
+        let txn = db.begin_write()?;
+        txn.open_table(EVENTS)?;
+        txn.open_table(IDS)?;
+        txn.open_table(META)?;
+        txn.commit()?;
+        Ok(())
+    };
+    init().map_err(unavailable)?;
+    Ok(db)
+}
+
+/// `(first, next)` as stored.
+fn read_bounds(db: &Database) -> Result<(u64, u64), LogError> {
+    let read = || -> Result<(u64, u64), redb::Error> {
+        let txn = db.begin_read()?;
+        let events = txn.open_table(EVENTS)?;
+        let meta = txn.open_table(META)?;
+        let last = events.last()?.map(|(k, _)| k.value());
+        let next = meta
+            .get(NEXT)?
+            .map(|v| v.value())
+            .unwrap_or(1)
+            .max(last.map_or(1, |l| l + 1));
+        let first = events.first()?.map(|(k, _)| k.value()).unwrap_or(next);
+        Ok((first, next))
+    };
+    read().map_err(unavailable)
+}
+
+#[async_trait]
+impl EventLog for EmbeddedLog {
+    async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>, LogError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .send(AppendRequest { records, reply })
+            .await
+            .map_err(|_| LogError::Closed)?;
+        answer.await.map_err(|_| LogError::Closed)?
+    }
+
+    async fn read(&self, from: u64, limit: usize) -> Result<Vec<Record>, LogError> {
+        let first = self.shared.first.load(Ordering::Acquire);
+        if from < first {
+            return Err(LogError::Truncated {
+                requested: from,
+                oldest: first,
+            });
+        }
+        let records = self
+            .with_db(move |db| {
+                let txn = db.begin_read()?;
+                let events = txn.open_table(EVENTS)?;
+                let mut records = Vec::new();
+                for entry in events.range(from..)?.take(limit) {
+                    let (key, value) = entry?;
+                    records.push(decode_record(key.value(), value.value()));
+                }
+                Ok(records)
+            })
+            .await?;
+        // Retention may have run between the check and the read.
+        match records.first() {
+            Some(record) if record.sequence != from => Err(LogError::Truncated {
+                requested: from,
+                oldest: record.sequence,
+            }),
+            _ => Ok(records),
+        }
+    }
+
+    async fn find_event(&self, event_id: i64) -> Result<Option<u64>, LogError> {
+        self.with_db(move |db| {
+            let txn = db.begin_read()?;
+            let ids = txn.open_table(IDS)?;
+            Ok(ids.get(event_id)?.map(|v| v.value()))
+        })
+        .await
+    }
+
+    async fn seek_time(&self, at_ms: i64) -> Result<u64, LogError> {
+        // Received times are non-decreasing in sequence order (the writer keeps them so).
+        let Bounds { first, next } = self.bounds();
+        self.with_db(move |db| {
+            let txn = db.begin_read()?;
+            let events = txn.open_table(EVENTS)?;
+            let (mut low, mut high) = (first, next);
+            while low < high {
+                let mid = low + (high - low) / 2;
+                let time = events
+                    .range(mid..)?
+                    .next()
+                    .transpose()?
+                    .map(|(_, v)| header(v.value()).0);
+                match time {
+                    Some(time) if time < at_ms => low = mid + 1,
+                    _ => high = mid,
+                }
+            }
+            Ok(low)
+        })
+        .await
+    }
+
+    fn bounds(&self) -> Bounds {
+        Bounds {
+            first: self.shared.first.load(Ordering::Acquire),
+            next: self.shared.next.load(Ordering::Acquire),
+        }
+    }
+
+    fn committed(&self) -> watch::Receiver<u64> {
+        self.shared.committed.subscribe()
+    }
+
+    fn healthy(&self) -> bool {
+        self.shared.healthy.load(Ordering::Acquire)
+    }
+}
+
+fn header(value: &[u8]) -> (i64, i64) {
+    let mut time = [0u8; 8];
+    let mut id = [0u8; 8];
+    if value.len() >= HEADER {
+        time.copy_from_slice(&value[..8]);
+        id.copy_from_slice(&value[8..16]);
+    }
+    (i64::from_be_bytes(time), i64::from_be_bytes(id))
+}
+
+fn decode_record(sequence: u64, value: &[u8]) -> Record {
+    let (received_at_ms, _) = header(value);
+    Record {
+        sequence,
+        received_at_ms,
+        payload: Bytes::copy_from_slice(value.get(HEADER..).unwrap_or_default()),
+    }
+}
+
+/// The writer: groups waiting requests into one transaction, commits (fsync), answers, publishes
+/// the new committed sequence. After a failure it reports unhealthy, answers 503 (the requests
+/// are not acknowledged) and probes the disk until a commit succeeds again.
+async fn writer(
+    shared: Arc<Shared>,
+    mut queue: mpsc::Receiver<AppendRequest>,
+    retention: Retention,
+) {
+    let mut last_time = 0i64;
+    loop {
+        let first = if shared.healthy.load(Ordering::Acquire) {
+            queue.recv().await
+        } else {
+            match tokio::time::timeout(Duration::from_secs(1), queue.recv()).await {
+                Ok(request) => request,
+                Err(_) => {
+                    probe(&shared).await;
+                    continue;
+                }
+            }
+        };
+        let Some(first) = first else { return };
+        let mut group = vec![first];
+        let mut count = group[0].records.len();
+        while count < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(request) => {
+                    count += request.records.len();
+                    group.push(request);
+                }
+                Err(_) => break,
+            }
+        }
+        let batches: Vec<Vec<NewRecord>> = group
+            .iter_mut()
+            .map(|r| std::mem::take(&mut r.records))
+            .collect();
+        let db = match shared.database() {
+            Ok(db) => db,
+            Err(error) => {
+                fail(&shared, group, &error).await;
+                continue;
+            }
+        };
+        let next = shared.next.load(Ordering::Acquire);
+        let retention = retention.clone();
+        let outcome =
+            tokio::task::spawn_blocking(move || commit(&db, next, last_time, batches, &retention))
+                .await;
+        let outcome = match outcome {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(error)) => {
+                fail(&shared, group, &error).await;
+                continue;
+            }
+            Err(join) => {
+                fail(&shared, group, &unavailable(join)).await;
+                continue;
+            }
+        };
+        last_time = outcome.last_time;
+        shared.first.store(outcome.first, Ordering::Release);
+        shared.next.store(outcome.next, Ordering::Release);
+        shared.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        shared
+            .stats
+            .records
+            .fetch_add(count as u64, Ordering::Relaxed);
+        if !shared.healthy.swap(true, Ordering::AcqRel) {
+            tracing::info!("embedded store writable again");
+        }
+        tracing::trace!(
+            records = count,
+            requests = group.len(),
+            "group commit synced"
+        );
+        shared.committed.send_replace(outcome.next - 1);
+        for (request, results) in group.into_iter().zip(outcome.results) {
+            // The requester may have gone (client disconnected); the event is stored anyway.
+            let _ = request.reply.send(Ok(results));
+        }
+    }
+}
+
+async fn fail(shared: &Shared, group: Vec<AppendRequest>, error: &LogError) {
+    if shared.healthy.swap(false, Ordering::AcqRel) {
+        tracing::error!(%error, "embedded store write failed; answering 503 until it recovers");
+    }
+    for request in group {
+        let _ = request.reply.send(Err(error.clone()));
+    }
+    reopen(shared).await;
+}
+
+/// After an I/O error redb refuses further writes on that handle; open the file afresh. redb
+/// allows one open handle per file, so ours is dropped first; if a reader still holds it, the
+/// next probe tries again.
+async fn reopen(shared: &Shared) {
+    let old = shared.db.write().unwrap_or_else(|p| p.into_inner()).take();
+    drop(old);
+    let path = shared.path.clone();
+    match tokio::task::spawn_blocking(move || open_database(&path)).await {
+        Ok(Ok(db)) => *shared.db.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(db)),
+        Ok(Err(error)) => tracing::warn!(%error, "cannot reopen the embedded store yet"),
+        Err(error) => tracing::warn!(%error, "cannot reopen the embedded store yet"),
+    }
+}
+
+/// Tries a small durable write; on success the store is healthy again.
+async fn probe(shared: &Shared) {
+    let Ok(db) = shared.database() else {
+        reopen(shared).await;
+        return;
+    };
+    let next = shared.next.load(Ordering::Acquire);
+    let result = tokio::task::spawn_blocking(move || -> Result<(), redb::Error> {
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate);
+        txn.open_table(META)?.insert(NEXT, next)?;
+        txn.commit()?;
+        Ok(())
+    })
+    .await;
+    match result {
+        Ok(Ok(())) => {
+            shared.healthy.store(true, Ordering::Release);
+            tracing::info!("embedded store writable again");
+        }
+        _ => reopen(shared).await,
+    }
+}
+
+struct CommitOutcome {
+    results: Vec<Vec<Appended>>,
+    first: u64,
+    next: u64,
+    last_time: i64,
+}
+
+fn commit(
+    db: &Database,
+    mut next: u64,
+    mut last_time: i64,
+    batches: Vec<Vec<NewRecord>>,
+    retention: &Retention,
+) -> Result<CommitOutcome, LogError> {
+    let run = || -> Result<CommitOutcome, redb::Error> {
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate);
+        let mut results = Vec::with_capacity(batches.len());
+        let mut bytes = txn
+            .open_table(META)?
+            .get(BYTES)?
+            .map(|v| v.value())
+            .unwrap_or(0);
+        {
+            let mut events = txn.open_table(EVENTS)?;
+            let mut ids = txn.open_table(IDS)?;
+            let mut value = Vec::new();
+            for batch in batches {
+                let mut batch_results = Vec::with_capacity(batch.len());
+                for record in batch {
+                    if let Some(sequence) = ids.get(record.event_id)?.map(|v| v.value()) {
+                        batch_results.push(Appended {
+                            sequence,
+                            duplicate: true,
+                        });
+                        continue;
+                    }
+                    // Keep received times non-decreasing in sequence order, for seek_time.
+                    last_time = last_time.max(record.received_at_ms);
+                    value.clear();
+                    value.extend_from_slice(&last_time.to_be_bytes());
+                    value.extend_from_slice(&record.event_id.to_be_bytes());
+                    value.extend_from_slice(&record.payload);
+                    events.insert(next, value.as_slice())?;
+                    bytes += value.len() as u64;
+                    ids.insert(record.event_id, next)?;
+                    batch_results.push(Appended {
+                        sequence: next,
+                        duplicate: false,
+                    });
+                    next += 1;
+                }
+                results.push(batch_results);
+            }
+            bytes = apply_retention(&mut events, &mut ids, retention, bytes)?;
+        }
+        let mut meta = txn.open_table(META)?;
+        meta.insert(NEXT, next)?;
+        meta.insert(BYTES, bytes)?;
+        drop(meta);
+        let first = txn
+            .open_table(EVENTS)?
+            .first()?
+            .map(|(k, _)| k.value())
+            .unwrap_or(next);
+        txn.commit()?;
+        Ok(CommitOutcome {
+            results,
+            first,
+            next,
+            last_time,
+        })
+    };
+    run().map_err(unavailable)
+}
+
+/// Removes the oldest events while any limit is exceeded; returns the remaining byte total.
+fn apply_retention(
+    events: &mut redb::Table<u64, &[u8]>,
+    ids: &mut redb::Table<i64, u64>,
+    retention: &Retention,
+    mut bytes: u64,
+) -> Result<u64, redb::Error> {
+    if retention.max_events.is_none()
+        && retention.max_age.is_none()
+        && retention.max_bytes.is_none()
+    {
+        return Ok(bytes);
+    }
+    let oldest_allowed = retention.max_age.map(|age| {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        now - age.as_millis() as i64
+    });
+    let mut count = events.len()?;
+    loop {
+        let (time, id, size) = match events.first()? {
+            Some((_, value)) => {
+                let value = value.value();
+                let (time, id) = header(value);
+                (time, id, value.len() as u64)
+            }
+            None => break,
+        };
+        let too_many = retention.max_events.is_some_and(|max| count > max);
+        let too_old = oldest_allowed.is_some_and(|oldest| time < oldest);
+        let too_big = retention.max_bytes.is_some_and(|max| bytes > max);
+        if !(too_many || too_old || too_big) {
+            break;
+        }
+        events.pop_first()?;
+        ids.remove(id)?;
+        count -= 1;
+        bytes = bytes.saturating_sub(size);
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests;
