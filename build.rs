@@ -87,9 +87,15 @@ fn serde_attributes(fds: &FileDescriptorSet) -> Vec<(String, String)> {
                 rename
             } else if field.type_name() == ".google.protobuf.Value" {
                 format!("{rename}, default, deserialize_with = \"crate::decode::serde_support::opaque\"")
-            } else if field.proto3_optional()
-                || (field.r#type() == Type::Message && field.label() != Label::Repeated)
-            {
+            } else if field.r#type() == Type::Message {
+                // Objects only: serde alone would also read a struct from an array.
+                let with = if field.label() == Label::Repeated {
+                    "objects"
+                } else {
+                    "object"
+                };
+                format!("{rename}, default, deserialize_with = \"crate::decode::serde_support::{with}\"")
+            } else if field.proto3_optional() {
                 format!("{rename}, default")
             } else {
                 format!("{rename}, default, deserialize_with = \"crate::decode::serde_support::null_as_default\"")

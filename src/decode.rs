@@ -36,16 +36,21 @@ impl DecodeError {
     }
 
     fn from_serde(err: serde_path_to_error::Error<serde_json::Error>) -> Self {
-        let path = err.path().to_string();
+        let mut path = known_path(err.path());
         let inner = err.into_inner();
-        Self::from_json(
-            if path.is_empty() {
-                ".".to_owned()
+        // A missing field is reported at its parent object; name the field itself.
+        let missing = inner.to_string();
+        if let Some(field) = missing
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split('`').next())
+        {
+            path = if path == "." {
+                field.to_owned()
             } else {
-                path
-            },
-            &inner,
-        )
+                format!("{path}.{field}")
+            };
+        }
+        Self::from_json(path, &inner)
     }
 
     /// A JSON syntax or type error at the top of the body.
@@ -100,6 +105,11 @@ pub fn decode(body: &[u8]) -> Result<Envelope, DecodeError> {
         serde_path_to_error::deserialize(&mut de).map_err(DecodeError::from_serde)?;
     de.end()
         .map_err(|err| DecodeError::from_json(".".to_owned(), &err))?;
+    // The parser skips unknown fields without checking their UTF-8; the body is kept verbatim,
+    // so all of it must be valid.
+    if let Err(error) = std::str::from_utf8(body) {
+        return Err(invalid_utf8(body, error.valid_up_to()));
+    }
     validate(&envelope)?;
     Ok(envelope)
 }
@@ -138,6 +148,49 @@ pub fn keys(envelope: &Envelope) -> Keys {
         user_id: event.user_id,
         project_id: chat.map(|chat| chat.project_id),
         channel_id: chat.map(|chat| chat.channel_id),
+    }
+}
+
+/// Invalid UTF-8 at byte `offset`, with its 1-based line and column (in bytes, like serde_json).
+fn invalid_utf8(body: &[u8], offset: usize) -> DecodeError {
+    let before = &body[..offset];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    DecodeError {
+        path: ".".to_owned(),
+        message: format!("malformed JSON: invalid UTF-8 at byte {offset}: expected UTF-8 text"),
+        line: Some(line),
+        column: Some(offset - line_start + 1),
+    }
+}
+
+/// The path down to the deepest field the parser knew: a syntax error inside an object yields a
+/// trailing `?` segment (the key it could not read), which says nothing to the sender.
+fn known_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => {
+                let _ = write!(out, "[{index}]");
+            }
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Unknown => {}
+        }
+    }
+    if out.is_empty() {
+        ".".to_owned()
+    } else {
+        out
     }
 }
 

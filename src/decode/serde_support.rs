@@ -38,3 +38,44 @@ fn to_value(json: serde_json::Value) -> prost_types::Value {
     };
     prost_types::Value { kind: Some(kind) }
 }
+
+/// A singular message field: a JSON object, or `null`/absent for unset. serde would also read a
+/// struct from an array, positionally; a webhook object is never an array, so that is rejected.
+pub fn object<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Object<T>>::deserialize(deserializer)?.map(|object| object.0))
+}
+
+/// A repeated message field: an array of JSON objects; `null` reads as empty.
+pub fn objects<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let items = Option::<Vec<Object<T>>>::deserialize(deserializer)?.unwrap_or_default();
+    Ok(items.into_iter().map(|object| object.0).collect())
+}
+
+/// A message read only from a JSON object.
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Only<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Only<T> {
+            type Value = T;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        deserializer
+            .deserialize_map(Only(std::marker::PhantomData))
+            .map(Object)
+    }
+}

@@ -1,1 +1,531 @@
+//! Unit tests of the webhook decoder: what it accepts and how it says what it rejects.
 
+use super::*;
+
+const CHAT_CLOSED: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../shared/fixtures/chat_closed.json"
+));
+const MESSAGE_CREATED_FILE: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../shared/fixtures/message_created_file.json"
+));
+
+fn decode_str(body: &str) -> Result<Envelope, DecodeError> {
+    decode(body.as_bytes())
+}
+
+#[test]
+fn the_2021_chat_closed_fixture_decodes_with_its_relations() {
+    let envelope = decode(CHAT_CLOSED).expect("fixture decodes");
+    let event = envelope.chat_event.as_ref().expect("ChatEvent");
+    assert_eq!(event.id, 4622);
+    assert_eq!(event.r#type, "chat_closed");
+    assert_eq!(event.chat_id, Some(13));
+    assert_eq!(event.message_id, None, "null MessageId is unset, not 0");
+    assert_eq!(event.actor, "user");
+    assert_eq!(event.client_id, Some(13));
+    assert_eq!(event.user_id, Some(1));
+    assert_eq!(event.created_at, 1_632_751_088_427);
+    assert!(!event.transitive);
+
+    let rels = envelope.rels.as_ref().expect("Rels");
+    assert_eq!(rels.channels.len(), 1);
+    assert_eq!(rels.channels[0].title, "Внутренний чат");
+    let iqchat = rels.channels[0].iq_chat.as_ref().expect("IQChat block");
+    assert_eq!(iqchat.channel_id, 1);
+    assert_eq!(iqchat.deleted_at, None);
+    assert_eq!(iqchat.apns, None, "APNS: null is unset");
+    assert_eq!(rels.chats.len(), 1);
+    assert_eq!(rels.chats[0].id, 13);
+    assert_eq!(rels.chats[0].ticket_id, Some(403));
+    assert_eq!(rels.chats[0].event_id, None);
+    assert_eq!(rels.clients.len(), 1);
+    let client = &rels.clients[0];
+    assert_eq!(client.name, "Альфред Хичкок");
+    assert_eq!(client.crm_client_id.as_deref(), Some("4"));
+    assert_eq!(client.parent_id, None);
+    let details = client.details.as_ref().expect("Details");
+    assert_eq!(details.crm_url, "http://ya.ru/");
+    assert_eq!(details.birthday, "13.08.1899");
+    assert!(!rels.projects.is_empty());
+    assert!(!rels.users.is_empty());
+    assert!(rels.chat_messages.is_empty());
+
+    let keys = keys(&envelope);
+    assert_eq!(keys.event_id, 4622);
+    assert_eq!(keys.event_type, "chat_closed");
+    assert_eq!(keys.chat_id, Some(13));
+    assert_eq!(keys.project_id, Some(1), "project comes from Rels.Chats");
+    assert_eq!(keys.channel_id, Some(1));
+}
+
+#[test]
+fn the_2018_message_created_fixture_decodes_with_its_file() {
+    let envelope = decode(MESSAGE_CREATED_FILE).expect("fixture decodes");
+    let event = envelope.chat_event.as_ref().expect("ChatEvent");
+    assert_eq!(event.id, 608);
+    assert_eq!(event.r#type, "message_created");
+    assert_eq!(event.message_id, Some(300));
+    assert_eq!(event.client_id, None, "null ClientId is unset");
+    let rels = envelope.rels.as_ref().expect("Rels");
+    let message = &rels.chat_messages[0];
+    assert_eq!(message.id, 300);
+    assert_eq!(message.payload, "file");
+    assert_eq!(message.ticket_message_id, Some(973));
+    assert_eq!(
+        message.file_id.as_deref(),
+        Some("6054cfb4-ee70-11e8-8b35-3fa764e1543e.json")
+    );
+    assert_eq!(message.received_at, None);
+    let file = &rels.files[0];
+    assert_eq!(file.id, "6054cfb4-ee70-11e8-8b35-3fa764e1543e.json");
+    assert_eq!(file.size, 2493);
+    assert_eq!(file.owner_client_id, Some(21));
+    assert_eq!(file.image_width, None);
+    assert_eq!(rels.projects[0].name, "Физические лица");
+    assert_eq!(rels.projects[0].permissions, None);
+    assert_eq!(rels.users[0].display_name, "Иван Коробков");
+    assert_eq!(
+        rels.users[0].avatar_id.as_deref(),
+        Some("baac46c4-c475-11e7-999e-fb4e907475d9.jpg")
+    );
+    assert_eq!(rels.users[0].login, None, "absent Login is unset");
+}
+
+#[test]
+fn unknown_fields_unknown_rels_kinds_and_unknown_enum_values_are_accepted() {
+    let envelope = decode_str(
+        r#"{
+            "ChatEvent": {"Id": 1, "Type": "brand_new_event", "Actor": "robot",
+                          "SomethingNew": {"deep": [1, 2, {"x": null}]}, "Flag": true},
+            "Rels": {
+                "Chats": [{"Id": 5, "ProjectId": 2, "ChannelId": 3, "Mood": "happy"}],
+                "Bots": [{"Id": 1}],
+                "RatingPolls": [],
+                "Whatever": {"not": "an array"}
+            },
+            "Signature": "abc"
+        }"#,
+    )
+    .expect("unknown things are skipped, not rejected");
+    let event = envelope.chat_event.expect("ChatEvent");
+    assert_eq!(event.r#type, "brand_new_event");
+    assert_eq!(event.actor, "robot");
+    let rels = envelope.rels.expect("Rels");
+    assert_eq!(rels.chats.len(), 1);
+    assert_eq!(rels.chats[0].project_id, 2);
+}
+
+#[test]
+fn null_and_absent_optional_fields_are_unset_and_zero_is_kept() {
+    let envelope = decode_str(
+        r#"{"ChatEvent": {"Id": 1, "Type": "typing", "ChatId": null, "MessageId": 0, "UserId": 7}}"#,
+    )
+    .expect("decodes");
+    let event = envelope.chat_event.expect("ChatEvent");
+    assert_eq!(event.chat_id, None, "null");
+    assert_eq!(event.client_id, None, "absent");
+    assert_eq!(event.message_id, Some(0), "0 is a value, not null");
+    assert_eq!(event.user_id, Some(7));
+    assert_eq!(envelope.rels, None, "absent Rels");
+}
+
+#[test]
+fn null_non_nullable_fields_read_as_their_default() {
+    let envelope = decode_str(
+        r#"{"ChatEvent": {"Id": 1, "Type": "typing", "Actor": null, "Public": null,
+                          "CreatedAt": null, "Messages": null},
+            "Rels": {"Chats": null, "Users": [{"Id": 2, "Name": null, "Permissions": null}]}}"#,
+    )
+    .expect("decodes");
+    let event = envelope.chat_event.expect("ChatEvent");
+    assert_eq!(event.actor, "");
+    assert!(!event.public);
+    assert_eq!(event.created_at, 0);
+    assert!(event.messages.is_empty());
+    let rels = envelope.rels.expect("Rels");
+    assert!(rels.chats.is_empty());
+    assert_eq!(rels.users[0].name, "");
+    assert_eq!(rels.users[0].permissions, None);
+}
+
+#[test]
+fn null_rels_and_null_nested_objects_are_unset() {
+    let envelope = decode_str(r#"{"ChatEvent": {"Id": 1, "Type": "chat_changed"}, "Rels": null}"#)
+        .expect("decodes");
+    assert_eq!(envelope.rels, None);
+    let envelope = decode_str(
+        r#"{"ChatEvent": {"Id": 1, "Type": "chat_changed"},
+            "Rels": {"Clients": [{"Id": 3, "Details": null}]}}"#,
+    )
+    .expect("decodes");
+    assert_eq!(envelope.rels.expect("Rels").clients[0].details, None);
+}
+
+#[test]
+fn int64_ids_above_2_pow_53_are_exact() {
+    let envelope = decode_str(
+        r#"{"ChatEvent": {"Id": 9007199254740993, "Type": "chat_closed", "ChatId": 9223372036854775807,
+                          "UserId": -9223372036854775808}}"#,
+    )
+    .expect("decodes");
+    let event = envelope.chat_event.expect("ChatEvent");
+    assert_eq!(event.id, 9_007_199_254_740_993);
+    assert_eq!(event.chat_id, Some(i64::MAX));
+    assert_eq!(event.user_id, Some(i64::MIN));
+}
+
+#[test]
+fn opaque_objects_keep_their_shape() {
+    let envelope = decode_str(
+        r#"{"ChatEvent": {"Id": 1, "Type": "chat_changed"},
+            "Rels": {"Projects": [{"Id": 1, "Options": {"a": [1, "b", true, null]}}]}}"#,
+    )
+    .expect("decodes");
+    use prost_types::value::Kind;
+    let options = envelope.rels.expect("Rels").projects[0]
+        .options
+        .clone()
+        .expect("Options kept");
+    let Some(Kind::StructValue(fields)) = options.kind else {
+        panic!("Options should be a struct, got {options:?}");
+    };
+    let Some(Kind::ListValue(list)) = fields.fields["a"].kind.clone() else {
+        panic!("Options.a should be a list");
+    };
+    assert_eq!(list.values.len(), 4);
+}
+
+#[test]
+fn cyrillic_and_emoji_round_trip_exactly() {
+    let envelope = decode_str(
+        r#"{"ChatEvent": {"Id": 1, "Type": "message_created"},
+            "Rels": {"ChatMessages": [{"Id": 2, "Text": "Привет, мир! 👋🏽 \u0436 \ud83d\ude00"}]}}"#,
+    )
+    .expect("decodes");
+    assert_eq!(
+        envelope.rels.expect("Rels").chat_messages[0].text,
+        "Привет, мир! 👋🏽 ж 😀"
+    );
+}
+
+#[test]
+fn leading_whitespace_and_a_trailing_newline_are_fine() {
+    decode_str("\n\t {\"ChatEvent\": {\"Id\": 1, \"Type\": \"typing\"}}\r\n").expect("decodes");
+}
+
+#[test]
+fn an_envelope_without_an_event_type_fails_validation() {
+    let envelope = Envelope {
+        chat_event: Some(crate::pb::webhook::v1::ChatEvent {
+            id: 1,
+            ..Default::default()
+        }),
+        rels: None,
+    };
+    let error = validate(&envelope).expect_err("empty type");
+    assert_eq!(error.path, "ChatEvent.Type");
+    let error = validate(&Envelope::default()).expect_err("no event");
+    assert_eq!(error.path, "ChatEvent");
+}
+
+/// One rejected body: where the error must point and words the message must contain.
+struct Rejection {
+    name: &'static str,
+    body: &'static [u8],
+    path: &'static str,
+    message_contains: &'static [&'static str],
+    has_position: bool,
+}
+
+const REJECTIONS: &[Rejection] = &[
+    Rejection {
+        name: "malformed JSON: missing colon",
+        body: b"{\"ChatEvent\" {\"Id\": 1}}",
+        path: ".",
+        message_contains: &["malformed JSON", "expected `:`"],
+        has_position: true,
+    },
+    Rejection {
+        name: "malformed JSON inside the event",
+        body: b"{\"ChatEvent\": {\"Id\": 1,, \"Type\": \"x\"}}",
+        path: "ChatEvent",
+        message_contains: &["malformed JSON"],
+        has_position: true,
+    },
+    Rejection {
+        name: "truncated JSON",
+        body: b"{\"ChatEvent\": {\"Id\": 1, \"Type\": \"x\"",
+        path: "ChatEvent",
+        message_contains: &["JSON"],
+        has_position: true,
+    },
+    Rejection {
+        name: "an array body",
+        body: b"[{\"ChatEvent\": {\"Id\": 1, \"Type\": \"x\"}}]",
+        path: ".",
+        message_contains: &["expected a JSON object", "an array"],
+        has_position: false,
+    },
+    Rejection {
+        name: "a string body",
+        body: b"\"hello\"",
+        path: ".",
+        message_contains: &["expected a JSON object", "a string"],
+        has_position: false,
+    },
+    Rejection {
+        name: "a number body",
+        body: b"42",
+        path: ".",
+        message_contains: &["expected a JSON object", "a number"],
+        has_position: false,
+    },
+    Rejection {
+        name: "a null body",
+        body: b"null",
+        path: ".",
+        message_contains: &["expected a JSON object", "null"],
+        has_position: false,
+    },
+    Rejection {
+        name: "an empty body",
+        body: b"",
+        path: ".",
+        message_contains: &["empty body", "expected a JSON object"],
+        has_position: false,
+    },
+    Rejection {
+        name: "a whitespace-only body",
+        body: b"  \n ",
+        path: ".",
+        message_contains: &["empty body"],
+        has_position: false,
+    },
+    Rejection {
+        name: "no ChatEvent",
+        body: b"{\"Rels\": {}}",
+        path: "ChatEvent",
+        message_contains: &["missing field `ChatEvent`", "expected an object"],
+        has_position: false,
+    },
+    Rejection {
+        name: "ChatEvent is null",
+        body: b"{\"ChatEvent\": null}",
+        path: "ChatEvent",
+        message_contains: &["ChatEvent", "expected an object"],
+        has_position: false,
+    },
+    Rejection {
+        name: "ChatEvent is a string",
+        body: b"{\"ChatEvent\": \"chat_closed\"}",
+        path: "ChatEvent",
+        message_contains: &["invalid type", "string"],
+        has_position: true,
+    },
+    Rejection {
+        name: "no Id",
+        body: b"{\"ChatEvent\": {\"Type\": \"chat_closed\"}}",
+        path: "ChatEvent.Id",
+        message_contains: &["missing field `Id`"],
+        has_position: true,
+    },
+    Rejection {
+        name: "no Type",
+        body: b"{\"ChatEvent\": {\"Id\": 1}}",
+        path: "ChatEvent.Type",
+        message_contains: &["missing field `Type`"],
+        has_position: true,
+    },
+    Rejection {
+        name: "empty Type",
+        body: b"{\"ChatEvent\": {\"Id\": 1, \"Type\": \"\"}}",
+        path: "ChatEvent.Type",
+        message_contains: &["empty event type"],
+        has_position: false,
+    },
+    Rejection {
+        name: "Id as a string",
+        body: b"{\"ChatEvent\": {\"Id\": \"4622\", \"Type\": \"chat_closed\"}}",
+        path: "ChatEvent.Id",
+        message_contains: &["invalid type", "string \"4622\"", "i64"],
+        has_position: true,
+    },
+    Rejection {
+        name: "Id null",
+        body: b"{\"ChatEvent\": {\"Id\": null, \"Type\": \"chat_closed\"}}",
+        path: "ChatEvent.Id",
+        message_contains: &["invalid type", "null"],
+        has_position: true,
+    },
+    Rejection {
+        name: "Id as a float",
+        body: b"{\"ChatEvent\": {\"Id\": 1.5, \"Type\": \"chat_closed\"}}",
+        path: "ChatEvent.Id",
+        message_contains: &["invalid type", "1.5"],
+        has_position: true,
+    },
+    Rejection {
+        name: "Id beyond int64",
+        body: b"{\"ChatEvent\": {\"Id\": 9223372036854775808, \"Type\": \"chat_closed\"}}",
+        path: "ChatEvent.Id",
+        message_contains: &["9223372036854775808"],
+        has_position: true,
+    },
+    Rejection {
+        name: "Type as a number",
+        body: b"{\"ChatEvent\": {\"Id\": 1, \"Type\": 5}}",
+        path: "ChatEvent.Type",
+        message_contains: &["invalid type", "integer `5`", "string"],
+        has_position: true,
+    },
+    Rejection {
+        name: "Transitive as a string",
+        body: b"{\"ChatEvent\": {\"Id\": 1, \"Type\": \"x\", \"Transitive\": \"no\"}}",
+        path: "ChatEvent.Transitive",
+        message_contains: &["invalid type", "boolean"],
+        has_position: true,
+    },
+    Rejection {
+        name: "Rels.Chats as an object",
+        body: b"{\"ChatEvent\": {\"Id\": 1, \"Type\": \"x\"}, \"Rels\": {\"Chats\": {\"Id\": 1}}}",
+        path: "Rels.Chats",
+        message_contains: &["invalid type", "map", "sequence"],
+        has_position: true,
+    },
+    Rejection {
+        name: "ChatEvent as an array (serde would read it positionally)",
+        body: b"{\"ChatEvent\": [1, \"chat_closed\"]}",
+        path: "ChatEvent",
+        message_contains: &["invalid type", "sequence", "expected a JSON object"],
+        has_position: true,
+    },
+    Rejection {
+        name: "a Rels item as an array",
+        body: b"{\"ChatEvent\": {\"Id\": 1, \"Type\": \"x\"}, \"Rels\": {\"Chats\": [[13, 1]]}}",
+        path: "Rels.Chats[0]",
+        message_contains: &["invalid type", "sequence", "expected a JSON object"],
+        has_position: true,
+    },
+    Rejection {
+        name: "Rels as an array",
+        body: b"{\"ChatEvent\": {\"Id\": 1, \"Type\": \"x\"}, \"Rels\": []}",
+        path: "Rels",
+        message_contains: &["invalid type", "sequence", "expected a JSON object"],
+        has_position: true,
+    },
+    Rejection {
+        name: "a nested id as a string",
+        body: b"{\"ChatEvent\": {\"Id\": 1, \"Type\": \"x\"}, \"Rels\": {\"Chats\": [{\"Id\": 1, \"ProjectId\": \"1\"}]}}",
+        path: "Rels.Chats[0].ProjectId",
+        message_contains: &["invalid type", "string \"1\"", "i64"],
+        has_position: true,
+    },
+    Rejection {
+        name: "the second item of an array",
+        body: b"{\"ChatEvent\": {\"Id\": 1, \"Type\": \"x\"}, \"Rels\": {\"Users\": [{\"Id\": 1}, {\"Id\": 2, \"Online\": 1}]}}",
+        path: "Rels.Users[1].Online",
+        message_contains: &["invalid type", "boolean"],
+        has_position: true,
+    },
+    Rejection {
+        name: "File.Id as a number",
+        body: b"{\"ChatEvent\": {\"Id\": 1, \"Type\": \"x\"}, \"Rels\": {\"Files\": [{\"Id\": 7}]}}",
+        path: "Rels.Files[0].Id",
+        message_contains: &["invalid type", "string"],
+        has_position: true,
+    },
+    Rejection {
+        name: "invalid UTF-8 inside a string",
+        body: b"{\"ChatEvent\": {\"Id\": 1, \"Type\": \"chat\xff\xfe\"}}",
+        path: "ChatEvent.Type",
+        message_contains: &["malformed JSON", "unicode"],
+        has_position: true,
+    },
+    Rejection {
+        name: "invalid UTF-8 in an unknown field",
+        body: b"{\"ChatEvent\": {\"Id\": 1, \"Type\": \"x\", \"Note\": \"\xc3\x28\"}}",
+        path: ".",
+        message_contains: &["malformed JSON", "invalid UTF-8 at byte 46"],
+        has_position: true,
+    },
+    Rejection {
+        name: "trailing garbage",
+        body: b"{\"ChatEvent\": {\"Id\": 1, \"Type\": \"x\"}} xyz",
+        path: ".",
+        message_contains: &["malformed JSON", "trailing characters"],
+        has_position: true,
+    },
+    Rejection {
+        name: "two objects",
+        body: b"{\"ChatEvent\": {\"Id\": 1, \"Type\": \"x\"}}{\"ChatEvent\": {\"Id\": 2, \"Type\": \"x\"}}",
+        path: ".",
+        message_contains: &["trailing characters"],
+        has_position: true,
+    },
+];
+
+#[test]
+fn every_rejection_names_the_field_path_and_what_was_expected() {
+    let mut failures = Vec::new();
+    for case in REJECTIONS {
+        let error = match decode(case.body) {
+            Ok(envelope) => {
+                failures.push(format!("{}: accepted as {envelope:?}", case.name));
+                continue;
+            }
+            Err(error) => error,
+        };
+        if error.path != case.path {
+            failures.push(format!(
+                "{}: path {:?}, want {:?} ({error})",
+                case.name, error.path, case.path
+            ));
+        }
+        for needle in case.message_contains {
+            if !error.message.contains(needle) {
+                failures.push(format!(
+                    "{}: message {:?} lacks {needle:?}",
+                    case.name, error.message
+                ));
+            }
+        }
+        if error.message.contains(" at line ") {
+            failures.push(format!(
+                "{}: position left inside the message {:?}",
+                case.name, error.message
+            ));
+        }
+        let has_position = error.line.is_some() && error.column.is_some();
+        if has_position != case.has_position {
+            failures.push(format!(
+                "{}: line/column {:?}/{:?}, want them {}",
+                case.name,
+                error.line,
+                error.column,
+                if case.has_position { "set" } else { "unset" }
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+#[test]
+fn syntax_errors_report_the_line_and_column_of_the_offending_byte() {
+    let body = "{\n  \"ChatEvent\": {\n    \"Id\": 1,\n    \"Type\": \"x\",,\n  }\n}";
+    let error = decode_str(body).expect_err("malformed");
+    assert_eq!(error.path, "ChatEvent");
+    assert_eq!(error.line, Some(4));
+    assert_eq!(error.column, Some(17));
+    assert!(error.message.starts_with("malformed JSON"), "{error}");
+}
+
+#[test]
+fn the_error_display_puts_the_path_first() {
+    let error = decode_str(r#"{"ChatEvent": {"Id": "1", "Type": "x"}}"#).expect_err("wrong type");
+    assert!(
+        error.to_string().starts_with("ChatEvent.Id: invalid type"),
+        "{error}"
+    );
+}
