@@ -38,6 +38,9 @@ struct ServeArgs {
     /// Directory of the embedded store.
     #[arg(long, env = "IQGW_DATA_DIR", default_value = "./data")]
     data_dir: PathBuf,
+    /// Memory the embedded store may use as its page cache, in bytes.
+    #[arg(long, env = "IQGW_STORE_CACHE_BYTES", default_value_t = iqchannels_gateway::log::embedded::DEFAULT_CACHE_BYTES)]
+    store_cache_bytes: usize,
     /// Retention: keep at most this many events (default: all).
     #[arg(long, env = "IQGW_RETENTION_MAX_EVENTS")]
     retention_max_events: Option<u64>,
@@ -93,7 +96,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_bytes: args.retention_max_bytes,
     };
     let log: SharedLog = match args.store {
-        Store::Embedded => Arc::new(EmbeddedLog::open(&args.data_dir, retention)?),
+        Store::Embedded => Arc::new(EmbeddedLog::open_with_cache(
+            &args.data_dir,
+            retention,
+            args.store_cache_bytes,
+        )?),
         Store::Memory => Arc::new(MemoryLog::new(retention.max_events.map(|n| n as usize))),
     };
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -37,6 +37,8 @@ const BYTES: &str = "bytes";
 const HEADER: usize = 16;
 /// Records committed in one transaction at most.
 const MAX_GROUP: usize = 8192;
+/// Default size of redb's page cache.
+pub const DEFAULT_CACHE_BYTES: usize = 64 * 1024 * 1024;
 /// Append requests waiting for the writer; when full, appenders wait for room.
 const QUEUE: usize = 4096;
 
@@ -65,10 +67,13 @@ pub struct EmbeddedLog {
     shared: Arc<Shared>,
     /// Bounded queue to the writer task; when full, `append` waits.
     requests: mpsc::Sender<AppendRequest>,
+    /// The writer task; it ends (and closes the file) when `requests` is dropped.
+    writer: tokio::task::JoinHandle<()>,
 }
 
 struct Shared {
     path: PathBuf,
+    cache_bytes: usize,
     /// The open database; `None` between closing and reopening it after an I/O error.
     db: RwLock<Option<Arc<Database>>>,
     first: AtomicU64,
@@ -91,13 +96,23 @@ impl EmbeddedLog {
     /// Opens (or creates) the store in `dir` and starts its writer. A crash-torn last
     /// transaction is discarded here by redb's recovery.
     pub fn open(dir: &Path, retention: Retention) -> Result<Self, LogError> {
+        Self::open_with_cache(dir, retention, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Like [`EmbeddedLog::open`], with the size of redb's page cache (memory the store may use).
+    pub fn open_with_cache(
+        dir: &Path,
+        retention: Retention,
+        cache_bytes: usize,
+    ) -> Result<Self, LogError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| unavailable(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join("events.redb");
-        let db = open_database(&path)?;
+        let db = open_database(&path, cache_bytes)?;
         let (first, next) = read_bounds(&db)?;
         let shared = Arc::new(Shared {
             path,
+            cache_bytes,
             db: RwLock::new(Some(Arc::new(db))),
             first: AtomicU64::new(first),
             next: AtomicU64::new(next),
@@ -106,9 +121,25 @@ impl EmbeddedLog {
             stats: WriterStats::default(),
         });
         let (requests, queue) = mpsc::channel(QUEUE);
-        tokio::spawn(writer(shared.clone(), queue, retention));
+        let writer = tokio::spawn(writer(shared.clone(), queue, retention));
         tracing::info!(path = %shared.path.display(), first, next, "embedded store open");
-        Ok(Self { shared, requests })
+        Ok(Self {
+            shared,
+            requests,
+            writer,
+        })
+    }
+
+    /// Finishes queued appends and closes the file (so it can be opened again in-process).
+    pub async fn close(self) {
+        let Self {
+            shared,
+            requests,
+            writer,
+        } = self;
+        drop(requests);
+        let _ = writer.await;
+        drop(shared);
     }
 
     /// Writer statistics (syncs, records).
@@ -139,8 +170,10 @@ impl Shared {
     }
 }
 
-fn open_database(path: &Path) -> Result<Database, LogError> {
-    let db = Database::create(path)
+fn open_database(path: &Path, cache_bytes: usize) -> Result<Database, LogError> {
+    let db = redb::Builder::new()
+        .set_cache_size(cache_bytes)
+        .create(path)
         .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
     let init = || -> Result<(), redb::Error> {
         let txn = db.begin_write()?;
@@ -381,8 +414,8 @@ async fn fail(shared: &Shared, group: Vec<AppendRequest>, error: &LogError) {
 async fn reopen(shared: &Shared) {
     let old = shared.db.write().unwrap_or_else(|p| p.into_inner()).take();
     drop(old);
-    let path = shared.path.clone();
-    match tokio::task::spawn_blocking(move || open_database(&path)).await {
+    let (path, cache_bytes) = (shared.path.clone(), shared.cache_bytes);
+    match tokio::task::spawn_blocking(move || open_database(&path, cache_bytes)).await {
         Ok(Ok(db)) => *shared.db.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(db)),
         Ok(Err(error)) => tracing::warn!(%error, "cannot reopen the embedded store yet"),
         Err(error) => tracing::warn!(%error, "cannot reopen the embedded store yet"),

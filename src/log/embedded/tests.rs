@@ -1,1 +1,156 @@
+use std::sync::Arc;
 
+use bytes::Bytes;
+
+use super::*;
+
+fn record(event_id: i64, at: i64) -> NewRecord {
+    NewRecord {
+        event_id,
+        received_at_ms: at,
+        payload: Bytes::from(format!("payload {event_id}")),
+    }
+}
+
+#[tokio::test]
+async fn records_ids_and_sequences_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = EmbeddedLog::open(dir.path(), Retention::default()).unwrap();
+        let appended = log
+            .append(vec![record(10, 1), record(11, 2)])
+            .await
+            .unwrap();
+        assert_eq!(
+            appended[1],
+            Appended {
+                sequence: 2,
+                duplicate: false
+            }
+        );
+        assert_eq!(*log.committed().borrow(), 2);
+        log.close().await;
+    }
+    let log = EmbeddedLog::open(dir.path(), Retention::default()).unwrap();
+    assert_eq!(log.bounds(), Bounds { first: 1, next: 3 });
+    assert_eq!(
+        log.append(vec![record(11, 3), record(12, 4)])
+            .await
+            .unwrap(),
+        vec![
+            Appended {
+                sequence: 2,
+                duplicate: true
+            },
+            Appended {
+                sequence: 3,
+                duplicate: false
+            }
+        ]
+    );
+    let records = log.read(1, 10).await.unwrap();
+    assert_eq!(
+        records.iter().map(|r| r.sequence).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(records[0].payload, Bytes::from("payload 10"));
+    assert_eq!(records[0].received_at_ms, 1);
+    assert_eq!(log.find_event(12).await.unwrap(), Some(3));
+    assert_eq!(log.find_event(99).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn concurrent_duplicates_are_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(EmbeddedLog::open(dir.path(), Retention::default()).unwrap());
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let log = log.clone();
+            tokio::spawn(async move { log.append(vec![record(i % 8, i)]).await })
+        })
+        .collect();
+    let mut stored = 0;
+    for task in tasks {
+        let appended = task.await.unwrap().unwrap();
+        stored += appended.iter().filter(|a| !a.duplicate).count();
+    }
+    assert_eq!(stored, 8);
+    assert_eq!(log.bounds(), Bounds { first: 1, next: 9 });
+    let syncs = log.stats().syncs.load(Ordering::Relaxed);
+    assert!(syncs <= 64, "one sync per request at most, got {syncs}");
+}
+
+#[tokio::test]
+async fn retention_by_count_truncates_explicitly_and_sequences_never_go_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let retention = Retention {
+        max_events: Some(3),
+        ..Retention::default()
+    };
+    {
+        let log = EmbeddedLog::open(dir.path(), retention.clone()).unwrap();
+        log.append((1..=5).map(|i| record(i, i)).collect())
+            .await
+            .unwrap();
+        assert_eq!(log.bounds(), Bounds { first: 3, next: 6 });
+        assert!(matches!(
+            log.read(1, 10).await,
+            Err(LogError::Truncated {
+                requested: 1,
+                oldest: 3
+            })
+        ));
+        assert_eq!(log.read(3, 10).await.unwrap().len(), 3);
+        // Retention also forgets the dedup entry of what it removed.
+        assert_eq!(log.find_event(1).await.unwrap(), None);
+        log.close().await;
+    }
+    let log = EmbeddedLog::open(dir.path(), retention).unwrap();
+    assert_eq!(log.bounds(), Bounds { first: 3, next: 6 });
+    assert_eq!(log.append(vec![record(6, 6)]).await.unwrap()[0].sequence, 6);
+}
+
+#[tokio::test]
+async fn retention_by_bytes_and_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let by_bytes = Retention {
+        max_bytes: Some(100),
+        ..Retention::default()
+    };
+    let log = EmbeddedLog::open(&dir.path().join("bytes"), by_bytes).unwrap();
+    // Each value: 16 header bytes + "payload N" (9 bytes) = 25 bytes; 4 fit in 100.
+    log.append((1..=6).map(|i| record(i, i)).collect())
+        .await
+        .unwrap();
+    assert_eq!(log.bounds(), Bounds { first: 3, next: 7 });
+
+    let by_age = Retention {
+        max_age: Some(Duration::from_secs(60)),
+        ..Retention::default()
+    };
+    let log = EmbeddedLog::open(&dir.path().join("age"), by_age).unwrap();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    log.append(vec![record(1, now - 120_000), record(2, now)])
+        .await
+        .unwrap();
+    assert_eq!(log.bounds(), Bounds { first: 2, next: 3 });
+}
+
+#[tokio::test]
+async fn seek_time_finds_the_first_event_at_or_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(dir.path(), Retention::default()).unwrap();
+    log.append(vec![record(1, 100), record(2, 200), record(3, 300)])
+        .await
+        .unwrap();
+    assert_eq!(log.seek_time(0).await.unwrap(), 1);
+    assert_eq!(log.seek_time(200).await.unwrap(), 2);
+    assert_eq!(log.seek_time(201).await.unwrap(), 3);
+    assert_eq!(log.seek_time(1000).await.unwrap(), 4);
+    // Received times are kept non-decreasing even if a clock steps back.
+    log.append(vec![record(4, 50)]).await.unwrap();
+    assert_eq!(log.read(4, 1).await.unwrap()[0].received_at_ms, 300);
+}

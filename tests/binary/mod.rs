@@ -1,0 +1,99 @@
+//! Runs the real `iqchannels-gateway` binary for end-to-end tests: on port 0, its address read
+//! from its JSON log, killed with SIGKILL on drop.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use iqchannels_gateway::pb::client::event_gateway_client::EventGatewayClient;
+use tonic::transport::Channel;
+
+/// A running gateway process.
+pub struct Process {
+    child: Child,
+    /// The address it serves HTTP and gRPC on.
+    pub addr: SocketAddr,
+}
+
+impl Process {
+    /// Starts `serve` with `args` (plus `--listen 127.0.0.1:0 --log-format json`) and waits for
+    /// its "listening" log line.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_iqchannels-gateway"))
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the gateway binary starts");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let parsed: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                if let Some(address) = parsed["fields"]["address"].as_str() {
+                    let _ = tx.send(address.to_owned());
+                }
+                if std::env::var_os("GATEWAY_LOG").is_some() {
+                    eprintln!("gateway: {line}");
+                }
+            }
+        });
+        let address = rx.recv_timeout(Duration::from_secs(60)).expect("the gateway logs its address");
+        Self { child, addr: address.parse().expect("a socket address") }
+    }
+
+    /// The gateway on a data dir (embedded store).
+    pub fn embedded(dir: &Path, extra: &[&str]) -> Self {
+        let dir = dir.to_str().expect("utf-8 temp path");
+        let mut args = vec!["--store", "embedded", "--data-dir", dir];
+        args.extend_from_slice(extra);
+        Self::start(&args)
+    }
+
+    /// Base URL for HTTP.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// A gRPC client.
+    pub async fn grpc(&self) -> EventGatewayClient<Channel> {
+        EventGatewayClient::connect(format!("http://{}", self.addr)).await.expect("gRPC connects")
+    }
+
+    /// SIGKILL, no chance to flush anything.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Resident memory of the process, KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The 2021 fixture with its `ChatEvent.Id` replaced.
+pub fn event(id: i64) -> Vec<u8> {
+    static FIXTURE: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/chat_closed.json"));
+    let mut value: serde_json::Value = serde_json::from_str(FIXTURE).expect("fixture is JSON");
+    value["ChatEvent"]["Id"] = id.into();
+    serde_json::to_vec(&value).expect("serializes")
+}
