@@ -13,8 +13,15 @@ use tokio_stream::StreamExt;
 /// Reads a subscription until it has been idle for `idle`; returns `(sequence, event id)`s.
 async fn drain(process: &Process, start: Start, idle: Duration) -> Vec<(u64, i64)> {
     let mut client = process.grpc().await;
-    let request = SubscribeRequest { start: Some(start), ..SubscribeRequest::default() };
-    let mut stream = client.subscribe(request).await.expect("subscribe").into_inner();
+    let request = SubscribeRequest {
+        start: Some(start),
+        ..SubscribeRequest::default()
+    };
+    let mut stream = client
+        .subscribe(request)
+        .await
+        .expect("subscribe")
+        .into_inner();
     let mut seen = Vec::new();
     while let Ok(Some(item)) = tokio::time::timeout(idle, stream.next()).await {
         seen.push(id_of(&item.expect("stream item")));
@@ -23,7 +30,12 @@ async fn drain(process: &Process, start: Start, idle: Duration) -> Vec<(u64, i64
 }
 
 fn id_of(event: &Event) -> (u64, i64) {
-    let id = event.envelope.as_ref().and_then(|e| e.chat_event.as_ref()).map(|c| c.id).unwrap_or(-1);
+    let id = event
+        .envelope
+        .as_ref()
+        .and_then(|e| e.chat_event.as_ref())
+        .map(|c| c.id)
+        .unwrap_or(-1);
     (event.sequence, id)
 }
 
@@ -39,8 +51,15 @@ async fn sigkill_during_concurrent_ingest_keeps_every_acknowledged_event_once() 
         // A subscriber resumes from its cursor and must see exactly the events after it.
         let received: Arc<Mutex<Vec<u64>>> = Arc::default();
         let mut client = process.grpc().await;
-        let request = SubscribeRequest { start: Some(Start::AfterSequence(cursor)), ..SubscribeRequest::default() };
-        let mut stream = client.subscribe(request).await.expect("subscribe").into_inner();
+        let request = SubscribeRequest {
+            start: Some(Start::AfterSequence(cursor)),
+            ..SubscribeRequest::default()
+        };
+        let mut stream = client
+            .subscribe(request)
+            .await
+            .expect("subscribe")
+            .into_inner();
         let sink = received.clone();
         let subscriber = tokio::spawn(async move {
             while let Some(Ok(event)) = stream.next().await {
@@ -55,13 +74,23 @@ async fn sigkill_during_concurrent_ingest_keeps_every_acknowledged_event_once() 
                 tokio::spawn(async move {
                     for k in 0.. {
                         let id = (round as i64 + 1) * 10_000_000 + writer * 100_000 + k;
-                        let sent = http.post(&url).header("content-type", "application/json").body(event(id)).send().await;
+                        let sent = http
+                            .post(&url)
+                            .header("content-type", "application/json")
+                            .body(event(id))
+                            .send()
+                            .await;
                         let Ok(response) = sent else { return };
                         if response.status() != 200 {
                             return;
                         }
-                        let Ok(body) = response.json::<serde_json::Value>().await else { return };
-                        acked.lock().unwrap().insert(id, body["sequence"].as_u64().expect("a sequence"));
+                        let Ok(body) = response.json::<serde_json::Value>().await else {
+                            return;
+                        };
+                        acked
+                            .lock()
+                            .unwrap()
+                            .insert(id, body["sequence"].as_u64().expect("a sequence"));
                     }
                 })
             })
@@ -75,21 +104,36 @@ async fn sigkill_during_concurrent_ingest_keeps_every_acknowledged_event_once() 
 
         let received = received.lock().unwrap().clone();
         let expected: Vec<u64> = (cursor + 1..cursor + 1 + received.len() as u64).collect();
-        assert_eq!(received, expected, "round {round}: the subscriber got a gap or a repeat");
+        assert_eq!(
+            received, expected,
+            "round {round}: the subscriber got a gap or a repeat"
+        );
         cursor = received.last().copied().unwrap_or(cursor);
     }
 
     let process = Process::embedded(dir.path(), &[]);
     let stored = drain(&process, Start::Beginning(()), Duration::from_secs(2)).await;
     let sequences: Vec<u64> = stored.iter().map(|(s, _)| *s).collect();
-    assert_eq!(sequences, (1..=stored.len() as u64).collect::<Vec<_>>(), "sequences have a gap");
+    assert_eq!(
+        sequences,
+        (1..=stored.len() as u64).collect::<Vec<_>>(),
+        "sequences have a gap"
+    );
     let ids: HashSet<i64> = stored.iter().map(|(_, id)| *id).collect();
     assert_eq!(ids.len(), stored.len(), "an event is stored twice");
     let by_id: HashMap<i64, u64> = stored.iter().map(|&(s, id)| (id, s)).collect();
     let acked = acked.lock().unwrap();
-    assert!(acked.len() > 100, "the test should acknowledge a sustained stream, got {}", acked.len());
+    assert!(
+        acked.len() > 100,
+        "the test should acknowledge a sustained stream, got {}",
+        acked.len()
+    );
     for (id, sequence) in acked.iter() {
-        assert_eq!(by_id.get(id), Some(sequence), "acknowledged event {id} lost or moved");
+        assert_eq!(
+            by_id.get(id),
+            Some(sequence),
+            "acknowledged event {id} lost or moved"
+        );
     }
 }
 
@@ -98,11 +142,17 @@ async fn a_stalled_subscriber_costs_bounded_memory_and_later_gets_all_events_in_
     const EVENTS: i64 = 100_000;
     const BATCH: i64 = 250;
     let dir = tempfile::tempdir().unwrap();
-    let process =
-        Process::embedded(dir.path(), &["--live-buffer", "1024", "--store-cache-bytes", "33554432"]);
+    let process = Process::embedded(
+        dir.path(),
+        &["--live-buffer", "1024", "--store-cache-bytes", "16777216"],
+    );
     let mut client = process.grpc().await;
     // Subscribed, then never read while everything is ingested.
-    let mut stream = client.subscribe(SubscribeRequest::default()).await.expect("subscribe").into_inner();
+    let mut stream = client
+        .subscribe(SubscribeRequest::default())
+        .await
+        .expect("subscribe")
+        .into_inner();
 
     let http = reqwest::Client::new();
     // Warm up allocations, then take the baseline.
@@ -113,11 +163,14 @@ async fn a_stalled_subscriber_costs_bounded_memory_and_later_gets_all_events_in_
         post_batch(&http, &process, start..start + BATCH).await;
         peak = peak.max(process.rss_kib());
     }
-    // Configured bounds: 1024 live events (~5 KiB each encoded) + 32 MiB cache; allow generous
+    // Configured bounds: 1024 live events (~5 KiB each encoded) + 16 MiB cache; allow generous
     // slack for allocator behaviour, far below the ~400 MiB that holding every event would take.
     let growth_mib = (peak - baseline) / 1024;
     eprintln!("RSS baseline {baseline} KiB, peak {peak} KiB, growth {growth_mib} MiB");
-    assert!(growth_mib < 96, "memory grew by {growth_mib} MiB while a subscriber stalled");
+    assert!(
+        growth_mib < 96,
+        "memory grew by {growth_mib} MiB while a subscriber stalled"
+    );
 
     let mut expected = 1u64;
     while expected <= (EVENTS + BATCH) as u64 {
