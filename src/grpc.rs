@@ -156,7 +156,13 @@ impl EventGateway for Service {
                 ))
             }
         }
-        .map_err(subscribe_status)?;
+        .map_err(|error| match error {
+            // A lookup of an event retention removed (or of sequence 0) finds nothing.
+            SubscribeError::Log(error @ LogError::Truncated { .. }) => {
+                Status::not_found(error.to_string())
+            }
+            other => subscribe_status(other),
+        })?;
         let event = found.ok_or_else(|| Status::not_found("no stored event with that key"))?;
         Ok(Response::new(WireEvent {
             event: event.into(),

@@ -152,10 +152,9 @@ fn compare_value(
         }
         Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 | Kind::Uint64 | Kind::Fixed64 => {
             // proto3 JSON: 64-bit integers are strings, exactly the fixture's digits.
-            expected.is_i64() || expected.is_u64()
+            (expected.is_i64() || expected.is_u64())
+                && actual.as_str() == Some(expected.to_string().as_str())
         }
-        .then(|| actual.as_str() == Some(expected.to_string().as_str()))
-        .unwrap_or(false),
         Kind::Double | Kind::Float => expected.as_f64() == actual.as_f64() && actual.is_number(),
         _ => expected == actual,
     };
