@@ -6,6 +6,7 @@
 //! [`EventLog`]; a store plugs in by implementing it.
 
 pub mod embedded;
+pub mod jetstream;
 pub mod memory;
 
 use std::sync::Arc;

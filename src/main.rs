@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use iqchannels_gateway::log::embedded::{EmbeddedLog, Retention};
+use iqchannels_gateway::log::jetstream::{JetStreamLog, NatsConfig};
 use iqchannels_gateway::log::{memory::MemoryLog, SharedLog};
 use iqchannels_gateway::server::{self, ServerConfig};
 
@@ -31,9 +32,10 @@ struct ServeArgs {
     /// Address to listen on; HTTP/1.1 and gRPC (HTTP/2 cleartext) share it.
     #[arg(long, env = "IQGW_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Where events are stored: `embedded` (durable, in --data-dir) or `memory` (lost on exit;
-    /// for tests and benchmarks).
-    #[arg(long, env = "IQGW_STORE", value_enum, default_value_t = Store::Embedded)]
+    /// Where events are stored: `embedded` (durable, in --data-dir), `memory` (lost on exit; for
+    /// tests and benchmarks) or `nats://HOST:PORT[,nats://...]` (a NATS JetStream stream shared
+    /// by several gateway replicas; see the --nats-* flags).
+    #[arg(long, env = "IQGW_STORE", default_value = "embedded", value_parser = parse_store)]
     store: Store,
     /// Directory of the embedded store.
     #[arg(long, env = "IQGW_DATA_DIR", default_value = "./data")]
@@ -50,6 +52,8 @@ struct ServeArgs {
     /// Retention: keep at most this many bytes of events (default: no limit).
     #[arg(long, env = "IQGW_RETENTION_MAX_BYTES")]
     retention_max_bytes: Option<u64>,
+    #[command(flatten)]
+    nats: NatsArgs,
     /// Largest accepted request body (HTTP) or message (gRPC), in bytes; larger gets 413.
     #[arg(long, env = "IQGW_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     max_body_bytes: usize,
@@ -64,12 +68,76 @@ struct ServeArgs {
     log_format: LogFormat,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+/// The JetStream store's settings (used with `--store nats://...`).
+#[derive(clap::Args)]
+struct NatsArgs {
+    /// JetStream stream name; created if missing, checked for compatibility if present.
+    #[arg(long, env = "IQGW_NATS_STREAM", default_value = "IQCHANNELS_EVENTS")]
+    nats_stream: String,
+    /// Subject prefix; each event is published to `<prefix>.<ChatEvent.Id>`.
+    #[arg(
+        long,
+        env = "IQGW_NATS_SUBJECT_PREFIX",
+        default_value = "iqchannels.events"
+    )]
+    nats_subject_prefix: String,
+    /// Stream replicas when the gateway creates the stream (1, 3 or 5 on a cluster).
+    #[arg(long, env = "IQGW_NATS_REPLICAS", default_value_t = 1)]
+    nats_replicas: usize,
+    /// JetStream duplicate window when the gateway creates the stream, e.g. `1h`. Redeliveries
+    /// after it are still stored once (one message per subject), see README.
+    #[arg(long, env = "IQGW_NATS_DUPLICATE_WINDOW", default_value = "1h", value_parser = humantime::parse_duration)]
+    nats_duplicate_window: Duration,
+    /// How long to wait for JetStream's ack before answering 503.
+    #[arg(long, env = "IQGW_NATS_ACK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    nats_ack_timeout: Duration,
+    /// NATS credentials file (JWT + nkey seed).
+    #[arg(long, env = "IQGW_NATS_CREDS")]
+    nats_creds: Option<PathBuf>,
+    /// NATS user name (with --nats-password).
+    #[arg(long, env = "IQGW_NATS_USER")]
+    nats_user: Option<String>,
+    /// NATS password.
+    #[arg(long, env = "IQGW_NATS_PASSWORD", hide_env_values = true)]
+    nats_password: Option<String>,
+    /// NATS token.
+    #[arg(long, env = "IQGW_NATS_TOKEN", hide_env_values = true)]
+    nats_token: Option<String>,
+    /// CA certificate (PEM) to verify the NATS server.
+    #[arg(long, env = "IQGW_NATS_TLS_CA")]
+    nats_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS to NATS (with --nats-tls-key).
+    #[arg(long, env = "IQGW_NATS_TLS_CERT", requires = "nats_tls_key")]
+    nats_tls_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS to NATS.
+    #[arg(long, env = "IQGW_NATS_TLS_KEY", requires = "nats_tls_cert")]
+    nats_tls_key: Option<PathBuf>,
+    /// Refuse to talk to NATS without TLS.
+    #[arg(long, env = "IQGW_NATS_REQUIRE_TLS")]
+    nats_require_tls: bool,
+}
+
+#[derive(Clone)]
 enum Store {
     /// Durable: an embedded redb file in --data-dir; acknowledged events survive crashes.
     Embedded,
     /// In memory: everything is lost when the process exits.
     Memory,
+    /// A NATS JetStream stream at these server URLs.
+    Nats(String),
+}
+
+fn parse_store(value: &str) -> Result<Store, String> {
+    match value {
+        "embedded" => Ok(Store::Embedded),
+        "memory" => Ok(Store::Memory),
+        url if url.starts_with("nats://") || url.starts_with("tls://") => {
+            Ok(Store::Nats(url.to_owned()))
+        }
+        other => Err(format!(
+            "`{other}`: expected `embedded`, `memory` or `nats://HOST:PORT`"
+        )),
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -95,13 +163,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_age: args.retention_max_age,
         max_bytes: args.retention_max_bytes,
     };
-    let log: SharedLog = match args.store {
+    let log: SharedLog = match args.store.clone() {
         Store::Embedded => Arc::new(EmbeddedLog::open_with_cache(
             &args.data_dir,
             retention,
             args.store_cache_bytes,
         )?),
         Store::Memory => Arc::new(MemoryLog::new(retention.max_events.map(|n| n as usize))),
+        Store::Nats(url) => {
+            Arc::new(JetStreamLog::connect(nats_config(url, &args.nats, &retention)?).await?)
+        }
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -114,6 +185,31 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     server::serve(listener, log, config, server::shutdown_signal()).await?;
     Ok(())
+}
+
+fn nats_config(url: String, args: &NatsArgs, retention: &Retention) -> anyhow::Result<NatsConfig> {
+    if retention.max_events.is_some() || retention.max_bytes.is_some() {
+        anyhow::bail!(
+            "with a NATS store, retention is by age only (--retention-max-age): count and byte limits \
+             would make JetStream refuse new events once full"
+        );
+    }
+    Ok(NatsConfig {
+        stream: args.nats_stream.clone(),
+        subject_prefix: args.nats_subject_prefix.clone(),
+        replicas: args.nats_replicas,
+        duplicate_window: args.nats_duplicate_window,
+        max_age: retention.max_age.unwrap_or_default(),
+        ack_timeout: args.nats_ack_timeout,
+        credentials_file: args.nats_creds.clone(),
+        user: args.nats_user.clone(),
+        password: args.nats_password.clone(),
+        token: args.nats_token.clone(),
+        tls_ca: args.nats_tls_ca.clone(),
+        tls_client: args.nats_tls_cert.clone().zip(args.nats_tls_key.clone()),
+        require_tls: args.nats_require_tls,
+        ..NatsConfig::new(url)
+    })
 }
 
 fn init_logging(format: LogFormat) {

@@ -1,0 +1,569 @@
+//! The [`EventLog`] on a NATS JetStream stream, for several gateway replicas sharing one log.
+//!
+//! JetStream holds the stream and does the replication; every gateway is a stateless front end.
+//! - Append: publish to `<prefix>.<event id>` with `Nats-Msg-Id` = event id and wait for the ack;
+//!   the stream sequence is the gateway sequence.
+//! - Exactly once: within the duplicate window JetStream answers a redelivery with the original
+//!   sequence. Outside it, the stream's "one message per subject, discard new" rule rejects the
+//!   redelivery and the original is found by its subject, so dedup holds for as long as the
+//!   event is retained, not just for the window.
+//! - Tail: an ordered push consumer follows the stream (appends of every replica) into a bounded
+//!   cache of recent records and the committed watch; the hub reads from that cache.
+//! - Reads further back: direct gets by sequence, a page at a time.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_trait::async_trait;
+use futures_util::{StreamExt, TryStreamExt};
+use tokio::sync::watch;
+
+use super::{Appended, Bounds, EventLog, LogError, NewRecord, Record};
+
+/// Header carrying the gateway's receive time (ms since the Unix epoch).
+const RECEIVED_AT: &str = "Iqgw-Received-At";
+/// Recent records kept for the hub and for subscribers close to the head.
+const CACHE: usize = 8192;
+/// Direct gets in flight at once during a catch-up read.
+const READ_CONCURRENCY: usize = 32;
+
+/// How to reach and shape the stream.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// Server URL(s), comma separated: `nats://host:4222`.
+    pub url: String,
+    /// Stream name.
+    pub stream: String,
+    /// Subject prefix; events go to `<prefix>.<event id>`.
+    pub subject_prefix: String,
+    /// Stream replicas (when the stream is created).
+    pub replicas: usize,
+    /// JetStream duplicate window (when the stream is created).
+    pub duplicate_window: Duration,
+    /// Retention by age (when the stream is created); zero keeps everything.
+    pub max_age: Duration,
+    /// How long to wait for a JetStream ack before answering 503.
+    pub ack_timeout: Duration,
+    /// Credentials file (`.creds`), user/password, or token.
+    pub credentials_file: Option<std::path::PathBuf>,
+    /// User name.
+    pub user: Option<String>,
+    /// Password for `user`.
+    pub password: Option<String>,
+    /// Token.
+    pub token: Option<String>,
+    /// CA certificate (PEM) for TLS to NATS.
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub tls_client: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Require TLS.
+    pub require_tls: bool,
+}
+
+impl NatsConfig {
+    /// Defaults for a server URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            stream: "IQCHANNELS_EVENTS".into(),
+            subject_prefix: "iqchannels.events".into(),
+            replicas: 1,
+            duplicate_window: Duration::from_secs(3600),
+            max_age: Duration::ZERO,
+            ack_timeout: Duration::from_secs(5),
+            credentials_file: None,
+            user: None,
+            password: None,
+            token: None,
+            tls_ca: None,
+            tls_client: None,
+            require_tls: false,
+        }
+    }
+
+    /// The stream configuration the gateway creates, and checks an existing stream against.
+    pub fn stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.stream.clone(),
+            subjects: vec![format!("{}.*", self.subject_prefix)],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            num_replicas: self.replicas,
+            duplicate_window: self.duplicate_window,
+            max_age: self.max_age,
+            max_messages_per_subject: 1,
+            discard: stream::DiscardPolicy::New,
+            discard_new_per_subject: true,
+            allow_direct: true,
+            ..stream::Config::default()
+        }
+    }
+}
+
+/// The JetStream-backed log.
+pub struct JetStreamLog {
+    client: async_nats::Client,
+    context: jetstream::Context,
+    stream: stream::Stream,
+    config: NatsConfig,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    first: AtomicU64,
+    next: AtomicU64,
+    committed: watch::Sender<u64>,
+    /// The newest records seen by the tail, in sequence order; bounded by `CACHE`.
+    recent: Mutex<VecDeque<Record>>,
+}
+
+fn unavailable(error: impl std::fmt::Display) -> LogError {
+    LogError::Unavailable(error.to_string())
+}
+
+impl JetStreamLog {
+    /// Connects (retrying in the background if NATS is down at start), creates the stream if it
+    /// is missing or checks that an existing one is compatible, and starts the tail.
+    pub async fn connect(config: NatsConfig) -> Result<Self, LogError> {
+        let client = connect_options(&config)
+            .await?
+            .connect(config.url.as_str())
+            .await
+            .map_err(|e| unavailable(format!("cannot connect to NATS at {}: {e}", config.url)))?;
+        let mut context = jetstream::new(client.clone());
+        context.set_timeout(config.ack_timeout);
+        let stream = open_stream(&context, &config).await?;
+        let info = stream.get_info().await.map_err(unavailable)?;
+        let next = info.state.last_sequence + 1;
+        let first = if info.state.messages == 0 {
+            next
+        } else {
+            info.state.first_sequence
+        };
+        let shared = Arc::new(Shared {
+            first: AtomicU64::new(first),
+            next: AtomicU64::new(next),
+            committed: watch::channel(next - 1).0,
+            recent: Mutex::new(VecDeque::new()),
+        });
+        tokio::spawn(tail(client.clone(), stream.clone(), shared.clone(), next));
+        tokio::spawn(refresh_first(stream.clone(), Arc::downgrade(&shared)));
+        tracing::info!(stream = %config.stream, first, next, "JetStream store connected");
+        Ok(Self {
+            client,
+            context,
+            stream,
+            config,
+            shared,
+        })
+    }
+
+    fn subject(&self, event_id: i64) -> String {
+        format!("{}.{event_id}", self.config.subject_prefix)
+    }
+
+    async fn publish(&self, record: NewRecord) -> Result<Appended, LogError> {
+        let id = record.event_id.to_string();
+        let message = jetstream::message::PublishMessage::build()
+            .payload(record.payload)
+            .message_id(&id)
+            .header(RECEIVED_AT, record.received_at_ms.to_string().as_str());
+        let subject = self.subject(record.event_id);
+        let ack = self
+            .context
+            .send_publish(subject.clone(), message)
+            .await
+            .map_err(unavailable)?;
+        match ack.await {
+            Ok(ack) => Ok(Appended {
+                sequence: ack.sequence,
+                duplicate: ack.duplicate,
+            }),
+            // Outside the duplicate window: the subject already holds the event.
+            Err(error) if error.to_string().contains("maximum messages per subject") => {
+                let original = self
+                    .stream
+                    .direct_get_last_for_subject(subject)
+                    .await
+                    .map_err(unavailable)?;
+                Ok(Appended {
+                    sequence: original.sequence,
+                    duplicate: true,
+                })
+            }
+            Err(error) => Err(unavailable(error)),
+        }
+    }
+
+    fn cached(&self, from: u64, limit: usize) -> Option<Vec<Record>> {
+        let recent = self.shared.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let oldest = recent.front()?.sequence;
+        if from < oldest {
+            return None;
+        }
+        Some(
+            recent
+                .iter()
+                .skip_while(|r| r.sequence < from)
+                .take(limit)
+                .cloned()
+                .collect(),
+        )
+    }
+}
+
+async fn connect_options(config: &NatsConfig) -> Result<async_nats::ConnectOptions, LogError> {
+    let mut options = async_nats::ConnectOptions::new()
+        .name("iqchannels-gateway")
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("NATS disconnected; reconnecting")
+                }
+                async_nats::Event::Connected => tracing::info!("NATS connected"),
+                other => tracing::debug!(event = %other, "NATS event"),
+            }
+        });
+    if let Some(path) = &config.credentials_file {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|e| unavailable(format!("NATS credentials: {e}")))?;
+    }
+    if let (Some(user), Some(password)) = (&config.user, &config.password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &config.token {
+        options = options.token(token.clone());
+    }
+    if let Some(ca) = &config.tls_ca {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let Some((cert, key)) = &config.tls_client {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    Ok(options.require_tls(config.require_tls))
+}
+
+/// Gets the stream, creating it if missing; refuses one whose shape would break the guarantees.
+async fn open_stream(
+    context: &jetstream::Context,
+    config: &NatsConfig,
+) -> Result<stream::Stream, LogError> {
+    let wanted = config.stream_config();
+    let mut stream = match context.get_stream(&config.stream).await {
+        Ok(stream) => stream,
+        Err(error) if is_stream_not_found(&error.kind()) => {
+            tracing::info!(stream = %config.stream, "creating the JetStream stream");
+            context
+                .create_stream(wanted.clone())
+                .await
+                .map_err(unavailable)?
+        }
+        Err(error) => {
+            return Err(unavailable(format!(
+                "cannot read stream {}: {error}",
+                config.stream
+            )))
+        }
+    };
+    let existing = &stream.info().await.map_err(unavailable)?.config;
+    let problems = incompatibilities(existing, &wanted);
+    if !problems.is_empty() {
+        return Err(LogError::Unavailable(format!(
+            "stream {} is not usable by the gateway: {}",
+            config.stream,
+            problems.join("; ")
+        )));
+    }
+    Ok(stream)
+}
+
+fn is_stream_not_found(kind: &jetstream::context::GetStreamErrorKind) -> bool {
+    matches!(kind, jetstream::context::GetStreamErrorKind::JetStream(error)
+        if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
+/// What in an existing stream's configuration would break the gateway's guarantees.
+fn incompatibilities(existing: &stream::Config, wanted: &stream::Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    let subject = &wanted.subjects[0];
+    if !existing.subjects.iter().any(|s| s == subject) {
+        problems.push(format!(
+            "subjects {:?} do not include {subject}",
+            existing.subjects
+        ));
+    }
+    if existing.retention != stream::RetentionPolicy::Limits {
+        problems.push(
+            "retention must be limits (work-queue/interest streams delete delivered events)".into(),
+        );
+    }
+    if existing.max_messages_per_subject != 1
+        || !existing.discard_new_per_subject
+        || existing.discard != stream::DiscardPolicy::New
+    {
+        problems.push(
+            "needs max_msgs_per_subject=1 with discard new per subject (permanent dedup)".into(),
+        );
+    }
+    if !existing.allow_direct {
+        problems.push("needs allow_direct (reads by sequence)".into());
+    }
+    problems
+}
+
+/// Follows the stream from `next` with an ordered consumer (it recreates itself after reconnects
+/// and gaps), caching records and publishing the committed sequence.
+async fn tail(
+    client: async_nats::Client,
+    stream: stream::Stream,
+    shared: Arc<Shared>,
+    mut next: u64,
+) {
+    loop {
+        let consumer = stream
+            .create_consumer(consumer::push::OrderedConfig {
+                deliver_subject: client.new_inbox(),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: next,
+                },
+                ..Default::default()
+            })
+            .await;
+        let messages = match consumer {
+            Ok(consumer) => consumer.messages().await,
+            Err(error) => {
+                tracing::warn!(%error, "JetStream tail: cannot create consumer; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let mut messages = match messages {
+            Ok(messages) => messages,
+            Err(error) => {
+                tracing::warn!(%error, "JetStream tail: cannot subscribe; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        while let Some(message) = messages.next().await {
+            let message = match message {
+                Ok(message) => message,
+                Err(error) => {
+                    tracing::warn!(%error, "JetStream tail interrupted; resuming");
+                    break;
+                }
+            };
+            let Ok(info) = message.info() else { continue };
+            let sequence = info.stream_sequence;
+            if sequence < next {
+                continue;
+            }
+            let received_at_ms = received_at(
+                message.headers.as_ref(),
+                info.published.unix_timestamp_nanos(),
+            );
+            let record = Record {
+                sequence,
+                received_at_ms,
+                payload: message.payload.clone(),
+            };
+            {
+                let mut recent = shared.recent.lock().unwrap_or_else(|p| p.into_inner());
+                recent.push_back(record);
+                while recent.len() > CACHE {
+                    recent.pop_front();
+                }
+            }
+            next = sequence + 1;
+            shared.next.fetch_max(next, Ordering::AcqRel);
+            shared.committed.send_replace(sequence);
+        }
+        if shared.committed.is_closed() && Arc::strong_count(&shared) == 1 {
+            return;
+        }
+    }
+}
+
+/// Keeps `first` current as JetStream's retention removes old events.
+async fn refresh_first(stream: stream::Stream, shared: std::sync::Weak<Shared>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if let Ok(info) = stream.get_info().await {
+            let first = if info.state.messages == 0 {
+                info.state.last_sequence + 1
+            } else {
+                info.state.first_sequence
+            };
+            shared.first.store(first, Ordering::Release);
+            shared
+                .next
+                .fetch_max(info.state.last_sequence + 1, Ordering::AcqRel);
+        }
+    }
+}
+
+fn received_at(headers: Option<&async_nats::HeaderMap>, published_nanos: i128) -> i64 {
+    headers
+        .and_then(|h| h.get(RECEIVED_AT))
+        .and_then(|v| v.as_str().parse().ok())
+        .unwrap_or((published_nanos / 1_000_000) as i64)
+}
+
+#[async_trait]
+impl EventLog for JetStreamLog {
+    async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>, LogError> {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(LogError::Unavailable("not connected to NATS".into()));
+        }
+        // Published in order, acks awaited together: one round trip for the batch.
+        let results =
+            futures_util::future::join_all(records.into_iter().map(|r| self.publish(r))).await;
+        let appended: Vec<Appended> = results.into_iter().collect::<Result<_, _>>()?;
+        if let Some(last) = appended.iter().map(|a| a.sequence).max() {
+            self.shared.next.fetch_max(last + 1, Ordering::AcqRel);
+        }
+        Ok(appended)
+    }
+
+    async fn read(&self, from: u64, limit: usize) -> Result<Vec<Record>, LogError> {
+        let first = self.shared.first.load(Ordering::Acquire);
+        if from < first {
+            return Err(LogError::Truncated {
+                requested: from,
+                oldest: first,
+            });
+        }
+        if let Some(records) = self.cached(from, limit) {
+            return Ok(records);
+        }
+        let end = self
+            .shared
+            .next
+            .load(Ordering::Acquire)
+            .min(from.saturating_add(limit as u64));
+        let records: Vec<Option<Record>> = futures_util::stream::iter(from..end)
+            .map(|sequence| async move {
+                match self.stream.direct_get(sequence).await {
+                    Ok(message) => Ok(Some(Record {
+                        sequence,
+                        received_at_ms: received_at(
+                            Some(&message.headers),
+                            message.time.unix_timestamp_nanos(),
+                        ),
+                        payload: message.payload,
+                    })),
+                    // Deleted (retention or by hand): not part of the log any more.
+                    Err(error)
+                        if error.kind() == jetstream::stream::DirectGetErrorKind::NotFound =>
+                    {
+                        Ok(None)
+                    }
+                    Err(error) => Err(unavailable(error)),
+                }
+            })
+            .buffered(READ_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let records: Vec<Record> = records.into_iter().flatten().collect();
+        if records.is_empty() && from < end {
+            // Everything asked for is gone: retention moved the head past it.
+            let info = self.stream.get_info().await.map_err(unavailable)?;
+            if from < info.state.first_sequence {
+                self.shared
+                    .first
+                    .store(info.state.first_sequence, Ordering::Release);
+                return Err(LogError::Truncated {
+                    requested: from,
+                    oldest: info.state.first_sequence,
+                });
+            }
+        }
+        Ok(records)
+    }
+
+    async fn find_event(&self, event_id: i64) -> Result<Option<u64>, LogError> {
+        match self
+            .stream
+            .direct_get_last_for_subject(self.subject(event_id))
+            .await
+        {
+            Ok(message) => Ok(Some(message.sequence)),
+            Err(error) if error.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
+                Ok(None)
+            }
+            Err(error) => Err(unavailable(error)),
+        }
+    }
+
+    async fn seek_time(&self, at_ms: i64) -> Result<u64, LogError> {
+        let start_time =
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_ms) * 1_000_000)
+                .map_err(|e| unavailable(format!("time out of range: {e}")))?;
+        let mut consumer = self
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time },
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let info = consumer.info().await.map_err(unavailable)?;
+        if info.num_pending == 0 {
+            return Ok(self.shared.next.load(Ordering::Acquire));
+        }
+        let mut batch = consumer.messages().await.map_err(unavailable)?;
+        match batch.next().await {
+            Some(Ok(message)) => Ok(message.info().map_err(unavailable)?.stream_sequence),
+            Some(Err(error)) => Err(unavailable(error)),
+            None => Ok(self.shared.next.load(Ordering::Acquire)),
+        }
+    }
+
+    fn bounds(&self) -> Bounds {
+        Bounds {
+            first: self.shared.first.load(Ordering::Acquire),
+            next: self.shared.next.load(Ordering::Acquire),
+        }
+    }
+
+    fn committed(&self) -> watch::Receiver<u64> {
+        self.shared.committed.subscribe()
+    }
+
+    fn healthy(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_created_stream_passes_its_own_compatibility_check() {
+        let config = NatsConfig::new("nats://127.0.0.1:4222").stream_config();
+        assert!(incompatibilities(&config, &config).is_empty());
+    }
+
+    #[test]
+    fn a_work_queue_stream_without_per_subject_limits_is_refused() {
+        let wanted = NatsConfig::new("nats://127.0.0.1:4222").stream_config();
+        let existing = stream::Config {
+            retention: stream::RetentionPolicy::WorkQueue,
+            max_messages_per_subject: -1,
+            ..wanted.clone()
+        };
+        let problems = incompatibilities(&existing, &wanted);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+}
