@@ -1,0 +1,440 @@
+//! Gateway replicas on one NATS JetStream stream, against a real nats-server: the machine's one
+//! on 127.0.0.1:4222 (a unique stream per test), or a private one that the test restarts.
+
+mod binary;
+
+use std::collections::{HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use binary::{event, Process};
+use iqchannels_gateway::pb::client::{subscribe_request::Start, SubscribeRequest};
+use tokio_stream::StreamExt;
+
+const SHARED_NATS: &str = "127.0.0.1:4222";
+
+/// Skips (loudly) outside CI, fails under CI, when a prerequisite is missing.
+fn require(what: &str, ok: bool) -> bool {
+    if !ok {
+        let message = format!("{what} is not available: the JetStream test did not run");
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{message}");
+        }
+        eprintln!("\n!!!!! SKIPPED: {message} !!!!!\n");
+    }
+    ok
+}
+
+fn reachable(addr: &str) -> bool {
+    std::net::TcpStream::connect_timeout(&addr.parse().expect("address"), Duration::from_secs(1))
+        .is_ok()
+}
+
+/// A stream name and subject prefix no other test uses; the stream is deleted on drop.
+struct TestStream {
+    name: String,
+    prefix: String,
+    server: String,
+}
+
+impl TestStream {
+    fn new(server: &str) -> Self {
+        let tag = format!("{}_{}", std::process::id(), rand_suffix());
+        Self {
+            name: format!("IQGW_TEST_{tag}"),
+            prefix: format!("iqgw.test.{tag}"),
+            server: server.to_owned(),
+        }
+    }
+
+    fn args<'a>(&'a self, store: &'a str) -> Vec<&'a str> {
+        vec![
+            "--store",
+            store,
+            "--nats-stream",
+            &self.name,
+            "--nats-subject-prefix",
+            &self.prefix,
+        ]
+    }
+}
+
+impl Drop for TestStream {
+    fn drop(&mut self) {
+        let (server, name) = (self.server.clone(), self.name.clone());
+        // Best effort, on a runtime of its own (drop may run outside one).
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                let client = async_nats::connect(server).await.ok()?;
+                async_nats::jetstream::new(client)
+                    .delete_stream(&name)
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    hasher.finish() % 1_000_000_000
+}
+
+async fn post(http: &reqwest::Client, process: &Process, id: i64) -> Option<u64> {
+    let response = http
+        .post(process.url("/v1/events"))
+        .header("content-type", "application/json")
+        .body(event(id))
+        .send()
+        .await
+        .ok()?;
+    if response.status() != 200 {
+        return None;
+    }
+    response.json::<serde_json::Value>().await.ok()?["sequence"].as_u64()
+}
+
+/// Collects `(sequence, event id)` from a subscription into `sink` until it ends.
+fn collect(
+    mut stream: tonic::Streaming<iqchannels_gateway::pb::client::Event>,
+    sink: Arc<Mutex<Vec<(u64, i64)>>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(Ok(event)) = stream.next().await {
+            let id = event
+                .envelope
+                .and_then(|e| e.chat_event)
+                .map(|c| c.id)
+                .unwrap_or(-1);
+            sink.lock().unwrap().push((event.sequence, id));
+        }
+    })
+}
+
+async fn wait_for(sink: &Arc<Mutex<Vec<(u64, i64)>>>, count: usize) {
+    for _ in 0..200 {
+        if sink.lock().unwrap().len() >= count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_share_one_order_and_a_cursor_moves_between_them() {
+    if !require(
+        "NATS with JetStream on 127.0.0.1:4222",
+        reachable(SHARED_NATS),
+    ) {
+        return;
+    }
+    let stream = TestStream::new(SHARED_NATS);
+    let store = format!("nats://{SHARED_NATS}");
+    let mut a = Process::start(&stream.args(&store));
+    let b = Process::start(&stream.args(&store));
+
+    let seen_a: Arc<Mutex<Vec<(u64, i64)>>> = Arc::default();
+    let seen_b: Arc<Mutex<Vec<(u64, i64)>>> = Arc::default();
+    let from_start = || SubscribeRequest {
+        start: Some(Start::Beginning(())),
+        ..SubscribeRequest::default()
+    };
+    let sub_a = collect(
+        a.grpc()
+            .await
+            .subscribe(from_start())
+            .await
+            .unwrap()
+            .into_inner(),
+        seen_a.clone(),
+    );
+    let _sub_b = collect(
+        b.grpc()
+            .await
+            .subscribe(from_start())
+            .await
+            .unwrap()
+            .into_inner(),
+        seen_b.clone(),
+    );
+
+    // Events posted to both replicas, duplicates too.
+    let http = reqwest::Client::new();
+    let mut acked = HashMap::new();
+    for id in 1..=60 {
+        let target = if id % 2 == 0 { &a } else { &b };
+        acked.insert(id, post(&http, target, id).await.expect("stored"));
+    }
+    assert_eq!(
+        post(&http, &a, 7).await,
+        Some(acked[&7]),
+        "a redelivery to the other replica is a duplicate"
+    );
+    wait_for(&seen_a, 60).await;
+    wait_for(&seen_b, 60).await;
+    assert_eq!(
+        *seen_a.lock().unwrap(),
+        *seen_b.lock().unwrap(),
+        "both replicas stream one order"
+    );
+
+    // Kill A mid-ingest; A's subscriber resumes on B from its cursor.
+    let writer = {
+        let (http, url) = (http.clone(), b.url("/v1/events"));
+        tokio::spawn(async move {
+            for id in 61..=260 {
+                let sent = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(event(id))
+                    .send()
+                    .await;
+                assert_eq!(sent.expect("B answers").status(), 200);
+            }
+        })
+    };
+    for id in 1000..1100 {
+        if post(&http, &a, id).await.is_none() {
+            break;
+        }
+        if id == 1040 {
+            a.kill();
+        }
+    }
+    sub_a.await.unwrap();
+    let before: Vec<(u64, i64)> = seen_a.lock().unwrap().clone();
+    let cursor = before.last().expect("A's subscriber received events").0;
+    writer.await.unwrap();
+
+    let resumed: Arc<Mutex<Vec<(u64, i64)>>> = Arc::default();
+    let request = SubscribeRequest {
+        start: Some(Start::AfterSequence(cursor)),
+        ..SubscribeRequest::default()
+    };
+    let _sub = collect(
+        b.grpc()
+            .await
+            .subscribe(request)
+            .await
+            .unwrap()
+            .into_inner(),
+        resumed.clone(),
+    );
+    let total = seen_b.lock().unwrap().len();
+    wait_for(&resumed, 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let total_b = seen_b.lock().unwrap().clone();
+    assert!(total_b.len() >= total);
+    let mut joined = before.clone();
+    joined.extend(resumed.lock().unwrap().iter().copied());
+    assert_eq!(
+        joined, total_b,
+        "cursor from A resumed on B: nothing missing, nothing repeated"
+    );
+    let sequences: Vec<u64> = joined.iter().map(|(s, _)| *s).collect();
+    assert_eq!(sequences, (1..=joined.len() as u64).collect::<Vec<_>>());
+    let ids: HashSet<i64> = joined.iter().map(|(_, id)| *id).collect();
+    assert_eq!(ids.len(), joined.len(), "every event stored once");
+    for id in 61..=260 {
+        assert!(
+            ids.contains(&id),
+            "event {id} acknowledged by B is in the stream"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redelivery_after_the_duplicate_window_is_still_stored_once() {
+    if !require(
+        "NATS with JetStream on 127.0.0.1:4222",
+        reachable(SHARED_NATS),
+    ) {
+        return;
+    }
+    let stream = TestStream::new(SHARED_NATS);
+    let store = format!("nats://{SHARED_NATS}");
+    let mut args = stream.args(&store);
+    args.extend(["--nats-duplicate-window", "1s"]);
+    let process = Process::start(&args);
+    let http = reqwest::Client::new();
+    let first = post(&http, &process, 42).await.expect("stored");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let response = http
+        .post(process.url("/v1/events"))
+        .header("content-type", "application/json")
+        .body(event(42))
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"sequence": first, "duplicate": true})
+    );
+}
+
+/// A nats-server of the test's own, so it can be restarted.
+struct PrivateNats {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl PrivateNats {
+    fn start(port: u16, dir: tempfile::TempDir) -> Option<Self> {
+        let child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let addr = format!("127.0.0.1:{port}");
+        for _ in 0..100 {
+            if reachable(&addr) {
+                return Some(Self { child, port, dir });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    fn stop(mut self) -> (u16, tempfile::TempDir) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let port = self.port;
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        (port, dir)
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nats_restart_during_ingest_answers_503_then_continues_without_gap_or_repeat() {
+    let has_server = Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !require("the nats-server binary", has_server) {
+        return;
+    }
+    let nats = PrivateNats::start(free_port(), tempfile::tempdir().unwrap())
+        .expect("private nats-server starts");
+    let store = format!("nats://127.0.0.1:{}", nats.port);
+    let process = Process::start(&["--store", &store, "--nats-ack-timeout", "1s"]);
+
+    let seen: Arc<Mutex<Vec<(u64, i64)>>> = Arc::default();
+    let request = SubscribeRequest {
+        start: Some(Start::Beginning(())),
+        ..SubscribeRequest::default()
+    };
+    let _sub = collect(
+        process
+            .grpc()
+            .await
+            .subscribe(request)
+            .await
+            .unwrap()
+            .into_inner(),
+        seen.clone(),
+    );
+
+    let http = reqwest::Client::new();
+    let mut acked = HashMap::new();
+    for id in 1..=50 {
+        acked.insert(id, post(&http, &process, id).await.expect("stored"));
+    }
+    let (port, dir) = nats.stop();
+    // While NATS is down: 503, and not ready. Never 200 without JetStream's ack.
+    let mut refused = 0;
+    for id in 51..=55 {
+        match post(&http, &process, id).await {
+            Some(sequence) => drop(acked.insert(id, sequence)),
+            None => refused += 1,
+        }
+    }
+    assert!(refused > 0, "ingest is refused while NATS is down");
+    assert_eq!(
+        http.get(process.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+
+    let _nats =
+        PrivateNats::start(port, dir).expect("nats-server restarts on the same port and store");
+    let id = 56;
+    let mut recovered = false;
+    for _ in 0..100 {
+        if let Some(sequence) = post(&http, &process, id).await {
+            acked.insert(id, sequence);
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "the gateway reconnects by itself");
+    for next in id + 1..=id + 50 {
+        acked.insert(
+            next,
+            post(&http, &process, next)
+                .await
+                .expect("stored after reconnect"),
+        );
+    }
+    assert_eq!(
+        http.get(process.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    let stored_count = acked.values().collect::<HashSet<_>>().len();
+    wait_for(&seen, stored_count).await;
+    let seen = seen.lock().unwrap().clone();
+    let sequences: Vec<u64> = seen.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        sequences,
+        (1..=seen.len() as u64).collect::<Vec<_>>(),
+        "no gap or repeat across the restart"
+    );
+    let by_id: HashMap<i64, u64> = seen.iter().map(|&(s, i)| (i, s)).collect();
+    for (id, sequence) in &acked {
+        assert_eq!(
+            by_id.get(id),
+            Some(sequence),
+            "acknowledged event {id} delivered"
+        );
+    }
+}
