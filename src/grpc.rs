@@ -34,6 +34,12 @@ pub fn routes(
         v1 = v1.register_encoded_file_descriptor_set(set);
         v1alpha = v1alpha.register_encoded_file_descriptor_set(set);
     }
+    // Each reflection service describes itself; teach each about the other so that a listing
+    // through either (grpcurl 1.8 asks v1alpha) shows both.
+    v1 =
+        v1.register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET);
+    v1alpha =
+        v1alpha.register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET);
     let (reporter, health) = tonic_health::server::health_reporter();
     tokio::spawn(report_health(gateway.clone(), reporter));
     let service = EventGatewayServer::new(Service { gateway })
