@@ -12,8 +12,9 @@ use tokio::sync::watch;
 use crate::decode::{self, DecodeError};
 use crate::hub::Hub;
 use crate::log::{Appended, LogError, NewRecord, SharedLog};
+use crate::metrics::{Metrics, Snapshot};
 use crate::pb::webhook::v1::Envelope;
-use crate::subscribe::{Filter, Start, SubscribeError, Subscription};
+use crate::subscribe::{Filter, Registry, Start, SubscribeError, Subscription};
 use crate::wire::{EncodedEvent, StoredEvent};
 
 /// Why an event was not stored.
@@ -36,27 +37,36 @@ pub struct Gateway {
     shutdown: watch::Receiver<bool>,
     /// False while draining.
     accepting: Arc<AtomicBool>,
+    /// Open subscriptions (bounded) and their positions.
+    subscribers: Registry,
+    /// Exported metrics.
+    metrics: Arc<Metrics>,
 }
 
 impl Gateway {
-    /// A gateway over `log`, with a live tail of `live_buffer` events.
-    pub fn new(log: SharedLog, live_buffer: usize, shutdown: watch::Receiver<bool>) -> Self {
+    /// A gateway over `log`, with a live tail of `live_buffer` events and at most
+    /// `max_subscribers` open subscriptions.
+    pub fn new(
+        log: SharedLog,
+        live_buffer: usize,
+        max_subscribers: usize,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
         let hub = Hub::start(log.clone(), live_buffer, shutdown.clone());
         Self {
             log,
             hub,
             shutdown,
             accepting: Arc::new(AtomicBool::new(true)),
+            subscribers: Registry::new(max_subscribers),
+            metrics: Arc::new(Metrics::new()),
         }
     }
 
     /// Stores one webhook JSON body. The body is kept verbatim beside the typed message.
     pub async fn ingest_json(&self, body: Bytes) -> Result<Appended, IngestError> {
         let record = Self::record_from_json(body)?;
-        let mut appended = self.log.append(vec![record]).await?;
-        appended
-            .pop()
-            .ok_or_else(|| LogError::Unavailable("log returned no result".into()).into())
+        self.append_one(record).await
     }
 
     /// Stores several webhook JSON bodies with one append (one sync). A body that does not decode
@@ -65,41 +75,57 @@ impl Gateway {
         &self,
         bodies: Vec<Bytes>,
     ) -> Result<Vec<Result<Appended, DecodeError>>, LogError> {
-        let mut results: Vec<Result<Appended, DecodeError>> = Vec::with_capacity(bodies.len());
-        let mut records = Vec::with_capacity(bodies.len());
-        for body in bodies {
-            match Self::record_from_json(body) {
+        let decoded: Vec<Result<NewRecord, DecodeError>> =
+            bodies.into_iter().map(Self::record_from_json).collect();
+        let mut records = Vec::with_capacity(decoded.len());
+        let mut errors = Vec::with_capacity(decoded.len());
+        for item in decoded {
+            match item {
                 Ok(record) => {
                     records.push(record);
-                    // Placeholder, replaced by the append result below.
-                    results.push(Ok(Appended {
-                        sequence: 0,
-                        duplicate: false,
-                    }));
+                    errors.push(None);
                 }
-                Err(error) => results.push(Err(error)),
+                Err(error) => errors.push(Some(error)),
             }
         }
-        if records.is_empty() {
-            return Ok(results);
-        }
-        let mut appended = self.log.append(records).await?.into_iter();
-        for slot in results.iter_mut().filter(|slot| slot.is_ok()) {
-            *slot = Ok(appended
-                .next()
-                .ok_or_else(|| LogError::Unavailable("log returned too few results".into()))?);
-        }
-        Ok(results)
+        let appended = if records.is_empty() {
+            Vec::new()
+        } else {
+            self.log.append(records).await?
+        };
+        self.count(&appended);
+        let mut appended = appended.into_iter();
+        errors
+            .into_iter()
+            .map(|error| match error {
+                Some(error) => Ok(Err(error)),
+                None => appended
+                    .next()
+                    .map(Ok)
+                    .ok_or_else(|| LogError::Unavailable("log returned too few results".into())),
+            })
+            .collect()
     }
 
     /// Stores a typed envelope (gRPC Publish); there is no original JSON to keep.
     pub async fn ingest_envelope(&self, envelope: Envelope) -> Result<Appended, IngestError> {
         decode::validate(&envelope)?;
-        let record = Self::record(&envelope, Bytes::new());
-        let mut appended = self.log.append(vec![record]).await?;
+        self.append_one(Self::record(&envelope, Bytes::new())).await
+    }
+
+    async fn append_one(&self, record: NewRecord) -> Result<Appended, IngestError> {
+        let appended = self.log.append(vec![record]).await?;
+        self.count(&appended);
         appended
-            .pop()
+            .into_iter()
+            .next()
             .ok_or_else(|| LogError::Unavailable("log returned no result".into()).into())
+    }
+
+    fn count(&self, appended: &[Appended]) {
+        let duplicates = appended.iter().filter(|a| a.duplicate).count() as u64;
+        self.metrics
+            .observe_appended(appended.len() as u64 - duplicates, duplicates);
     }
 
     fn record_from_json(body: Bytes) -> Result<NewRecord, DecodeError> {
@@ -131,6 +157,7 @@ impl Gateway {
         Subscription::new(
             self.log.clone(),
             &self.hub,
+            &self.subscribers,
             self.shutdown.clone(),
             filter,
             start,
@@ -143,7 +170,11 @@ impl Gateway {
         &self,
         sequence: u64,
     ) -> Result<Option<EncodedEvent>, SubscribeError> {
-        let records = self.log.read(sequence, 1).await?;
+        let records = match self.log.read(sequence, 1).await {
+            Ok(records) => records,
+            Err(LogError::Truncated { .. }) => return Ok(None),
+            Err(error) => return Err(error.into()),
+        };
         let Some(record) = records
             .into_iter()
             .next()
@@ -177,9 +208,24 @@ impl Gateway {
         self.accepting.store(false, Ordering::Relaxed);
     }
 
-    /// Number of live subscribers.
+    /// Number of open subscriptions.
     pub fn subscribers(&self) -> usize {
-        self.hub.receivers()
+        self.subscribers.positions().len()
+    }
+
+    /// The metrics, for the edges to count requests.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render_metrics(&self) -> String {
+        let snapshot = Snapshot {
+            committed: *self.log.committed().borrow(),
+            subscribers: self.subscribers.positions(),
+            store: self.log.stats(),
+        };
+        self.metrics.render(&snapshot)
     }
 }
 

@@ -216,5 +216,6 @@ fn subscribe_status(error: SubscribeError) -> Status {
         SubscribeError::Log(error) => log_status(error),
         SubscribeError::Corrupt(_) => Status::data_loss(error.to_string()),
         SubscribeError::ShuttingDown => Status::unavailable(error.to_string()),
+        SubscribeError::TooMany(_) => Status::resource_exhausted(error.to_string()),
     }
 }

@@ -4,6 +4,7 @@
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -33,8 +34,18 @@ struct AppState {
 pub fn router(gateway: Gateway, config: HttpConfig, grpc: tonic::service::Routes) -> Router {
     let grpc = grpc.prepare();
     Router::new()
-        .route("/v1/events", post(post_event))
-        .route("/v1/events:batch", post(post_batch))
+        .route(
+            "/v1/events",
+            post(post_event).layer(from_fn_with_state(observed("events", &gateway), observe)),
+        )
+        .route(
+            "/v1/events:batch",
+            post(post_batch).layer(from_fn_with_state(
+                observed("events_batch", &gateway),
+                observe,
+            )),
+        )
+        .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .method_not_allowed_fallback(|| async { HttpError::MethodNotAllowed })
@@ -52,6 +63,54 @@ pub fn router(gateway: Gateway, config: HttpConfig, grpc: tonic::service::Routes
             }
         })
         .with_state(AppState { gateway, config })
+}
+
+/// What the metrics layer of one ingest route needs.
+#[derive(Clone)]
+struct Observed {
+    gateway: Gateway,
+    route: &'static str,
+}
+
+fn observed(route: &'static str, gateway: &Gateway) -> Observed {
+    Observed {
+        gateway: gateway.clone(),
+        route,
+    }
+}
+
+/// Counts each request to an ingest route and its latency, by outcome.
+async fn observe(
+    State(observed): State<Observed>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let result = match response.status().as_u16() {
+        200 => "ok",
+        400 => "invalid",
+        401 => "unauthorized",
+        413 => "too_large",
+        415 => "unsupported_media_type",
+        429 => "overloaded",
+        503 => "unavailable",
+        _ => "error",
+    };
+    observed
+        .gateway
+        .metrics()
+        .observe_request(observed.route, result, started.elapsed());
+    response
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    (
+        [(header::CONTENT_TYPE, content_type)],
+        state.gateway.render_metrics(),
+    )
+        .into_response()
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {

@@ -9,6 +9,7 @@
 //! - [`subscribe`]: a subscriber's cursor over the log and the live tail, with its filter.
 //! - [`gateway`]: ingest, subscriptions and lookups, shared by the edges.
 //! - [`http`], [`grpc`]: the edges (axum, tonic).
+//! - [`metrics`]: Prometheus metrics.
 //! - [`server`]: one port for both, graceful shutdown.
 //! - [`pb`]: generated code and the descriptor set.
 
@@ -18,6 +19,7 @@ pub mod grpc;
 pub mod http;
 pub mod hub;
 pub mod log;
+pub mod metrics;
 pub mod pb;
 pub mod server;
 pub mod subscribe;

@@ -55,6 +55,17 @@ pub struct Bounds {
     pub next: u64,
 }
 
+/// Counters a store keeps about itself, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Durable commits (fsyncs, JetStream acks) since start.
+    pub syncs: u64,
+    /// Records made durable by those commits.
+    pub synced_records: u64,
+    /// Size of the stored events, bytes (0 when unknown).
+    pub size_bytes: u64,
+}
+
 /// Why the log could not do what was asked.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LogError {
@@ -98,6 +109,11 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// The highest durable sequence (0 when empty), updated after every append.
     fn committed(&self) -> watch::Receiver<u64>;
+
+    /// The store's counters.
+    fn stats(&self) -> LogStats {
+        LogStats::default()
+    }
 
     /// Whether the log can take appends now (for readiness).
     fn healthy(&self) -> bool {

@@ -26,6 +26,8 @@ pub struct ServerConfig {
     pub grace: Duration,
     /// Interval of HTTP/2 keepalive pings, so dead subscribers are noticed and freed.
     pub http2_keepalive: Duration,
+    /// Open Subscribe streams at most; more get RESOURCE_EXHAUSTED.
+    pub max_subscribers: usize,
 }
 
 impl Default for ServerConfig {
@@ -35,6 +37,7 @@ impl Default for ServerConfig {
             live_buffer: 4096,
             grace: Duration::from_secs(10),
             http2_keepalive: Duration::from_secs(30),
+            max_subscribers: 10_000,
         }
     }
 }
@@ -59,7 +62,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let gateway = Gateway::new(log, config.live_buffer, stop_rx);
+    let gateway = Gateway::new(log, config.live_buffer, config.max_subscribers, stop_rx);
     let grpc = crate::grpc::routes(gateway.clone(), config.max_body_bytes)?;
     let app = crate::http::router(
         gateway.clone(),

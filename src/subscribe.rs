@@ -2,8 +2,9 @@
 //! whenever the tail has moved on without it. Events arrive in sequence order, without gaps or
 //! repeats, whatever the subscriber's speed.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{broadcast, watch};
 
@@ -79,6 +80,69 @@ pub enum SubscribeError {
     /// The gateway is shutting down; reconnect (elsewhere) with the last sequence.
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    /// The configured maximum of concurrent subscribers is reached.
+    #[error("too many subscribers (the limit is {0}); retry later or elsewhere")]
+    TooMany(usize),
+}
+
+/// The open subscriptions and their positions (for lag metrics), with a cap on how many.
+#[derive(Clone)]
+pub struct Registry {
+    positions: Arc<Mutex<HashMap<u64, Arc<AtomicU64>>>>,
+    ids: Arc<AtomicU64>,
+    max: usize,
+}
+
+impl Registry {
+    /// A registry admitting at most `max` subscriptions at once.
+    pub fn new(max: usize) -> Self {
+        Self {
+            positions: Arc::default(),
+            ids: Arc::default(),
+            max,
+        }
+    }
+
+    fn register(&self, position: u64) -> Result<Registered, SubscribeError> {
+        let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
+        if positions.len() >= self.max {
+            return Err(SubscribeError::TooMany(self.max));
+        }
+        let id = self.ids.fetch_add(1, Ordering::Relaxed) + 1;
+        let cell = Arc::new(AtomicU64::new(position));
+        positions.insert(id, cell.clone());
+        Ok(Registered {
+            id,
+            position: cell,
+            registry: self.clone(),
+        })
+    }
+
+    /// `(subscriber id, next sequence it will look at)` for every open subscription.
+    pub fn positions(&self) -> Vec<(u64, u64)> {
+        let positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
+        positions
+            .iter()
+            .map(|(id, cell)| (*id, cell.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
+/// A subscription's entry in the [`Registry`]; removed on drop.
+struct Registered {
+    id: u64,
+    position: Arc<AtomicU64>,
+    registry: Registry,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.registry
+            .positions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
 }
 
 /// A subscriber's position and source.
@@ -93,6 +157,8 @@ pub struct Subscription {
     pending: VecDeque<Arc<EncodedEvent>>,
     /// Reading from the log (true) or from the live tail (false).
     catching_up: bool,
+    /// This subscription's entry in the registry: its position, for lag metrics.
+    registered: Registered,
 }
 
 impl Subscription {
@@ -101,6 +167,7 @@ impl Subscription {
     pub async fn new(
         log: SharedLog,
         hub: &Hub,
+        registry: &Registry,
         shutdown: watch::Receiver<bool>,
         filter: Filter,
         start: Start,
@@ -123,6 +190,7 @@ impl Subscription {
             }
             Start::Since(at_ms) => log.seek_time(at_ms).await?,
         };
+        let registered = registry.register(next)?;
         Ok(Self {
             log,
             live,
@@ -131,12 +199,23 @@ impl Subscription {
             next,
             pending: VecDeque::new(),
             catching_up: true,
+            registered,
         })
     }
 
     /// The sequence the subscription will look at next.
     pub fn position(&self) -> u64 {
         self.next
+    }
+
+    /// This subscription's id in the registry (for logs and metrics).
+    pub fn id(&self) -> u64 {
+        self.registered.id
+    }
+
+    fn advance_to(&mut self, next: u64) {
+        self.next = next;
+        self.registered.position.store(next, Ordering::Relaxed);
     }
 
     /// The next matching event. Waits for one to be stored; ends only with an error.
@@ -160,7 +239,7 @@ impl Subscription {
                 Ok(event) if event.sequence < self.next => {}
                 Ok(event) if event.sequence > self.next => self.catching_up = true,
                 Ok(event) => {
-                    self.next += 1;
+                    self.advance_to(self.next + 1);
                     if self.filter.matches(&event.keys) {
                         return Ok(event);
                     }
@@ -185,7 +264,7 @@ impl Subscription {
             let sequence = record.sequence;
             let event = EncodedEvent::from_payload(sequence, record.received_at_ms, record.payload)
                 .map_err(|_| SubscribeError::Corrupt(sequence))?;
-            self.next = sequence + 1;
+            self.advance_to(sequence + 1);
             if self.filter.matches(&event.keys) {
                 self.pending.push_back(Arc::new(event));
             }

@@ -15,6 +15,9 @@
 //! in one transaction (one fsync). A lone request is committed at once: the writer never waits
 //! for more work to arrive.
 
+// redb::Error is large (160 bytes); it only travels on the rare failure path, unboxed like redb returns it.
+#![allow(clippy::result_large_err)]
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -25,7 +28,7 @@ use bytes::Bytes;
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{Appended, Bounds, EventLog, LogError, NewRecord, Record};
+use super::{Appended, Bounds, EventLog, LogError, LogStats, NewRecord, Record};
 
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const IDS: TableDefinition<i64, u64> = TableDefinition::new("ids");
@@ -292,6 +295,16 @@ impl EventLog for EmbeddedLog {
 
     fn healthy(&self) -> bool {
         self.shared.healthy.load(Ordering::Acquire)
+    }
+
+    fn stats(&self) -> LogStats {
+        LogStats {
+            syncs: self.shared.stats.syncs.load(Ordering::Relaxed),
+            synced_records: self.shared.stats.records.load(Ordering::Relaxed),
+            size_bytes: std::fs::metadata(&self.shared.path)
+                .map(|m| m.len())
+                .unwrap_or(0),
+        }
     }
 }
 

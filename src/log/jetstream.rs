@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use futures_util::{StreamExt, TryStreamExt};
 use tokio::sync::watch;
 
-use super::{Appended, Bounds, EventLog, LogError, NewRecord, Record};
+use super::{Appended, Bounds, EventLog, LogError, LogStats, NewRecord, Record};
 
 /// Header carrying the gateway's receive time (ms since the Unix epoch).
 const RECEIVED_AT: &str = "Iqgw-Received-At";
@@ -113,6 +113,11 @@ pub struct JetStreamLog {
 }
 
 struct Shared {
+    /// Publish batches acknowledged, and the records in them.
+    syncs: AtomicU64,
+    synced_records: AtomicU64,
+    /// Stream size in bytes, as of the last refresh.
+    bytes: AtomicU64,
     first: AtomicU64,
     next: AtomicU64,
     committed: watch::Sender<u64>,
@@ -144,6 +149,9 @@ impl JetStreamLog {
             info.state.first_sequence
         };
         let shared = Arc::new(Shared {
+            syncs: AtomicU64::new(0),
+            synced_records: AtomicU64::new(0),
+            bytes: AtomicU64::new(info.state.bytes),
             first: AtomicU64::new(first),
             next: AtomicU64::new(next),
             committed: watch::channel(next - 1).0,
@@ -432,6 +440,10 @@ impl EventLog for JetStreamLog {
         if let Some(last) = appended.iter().map(|a| a.sequence).max() {
             self.shared.next.fetch_max(last + 1, Ordering::AcqRel);
         }
+        self.shared.syncs.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .synced_records
+            .fetch_add(appended.len() as u64, Ordering::Relaxed);
         Ok(appended)
     }
 
@@ -542,6 +554,14 @@ impl EventLog for JetStreamLog {
 
     fn healthy(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    fn stats(&self) -> LogStats {
+        LogStats {
+            syncs: self.shared.syncs.load(Ordering::Relaxed),
+            synced_records: self.shared.synced_records.load(Ordering::Relaxed),
+            size_bytes: self.shared.bytes.load(Ordering::Relaxed),
+        }
     }
 }
 

@@ -110,6 +110,7 @@ struct Fixture {
     log: Arc<MemoryLog>,
     hub: Hub,
     shutdown: watch::Sender<bool>,
+    registry: Registry,
 }
 
 impl Fixture {
@@ -117,7 +118,12 @@ impl Fixture {
         let log = Arc::new(MemoryLog::new(max_records));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let hub = Hub::start(log.clone(), hub_capacity, shutdown_rx);
-        Self { log, hub, shutdown }
+        Self {
+            log,
+            hub,
+            shutdown,
+            registry: Registry::new(100),
+        }
     }
 
     async fn subscribe(
@@ -128,6 +134,7 @@ impl Fixture {
         Subscription::new(
             self.log.clone(),
             &self.hub,
+            &self.registry,
             self.shutdown.subscribe(),
             filter,
             start,

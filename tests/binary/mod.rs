@@ -45,8 +45,13 @@ impl Process {
                 }
             }
         });
-        let address = rx.recv_timeout(Duration::from_secs(60)).expect("the gateway logs its address");
-        Self { child, addr: address.parse().expect("a socket address") }
+        let address = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the gateway logs its address");
+        Self {
+            child,
+            addr: address.parse().expect("a socket address"),
+        }
     }
 
     /// The gateway on a data dir (embedded store).
@@ -64,7 +69,9 @@ impl Process {
 
     /// A gRPC client.
     pub async fn grpc(&self) -> EventGatewayClient<Channel> {
-        EventGatewayClient::connect(format!("http://{}", self.addr)).await.expect("gRPC connects")
+        EventGatewayClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("gRPC connects")
     }
 
     /// SIGKILL, no chance to flush anything.
@@ -75,7 +82,8 @@ impl Process {
 
     /// Resident memory of the process, KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
         status
             .lines()
             .find_map(|line| line.strip_prefix("VmRSS:"))
@@ -92,7 +100,10 @@ impl Drop for Process {
 
 /// The 2021 fixture with its `ChatEvent.Id` replaced.
 pub fn event(id: i64) -> Vec<u8> {
-    static FIXTURE: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/chat_closed.json"));
+    static FIXTURE: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/fixtures/chat_closed.json"
+    ));
     let mut value: serde_json::Value = serde_json::from_str(FIXTURE).expect("fixture is JSON");
     value["ChatEvent"]["Id"] = id.into();
     serde_json::to_vec(&value).expect("serializes")

@@ -1,0 +1,217 @@
+//! Prometheus metrics: counters and histograms updated by the edges, and gauges read at scrape
+//! time from the gateway (subscribers and their lag, store statistics). Label values come from
+//! fixed sets, so cardinality stays bounded; per-subscriber lag is reported for at most
+//! [`MAX_LAG_SERIES`] subscribers (the furthest behind).
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::log::LogStats;
+
+/// Subscribers whose lag gets its own series.
+pub const MAX_LAG_SERIES: usize = 16;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: &'static str,
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SubscriberLabels {
+    subscriber: String,
+}
+
+/// What the gateway knows at scrape time.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Highest durable sequence.
+    pub committed: u64,
+    /// `(subscriber id, next sequence it will look at)` for every open subscription.
+    pub subscribers: Vec<(u64, u64)>,
+    /// The store's statistics.
+    pub store: LogStats,
+}
+
+/// Every metric the gateway exports.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<RouteLabels, Histogram>,
+    stored: Counter,
+    duplicates: Counter,
+    subscribers: Gauge,
+    lag: Family<SubscriberLabels, Gauge>,
+    lag_max: Gauge,
+    syncs: Gauge,
+    synced_records: Gauge,
+    store_bytes: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("iqgw");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "ingest_requests",
+            "Ingest requests by route and result",
+            requests.clone(),
+        );
+        let latency = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+        });
+        registry.register(
+            "ingest_duration_seconds",
+            "Ingest request latency, acknowledgement included",
+            latency.clone(),
+        );
+        let stored = Counter::default();
+        registry.register(
+            "events_stored",
+            "Events stored (first delivery)",
+            stored.clone(),
+        );
+        let duplicates = Counter::default();
+        registry.register(
+            "duplicates",
+            "Redeliveries of an already stored event",
+            duplicates.clone(),
+        );
+        let subscribers = Gauge::default();
+        registry.register("subscribers", "Open Subscribe streams", subscribers.clone());
+        let lag = Family::<SubscriberLabels, Gauge>::default();
+        registry.register(
+            "subscriber_lag_events",
+            "Events a subscriber is behind (the furthest behind only)",
+            lag.clone(),
+        );
+        let lag_max = Gauge::default();
+        registry.register(
+            "subscriber_lag_max_events",
+            "Largest lag of any subscriber",
+            lag_max.clone(),
+        );
+        let syncs = Gauge::default();
+        registry.register(
+            "store_syncs",
+            "Durable commits (fsyncs or JetStream acks) since start",
+            syncs.clone(),
+        );
+        let synced_records = Gauge::default();
+        registry.register(
+            "store_synced_records",
+            "Records made durable by those commits; records per sync = this / store_syncs",
+            synced_records.clone(),
+        );
+        let store_bytes = Gauge::default();
+        registry.register(
+            "store_bytes",
+            "Size of the stored events (file or stream)",
+            store_bytes.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            stored,
+            duplicates,
+            subscribers,
+            lag,
+            lag_max,
+            syncs,
+            synced_records,
+            store_bytes,
+        }
+    }
+
+    /// Counts one ingest request and its latency. `result` is one of a fixed set of words.
+    pub fn observe_request(&self, route: &'static str, result: &'static str, elapsed: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels { route, result })
+            .inc();
+        self.latency
+            .get_or_create(&RouteLabels { route })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts stored events and duplicates.
+    pub fn observe_appended(&self, stored: u64, duplicates: u64) {
+        self.stored.inc_by(stored);
+        self.duplicates.inc_by(duplicates);
+    }
+
+    /// The Prometheus text exposition, with scrape-time values from `snapshot`.
+    pub fn render(&self, snapshot: &Snapshot) -> String {
+        self.subscribers.set(snapshot.subscribers.len() as i64);
+        let mut lags: Vec<(u64, u64)> = snapshot
+            .subscribers
+            .iter()
+            .map(|&(id, next)| (id, (snapshot.committed + 1).saturating_sub(next)))
+            .collect();
+        lags.sort_by_key(|&(_, lag)| std::cmp::Reverse(lag));
+        self.lag.clear();
+        for (id, lag) in lags.iter().take(MAX_LAG_SERIES) {
+            self.lag
+                .get_or_create(&SubscriberLabels {
+                    subscriber: id.to_string(),
+                })
+                .set(*lag as i64);
+        }
+        self.lag_max.set(lags.first().map_or(0, |l| l.1) as i64);
+        self.syncs.set(snapshot.store.syncs as i64);
+        self.synced_records
+            .set(snapshot.store.synced_records as i64);
+        self.store_bytes.set(snapshot.store.size_bytes as i64);
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_bounded_lag_series() {
+        let metrics = Metrics::new();
+        metrics.observe_request("events", "stored", Duration::from_millis(2));
+        metrics.observe_appended(1, 0);
+        let subscribers: Vec<(u64, u64)> = (0..40).map(|id| (id, id)).collect();
+        let text = metrics.render(&Snapshot {
+            committed: 100,
+            subscribers,
+            store: LogStats::default(),
+        });
+        assert!(
+            text.contains("iqgw_ingest_requests_total{route=\"events\",result=\"stored\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("iqgw_events_stored_total 1"));
+        assert!(text.contains("iqgw_subscribers 40"));
+        assert!(text.contains("iqgw_subscriber_lag_max_events 101"));
+        assert_eq!(
+            text.matches("iqgw_subscriber_lag_events{").count(),
+            MAX_LAG_SERIES
+        );
+    }
+}
