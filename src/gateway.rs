@@ -41,26 +41,49 @@ pub struct Gateway {
     subscribers: Registry,
     /// Exported metrics.
     metrics: Arc<Metrics>,
+    /// Ingest requests in flight at most; a request finding none free is shed (429).
+    ingest_slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// Limits of the gateway core.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Events in the live tail before a slow subscriber is moved to reading from the log.
+    pub live_buffer: usize,
+    /// Open subscriptions at most.
+    pub max_subscribers: usize,
+    /// Ingest requests (HTTP or gRPC Publish) in flight at most.
+    pub max_in_flight: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            live_buffer: 4096,
+            max_subscribers: 10_000,
+            max_in_flight: 1024,
+        }
+    }
 }
 
 impl Gateway {
-    /// A gateway over `log`, with a live tail of `live_buffer` events and at most
-    /// `max_subscribers` open subscriptions.
-    pub fn new(
-        log: SharedLog,
-        live_buffer: usize,
-        max_subscribers: usize,
-        shutdown: watch::Receiver<bool>,
-    ) -> Self {
-        let hub = Hub::start(log.clone(), live_buffer, shutdown.clone());
+    /// A gateway over `log`.
+    pub fn new(log: SharedLog, config: &GatewayConfig, shutdown: watch::Receiver<bool>) -> Self {
+        let hub = Hub::start(log.clone(), config.live_buffer, shutdown.clone());
         Self {
             log,
             hub,
             shutdown,
             accepting: Arc::new(AtomicBool::new(true)),
-            subscribers: Registry::new(max_subscribers),
+            subscribers: Registry::new(config.max_subscribers),
             metrics: Arc::new(Metrics::new()),
+            ingest_slots: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.max(1))),
         }
+    }
+
+    /// A slot for one ingest request, or `None` when all are taken (shed the request).
+    pub fn admit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.ingest_slots.clone().try_acquire_owned().ok()
     }
 
     /// Stores one webhook JSON body. The body is kept verbatim beside the typed message.

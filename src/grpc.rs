@@ -8,6 +8,7 @@ use futures_util::Stream;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
+use crate::auth::{AuthError, GrpcAuth, Scope};
 use crate::decode::DecodeError;
 use crate::gateway::{Gateway, IngestError};
 use crate::log::LogError;
@@ -23,6 +24,7 @@ use crate::wire::WireEvent;
 pub fn routes(
     gateway: Gateway,
     max_message_bytes: usize,
+    auth: GrpcAuth,
 ) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
     let descriptors = [
         crate::pb::FILE_DESCRIPTOR_SET,
@@ -42,7 +44,7 @@ pub fn routes(
         v1alpha.register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET);
     let (reporter, health) = tonic_health::server::health_reporter();
     tokio::spawn(report_health(gateway.clone(), reporter));
-    let service = EventGatewayServer::new(Service { gateway })
+    let service = EventGatewayServer::new(Service { gateway, auth })
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(usize::MAX);
     Ok(tonic::service::Routes::new(service)
@@ -77,6 +79,23 @@ async fn report_health(gateway: Gateway, reporter: tonic_health::server::HealthR
 
 struct Service {
     gateway: Gateway,
+    auth: GrpcAuth,
+}
+
+impl Service {
+    /// Checks the bearer token in the request's metadata for `scope`.
+    fn authorize<T>(&self, request: &Request<T>, scope: Scope) -> Result<(), Status> {
+        if !self.auth.enabled() {
+            return Ok(());
+        }
+        let headers = request.metadata().clone().into_headers();
+        self.auth
+            .check(&headers, scope)
+            .map_err(|error| match error {
+                AuthError::Unauthenticated => Status::unauthenticated(error.to_string()),
+                AuthError::Forbidden => Status::permission_denied(error.to_string()),
+            })
+    }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<WireEvent, Status>> + Send>>;
@@ -89,6 +108,7 @@ impl EventGateway for Service {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        self.authorize(&request, Scope::Subscribe)?;
         let request = request.into_inner();
         let filter = request.filter.map(filter_from).unwrap_or_default();
         let start = match request.start {
@@ -124,6 +144,10 @@ impl EventGateway for Service {
         &self,
         request: Request<PublishRequest>,
     ) -> Result<Response<PublishResponse>, Status> {
+        self.authorize(&request, Scope::Publish)?;
+        let _permit = self.gateway.admit().ok_or_else(|| {
+            Status::resource_exhausted("too many requests in flight; retry shortly")
+        })?;
         let appended = match request.into_inner().event {
             Some(publish_request::Event::RawJson(body)) => {
                 self.gateway.ingest_json(body.into()).await
@@ -148,6 +172,7 @@ impl EventGateway for Service {
         &self,
         request: Request<GetEventRequest>,
     ) -> Result<Response<WireEvent>, Status> {
+        self.authorize(&request, Scope::Subscribe)?;
         let request = request.into_inner();
         let found = match request.key {
             Some(get_event_request::Key::Sequence(sequence)) => {

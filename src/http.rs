@@ -12,6 +12,7 @@ use bytes::Bytes;
 use serde_json::json;
 use tower::ServiceExt;
 
+use crate::auth::{AuthError, IngestAuth};
 use crate::decode::DecodeError;
 use crate::gateway::{Gateway, IngestError};
 use crate::log::{Appended, LogError};
@@ -21,6 +22,20 @@ use crate::log::{Appended, LogError};
 pub struct HttpConfig {
     /// Largest request body accepted, in bytes; larger ones get 413.
     pub max_body_bytes: usize,
+    /// How long a client may take to send its body; slower ones get 408.
+    pub body_timeout: std::time::Duration,
+    /// What webhook senders must present.
+    pub auth: IngestAuth,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1024 * 1024,
+            body_timeout: std::time::Duration::from_secs(30),
+            auth: IngestAuth::default(),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -136,9 +151,35 @@ async fn post_event(
     State(state): State<AppState>,
     request: Request,
 ) -> Result<Json<Appended>, HttpError> {
-    require_content_type(request.headers(), &["application/json"])?;
-    let body = read_body(request, state.config.max_body_bytes).await?;
+    let (_permit, _, body) = accept(&state, request, &["application/json"]).await?;
     Ok(Json(state.gateway.ingest_json(body).await?))
+}
+
+/// Everything an ingest request goes through before its body is decoded: admission (429 when
+/// too many are in flight), content type (415), body size (413) and time (408), credentials
+/// (401, checked on the raw body). Returns the admission permit (hold it until answered), the
+/// media type and the body.
+async fn accept(
+    state: &AppState,
+    request: Request,
+    allowed: &[&'static str],
+) -> Result<(tokio::sync::OwnedSemaphorePermit, &'static str, Bytes), HttpError> {
+    let permit = state.gateway.admit().ok_or(HttpError::Overloaded)?;
+    let media = require_content_type(request.headers(), allowed)?;
+    let (parts, body) = request.into_parts();
+    let read = read_body(
+        Request::from_parts(parts.clone(), body),
+        state.config.max_body_bytes,
+    );
+    let body = tokio::time::timeout(state.config.body_timeout, read)
+        .await
+        .map_err(|_| HttpError::Timeout)??;
+    state
+        .config
+        .auth
+        .check(&parts.headers, parts.uri.query(), &body)
+        .map_err(HttpError::Auth)?;
+    Ok((permit, media, body))
 }
 
 /// `POST /v1/events:batch`: a JSON array of events (`application/json`) or one event per line
@@ -155,11 +196,8 @@ async fn post_batch(
         "application/jsonl",
         "application/json-seq",
     ];
-    let content_type = require_content_type(
-        request.headers(),
-        &["application/json", ndjson[0], ndjson[1], ndjson[2]],
-    )?;
-    let body = read_body(request, state.config.max_body_bytes).await?;
+    let allowed = ["application/json", ndjson[0], ndjson[1], ndjson[2]];
+    let (_permit, content_type, body) = accept(&state, request, &allowed).await?;
     let items = if content_type == "application/json" {
         split_array(&body)?
     } else {
@@ -278,6 +316,12 @@ enum HttpError {
     BodyRead,
     #[error("method not allowed")]
     MethodNotAllowed,
+    #[error(transparent)]
+    Auth(AuthError),
+    #[error("too many requests in flight; retry shortly")]
+    Overloaded,
+    #[error("the request body was not received in time")]
+    Timeout,
     #[error("not found")]
     NotFound,
 }
@@ -299,6 +343,10 @@ impl IntoResponse for HttpError {
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Auth(AuthError::Unauthenticated) => StatusCode::UNAUTHORIZED,
+            Self::Auth(AuthError::Forbidden) => StatusCode::FORBIDDEN,
+            Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+            Self::Timeout => StatusCode::REQUEST_TIMEOUT,
             Self::NotFound => StatusCode::NOT_FOUND,
         };
         let body = match &self {
@@ -306,10 +354,15 @@ impl IntoResponse for HttpError {
             other => json!({"error": other.to_string()}),
         };
         let mut response = (status, Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        let headers = response.headers_mut();
+        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
+            headers.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
         }
         response
     }

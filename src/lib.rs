@@ -2,6 +2,7 @@
 //! and once, and streams them as typed protobuf to gRPC subscribers.
 //!
 //! # Layout
+//! - [`auth`]: ingest credentials (token, Standard Webhooks signatures) and gRPC token scopes.
 //! - [`decode`]: webhook JSON bytes -> typed [`pb::webhook::v1::Envelope`], with clear errors.
 //! - [`wire`]: the stored record and the pre-encoded gRPC `Event` every stream shares.
 //! - [`log`]: the seam where events get sequences and become durable ([`log::EventLog`]).
@@ -13,6 +14,7 @@
 //! - [`server`]: one port for both, graceful shutdown.
 //! - [`pb`]: generated code and the descriptor set.
 
+pub mod auth;
 pub mod decode;
 pub mod gateway;
 pub mod grpc;

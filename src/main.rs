@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use iqchannels_gateway::auth::{GrpcAuth, IngestAuth};
 use iqchannels_gateway::log::embedded::{EmbeddedLog, Retention};
 use iqchannels_gateway::log::jetstream::{JetStreamLog, NatsConfig};
 use iqchannels_gateway::log::{memory::MemoryLog, SharedLog};
@@ -63,9 +64,64 @@ struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "IQGW_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     shutdown_grace_secs: u64,
+    #[command(flatten)]
+    security: SecurityArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
     /// Log output format.
     #[arg(long, env = "IQGW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+/// Who may ingest and subscribe.
+#[derive(clap::Args)]
+struct SecurityArgs {
+    /// Shared token webhook senders must present, as `Authorization: Bearer TOKEN` or as the
+    /// `token` query parameter (`/v1/events?token=TOKEN`).
+    #[arg(long, env = "IQGW_INGEST_TOKEN", hide_env_values = true)]
+    ingest_token: Option<String>,
+    /// Standard Webhooks signing secret (`whsec_...`); repeat during a key rotation (env:
+    /// space-separated). Requests must then carry a valid `webhook-signature`.
+    #[arg(
+        long = "webhook-secret",
+        env = "IQGW_WEBHOOK_SECRETS",
+        value_delimiter = ' ',
+        hide_env_values = true
+    )]
+    webhook_secrets: Vec<String>,
+    /// How far a `webhook-timestamp` may be from now.
+    #[arg(long, env = "IQGW_WEBHOOK_TOLERANCE", default_value = "5m", value_parser = humantime::parse_duration)]
+    webhook_tolerance: Duration,
+    /// gRPC bearer token with its scopes, `SCOPES:TOKEN` (scopes: subscribe, publish; e.g.
+    /// `subscribe,publish:s3cret`); repeat for several (env: space-separated). Unset: open.
+    #[arg(
+        long = "grpc-token",
+        env = "IQGW_GRPC_TOKENS",
+        value_delimiter = ' ',
+        hide_env_values = true
+    )]
+    grpc_tokens: Vec<String>,
+    /// Allow listening on a non-loopback address without ingest and gRPC authentication.
+    #[arg(long, env = "IQGW_ALLOW_UNAUTHENTICATED")]
+    allow_unauthenticated: bool,
+}
+
+/// Limits that keep the gateway up under load and against slow or hostile clients.
+#[derive(clap::Args)]
+struct LimitArgs {
+    /// Ingest requests (HTTP and gRPC Publish) in flight at once; more are shed with 429 /
+    /// RESOURCE_EXHAUSTED and `Retry-After`.
+    #[arg(long, env = "IQGW_MAX_IN_FLIGHT", default_value_t = 1024)]
+    max_in_flight: usize,
+    /// Open Subscribe streams at once; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "IQGW_MAX_SUBSCRIBERS", default_value_t = 10_000)]
+    max_subscribers: usize,
+    /// Time a client gets to send a request's headers (at most 10s) and then its body (408).
+    #[arg(long, env = "IQGW_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
+    /// Interval of HTTP/2 keepalive pings; a peer that does not answer is disconnected.
+    #[arg(long, env = "IQGW_HTTP2_KEEPALIVE", default_value = "30s", value_parser = humantime::parse_duration)]
+    http2_keepalive: Duration,
 }
 
 /// The JetStream store's settings (used with `--store nats://...`).
@@ -158,6 +214,21 @@ async fn main() -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
+    let security = &args.security;
+    let ingest_auth = IngestAuth::new(
+        security.ingest_token.clone(),
+        &security.webhook_secrets,
+        security.webhook_tolerance,
+    )?;
+    let grpc_auth = GrpcAuth::new(&security.grpc_tokens)?;
+    let open = !ingest_auth.enabled() || !grpc_auth.enabled();
+    if open && !args.listen.ip().is_loopback() && !security.allow_unauthenticated {
+        anyhow::bail!(
+            "refusing to listen on {} without authentication: set --ingest-token or --webhook-secret, \
+             and --grpc-token, or pass --allow-unauthenticated",
+            args.listen
+        );
+    }
     let retention = Retention {
         max_events: args.retention_max_events,
         max_age: args.retention_max_age,
@@ -181,7 +252,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         live_buffer: args.live_buffer,
         grace: Duration::from_secs(args.shutdown_grace_secs),
-        ..ServerConfig::default()
+        http2_keepalive: args.limits.http2_keepalive,
+        max_subscribers: args.limits.max_subscribers,
+        max_in_flight: args.limits.max_in_flight,
+        request_timeout: args.limits.request_timeout,
+        ingest_auth,
+        grpc_auth,
     };
     server::serve(listener, log, config, server::shutdown_signal()).await?;
     Ok(())

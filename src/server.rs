@@ -11,7 +11,8 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::gateway::Gateway;
+use crate::auth::{GrpcAuth, IngestAuth};
+use crate::gateway::{Gateway, GatewayConfig};
 use crate::http::HttpConfig;
 use crate::log::SharedLog;
 
@@ -28,6 +29,14 @@ pub struct ServerConfig {
     pub http2_keepalive: Duration,
     /// Open Subscribe streams at most; more get RESOURCE_EXHAUSTED.
     pub max_subscribers: usize,
+    /// Ingest requests in flight at most; more are shed with 429 / RESOURCE_EXHAUSTED.
+    pub max_in_flight: usize,
+    /// How long a client may take to send a request's headers, and then its body.
+    pub request_timeout: Duration,
+    /// What webhook senders must present.
+    pub ingest_auth: IngestAuth,
+    /// gRPC bearer tokens and scopes.
+    pub grpc_auth: GrpcAuth,
 }
 
 impl Default for ServerConfig {
@@ -38,6 +47,10 @@ impl Default for ServerConfig {
             grace: Duration::from_secs(10),
             http2_keepalive: Duration::from_secs(30),
             max_subscribers: 10_000,
+            max_in_flight: 1024,
+            request_timeout: Duration::from_secs(30),
+            ingest_auth: IngestAuth::default(),
+            grpc_auth: GrpcAuth::default(),
         }
     }
 }
@@ -62,21 +75,29 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let gateway = Gateway::new(log, config.live_buffer, config.max_subscribers, stop_rx);
-    let grpc = crate::grpc::routes(gateway.clone(), config.max_body_bytes)?;
-    let app = crate::http::router(
+    let limits = GatewayConfig {
+        live_buffer: config.live_buffer,
+        max_subscribers: config.max_subscribers,
+        max_in_flight: config.max_in_flight,
+    };
+    let gateway = Gateway::new(log, &limits, stop_rx);
+    let grpc = crate::grpc::routes(
         gateway.clone(),
-        HttpConfig {
-            max_body_bytes: config.max_body_bytes,
-        },
-        grpc,
-    );
+        config.max_body_bytes,
+        config.grpc_auth.clone(),
+    )?;
+    let http = HttpConfig {
+        max_body_bytes: config.max_body_bytes,
+        body_timeout: config.request_timeout,
+        auth: config.ingest_auth.clone(),
+    };
+    let app = crate::http::router(gateway.clone(), http, grpc);
     let service = TowerToHyperService::new(app);
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .header_read_timeout(Duration::from_secs(10))
+        .header_read_timeout(config.request_timeout.min(Duration::from_secs(10)))
         .timer(hyper_util::rt::TokioTimer::new());
     builder
         .http2()
