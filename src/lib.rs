@@ -11,6 +11,7 @@
 //! - [`gateway`]: ingest, subscriptions and lookups, shared by the edges.
 //! - [`http`], [`grpc`]: the edges (axum, tonic).
 //! - [`metrics`]: Prometheus metrics.
+//! - [`tls`]: rustls for the shared port, with certificate reload.
 //! - [`server`]: one port for both, graceful shutdown.
 //! - [`pb`]: generated code and the descriptor set.
 
@@ -25,4 +26,5 @@ pub mod metrics;
 pub mod pb;
 pub mod server;
 pub mod subscribe;
+pub mod tls;
 pub mod wire;

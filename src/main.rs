@@ -12,6 +12,7 @@ use iqchannels_gateway::log::embedded::{EmbeddedLog, Retention};
 use iqchannels_gateway::log::jetstream::{JetStreamLog, NatsConfig};
 use iqchannels_gateway::log::{memory::MemoryLog, SharedLog};
 use iqchannels_gateway::server::{self, ServerConfig};
+use iqchannels_gateway::tls::TlsFiles;
 
 /// Receives iQChannels webhook events over HTTP and gRPC, stores each once, and streams them
 /// typed to gRPC subscribers.
@@ -101,6 +102,13 @@ struct SecurityArgs {
         hide_env_values = true
     )]
     grpc_tokens: Vec<String>,
+    /// TLS certificate chain (PEM) for the shared port; with --tls-key. Reloaded on SIGHUP and
+    /// when the file changes.
+    #[arg(long, env = "IQGW_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for the shared port; with --tls-cert.
+    #[arg(long, env = "IQGW_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Allow listening on a non-loopback address without ingest and gRPC authentication.
     #[arg(long, env = "IQGW_ALLOW_UNAUTHENTICATED")]
     allow_unauthenticated: bool,
@@ -258,6 +266,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         request_timeout: args.limits.request_timeout,
         ingest_auth,
         grpc_auth,
+        tls: args
+            .security
+            .tls_cert
+            .clone()
+            .zip(args.security.tls_key.clone())
+            .map(|(cert, key)| TlsFiles {
+                cert,
+                key,
+                poll: Duration::from_secs(5),
+            }),
     };
     server::serve(listener, log, config, server::shutdown_signal()).await?;
     Ok(())

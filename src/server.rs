@@ -16,6 +16,33 @@ use crate::gateway::{Gateway, GatewayConfig};
 use crate::http::HttpConfig;
 use crate::log::SharedLog;
 
+/// How long a client may take for the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Serves one accepted connection (plain or TLS) until it ends or the drain closes it.
+async fn serve_io<I, S>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    service: S,
+    watcher: hyper_util::server::graceful::Watcher,
+) -> Result<(), BoxError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<axum::body::Body>,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    watcher.watch(connection.into_owned()).await
+}
+
 /// Everything `serve` needs besides the listener.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -37,6 +64,8 @@ pub struct ServerConfig {
     pub ingest_auth: IngestAuth,
     /// gRPC bearer tokens and scopes.
     pub grpc_auth: GrpcAuth,
+    /// Serve TLS with these files instead of cleartext.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 impl Default for ServerConfig {
@@ -51,6 +80,7 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(30),
             ingest_auth: IngestAuth::default(),
             grpc_auth: GrpcAuth::default(),
+            tls: None,
         }
     }
 }
@@ -64,6 +94,9 @@ pub enum ServeError {
     /// The listener failed.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    /// The TLS certificate or key could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Serves `listener` with `log` until `shutdown` resolves, then drains: readiness drops, streams
@@ -80,6 +113,7 @@ pub async fn serve(
         max_subscribers: config.max_subscribers,
         max_in_flight: config.max_in_flight,
     };
+    let stop_rx_for_tls = stop_rx.clone();
     let gateway = Gateway::new(log, &limits, stop_rx);
     let grpc = crate::grpc::routes(
         gateway.clone(),
@@ -106,7 +140,16 @@ pub async fn serve(
         .timer(hyper_util::rt::TokioTimer::new());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
 
-    tracing::info!(address = %listener.local_addr()?, "listening (HTTP/1.1 and gRPC)");
+    let tls = match config.tls.clone() {
+        Some(files) => {
+            let (acceptor, cert) = crate::tls::acceptor(files)?;
+            crate::tls::spawn_reloader(cert, stop_rx_for_tls);
+            Some(acceptor)
+        }
+        None => None,
+    };
+    let scheme = if tls.is_some() { "TLS" } else { "cleartext" };
+    tracing::info!(address = %listener.local_addr()?, scheme, "listening (HTTP/1.1 and gRPC)");
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -124,11 +167,25 @@ pub async fn serve(
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, %peer, "could not set TCP_NODELAY");
         }
-        let connection =
-            builder.serve_connection_with_upgrades(TokioIo::new(stream), service.clone());
-        let connection = graceful.watch(connection.into_owned());
+        let (builder, service, watcher, tls) = (
+            builder.clone(),
+            service.clone(),
+            graceful.watcher(),
+            tls.clone(),
+        );
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            let served = match tls {
+                None => serve_io(&builder, stream, service, watcher).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(stream)) => serve_io(&builder, stream, service, watcher).await,
+                        Ok(Err(error)) => Err(error.into()),
+                        Err(_) => Err("TLS handshake timed out".into()),
+                    }
+                }
+            };
+            if let Err(error) = served {
                 tracing::debug!(%error, %peer, "connection ended with an error");
             }
         });
