@@ -137,7 +137,12 @@ impl JetStreamLog {
             .await?
             .connect(config.url.as_str())
             .await
-            .map_err(|e| unavailable(format!("cannot connect to NATS at {}: {e}", config.url)))?;
+            .map_err(|e| {
+                unavailable(format!(
+                    "cannot connect to NATS at {}: {e}",
+                    redact(&config.url)
+                ))
+            })?;
         let mut context = jetstream::new(client.clone());
         context.set_timeout(config.ack_timeout);
         let stream = open_stream(&context, &config).await?;
@@ -420,6 +425,19 @@ async fn refresh_first(stream: stream::Stream, shared: std::sync::Weak<Shared>) 
     }
 }
 
+/// The server URLs without any `user:password@` part, for logs and errors.
+fn redact(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+            }
+            _ => url.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn received_at(headers: Option<&async_nats::HeaderMap>, published_nanos: i128) -> i64 {
     headers
         .and_then(|h| h.get(RECEIVED_AT))
@@ -568,6 +586,14 @@ impl EventLog for JetStreamLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_server_urls_are_redacted() {
+        assert_eq!(
+            redact("nats://u:p@h:4222,nats://h2:4222"),
+            "nats://***@h:4222,nats://h2:4222"
+        );
+    }
 
     #[test]
     fn the_created_stream_passes_its_own_compatibility_check() {
