@@ -151,7 +151,7 @@ impl Template {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Target {
     Bare,
     Memory,
@@ -653,17 +653,28 @@ fn main() -> ExitCode {
     );
     println!(
         "# CPU columns: cores busy during the measured seconds (1.00 = one core); \
-         other = the rest of the machine (other processes), which skews a point when high"
+         other = the rest of the machine: other processes, and kernel threads \
+         flushing our writes (embedded); high values from other processes skew a point"
     );
 
+    // All three servers run at once and each level measures them back to back, so the ratios
+    // compare points taken within seconds of each other on a machine whose load drifts.
+    let servers: Vec<(Target, Server)> = [Target::Bare, Target::Memory, Target::Embedded]
+        .into_iter()
+        .map(|target| {
+            (
+                target,
+                start(&server_rt, target, &data.path().join("events")),
+            )
+        })
+        .collect();
     let mut points = Vec::new();
-    for target in [Target::Bare, Target::Memory, Target::Embedded] {
-        let server = start(&server_rt, target, &data.path().join("events"));
-        for &connections in levels {
+    for &connections in levels {
+        for (target, server) in &servers {
             let point = measure(
                 &load_rt,
-                &server,
-                target,
+                server,
+                *target,
                 connections,
                 warmup,
                 length,
@@ -678,8 +689,11 @@ fn main() -> ExitCode {
             );
             points.push(point);
         }
+    }
+    for (_, server) in servers {
         stop(&server_rt, server);
     }
+    points.sort_by_key(|point| (point.target, point.connections));
 
     print_table(&points, levels);
     let failures: u64 = points.iter().map(|point| point.failures).sum();
