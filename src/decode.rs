@@ -35,6 +35,23 @@ impl DecodeError {
         }
     }
 
+    /// An error about the whole body at byte `offset`, with its 1-based line and column (in
+    /// bytes, like serde_json).
+    fn at_offset(body: &[u8], offset: usize, message: String) -> Self {
+        let before = &body[..offset];
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        let line_start = before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        Self {
+            path: ".".to_owned(),
+            message,
+            line: Some(line),
+            column: Some(offset - line_start + 1),
+        }
+    }
+
     fn from_serde(err: serde_path_to_error::Error<serde_json::Error>) -> Self {
         let mut path = known_path(err.path());
         let inner = err.into_inner();
@@ -82,7 +99,8 @@ impl DecodeError {
 
 /// Decodes one webhook body. Accepts both known versions of the format, unknown fields, `null`
 /// for any field, int64 ids beyond 2^53. Rejects anything that is not a JSON object with a
-/// `ChatEvent` that has an `Id` and a `Type`, and any field of the wrong type.
+/// `ChatEvent` that has an `Id` and a `Type`, any field of the wrong type, invalid UTF-8 anywhere,
+/// and arrays or objects nested deeper than [`MAX_DEPTH`] anywhere (unknown fields included).
 pub fn decode(body: &[u8]) -> Result<Envelope, DecodeError> {
     // serde reads a JSON array into a struct positionally; a webhook body is always an object.
     match body.iter().find(|b| !b.is_ascii_whitespace()) {
@@ -109,6 +127,15 @@ pub fn decode(body: &[u8]) -> Result<Envelope, DecodeError> {
     // so all of it must be valid.
     if let Err(error) = std::str::from_utf8(body) {
         return Err(invalid_utf8(body, error.valid_up_to()));
+    }
+    // Nor does it limit how deeply unknown fields nest; the stored body must stay readable by
+    // consumers whose parsers do (serde_json's own limit).
+    if let Some(offset) = too_deep(body) {
+        return Err(DecodeError::at_offset(
+            body,
+            offset,
+            format!("nested deeper than {MAX_DEPTH} arrays and objects"),
+        ));
     }
     validate(&envelope)?;
     Ok(envelope)
@@ -151,20 +178,45 @@ pub fn keys(envelope: &Envelope) -> Keys {
     }
 }
 
-/// Invalid UTF-8 at byte `offset`, with its 1-based line and column (in bytes, like serde_json).
+/// Invalid UTF-8 at byte `offset`.
 fn invalid_utf8(body: &[u8], offset: usize) -> DecodeError {
-    let before = &body[..offset];
-    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-    let line_start = before
-        .iter()
-        .rposition(|&b| b == b'\n')
-        .map_or(0, |i| i + 1);
-    DecodeError {
-        path: ".".to_owned(),
-        message: format!("malformed JSON: invalid UTF-8 at byte {offset}: expected UTF-8 text"),
-        line: Some(line),
-        column: Some(offset - line_start + 1),
+    DecodeError::at_offset(
+        body,
+        offset,
+        format!("malformed JSON: invalid UTF-8 at byte {offset}: expected UTF-8 text"),
+    )
+}
+
+/// Arrays and objects nested in one another at most, anywhere in a body. serde_json's limit:
+/// typed fields already meet it, and so does a consumer reading the stored body with it.
+pub const MAX_DEPTH: usize = 127;
+
+/// The offset of the first `[` or `{` nested deeper than [`MAX_DEPTH`] in well-formed JSON.
+fn too_deep(body: &[u8]) -> Option<usize> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (offset, &byte) in body.iter().enumerate() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Some(offset);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
     }
+    None
 }
 
 /// The path down to the deepest field the parser knew: a syntax error inside an object yields a

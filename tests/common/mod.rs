@@ -106,6 +106,21 @@ impl TestServer {
         answer(response).await
     }
 
+    /// POSTs `body` to `path` with `content_type` (none when `None`); returns the status and JSON
+    /// answer.
+    pub async fn post(
+        &self,
+        path: &str,
+        content_type: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> (u16, serde_json::Value) {
+        let mut request = reqwest::Client::new().post(self.url(path)).body(body);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        answer(request.send().await.expect("HTTP request completes")).await
+    }
+
     /// POSTs a body that must be stored; returns its sequence.
     pub async fn store(&self, body: impl Into<reqwest::Body>) -> u64 {
         let (status, json) = self.post_event(body).await;
