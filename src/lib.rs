@@ -12,10 +12,12 @@
 //! - [`http`], [`grpc`]: the edges (axum, tonic).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`tls`]: rustls for the shared port, with certificate reload.
+//! - [`client`]: the `subscribe`, `publish` and `get` commands over gRPC.
 //! - [`server`]: one port for both, graceful shutdown.
 //! - [`pb`]: generated code and the descriptor set.
 
 pub mod auth;
+pub mod client;
 pub mod decode;
 pub mod gateway;
 pub mod grpc;

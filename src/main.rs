@@ -8,9 +8,11 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use iqchannels_gateway::auth::{GrpcAuth, IngestAuth};
+use iqchannels_gateway::client;
 use iqchannels_gateway::log::embedded::{EmbeddedLog, Retention};
 use iqchannels_gateway::log::jetstream::{JetStreamLog, NatsConfig};
 use iqchannels_gateway::log::{memory::MemoryLog, SharedLog};
+use iqchannels_gateway::pb::client::{get_event_request, subscribe_request, Filter};
 use iqchannels_gateway::server::{self, ServerConfig};
 use iqchannels_gateway::tls::TlsFiles;
 
@@ -26,7 +28,130 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway: HTTP/1.1 (JSON ingest, health) and gRPC on one address.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Follow a gateway's events (gRPC Subscribe), reconnecting and resuming by itself.
+    Subscribe(SubscribeArgs),
+    /// Send events from files (JSON, JSON array or NDJSON; `-` = stdin) through gRPC Publish.
+    Publish(PublishArgs),
+    /// Print one stored event, by sequence or by ChatEvent.Id.
+    Get(GetArgs),
+}
+
+/// Where the gateway is, for the client commands.
+#[derive(clap::Args)]
+struct ConnectArgs {
+    /// Gateway address: `http://HOST:PORT` or `https://HOST:PORT`.
+    #[arg(long, env = "IQGW_SERVER", default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// gRPC bearer token (a `--grpc-token` of the server with the needed scope).
+    #[arg(long, env = "IQGW_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate (PEM) to verify an https gateway.
+    #[arg(long, env = "IQGW_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+}
+
+impl ConnectArgs {
+    fn connection(&self) -> client::Connection {
+        client::Connection {
+            server: self.server.clone(),
+            token: self.token.clone(),
+            ca_cert: self.ca_cert.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    /// Readable lines, coloured on a terminal.
+    Lines,
+    /// One JSON object per line, in the webhook's own shape.
+    Json,
+    /// Length-delimited iqchannels.gateway.v1.Event protobuf.
+    Proto,
+}
+
+impl From<OutputFormat> for client::Output {
+    fn from(format: OutputFormat) -> Self {
+        match format {
+            OutputFormat::Lines => client::Output::Lines,
+            OutputFormat::Json => client::Output::Json,
+            OutputFormat::Proto => client::Output::Proto,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct SubscribeArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Only these event types (ChatEvent.Type), e.g. `message_created`; repeatable.
+    #[arg(long = "type")]
+    types: Vec<String>,
+    /// Only events of these chats; repeatable.
+    #[arg(long = "chat")]
+    chats: Vec<i64>,
+    /// Only events of chats in these projects; repeatable.
+    #[arg(long = "project")]
+    projects: Vec<i64>,
+    /// Only events of chats in these channels; repeatable.
+    #[arg(long = "channel")]
+    channels: Vec<i64>,
+    /// Only events of these clients; repeatable.
+    #[arg(long = "client")]
+    clients: Vec<i64>,
+    /// Only events of these users (operators); repeatable.
+    #[arg(long = "user")]
+    users: Vec<i64>,
+    /// Only events by these actors (`client`, `user`, `system`, `` for anonymous); repeatable.
+    #[arg(long = "actor")]
+    actors: Vec<String>,
+    /// Start with the oldest retained event.
+    #[arg(long, conflicts_with_all = ["after", "since"])]
+    from_beginning: bool,
+    /// Start after this sequence (resume with the cursor printed on exit).
+    #[arg(long, conflicts_with = "since")]
+    after: Option<u64>,
+    /// Start with events received at or after this time (RFC 3339, e.g. 2026-11-24T21:00:00Z).
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+    since: Option<std::time::SystemTime>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Lines)]
+    output: OutputFormat,
+    /// Exit after this many events.
+    #[arg(long)]
+    exit_after: Option<u64>,
+    /// Exit on the first error instead of reconnecting.
+    #[arg(long)]
+    no_reconnect: bool,
+}
+
+#[derive(clap::Args)]
+struct PublishArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// Files with events: one JSON event, a JSON array, or NDJSON; `-` reads stdin.
+    #[arg(required = true)]
+    files: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct GetArgs {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    /// The event's sequence.
+    #[arg(
+        long,
+        required_unless_present = "event_id",
+        conflicts_with = "event_id"
+    )]
+    sequence: Option<u64>,
+    /// The event's ChatEvent.Id.
+    #[arg(long)]
+    event_id: Option<i64>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Json)]
+    output: OutputFormat,
 }
 
 #[derive(clap::Args)]
@@ -216,8 +341,66 @@ enum LogFormat {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
+        Command::Subscribe(args) => subscribe(args).await,
+        Command::Publish(args) => publish(args).await,
+        Command::Get(args) => get(args).await,
     }
+}
+
+async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
+    let start = if args.from_beginning {
+        Some(subscribe_request::Start::Beginning(()))
+    } else if let Some(after) = args.after {
+        Some(subscribe_request::Start::AfterSequence(after))
+    } else {
+        args.since
+            .map(|since| subscribe_request::Start::SinceTime(since.into()))
+    };
+    let options = client::SubscribeOptions {
+        filter: Filter {
+            event_types: args.types,
+            project_ids: args.projects,
+            channel_ids: args.channels,
+            chat_ids: args.chats,
+            client_ids: args.clients,
+            user_ids: args.users,
+            actors: args.actors,
+        },
+        start,
+        output: args.output.into(),
+        exit_after: args.exit_after,
+        reconnect: !args.no_reconnect,
+    };
+    client::subscribe(&args.connect.connection(), options).await?;
+    Ok(())
+}
+
+async fn publish(args: PublishArgs) -> anyhow::Result<()> {
+    let summary = client::publish(&args.connect.connection(), &args.files).await?;
+    println!(
+        "stored {}, duplicates {}, rejected {}",
+        summary.stored,
+        summary.duplicates,
+        summary.rejected.len()
+    );
+    for (place, reason) in &summary.rejected {
+        println!("rejected {place}: {reason}");
+    }
+    if !summary.rejected.is_empty() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn get(args: GetArgs) -> anyhow::Result<()> {
+    let key = match (args.sequence, args.event_id) {
+        (Some(sequence), _) => get_event_request::Key::Sequence(sequence),
+        (None, Some(event_id)) => get_event_request::Key::EventId(event_id),
+        (None, None) => anyhow::bail!("give --sequence or --event-id"),
+    };
+    client::get(&args.connect.connection(), key, args.output.into()).await?;
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -24,9 +24,14 @@ impl Process {
     /// Starts `serve` with `args` (plus `--listen 127.0.0.1:0 --log-format json`) and waits for
     /// its "listening" log line.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_on("127.0.0.1:0", args)
+    }
+
+    /// Like [`Process::start`], on a given address (to restart on the same port).
+    pub fn start_on(listen: &str, args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_iqchannels-gateway"))
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(["--listen", listen, "--log-format", "json"])
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -1,0 +1,424 @@
+//! The client commands of the binary (`subscribe`, `publish`, `get`), over the gateway's gRPC API.
+//! They print to stdout (data) and stderr (progress, cursor, errors).
+
+use std::io::Write;
+use std::time::Duration;
+
+use bytes::Bytes;
+use owo_colors::{OwoColorize, Stream as ColorStream};
+use prost::Message;
+use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Status};
+
+use crate::pb::client::event_gateway_client::EventGatewayClient;
+use crate::pb::client::{
+    get_event_request, publish_request, subscribe_request, Event, Filter, GetEventRequest,
+    PublishRequest, SubscribeRequest,
+};
+
+/// Why a client command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server address or TLS settings are unusable, or it cannot be reached.
+    #[error("connection: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    /// The server refused or failed the call.
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(#[from] Status),
+    /// Reading input or writing output failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// A flag value is unusable.
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// How to reach the gateway.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    /// `http://host:port` or `https://host:port`.
+    pub server: String,
+    /// Bearer token sent as `authorization` metadata.
+    pub token: Option<String>,
+    /// CA certificate (PEM) to verify an `https` server.
+    pub ca_cert: Option<std::path::PathBuf>,
+}
+
+type Client = EventGatewayClient<InterceptedService<Channel, Authorization>>;
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+pub struct Authorization(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Authorization {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+impl Connection {
+    async fn connect(&self) -> Result<Client, ClientError> {
+        let mut endpoint =
+            Endpoint::from_shared(self.server.clone())?.connect_timeout(Duration::from_secs(5));
+        if self.server.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new();
+            if let Some(path) = &self.ca_cert {
+                tls = tls.ca_certificate(Certificate::from_pem(std::fs::read(path)?));
+            }
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        let token = match &self.token {
+            Some(token) => Some(format!("Bearer {token}").parse().map_err(|_| {
+                ClientError::Usage("the token has characters a header cannot carry".into())
+            })?),
+            None => None,
+        };
+        let channel = endpoint.connect().await?;
+        Ok(
+            EventGatewayClient::with_interceptor(channel, Authorization(token))
+                .max_decoding_message_size(64 << 20),
+        )
+    }
+}
+
+/// How events are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// One readable line per event (coloured on a terminal).
+    Lines,
+    /// One JSON line per event in the webhook's own shape (the original body when stored).
+    Json,
+    /// Length-delimited `iqchannels.gateway.v1.Event` protobuf.
+    Proto,
+}
+
+/// `subscribe`: what to follow and how.
+#[derive(Debug, Clone)]
+pub struct SubscribeOptions {
+    /// Which events.
+    pub filter: Filter,
+    /// Where to start.
+    pub start: Option<subscribe_request::Start>,
+    /// Output format.
+    pub output: Output,
+    /// Stop after this many events.
+    pub exit_after: Option<u64>,
+    /// Reconnect after errors (resuming from the last sequence).
+    pub reconnect: bool,
+}
+
+/// Follows the gateway's events until interrupted (or `exit_after`), reconnecting and resuming
+/// from the last sequence after errors. Prints the cursor (the last sequence) to stderr on exit.
+pub async fn subscribe(
+    connection: &Connection,
+    options: SubscribeOptions,
+) -> Result<(), ClientError> {
+    let mut printer = Printer::new(options.output)?;
+    let mut last: Option<u64> = None;
+    let mut received = 0u64;
+    let mut backoff = Duration::from_millis(200);
+    let outcome = loop {
+        let start = match last {
+            Some(sequence) => Some(subscribe_request::Start::AfterSequence(sequence)),
+            None => options.start,
+        };
+        let request = SubscribeRequest {
+            filter: Some(options.filter.clone()),
+            start,
+            include_raw_json: options.output == Output::Json,
+        };
+        let attempt = async {
+            let mut client = connection.connect().await?;
+            let mut stream = client.subscribe(request).await?.into_inner();
+            while let Some(event) = stream.message().await? {
+                printer.print(&event)?;
+                last = Some(event.sequence);
+                received += 1;
+                if options.exit_after.is_some_and(|n| received >= n) {
+                    return Ok::<bool, ClientError>(true);
+                }
+            }
+            Err(Status::unavailable("the stream ended").into())
+        };
+        let result = tokio::select! {
+            result = attempt => result,
+            _ = tokio::signal::ctrl_c() => Ok(true),
+        };
+        match result {
+            Ok(_) => break Ok(()),
+            Err(error) if !options.reconnect || fatal(&error) => break Err(error),
+            Err(error) => {
+                eprintln!("subscription interrupted ({error}); reconnecting in {backoff:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::signal::ctrl_c() => break Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    match last {
+        Some(sequence) => eprintln!("cursor: {sequence}"),
+        None => eprintln!("cursor: none (no event received)"),
+    }
+    outcome
+}
+
+/// Errors that reconnecting cannot fix.
+fn fatal(error: &ClientError) -> bool {
+    match error {
+        ClientError::Status(status) => matches!(
+            status.code(),
+            Code::InvalidArgument
+                | Code::OutOfRange
+                | Code::Unauthenticated
+                | Code::PermissionDenied
+                | Code::NotFound
+        ),
+        ClientError::Io(_) | ClientError::Usage(_) => true,
+        ClientError::Connect(_) => false,
+    }
+}
+
+/// Prints events in one of the [`Output`] formats.
+struct Printer {
+    output: Output,
+    pool: DescriptorPool,
+    stdout: std::io::Stdout,
+}
+
+impl Printer {
+    fn new(output: Output) -> Result<Self, ClientError> {
+        let pool = DescriptorPool::decode(crate::pb::FILE_DESCRIPTOR_SET)
+            .map_err(|e| ClientError::Usage(format!("descriptor set: {e}")))?;
+        Ok(Self {
+            output,
+            pool,
+            stdout: std::io::stdout(),
+        })
+    }
+
+    fn print(&mut self, event: &Event) -> Result<(), ClientError> {
+        let mut out = self.stdout.lock();
+        match self.output {
+            Output::Proto => out.write_all(&event.encode_length_delimited_to_vec())?,
+            Output::Json => writeln!(out, "{}", self.webhook_json(event)?)?,
+            Output::Lines => writeln!(out, "{}", line(event))?,
+        }
+        out.flush()?;
+        Ok(())
+    }
+
+    /// The event as the webhook sent it, on one line: the original body when the gateway has it,
+    /// else the protobuf JSON mapping of the envelope (numbers as numbers).
+    fn webhook_json(&self, event: &Event) -> Result<String, ClientError> {
+        if !event.raw_json.is_empty() {
+            if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&event.raw_json) {
+                return Ok(value.to_string());
+            }
+        }
+        let envelope = event.envelope.clone().unwrap_or_default();
+        self.mapping(
+            "iqchannels.webhook.v1.Envelope",
+            envelope.encode_to_vec().into(),
+            false,
+        )
+    }
+
+    fn mapping(&self, message: &str, bytes: Bytes, stringify: bool) -> Result<String, ClientError> {
+        let descriptor = self
+            .pool
+            .get_message_by_name(message)
+            .ok_or_else(|| ClientError::Usage(format!("{message} is not in the descriptor set")))?;
+        let dynamic = DynamicMessage::decode(descriptor, bytes)
+            .map_err(|e| ClientError::Usage(format!("decoding: {e}")))?;
+        let options = SerializeOptions::new().stringify_64_bit_integers(stringify);
+        let mut out = Vec::new();
+        let mut serializer = serde_json::Serializer::new(&mut out);
+        dynamic
+            .serialize_with_options(&mut serializer, &options)
+            .map_err(|e| ClientError::Usage(format!("encoding JSON: {e}")))?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+}
+
+/// `#12 2026-11-24T21:01:42.372Z chat_closed chat=13 actor=user client=13 user=1`
+fn line(event: &Event) -> String {
+    let chat_event = event
+        .envelope
+        .as_ref()
+        .and_then(|e| e.chat_event.clone())
+        .unwrap_or_default();
+    let time = event
+        .received_at
+        .as_ref()
+        .and_then(|t| {
+            time::OffsetDateTime::from_unix_timestamp_nanos(
+                i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos),
+            )
+            .ok()
+        })
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default();
+    let mut text = format!(
+        "{} {} {}",
+        format!("#{}", event.sequence).if_supports_color(ColorStream::Stdout, |s| s.bold()),
+        time.if_supports_color(ColorStream::Stdout, |s| s.dimmed()),
+        chat_event
+            .r#type
+            .if_supports_color(ColorStream::Stdout, |s| s.cyan()),
+    );
+    let mut field = |name: &str, value: Option<i64>| {
+        if let Some(value) = value {
+            text.push_str(&format!(" {name}={value}"));
+        }
+    };
+    field("id", Some(chat_event.id));
+    field("chat", chat_event.chat_id);
+    field("client", chat_event.client_id);
+    field("user", chat_event.user_id);
+    if !chat_event.actor.is_empty() {
+        text.push_str(&format!(" actor={}", chat_event.actor));
+    }
+    text
+}
+
+/// `publish` totals.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PublishSummary {
+    /// Newly stored events.
+    pub stored: u64,
+    /// Events the gateway already had.
+    pub duplicates: u64,
+    /// `(where, why)` for every rejected event.
+    pub rejected: Vec<(String, String)>,
+}
+
+/// Splits one input into events: a JSON array, one JSON object, or NDJSON.
+pub fn split_events(content: &[u8]) -> Vec<Bytes> {
+    let content = Bytes::copy_from_slice(content);
+    let trimmed_start = content
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(content.len());
+    if content.get(trimmed_start) == Some(&b'[') {
+        if let Ok(items) = serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(&content) {
+            return items
+                .into_iter()
+                .map(|item| content.slice_ref(item.get().as_bytes()))
+                .collect();
+        }
+    }
+    if serde_json::from_slice::<serde::de::IgnoredAny>(&content).is_ok() {
+        return vec![content];
+    }
+    content
+        .split(|&b| b == b'\n')
+        .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
+        .map(|line| content.slice_ref(line))
+        .collect()
+}
+
+/// `publish`: sends every event of every input (`-` = stdin) through gRPC Publish, in order.
+/// Shows a progress bar for large inputs on a terminal; returns the totals.
+pub async fn publish(
+    connection: &Connection,
+    inputs: &[String],
+) -> Result<PublishSummary, ClientError> {
+    let mut events: Vec<(String, Bytes)> = Vec::new();
+    for input in inputs {
+        let content = if input == "-" {
+            let mut buffer = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buffer)?;
+            buffer
+        } else {
+            std::fs::read(input)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{input}: {e}")))?
+        };
+        let name = if input == "-" {
+            "stdin"
+        } else {
+            input.as_str()
+        };
+        events.extend(
+            split_events(&content)
+                .into_iter()
+                .enumerate()
+                .map(|(i, e)| (format!("{name}#{}", i + 1), e)),
+        );
+    }
+    let progress = if events.len() >= 100 {
+        let bar = indicatif::ProgressBar::new(events.len() as u64);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} events {per_sec} eta {eta}",
+        ) {
+            bar.set_style(style);
+        }
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut client = connection.connect().await?;
+    let mut summary = PublishSummary::default();
+    for (place, body) in events {
+        let request = PublishRequest {
+            event: Some(publish_request::Event::RawJson(body.to_vec())),
+        };
+        match client.publish(request).await {
+            Ok(answer) if answer.get_ref().duplicate => summary.duplicates += 1,
+            Ok(_) => summary.stored += 1,
+            Err(status) if status.code() == Code::InvalidArgument => {
+                summary.rejected.push((place, status.message().to_owned()));
+            }
+            Err(status) => {
+                progress.abandon();
+                return Err(status.into());
+            }
+        }
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    Ok(summary)
+}
+
+/// `get`: one event by sequence or event id, printed in `output`.
+pub async fn get(
+    connection: &Connection,
+    key: get_event_request::Key,
+    output: Output,
+) -> Result<(), ClientError> {
+    let mut client = connection.connect().await?;
+    let request = GetEventRequest {
+        key: Some(key),
+        include_raw_json: output == Output::Json,
+    };
+    let event = client.get_event(request).await?.into_inner();
+    let mut printer = Printer::new(output)?;
+    printer.print(&event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inputs_split_as_array_object_or_ndjson() {
+        assert_eq!(split_events(b" [{\"a\":1}, {\"b\":2}] ").len(), 2);
+        assert_eq!(split_events(b"{\n \"a\": 1\n}\n").len(), 1);
+        let lines = split_events(b"{\"a\":1}\n\n{\"b\":2}\nnot json\n");
+        assert_eq!(
+            lines.iter().map(|l| l.as_ref()).collect::<Vec<_>>(),
+            vec![&b"{\"a\":1}"[..], b"{\"b\":2}", b"not json"]
+        );
+    }
+}
