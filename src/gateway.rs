@@ -45,6 +45,34 @@ pub struct Gateway {
     ingest_slots: Arc<tokio::sync::Semaphore>,
 }
 
+/// What `GET /v1/stats` reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Stats {
+    /// Events stored since start.
+    pub stored: u64,
+    /// Duplicates answered since start.
+    pub duplicates: u64,
+    /// Oldest retained sequence.
+    pub first_sequence: u64,
+    /// Newest durable sequence.
+    pub last_sequence: u64,
+    /// Whether ingest is accepted.
+    pub ready: bool,
+    /// Open subscriptions.
+    pub subscribers: Vec<SubscriberStats>,
+}
+
+/// One open subscription.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SubscriberStats {
+    /// Its id (also in metrics).
+    pub id: u64,
+    /// The last sequence it has looked at.
+    pub position: u64,
+    /// Events it is behind.
+    pub lag: u64,
+}
+
 /// Limits of the gateway core.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -239,6 +267,36 @@ impl Gateway {
     /// The metrics, for the edges to count requests.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The highest durable sequence (0 when empty).
+    pub fn last_sequence(&self) -> u64 {
+        *self.log.committed().borrow()
+    }
+
+    /// Totals, the log's range and every subscriber's lag, for the console.
+    pub fn stats(&self) -> Stats {
+        let (stored, duplicates) = self.metrics.totals();
+        let last = self.last_sequence();
+        let mut subscribers: Vec<SubscriberStats> = self
+            .subscribers
+            .positions()
+            .into_iter()
+            .map(|(id, next)| SubscriberStats {
+                id,
+                position: next.saturating_sub(1),
+                lag: (last + 1).saturating_sub(next),
+            })
+            .collect();
+        subscribers.sort_by_key(|s| s.id);
+        Stats {
+            stored,
+            duplicates,
+            first_sequence: self.log.bounds().first,
+            last_sequence: last,
+            ready: self.ready(),
+            subscribers,
+        }
     }
 
     /// The Prometheus text exposition.

@@ -12,7 +12,9 @@ use bytes::Bytes;
 use serde_json::json;
 use tower::ServiceExt;
 
-use crate::auth::{AuthError, IngestAuth};
+mod stream;
+
+use crate::auth::{AuthError, GrpcAuth, IngestAuth};
 use crate::decode::DecodeError;
 use crate::gateway::{Gateway, IngestError};
 use crate::log::{Appended, LogError};
@@ -26,6 +28,8 @@ pub struct HttpConfig {
     pub body_timeout: std::time::Duration,
     /// What webhook senders must present.
     pub auth: IngestAuth,
+    /// Tokens for the read side (`/v1/events:stream`, `/v1/stats`): the gRPC subscribe scope.
+    pub subscribe_auth: GrpcAuth,
 }
 
 impl Default for HttpConfig {
@@ -34,6 +38,7 @@ impl Default for HttpConfig {
             max_body_bytes: 1024 * 1024,
             body_timeout: std::time::Duration::from_secs(30),
             auth: IngestAuth::default(),
+            subscribe_auth: GrpcAuth::default(),
         }
     }
 }
@@ -61,6 +66,8 @@ pub fn router(gateway: Gateway, config: HttpConfig, grpc: tonic::service::Routes
             )),
         )
         .route("/metrics", get(metrics))
+        .route("/v1/events:stream", get(stream::stream))
+        .route("/v1/stats", get(stream::stats))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .method_not_allowed_fallback(|| async { HttpError::MethodNotAllowed })
@@ -292,6 +299,16 @@ async fn read_body(request: Request, limit: usize) -> Result<Bytes, HttpError> {
         })
 }
 
+fn subscribe_status(error: &crate::subscribe::SubscribeError) -> StatusCode {
+    use crate::subscribe::SubscribeError;
+    match error {
+        SubscribeError::Log(LogError::Truncated { .. }) => StatusCode::GONE,
+        SubscribeError::Log(_) | SubscribeError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        SubscribeError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
+        SubscribeError::Corrupt(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
 fn decode_error_json(error: &DecodeError) -> serde_json::Value {
     let mut body = json!({"error": error.message, "path": error.path});
     if let (Some(line), Some(column)) = (error.line, error.column) {
@@ -316,6 +333,10 @@ enum HttpError {
     BodyRead,
     #[error("method not allowed")]
     MethodNotAllowed,
+    #[error("{0}")]
+    BadQuery(String),
+    #[error(transparent)]
+    Subscribe(crate::subscribe::SubscribeError),
     #[error(transparent)]
     Auth(AuthError),
     #[error("too many requests in flight; retry shortly")]
@@ -343,6 +364,8 @@ impl IntoResponse for HttpError {
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::BadQuery(_) => StatusCode::BAD_REQUEST,
+            Self::Subscribe(error) => subscribe_status(error),
             Self::Auth(AuthError::Unauthenticated) => StatusCode::UNAUTHORIZED,
             Self::Auth(AuthError::Forbidden) => StatusCode::FORBIDDEN,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,

@@ -158,6 +158,11 @@ impl Metrics {
         self.duplicates.inc_by(duplicates);
     }
 
+    /// Events stored and duplicates answered since start.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.stored.get(), self.duplicates.get())
+    }
+
     /// The Prometheus text exposition, with scrape-time values from `snapshot`.
     pub fn render(&self, snapshot: &Snapshot) -> String {
         self.subscribers.set(snapshot.subscribers.len() as i64);

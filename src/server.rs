@@ -124,6 +124,7 @@ pub async fn serve(
         max_body_bytes: config.max_body_bytes,
         body_timeout: config.request_timeout,
         auth: config.ingest_auth.clone(),
+        subscribe_auth: config.grpc_auth.clone(),
     };
     let app = crate::http::router(gateway.clone(), http, grpc);
     let service = TowerToHyperService::new(app);

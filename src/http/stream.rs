@@ -1,0 +1,252 @@
+//! `GET /v1/events:stream`: Server-Sent Events for consumers without gRPC (`curl -N`, browsers),
+//! with the same filters and start positions as gRPC Subscribe; `Last-Event-ID` (= sequence)
+//! resumes. `GET /v1/stats`: the figures the web console shows.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Buf;
+use futures_util::Stream;
+use serde_json::json;
+
+use super::{AppState, HttpError};
+use crate::auth::Scope;
+use crate::subscribe::{Filter, Start, SubscribeError};
+use crate::wire::EncodedEvent;
+
+/// Query parameters: `type`, `project`, `channel`, `chat`, `client`, `user`, `actor` (repeat them
+/// or separate values with commas); `from=beginning`, `after=SEQ`, `since=RFC3339` or `tail=N`
+/// (the last N events); `token` (when gRPC tokens are configured and a header cannot be sent).
+#[derive(Debug, Default)]
+struct Params {
+    filter: Filter,
+    start: Option<StartParam>,
+    token: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum StartParam {
+    Start(Start),
+    Tail(u64),
+}
+
+fn parse(query: Option<&str>) -> Result<Params, String> {
+    let mut params = Params::default();
+    let query = query.unwrap_or("");
+    for (key, value) in form_urlencoded(query) {
+        let ids = || -> Result<Vec<i64>, String> {
+            value
+                .split(',')
+                .filter(|v| !v.is_empty())
+                .map(|v| {
+                    v.parse()
+                        .map_err(|_| format!("{key}: `{v}` is not an integer id"))
+                })
+                .collect()
+        };
+        let words = || value.split(',').map(str::to_owned).collect::<Vec<_>>();
+        match key.as_str() {
+            "type" => params.filter.event_types.extend(words()),
+            "actor" => params.filter.actors.extend(words()),
+            "project" => params.filter.project_ids.extend(ids()?),
+            "channel" => params.filter.channel_ids.extend(ids()?),
+            "chat" => params.filter.chat_ids.extend(ids()?),
+            "client" => params.filter.client_ids.extend(ids()?),
+            "user" => params.filter.user_ids.extend(ids()?),
+            "from" if value == "beginning" => {
+                params.start = Some(StartParam::Start(Start::Beginning))
+            }
+            "after" => {
+                let after = value
+                    .parse()
+                    .map_err(|_| format!("after: `{value}` is not a sequence"))?;
+                params.start = Some(StartParam::Start(Start::After(after)));
+            }
+            "since" => {
+                let time =
+                    humantime::parse_rfc3339_weak(&value).map_err(|e| format!("since: {e}"))?;
+                let ms = time
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or(0);
+                params.start = Some(StartParam::Start(Start::Since(ms)));
+            }
+            "tail" => {
+                params.start = Some(StartParam::Tail(
+                    value
+                        .parse()
+                        .map_err(|_| format!("tail: `{value}` is not a count"))?,
+                ))
+            }
+            "token" => params.token = Some(value),
+            other => return Err(format!("unknown parameter `{other}`")),
+        }
+    }
+    Ok(params)
+}
+
+fn form_urlencoded(query: &str) -> Vec<(String, String)> {
+    serde_urlencoded::from_str::<Vec<(String, String)>>(query).unwrap_or_default()
+}
+
+/// Checks the subscribe scope: `Authorization: Bearer` or the `token` parameter.
+fn authorize(state: &AppState, headers: &HeaderMap, token: Option<&str>) -> Result<(), HttpError> {
+    let auth = &state.config.subscribe_auth;
+    if !auth.enabled() {
+        return Ok(());
+    }
+    let mut headers = headers.clone();
+    if let Some(token) = token {
+        if let Ok(value) = format!("Bearer {token}").parse() {
+            headers.insert(axum::http::header::AUTHORIZATION, value);
+        }
+    }
+    auth.check(&headers, Scope::Subscribe)
+        .map_err(HttpError::Auth)
+}
+
+pub(super) async fn stream(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    match open(&state, &headers, query.as_deref()).await {
+        Ok(sse) => sse.into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn open(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, HttpError> {
+    let params = parse(query).map_err(HttpError::BadQuery)?;
+    authorize(state, headers, params.token.as_deref())?;
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let start = match (resume, params.start) {
+        (Some(last), _) => Start::After(last),
+        (None, Some(StartParam::Start(start))) => start,
+        (None, Some(StartParam::Tail(count))) => {
+            Start::After(state.gateway.last_sequence().saturating_sub(count))
+        }
+        (None, None) => Start::Live,
+    };
+    let subscription = match state.gateway.subscribe(params.filter, start).await {
+        Ok(subscription) => subscription,
+        // A tail longer than what is retained starts at the oldest retained event.
+        Err(SubscribeError::Log(crate::log::LogError::Truncated { .. }))
+            if matches!(params.start, Some(StartParam::Tail(_))) =>
+        {
+            state
+                .gateway
+                .subscribe(Filter::default(), Start::Beginning)
+                .await
+                .map_err(HttpError::Subscribe)?
+        }
+        Err(error) => return Err(HttpError::Subscribe(error)),
+    };
+    let stream = futures_util::stream::unfold(Some(subscription), |state| async move {
+        let mut subscription = state?;
+        match subscription.next().await {
+            Ok(event) => Some((Ok(sse_event(&event)), Some(subscription))),
+            // The stream ends with an explicit error event, never silently.
+            Err(error) => Some((
+                Ok(SseEvent::default().event("error").data(error.to_string())),
+                None,
+            )),
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// `id: <sequence>`, `data: {"sequence", "received_at", "type", "event": <the webhook body>}`.
+fn sse_event(event: &Arc<EncodedEvent>) -> SseEvent {
+    let raw = raw_json(&event.raw_field);
+    let body: serde_json::Value = raw
+        .and_then(|raw| serde_json::from_slice(raw).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let data = json!({
+        "sequence": event.sequence,
+        "received_at_ms": event.received_at_ms,
+        "type": event.keys.event_type,
+        "chat_id": event.keys.chat_id,
+        "actor": event.keys.actor,
+        "event": body,
+    });
+    SseEvent::default()
+        .id(event.sequence.to_string())
+        .data(data.to_string())
+}
+
+/// The original body inside `Event.raw_json`'s encoded field (tag, length, bytes).
+fn raw_json(field: &[u8]) -> Option<&[u8]> {
+    let mut buf = field.get(1..)?;
+    let length = prost::encoding::decode_varint(&mut buf).ok()? as usize;
+    let start = field.len() - buf.remaining();
+    field.get(start..start + length)
+}
+
+/// `GET /v1/stats`: totals, the head of the log and every subscriber's lag.
+pub(super) async fn stats(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let token = query.as_deref().and_then(|q| {
+        form_urlencoded(q)
+            .into_iter()
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v)
+    });
+    if let Err(error) = authorize(&state, &headers, token.as_deref()) {
+        return error.into_response();
+    }
+    Json(state.gateway.stats()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parameters_map_to_filter_and_start() {
+        let params = parse(Some(
+            "type=message_created,chat_closed&chat=21&chat=22&actor=user&after=41",
+        ))
+        .unwrap();
+        assert_eq!(
+            params.filter.event_types,
+            vec!["message_created", "chat_closed"]
+        );
+        assert_eq!(params.filter.chat_ids, vec![21, 22]);
+        assert_eq!(params.filter.actors, vec!["user"]);
+        assert!(matches!(
+            params.start,
+            Some(StartParam::Start(Start::After(41)))
+        ));
+        assert!(matches!(
+            parse(Some("tail=5")).unwrap().start,
+            Some(StartParam::Tail(5))
+        ));
+        assert!(parse(Some("chat=abc")).is_err());
+        assert!(parse(Some("colour=red")).is_err());
+    }
+
+    #[test]
+    fn the_raw_body_is_found_inside_its_encoded_field() {
+        let mut field = Vec::new();
+        prost::encoding::bytes::encode(4, &b"{\"a\":1}".to_vec(), &mut field);
+        assert_eq!(raw_json(&field), Some(&b"{\"a\":1}"[..]));
+        assert_eq!(raw_json(&[]), None);
+    }
+}

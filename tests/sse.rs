@@ -1,0 +1,126 @@
+//! `GET /v1/events:stream` (Server-Sent Events) over a real socket: filters, start positions,
+//! `Last-Event-ID` resume, live delivery, and `/v1/stats`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{event_json, TestServer};
+
+/// Reads SSE frames until `count` events arrived; returns `(id, data)` pairs.
+async fn read_events(
+    response: &mut reqwest::Response,
+    count: usize,
+) -> Vec<(u64, serde_json::Value)> {
+    let mut buffer = String::new();
+    let mut events = Vec::new();
+    while events.len() < count {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), response.chunk())
+            .await
+            .expect("an event in time");
+        let chunk = chunk.expect("stream open").expect("stream not ended");
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let frame: String = buffer.drain(..end + 2).collect();
+            let field = |name: &str| {
+                frame
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().to_owned())
+            };
+            if let (Some(id), Some(data)) = (field("id:"), field("data:")) {
+                events.push((id.parse().unwrap(), serde_json::from_str(&data).unwrap()));
+            }
+        }
+    }
+    events
+}
+
+#[tokio::test]
+async fn sse_streams_filtered_events_resumes_from_last_event_id_and_follows_live() {
+    let server = TestServer::start().await;
+    server
+        .store(event_json(1, "chat_closed", 13, "user", 1))
+        .await;
+    server
+        .store(event_json(2, "message_created", 21, "client", 1))
+        .await;
+    server
+        .store(event_json(3, "message_created", 22, "user", 1))
+        .await;
+    let http = reqwest::Client::new();
+
+    let mut filtered = http
+        .get(server.url("/v1/events:stream?from=beginning&type=message_created&actor=user"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(filtered.status(), 200);
+    assert_eq!(filtered.headers()["content-type"], "text/event-stream");
+    let events = read_events(&mut filtered, 1).await;
+    assert_eq!(events[0].0, 3);
+    assert_eq!(events[0].1["type"], "message_created");
+    assert_eq!(
+        events[0].1["event"]["ChatEvent"]["Id"], 3,
+        "the webhook body as sent"
+    );
+
+    let mut resumed = http
+        .get(server.url("/v1/events:stream"))
+        .header("last-event-id", "1")
+        .send()
+        .await
+        .unwrap();
+    let ids: Vec<u64> = read_events(&mut resumed, 2)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(ids, vec![2, 3], "Last-Event-ID resumes right after it");
+
+    let mut live = http
+        .get(server.url("/v1/events:stream"))
+        .send()
+        .await
+        .unwrap();
+    let mut tail = http
+        .get(server.url("/v1/events:stream?tail=1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        read_events(&mut tail, 1).await[0].0,
+        3,
+        "tail=1 starts with the newest event"
+    );
+    server
+        .store(event_json(4, "chat_assigned", 22, "system", 1))
+        .await;
+    assert_eq!(
+        read_events(&mut live, 1).await[0].0,
+        4,
+        "a live stream gets only new events"
+    );
+
+    let bad = http
+        .get(server.url("/v1/events:stream?after=x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+
+    let stats: serde_json::Value = http
+        .get(server.url("/v1/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["stored"], 4);
+    assert_eq!(stats["last_sequence"], 4);
+    assert!(
+        stats["subscribers"].as_array().unwrap().len() >= 3,
+        "{stats}"
+    );
+}
