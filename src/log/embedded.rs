@@ -174,10 +174,20 @@ impl Shared {
 }
 
 fn open_database(path: &Path, cache_bytes: usize) -> Result<Database, LogError> {
-    let db = redb::Builder::new()
-        .set_cache_size(cache_bytes)
-        .create(path)
-        .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+    // redb asserts (panics) on some kinds of damage its crash recovery does not cover, such as
+    // bytes appended past its layout; refuse to start with a clear error instead of crashing.
+    let created = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(path)
+    }))
+    .map_err(|_| {
+        unavailable(format!(
+            "{} is damaged beyond crash recovery; restore it from a backup",
+            path.display()
+        ))
+    })?;
+    let db = created.map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
     let init = || -> Result<(), redb::Error> {
         let txn = db.begin_write()?;
         txn.open_table(EVENTS)?;

@@ -154,3 +154,27 @@ async fn seek_time_finds_the_first_event_at_or_after() {
     log.append(vec![record(4, 50)]).await.unwrap();
     assert_eq!(log.read(4, 1).await.unwrap()[0].received_at_ms, 300);
 }
+
+#[tokio::test]
+async fn a_damaged_file_is_refused_with_a_clear_error_and_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = EmbeddedLog::open(dir.path(), Retention::default()).unwrap();
+        log.append(vec![record(1, 1), record(2, 2)]).await.unwrap();
+        log.close().await;
+    }
+    // Damage that is not a crash-torn commit (those are rolled back by redb's recovery, see the
+    // SIGKILL tests): bytes past the file's layout.
+    let path = dir.path().join("events.redb");
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(&mut file, &[0xA5; 70_000]).unwrap();
+    drop(file);
+    match EmbeddedLog::open(dir.path(), Retention::default()) {
+        Err(LogError::Unavailable(message)) => assert!(message.contains("damaged"), "{message}"),
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("a damaged store must not be opened"),
+    }
+}
