@@ -12,6 +12,7 @@ use bytes::Bytes;
 use serde_json::json;
 use tower::ServiceExt;
 
+mod console;
 mod stream;
 
 use crate::auth::{AuthError, GrpcAuth, IngestAuth};
@@ -65,6 +66,7 @@ pub fn router(gateway: Gateway, config: HttpConfig, grpc: tonic::service::Routes
                 observe,
             )),
         )
+        .route("/", get(console::page))
         .route("/metrics", get(metrics))
         .route("/v1/events:stream", get(stream::stream))
         .route("/v1/stats", get(stream::stats))
