@@ -141,7 +141,7 @@ async fn open(
         }
         (None, None) => Start::Live,
     };
-    let subscription = match state.gateway.subscribe(params.filter, start).await {
+    let subscription = match state.gateway.subscribe(params.filter.clone(), start).await {
         Ok(subscription) => subscription,
         // A tail longer than what is retained starts at the oldest retained event.
         Err(SubscribeError::Log(crate::log::LogError::Truncated { .. }))
