@@ -118,16 +118,18 @@ pub fn decode(body: &[u8]) -> Result<Envelope, DecodeError> {
             });
         }
     }
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let envelope: Envelope =
-        serde_path_to_error::deserialize(&mut de).map_err(DecodeError::from_serde)?;
-    de.end()
-        .map_err(|err| DecodeError::from_json(".".to_owned(), &err))?;
     // The parser skips unknown fields without checking their UTF-8; the body is kept verbatim,
-    // so all of it must be valid.
-    if let Err(error) = std::str::from_utf8(body) {
-        return Err(invalid_utf8(body, error.valid_up_to()));
-    }
+    // so all of it must be valid. Checked first, so the parser can skip its own per-string check.
+    let envelope = match std::str::from_utf8(body) {
+        // Tracking the field path costs as much again as the parse itself, so the fast parse
+        // runs first and the tracked one only to explain a failure.
+        Ok(text) => serde_json::from_str(text).map_err(|error| explain(body, &error))?,
+        Err(error) => {
+            // A parse error (with its field path) takes precedence over the UTF-8 one.
+            decode_tracked(body)?;
+            return Err(invalid_utf8(body, error.valid_up_to()));
+        }
+    };
     // Nor does it limit how deeply unknown fields nest; the stored body must stay readable by
     // consumers whose parsers do (serde_json's own limit).
     if let Some(offset) = too_deep(body) {
@@ -139,6 +141,25 @@ pub fn decode(body: &[u8]) -> Result<Envelope, DecodeError> {
     }
     validate(&envelope)?;
     Ok(envelope)
+}
+
+/// Decodes while tracking the field path, for errors that name it (`Rels.Chats[0].Id`).
+fn decode_tracked(body: &[u8]) -> Result<Envelope, DecodeError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let envelope: Envelope =
+        serde_path_to_error::deserialize(&mut de).map_err(DecodeError::from_serde)?;
+    de.end()
+        .map_err(|err| DecodeError::from_json(".".to_owned(), &err))?;
+    Ok(envelope)
+}
+
+/// The error for a body the fast parse rejected: the tracked parse's, which names the field.
+fn explain(body: &[u8], fast: &serde_json::Error) -> DecodeError {
+    match decode_tracked(body) {
+        Err(error) => error,
+        // Both parsers read the same grammar; should they ever disagree, the body is still bad.
+        Ok(_) => DecodeError::from_json(".".to_owned(), fast),
+    }
 }
 
 /// Checks what the types cannot: a typed envelope (from JSON or from gRPC Publish) must carry a
@@ -161,15 +182,17 @@ pub fn validate(envelope: &Envelope) -> Result<(), DecodeError> {
 
 /// The fields subscribers filter on, read once at ingest and stored beside the event.
 pub fn keys(envelope: &Envelope) -> Keys {
-    let event = envelope.chat_event.clone().unwrap_or_default();
+    let Some(event) = &envelope.chat_event else {
+        return Keys::default();
+    };
     let rels = envelope.rels.as_ref();
     let chat = event
         .chat_id
         .and_then(|id| rels.and_then(|rels| rels.chats.iter().find(|chat| chat.id == id)));
     Keys {
         event_id: event.id,
-        event_type: event.r#type,
-        actor: event.actor,
+        event_type: event.r#type.clone(),
+        actor: event.actor.clone(),
         chat_id: event.chat_id,
         client_id: event.client_id,
         user_id: event.user_id,
@@ -193,6 +216,21 @@ pub const MAX_DEPTH: usize = 127;
 
 /// The offset of the first `[` or `{` nested deeper than [`MAX_DEPTH`] in well-formed JSON.
 fn too_deep(body: &[u8]) -> Option<usize> {
+    // No more openings in all than the limit cannot nest past it. Counting them (vectorized:
+    // `b | 0x20 == b'{'` holds for `[` and `{` only, and a chunk of 255 fits a `u8` count) costs a
+    // fraction of the byte-by-byte walk below, which almost every body then skips.
+    let openings: usize = body
+        .chunks(255)
+        .map(|chunk| {
+            let count = chunk
+                .iter()
+                .fold(0u8, |count, &b| count + u8::from(b | 0x20 == b'{'));
+            usize::from(count)
+        })
+        .sum();
+    if openings <= MAX_DEPTH {
+        return None;
+    }
     let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
     for (offset, &byte) in body.iter().enumerate() {
         if in_string {
