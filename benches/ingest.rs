@@ -1,11 +1,19 @@
-//! Ingest benchmark: HTTP/1.1 `POST /v1/events` with keep-alive against the gateway on the
-//! in-memory store, the gateway on the embedded durable store (fsync before ack, on the real disk)
-//! and a bare hyper server (the baseline), at 1, 32 and 128 connections, all in one run.
+//! Ingest benchmark, all in one run, each figure beside its baseline:
 //!
-//! Prints requests/s, p50/p99 latency, records per sync (embedded store), CPU used by the server
-//! and by the load generator, and the ratios durable/memory and memory/bare-hyper.
+//! - HTTP/1.1 `POST /v1/events` with keep-alive on the gateway's in-memory store vs a bare hyper
+//!   server that reads the body and answers 200 (the ingest CPU cost);
+//! - the same over HTTP/2 cleartext (prior-knowledge h2c) vs HTTP/1.1;
+//! - the embedded durable store (fsync before ack, on the real disk) vs the in-memory store, with
+//!   records per sync;
+//! - `POST /v1/events:batch` with 100 events a request (events/s) vs `decode::decode` alone on the
+//!   same items, in a loop on as many threads as the server has workers,
 //!
-//! `cargo bench --bench ingest [-- --seconds 5] [--quick] [--pin]`; see `--help`.
+//! at 1, 32 and 128 connections (one request at a time on each), `--runs` times; the recorded
+//! figures are the medians. Prints requests/s, p50/p99 latency, records per sync, the CPU used by
+//! the server, the load generator and the rest of the machine, and the ratios against the targets
+//! of issue 6.
+//!
+//! `cargo bench --bench ingest [-- --seconds 5] [--runs 3] [--quick] [--pin]`; see `--help`.
 //!
 //! The server and the load generator run in this one process, on two tokio runtimes whose threads
 //! are named `gw-server` and `gw-load` (the CPU columns sum `/proc/self/task` by those names).
@@ -21,11 +29,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http::header::{CONTENT_TYPE, HOST};
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use iqchannels_gateway::log::embedded::{EmbeddedLog, Retention, WriterStats};
 use iqchannels_gateway::log::memory::MemoryLog;
 use iqchannels_gateway::log::SharedLog;
@@ -37,36 +45,50 @@ use tokio::task::JoinHandle;
 
 /// What the bare baseline answers, byte for byte what the gateway answers for a new event.
 const BARE_REPLY: &[u8] = br#"{"sequence":1,"duplicate":false}"#;
-/// Thread names of the two runtimes (at most 15 bytes: Linux truncates `comm`).
+/// Thread names of the two runtimes (at most 15 bytes: Linux truncates `comm`). The decode-alone
+/// baseline's threads take the server's name: they stand in for its workers.
 const SERVER_THREADS: &str = "gw-server";
 const LOAD_THREADS: &str = "gw-load";
 /// `statfs` magic of tmpfs, where fsync would cost nothing.
 const TMPFS_MAGIC: i64 = 0x0102_1994;
+/// Events in one batch request.
+const BATCH: usize = 100;
+/// Records the in-memory store keeps (the oldest go first), so long runs stay within memory.
+const MEMORY_RECORDS: usize = 20_000;
 
 const USAGE: &str = "\
-ingest benchmark: HTTP/1.1 POST /v1/events, gateway (memory, embedded) vs bare hyper
+ingest benchmark: the gateway's ingest beside its baselines (bare hyper, HTTP/1.1, the
+in-memory store, decode alone), at 1, 32 and 128 connections
 
 usage: cargo bench --bench ingest [-- OPTIONS]
 
   --seconds S   measured seconds per point (default 5; 0.5 with --quick)
-  --quick       smoke run: 0.5 s per point, 1 and 32 connections only (the default
+  --runs N      repeat the whole measurement N times and record the medians (default 3;
+                1 with --quick)
+  --quick       smoke run: 0.5 s per point, 1 and 32 connections, one run (the default
                 when run without --bench, i.e. by `cargo test --all-targets`)
   --pin         pin the server runtime to CPU 0 and the load generator to CPU 1
                 (one worker thread each); default: both runtimes share every CPU
+  --only LIST   measure only these rows (comma-separated: bare-hyper, memory, memory-h2,
+                embedded, batch, decode-only), e.g. to profile one of them
   --help        this text";
 
 struct Options {
     seconds: f64,
+    runs: usize,
     quick: bool,
     pin: bool,
+    only: Option<Vec<Target>>,
 }
 
 fn parse_options() -> Result<Options, String> {
     let mut seconds = None;
+    let mut runs = None;
     // `cargo bench` passes `--bench`; without it (`cargo test --all-targets`) this is a smoke run
     // so the benchmark never rots and never slows the test suite down.
     let mut quick = !std::env::args().any(|arg| arg == "--bench");
     let mut pin = false;
+    let mut only = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -79,6 +101,29 @@ fn parse_options() -> Result<Options, String> {
                     return Err(format!("--seconds must be positive, got {value}"));
                 }
                 seconds = Some(parsed);
+            }
+            "--runs" => {
+                let value = args.next().ok_or("--runs needs a value")?;
+                let parsed: usize = value
+                    .parse()
+                    .map_err(|_| format!("--runs: not a whole number: {value}"))?;
+                if parsed == 0 {
+                    return Err("--runs must be at least 1".to_owned());
+                }
+                runs = Some(parsed);
+            }
+            "--only" => {
+                let value = args.next().ok_or("--only needs a list")?;
+                let targets = value
+                    .split(',')
+                    .map(|name| {
+                        Target::ALL
+                            .into_iter()
+                            .find(|target| target.name() == name.trim())
+                            .ok_or(format!("--only: unknown row {name:?}"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                only = Some(targets);
             }
             "--quick" => quick = true,
             "--pin" => pin = true,
@@ -93,8 +138,10 @@ fn parse_options() -> Result<Options, String> {
     }
     Ok(Options {
         seconds: seconds.unwrap_or(if quick { 0.5 } else { 5.0 }),
+        runs: runs.unwrap_or(if quick { 1 } else { 3 }),
         quick,
         pin,
+        only,
     })
 }
 
@@ -144,35 +191,101 @@ impl Template {
         template
     }
 
+    fn write(&self, id: i64, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.prefix);
+        out.extend_from_slice(id.to_string().as_bytes());
+        out.extend_from_slice(&self.suffix);
+    }
+
     fn body(&self, id: i64) -> Bytes {
-        let id = id.to_string();
-        let mut body = Vec::with_capacity(self.prefix.len() + id.len() + self.suffix.len());
-        body.extend_from_slice(&self.prefix);
-        body.extend_from_slice(id.as_bytes());
-        body.extend_from_slice(&self.suffix);
+        let mut body = Vec::with_capacity(self.prefix.len() + 20 + self.suffix.len());
+        self.write(id, &mut body);
+        Bytes::from(body)
+    }
+
+    /// A JSON array of `BATCH` events with ids `first..first + BATCH`, as `/v1/events:batch`
+    /// takes it.
+    fn batch(&self, first: i64) -> Bytes {
+        let one = self.prefix.len() + 20 + self.suffix.len() + 2;
+        let mut body = Vec::with_capacity(BATCH * one + 2);
+        body.push(b'[');
+        for i in 0..BATCH as i64 {
+            if i > 0 {
+                body.extend_from_slice(b",\n");
+            }
+            self.write(first + i, &mut body);
+        }
+        body.push(b']');
         Bytes::from(body)
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// One row of the table: what is measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Target {
+    Bare,
+    Memory,
+    MemoryH2,
+    Embedded,
+    Batch,
+    DecodeOnly,
+}
+
+impl Target {
+    const ALL: [Target; 6] = [
+        Target::Bare,
+        Target::Memory,
+        Target::MemoryH2,
+        Target::Embedded,
+        Target::Batch,
+        Target::DecodeOnly,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Target::Bare => "bare-hyper",
+            Target::Memory => "memory",
+            Target::MemoryH2 => "memory-h2",
+            Target::Embedded => "embedded",
+            Target::Batch => "batch",
+            Target::DecodeOnly => "decode-only",
+        }
+    }
+
+    /// The server this row talks to (`None`: no server).
+    fn server(self) -> Option<ServerKind> {
+        match self {
+            Target::Bare => Some(ServerKind::Bare),
+            Target::Memory | Target::MemoryH2 | Target::Batch => Some(ServerKind::Memory),
+            Target::Embedded => Some(ServerKind::Embedded),
+            Target::DecodeOnly => None,
+        }
+    }
+
+    fn http2(self) -> bool {
+        self == Target::MemoryH2
+    }
+
+    /// Events in one request.
+    fn events_per_request(self) -> usize {
+        if self == Target::Batch {
+            BATCH
+        } else {
+            1
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ServerKind {
     Bare,
     Memory,
     Embedded,
 }
 
-impl Target {
-    fn name(self) -> &'static str {
-        match self {
-            Target::Bare => "bare-hyper",
-            Target::Memory => "memory",
-            Target::Embedded => "embedded",
-        }
-    }
-}
-
 /// One server under test, running on the server runtime.
 struct Server {
+    kind: ServerKind,
     addr: SocketAddr,
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
@@ -180,7 +293,7 @@ struct Server {
     embedded: Option<Arc<EmbeddedLog>>,
 }
 
-fn start(rt: &Runtime, target: Target, data_dir: &Path) -> Server {
+fn start(rt: &Runtime, kind: ServerKind, data_dir: &Path) -> Server {
     let listener = rt
         .block_on(TcpListener::bind("127.0.0.1:0"))
         .expect("bind 127.0.0.1:0");
@@ -193,10 +306,10 @@ fn start(rt: &Runtime, target: Target, data_dir: &Path) -> Server {
         grace: Duration::from_secs(2),
         ..ServerConfig::default()
     };
-    let (log, embedded): (Option<SharedLog>, _) = match target {
-        Target::Bare => (None, None),
-        Target::Memory => (Some(Arc::new(MemoryLog::default())), None),
-        Target::Embedded => {
+    let (log, embedded): (Option<SharedLog>, _) = match kind {
+        ServerKind::Bare => (None, None),
+        ServerKind::Memory => (Some(Arc::new(MemoryLog::new(Some(MEMORY_RECORDS)))), None),
+        ServerKind::Embedded => {
             // The writer task is spawned on the current runtime.
             let _context = rt.enter();
             let log = Arc::new(
@@ -215,6 +328,7 @@ fn start(rt: &Runtime, target: Target, data_dir: &Path) -> Server {
         }),
     };
     Server {
+        kind,
         addr,
         stop,
         task,
@@ -265,9 +379,53 @@ async fn bare_server(listener: TcpListener, shutdown: impl std::future::Future<O
     }
 }
 
+/// One client connection: HTTP/1.1, or HTTP/2 with prior knowledge (h2c).
+enum Connection {
+    Http1(http1::SendRequest<Full<Bytes>>),
+    Http2(http2::SendRequest<Full<Bytes>>),
+}
+
+impl Connection {
+    async fn open(addr: SocketAddr, http2: bool) -> Self {
+        let stream = TcpStream::connect(addr)
+            .await
+            .expect("connect to the server");
+        stream.set_nodelay(true).expect("TCP_NODELAY");
+        let io = TokioIo::new(stream);
+        if http2 {
+            let (sender, connection) = http2::handshake(TokioExecutor::new(), io)
+                .await
+                .expect("HTTP/2 handshake");
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            Self::Http2(sender)
+        } else {
+            let (sender, connection) = http1::handshake(io).await.expect("HTTP/1.1 handshake");
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            Self::Http1(sender)
+        }
+    }
+
+    async fn send(&mut self, request: Request<Full<Bytes>>) -> hyper::Result<Response<Incoming>> {
+        match self {
+            Self::Http1(sender) => {
+                sender.ready().await?;
+                sender.send_request(request).await
+            }
+            Self::Http2(sender) => {
+                sender.ready().await?;
+                sender.send_request(request).await
+            }
+        }
+    }
+}
+
 /// What one connection saw in one phase.
 struct ConnectionResult {
-    sender: SendRequest<Full<Bytes>>,
+    connection: Connection,
     latency_us: Histogram<u64>,
     requests: u64,
     failures: u64,
@@ -277,46 +435,82 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
-async fn connect(addr: SocketAddr) -> SendRequest<Full<Bytes>> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .expect("connect to the server");
-    stream.set_nodelay(true).expect("TCP_NODELAY");
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("HTTP/1.1 handshake");
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    sender
-}
-
-/// Sends requests one after another on one connection until `until`.
-async fn drive(
-    mut sender: SendRequest<Full<Bytes>>,
+/// What every request of a phase shares.
+#[derive(Clone)]
+struct Load {
+    target: Target,
+    /// `/v1/events` or `/v1/events:batch`, absolute for HTTP/2 (it sends the authority).
+    uri: Uri,
     host: HeaderValue,
     template: Arc<Template>,
     ids: Arc<AtomicI64>,
-    until: Instant,
-) -> ConnectionResult {
+}
+
+impl Load {
+    fn new(
+        target: Target,
+        addr: SocketAddr,
+        template: &Arc<Template>,
+        ids: &Arc<AtomicI64>,
+    ) -> Self {
+        let path = if target == Target::Batch {
+            "/v1/events:batch"
+        } else {
+            "/v1/events"
+        };
+        let uri = if target.http2() {
+            format!("http://{addr}{path}")
+        } else {
+            path.to_owned()
+        };
+        Self {
+            target,
+            uri: uri.parse().expect("a valid URI"),
+            host: HeaderValue::from_str(&addr.to_string()).expect("an address is a valid Host"),
+            template: template.clone(),
+            ids: ids.clone(),
+        }
+    }
+
+    fn request(&self) -> Request<Full<Bytes>> {
+        let events = self.target.events_per_request();
+        let id = self.ids.fetch_add(events as i64, Ordering::Relaxed);
+        let body = if self.target == Target::Batch {
+            self.template.batch(id)
+        } else {
+            self.template.body(id)
+        };
+        let mut request = Request::post(self.uri.clone())
+            .body(Full::new(body))
+            .expect("a valid request");
+        let headers = request.headers_mut();
+        if !self.target.http2() {
+            headers.insert(HOST, self.host.clone());
+        }
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        request
+    }
+
+    /// Whether the answer says every event of the request was stored now.
+    fn stored(&self, status: StatusCode, body: &[u8]) -> bool {
+        let expected: &[u8] = if self.target == Target::Batch {
+            b"\"stored\":100,"
+        } else {
+            b"\"duplicate\":false"
+        };
+        status == StatusCode::OK && body.windows(expected.len()).any(|w| w == expected)
+    }
+}
+
+/// Sends requests one after another on one connection until `until`.
+async fn drive(mut connection: Connection, load: Load, until: Instant) -> ConnectionResult {
     let mut latency_us = histogram();
     let mut requests = 0;
     let mut failures = 0;
     while Instant::now() < until {
-        let id = ids.fetch_add(1, Ordering::Relaxed);
-        let mut request = Request::post("/v1/events")
-            .body(Full::new(template.body(id)))
-            .expect("a valid request");
-        let headers = request.headers_mut();
-        headers.insert(HOST, host.clone());
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-
+        let request = load.request();
         let started = Instant::now();
-        sender.ready().await.expect("the connection stays open");
-        let response = sender
-            .send_request(request)
-            .await
-            .expect("the server answers");
+        let response = connection.send(request).await.expect("the server answers");
         let status = response.status();
         let body = response
             .into_body()
@@ -327,49 +521,36 @@ async fn drive(
         let elapsed = started.elapsed();
 
         requests += 1;
-        let fresh = body
-            .windows(b"\"duplicate\":false".len())
-            .any(|window| window == b"\"duplicate\":false");
-        if status != StatusCode::OK || !fresh {
+        if !load.stored(status, &body) {
             failures += 1;
             if failures == 1 {
+                let text = String::from_utf8_lossy(&body);
                 eprintln!(
                     "unexpected answer: {status} {}",
-                    String::from_utf8_lossy(&body)
+                    text.chars().take(300).collect::<String>()
                 );
             }
         }
         latency_us.saturating_record(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX));
     }
     ConnectionResult {
-        sender,
+        connection,
         latency_us,
         requests,
         failures,
     }
 }
 
-/// One phase on every connection; the senders come back for the next phase.
+/// One phase on every connection; the connections come back for the next phase.
 async fn phase(
-    senders: Vec<SendRequest<Full<Bytes>>>,
-    addr: SocketAddr,
-    template: &Arc<Template>,
-    ids: &Arc<AtomicI64>,
+    connections: Vec<Connection>,
+    load: &Load,
     length: Duration,
 ) -> Vec<ConnectionResult> {
-    let host = HeaderValue::from_str(&addr.to_string()).expect("an address is a valid Host");
     let until = Instant::now() + length;
-    let tasks: Vec<_> = senders
+    let tasks: Vec<_> = connections
         .into_iter()
-        .map(|sender| {
-            tokio::spawn(drive(
-                sender,
-                host.clone(),
-                template.clone(),
-                ids.clone(),
-                until,
-            ))
-        })
+        .map(|connection| tokio::spawn(drive(connection, load.clone(), until)))
         .collect();
     let mut results = Vec::with_capacity(tasks.len());
     for task in tasks {
@@ -378,11 +559,13 @@ async fn phase(
     results
 }
 
-/// One row of the table.
+/// One row of one run.
+#[derive(Clone)]
 struct Point {
     target: Target,
     connections: usize,
-    requests_per_s: f64,
+    /// Requests/s (events/s for `batch` and `decode-only`).
+    rate: f64,
     p50_ms: f64,
     p99_ms: f64,
     failures: u64,
@@ -391,29 +574,34 @@ struct Point {
     cpu: CpuTimes,
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The phases' lengths, and what the rows share.
+struct Plan {
+    warmup: Duration,
+    length: Duration,
+    template: Arc<Template>,
+    ids: Arc<AtomicI64>,
+}
+
 fn measure(
     load_rt: &Runtime,
     server: &Server,
     target: Target,
     connections: usize,
-    warmup: Duration,
-    length: Duration,
-    template: &Arc<Template>,
-    ids: &Arc<AtomicI64>,
+    plan: &Plan,
 ) -> Point {
     load_rt.block_on(async {
-        let mut senders = Vec::with_capacity(connections);
+        let load = Load::new(target, server.addr, &plan.template, &plan.ids);
+        let mut opened = Vec::with_capacity(connections);
         for _ in 0..connections {
-            senders.push(connect(server.addr).await);
+            opened.push(Connection::open(server.addr, target.http2()).await);
         }
-        let warm = phase(senders, server.addr, template, ids, warmup).await;
-        let senders = warm.into_iter().map(|result| result.sender).collect();
+        let warm = phase(opened, &load, plan.warmup).await;
+        let opened = warm.into_iter().map(|result| result.connection).collect();
 
         let stats_before = server.embedded.as_ref().map(|log| snapshot(log.stats()));
         let cpu_before = CpuTimes::now();
         let started = Instant::now();
-        let results = phase(senders, server.addr, template, ids, length).await;
+        let results = phase(opened, &load, plan.length).await;
         let elapsed = started.elapsed().as_secs_f64();
         let cpu = CpuTimes::now().busy_since(cpu_before, elapsed);
         let stats_after = server.embedded.as_ref().map(|log| snapshot(log.stats()));
@@ -440,7 +628,7 @@ fn measure(
         Point {
             target,
             connections,
-            requests_per_s: requests as f64 / elapsed,
+            rate: (requests as usize * target.events_per_request()) as f64 / elapsed,
             p50_ms: latency_us.value_at_quantile(0.50) as f64 / 1000.0,
             p99_ms: latency_us.value_at_quantile(0.99) as f64 / 1000.0,
             failures,
@@ -448,6 +636,70 @@ fn measure(
             cpu,
         }
     })
+}
+
+/// The batch baseline: `decode::decode` on the items of one batch, round and round, on `threads`
+/// threads (as many as the server runtime has workers, pinned the same way); events/s.
+fn decode_only(threads: usize, cpu: Option<usize>, plan: &Plan) -> Point {
+    let batch = plan.template.batch(1);
+    let items: Vec<&serde_json::value::RawValue> =
+        serde_json::from_slice(&batch).expect("the batch is a JSON array");
+    let items: Arc<Vec<Bytes>> = Arc::new(
+        items
+            .into_iter()
+            .map(|item| batch.slice_ref(item.get().as_bytes()))
+            .collect(),
+    );
+    let run = |length: Duration| {
+        let until = Instant::now() + length;
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                let items = items.clone();
+                std::thread::Builder::new()
+                    .name(SERVER_THREADS.to_owned())
+                    .spawn(move || {
+                        if let Some(cpu) = cpu {
+                            pin_current_thread(cpu);
+                        }
+                        let mut decoded = 0u64;
+                        while Instant::now() < until {
+                            for item in items.iter() {
+                                let envelope = iqchannels_gateway::decode::decode(item)
+                                    .expect("the fixture decodes");
+                                std::hint::black_box(envelope);
+                            }
+                            decoded += items.len() as u64;
+                        }
+                        decoded
+                    })
+                    .expect("a decode thread")
+            })
+            .collect();
+        // The CPU columns read /proc/self/task: sample before the threads end.
+        std::thread::sleep(length.saturating_sub(Duration::from_millis(20)));
+        let cpu = CpuTimes::now();
+        let decoded: u64 = workers
+            .into_iter()
+            .map(|worker| worker.join().expect("a decode thread panicked"))
+            .sum();
+        (decoded, cpu)
+    };
+    run(plan.warmup);
+    let cpu_before = CpuTimes::now();
+    let started = Instant::now();
+    let (decoded, cpu_after) = run(plan.length);
+    let elapsed = started.elapsed().as_secs_f64();
+    let sampled = elapsed - 0.02;
+    Point {
+        target: Target::DecodeOnly,
+        connections: 0,
+        rate: decoded as f64 / elapsed,
+        p50_ms: f64::NAN,
+        p99_ms: f64::NAN,
+        failures: 0,
+        records_per_sync: None,
+        cpu: cpu_after.busy_since(cpu_before, sampled),
+    }
 }
 
 fn snapshot(stats: &WriterStats) -> (u64, u64) {
@@ -596,6 +848,7 @@ fn main() -> ExitCode {
     if options.pin && !pin {
         eprintln!("--pin needs two CPUs; running unpinned");
     }
+    let workers = if pin { 1 } else { cpus };
     let (server_rt, load_rt) = if pin {
         (
             runtime(SERVER_THREADS, 1, Some(0)),
@@ -613,24 +866,98 @@ fn main() -> ExitCode {
     } else {
         &[1, 32, 128]
     };
-    let length = Duration::from_secs_f64(options.seconds);
-    let warmup = Duration::from_secs_f64((options.seconds / 5.0).min(1.0));
-    let template = Arc::new(Template::load());
-    let ids = Arc::new(AtomicI64::new(1_000_000_000));
+    let targets: Vec<Target> = options.only.clone().unwrap_or(Target::ALL.to_vec());
+    let plan = Plan {
+        length: Duration::from_secs_f64(options.seconds),
+        warmup: Duration::from_secs_f64((options.seconds / 5.0).min(1.0)),
+        template: Arc::new(Template::load()),
+        ids: Arc::new(AtomicI64::new(1_000_000_000)),
+    };
     let data = tempfile::Builder::new()
         .prefix("ingest-bench-")
         .tempdir_in(data_parent())
         .expect("a temp dir for the embedded store");
+    print_header(&options, &plan, cpus, pin, data.path());
 
-    println!("# ingest benchmark: HTTP/1.1 POST /v1/events, keep-alive, one request at a time per connection");
+    // Every server runs all along and each level measures them back to back, so the ratios
+    // compare points taken within seconds of each other on a machine whose load drifts.
+    let mut kinds: Vec<ServerKind> = Vec::new();
+    for kind in targets.iter().filter_map(|target| target.server()) {
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
+        }
+    }
+    let servers: Vec<Server> = kinds
+        .into_iter()
+        .map(|kind| start(&server_rt, kind, &data.path().join("events")))
+        .collect();
+    let mut runs: Vec<Vec<Point>> = Vec::with_capacity(options.runs);
+    for run in 1..=options.runs {
+        let mut points = Vec::new();
+        for &connections in levels {
+            for &target in &targets {
+                let Some(kind) = target.server() else {
+                    continue;
+                };
+                let Some(server) = servers.iter().find(|server| server.kind == kind) else {
+                    continue;
+                };
+                let point = measure(&load_rt, server, target, connections, &plan);
+                eprintln!(
+                    "run {run}: {:<11} {:>4} connections: {:>8.0} {}/s",
+                    target.name(),
+                    connections,
+                    point.rate,
+                    unit(target)
+                );
+                points.push(point);
+            }
+        }
+        if targets.contains(&Target::DecodeOnly) {
+            let point = decode_only(workers, pin.then_some(0), &plan);
+            eprintln!(
+                "run {run}: {:<11} {workers} threads:   {:>8.0} events/s",
+                Target::DecodeOnly.name(),
+                point.rate
+            );
+            points.push(point);
+        }
+        runs.push(points);
+    }
+    for server in servers {
+        stop(&server_rt, server);
+    }
+
+    print_figures(&runs, workers);
+    print_ratios(&runs, levels);
+    let failures: u64 = runs.iter().flatten().map(|point| point.failures).sum();
+    if failures > 0 {
+        eprintln!("{failures} requests did not get 200 with every event stored as new");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+fn unit(target: Target) -> &'static str {
+    match target {
+        Target::Batch | Target::DecodeOnly => "events",
+        _ => "req",
+    }
+}
+
+fn print_header(options: &Options, plan: &Plan, cpus: usize, pin: bool, data: &Path) {
+    println!("# ingest benchmark: POST /v1/events and /v1/events:batch, keep-alive, one request at a time per connection");
     println!(
-        "# body: ../shared/fixtures/chat_closed.json ({} bytes) with a unique ChatEvent.Id per request",
-        template.body(1_000_000_000).len()
+        "# body: ../shared/fixtures/chat_closed.json ({} bytes) with a unique ChatEvent.Id per event; \
+         batch: {BATCH} of them in a JSON array ({} bytes)",
+        plan.template.body(1_000_000_000).len(),
+        plan.template.batch(1_000_000_000).len()
     );
     println!(
-        "# {} s measured per point after {} s warm-up; CPUs: {cpus}",
+        "# {} run(s); {} s measured per point after {} s warm-up; CPUs: {cpus}",
+        options.runs,
         options.seconds,
-        warmup.as_secs_f64()
+        plan.warmup.as_secs_f64()
     );
     println!(
         "# server and load generator share this one process (tokio runtimes `{SERVER_THREADS}` and `{LOAD_THREADS}`);"
@@ -647,108 +974,172 @@ fn main() -> ExitCode {
     }
     println!(
         "# embedded store in {} ({})",
-        data.path().display(),
-        if is_tmpfs(data.path()) {
+        data.display(),
+        if is_tmpfs(data) {
             "WARNING: tmpfs, fsync is free"
         } else {
             "not tmpfs: fsync reaches the disk"
         }
     );
     println!(
-        "# CPU columns: cores busy during the measured seconds (1.00 = one core); \
-         other = the rest of the machine: other processes, and kernel threads \
-         flushing our writes (embedded); high values from other processes skew a point"
+        "# CPU columns: cores busy during the measured seconds (1.00 = one core); server busy = \
+         server CPU / server workers; other = the rest of the machine: other processes, and kernel \
+         threads flushing our writes (embedded); high values from other processes skew a point"
     );
-
-    // All three servers run at once and each level measures them back to back, so the ratios
-    // compare points taken within seconds of each other on a machine whose load drifts.
-    let servers: Vec<(Target, Server)> = [Target::Bare, Target::Memory, Target::Embedded]
-        .into_iter()
-        .map(|target| {
-            (
-                target,
-                start(&server_rt, target, &data.path().join("events")),
-            )
-        })
-        .collect();
-    let mut points = Vec::new();
-    for &connections in levels {
-        for (target, server) in &servers {
-            let point = measure(
-                &load_rt,
-                server,
-                *target,
-                connections,
-                warmup,
-                length,
-                &template,
-                &ids,
-            );
-            eprintln!(
-                "{:<10} {:>4} connections: {:>8.0} req/s",
-                target.name(),
-                connections,
-                point.requests_per_s
-            );
-            points.push(point);
-        }
-    }
-    for (_, server) in servers {
-        stop(&server_rt, server);
-    }
-    points.sort_by_key(|point| (point.target, point.connections));
-
-    print_table(&points, levels);
-    let failures: u64 = points.iter().map(|point| point.failures).sum();
-    if failures > 0 {
-        eprintln!("{failures} requests did not get 200 with duplicate:false");
-        return ExitCode::FAILURE;
-    }
-    ExitCode::SUCCESS
 }
 
-fn print_table(points: &[Point], levels: &[usize]) {
+/// The run whose rate is the median of the runs' rates for this row (the lower one of the middle
+/// two for an even number of runs).
+fn median_point(runs: &[Vec<Point>], target: Target, connections: usize) -> Option<Point> {
+    let mut points: Vec<&Point> = runs
+        .iter()
+        .flatten()
+        .filter(|point| point.target == target && point.connections == connections)
+        .collect();
+    points.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+    points
+        .get((points.len().max(1) - 1) / 2)
+        .map(|point| (*point).clone())
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.retain(|value| value.is_finite());
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+fn print_figures(runs: &[Vec<Point>], workers: usize) {
+    let mut rows: Vec<(Target, usize)> = runs
+        .iter()
+        .flatten()
+        .map(|point| (point.target, point.connections))
+        .collect();
+    rows.sort();
+    rows.dedup();
     println!();
     println!(
-        "| store      | conns |    req/s | p50 ms | p99 ms | rec/sync | server CPU | loadgen CPU | other CPU |"
+        "Figures: for each row, the run with the median rate of {} run(s).",
+        runs.len()
+    );
+    println!();
+    println!(
+        "| row         | conns |   rate/s | unit   | p50 ms | p99 ms | rec/sync | server CPU | server busy | loadgen CPU | other CPU |"
     );
     println!(
-        "|------------|------:|---------:|-------:|-------:|---------:|-----------:|------------:|----------:|"
+        "|-------------|------:|---------:|--------|-------:|-------:|---------:|-----------:|------------:|------------:|----------:|"
     );
-    for point in points {
+    for (target, connections) in rows {
+        let Some(point) = median_point(runs, target, connections) else {
+            continue;
+        };
         let per_sync = point
             .records_per_sync
             .map_or_else(|| "-".to_owned(), |value| format!("{value:.1}"));
+        let ms = |value: f64| {
+            if value.is_finite() {
+                format!("{value:.3}")
+            } else {
+                "-".to_owned()
+            }
+        };
+        let conns = if target == Target::DecodeOnly {
+            "-".to_owned()
+        } else {
+            connections.to_string()
+        };
         println!(
-            "| {:<10} | {:>5} | {:>8.0} | {:>6.3} | {:>6.3} | {:>8} | {:>10.2} | {:>11.2} | {:>9.2} |",
-            point.target.name(),
-            point.connections,
-            point.requests_per_s,
-            point.p50_ms,
-            point.p99_ms,
+            "| {:<11} | {:>5} | {:>8.0} | {:<6} | {:>6} | {:>6} | {:>8} | {:>10.2} | {:>10.0}% | {:>11.2} | {:>9.2} |",
+            target.name(),
+            conns,
+            point.rate,
+            unit(target),
+            ms(point.p50_ms),
+            ms(point.p99_ms),
             per_sync,
             point.cpu.server,
+            100.0 * point.cpu.server / workers as f64,
             point.cpu.load,
             point.cpu.others
         );
     }
-    println!();
-    println!("| conns | memory / bare-hyper | durable / memory |");
-    println!("|------:|--------------------:|-----------------:|");
-    let rate = |target: Target, connections: usize| {
+}
+
+fn print_ratios(runs: &[Vec<Point>], levels: &[usize]) {
+    let rate = |points: &[Point], target: Target, connections: usize| {
         points
             .iter()
             .find(|point| point.target == target && point.connections == connections)
-            .map_or(f64::NAN, |point| point.requests_per_s)
+            .map_or(f64::NAN, |point| point.rate)
     };
+    // (name, target, numerator, denominator): the denominator of decode-only has no connections.
+    let ratios: [(&str, &str, Target, Target); 4] = [
+        (
+            "memory / bare-hyper",
+            ">= 0.6",
+            Target::Memory,
+            Target::Bare,
+        ),
+        (
+            "h2 / h1 (memory)",
+            ">= 0.85",
+            Target::MemoryH2,
+            Target::Memory,
+        ),
+        (
+            "durable / memory",
+            ">= 0.5 at 128",
+            Target::Embedded,
+            Target::Memory,
+        ),
+        (
+            "batch / decode-only",
+            ">= 0.5",
+            Target::Batch,
+            Target::DecodeOnly,
+        ),
+    ];
+    println!();
+    println!(
+        "Ratios: the median of the per-run ratios (each run's in brackets); target of issue 6 under each name."
+    );
+    println!();
+    let mut header = "| conns |".to_owned();
+    let mut rule = "|------:|".to_owned();
+    for (name, target, _, _) in &ratios {
+        header.push_str(&format!(" {name} ({target}) |"));
+        rule.push_str(&format!("{}:|", "-".repeat(name.len() + target.len() + 4)));
+    }
+    println!("{header}");
+    println!("{rule}");
     for &connections in levels {
-        let bare = rate(Target::Bare, connections);
-        let memory = rate(Target::Memory, connections);
-        let durable = rate(Target::Embedded, connections);
-        println!(
-            "| {connections:>5} | {:>19.2} | {:>16.2} |",
-            memory / bare,
-            durable / memory
-        );
+        let mut line = format!("| {connections:>5} |");
+        for (name, target, numerator, denominator) in &ratios {
+            let per_run: Vec<f64> = runs
+                .iter()
+                .map(|points| {
+                    let below = if *denominator == Target::DecodeOnly {
+                        0
+                    } else {
+                        connections
+                    };
+                    rate(points, *numerator, connections) / rate(points, *denominator, below)
+                })
+                .collect();
+            let each = per_run
+                .iter()
+                .map(|ratio| format!("{ratio:.2}"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let cell = format!("{:.2} [{each}]", median(per_run.clone()));
+            line.push_str(&format!(
+                " {cell:>width$} |",
+                width = name.len() + target.len() + 3
+            ));
+        }
+        println!("{line}");
     }
 }
