@@ -43,6 +43,9 @@ use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+mod common;
+use common::{Template, BATCH};
+
 /// What the bare baseline answers, byte for byte what the gateway answers for a new event.
 const BARE_REPLY: &[u8] = br#"{"sequence":1,"duplicate":false}"#;
 /// Thread names of the two runtimes (at most 15 bytes: Linux truncates `comm`). The decode-alone
@@ -51,8 +54,6 @@ const SERVER_THREADS: &str = "gw-server";
 const LOAD_THREADS: &str = "gw-load";
 /// `statfs` magic of tmpfs, where fsync would cost nothing.
 const TMPFS_MAGIC: i64 = 0x0102_1994;
-/// Events in one batch request.
-const BATCH: usize = 100;
 /// Records the in-memory store keeps (the oldest go first), so long runs stay within memory.
 const MEMORY_RECORDS: usize = 20_000;
 
@@ -143,81 +144,6 @@ fn parse_options() -> Result<Options, String> {
         pin,
         only,
     })
-}
-
-/// The fixture split around `ChatEvent.Id`, so each request gets a fresh id for the price of one
-/// copy of the bytes.
-struct Template {
-    prefix: Vec<u8>,
-    suffix: Vec<u8>,
-}
-
-impl Template {
-    fn load() -> Self {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../shared/fixtures/chat_closed.json"
-        );
-        let text = std::fs::read_to_string(path).expect("the fixture chat_closed.json is readable");
-        let chat_event = text
-            .find("\"ChatEvent\"")
-            .expect("the fixture has a ChatEvent");
-        let key = chat_event
-            + text[chat_event..]
-                .find("\"Id\"")
-                .expect("ChatEvent has an Id");
-        let after_key = key + "\"Id\"".len();
-        let colon = after_key + text[after_key..].find(':').expect("a colon after \"Id\"");
-        let start = colon
-            + 1
-            + text[colon + 1..]
-                .find(|c: char| !c.is_whitespace())
-                .expect("a value after \"Id\":");
-        let end = start
-            + text[start..]
-                .find(|c: char| !c.is_ascii_digit())
-                .expect("the Id is followed by more JSON");
-        let template = Self {
-            prefix: text.as_bytes()[..start].to_vec(),
-            suffix: text.as_bytes()[end..].to_vec(),
-        };
-        // The splice must land on ChatEvent.Id and nowhere else.
-        let probe: serde_json::Value =
-            serde_json::from_slice(&template.body(987_654_321)).expect("the spliced body is JSON");
-        assert_eq!(
-            probe["ChatEvent"]["Id"], 987_654_321,
-            "splice hits ChatEvent.Id"
-        );
-        template
-    }
-
-    fn write(&self, id: i64, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.prefix);
-        out.extend_from_slice(id.to_string().as_bytes());
-        out.extend_from_slice(&self.suffix);
-    }
-
-    fn body(&self, id: i64) -> Bytes {
-        let mut body = Vec::with_capacity(self.prefix.len() + 20 + self.suffix.len());
-        self.write(id, &mut body);
-        Bytes::from(body)
-    }
-
-    /// A JSON array of `BATCH` events with ids `first..first + BATCH`, as `/v1/events:batch`
-    /// takes it.
-    fn batch(&self, first: i64) -> Bytes {
-        let one = self.prefix.len() + 20 + self.suffix.len() + 2;
-        let mut body = Vec::with_capacity(BATCH * one + 2);
-        body.push(b'[');
-        for i in 0..BATCH as i64 {
-            if i > 0 {
-                body.extend_from_slice(b",\n");
-            }
-            self.write(first + i, &mut body);
-        }
-        body.push(b']');
-        Bytes::from(body)
-    }
 }
 
 /// One row of the table: what is measured.

@@ -1,0 +1,87 @@
+//! What the benches share: the request body they send.
+//!
+//! Each bench includes this module (`mod common;`) and uses part of it.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+
+/// Events in one batch request.
+pub const BATCH: usize = 100;
+
+/// The fixture split around `ChatEvent.Id`, so each request gets a fresh id for the price of one
+/// copy of the bytes.
+pub struct Template {
+    prefix: Vec<u8>,
+    suffix: Vec<u8>,
+}
+
+impl Template {
+    /// Reads the fixture and finds `ChatEvent.Id` in it.
+    pub fn load() -> Self {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/fixtures/chat_closed.json"
+        );
+        let text = std::fs::read_to_string(path).expect("the fixture chat_closed.json is readable");
+        let chat_event = text
+            .find("\"ChatEvent\"")
+            .expect("the fixture has a ChatEvent");
+        let key = chat_event
+            + text[chat_event..]
+                .find("\"Id\"")
+                .expect("ChatEvent has an Id");
+        let after_key = key + "\"Id\"".len();
+        let colon = after_key + text[after_key..].find(':').expect("a colon after \"Id\"");
+        let start = colon
+            + 1
+            + text[colon + 1..]
+                .find(|c: char| !c.is_whitespace())
+                .expect("a value after \"Id\":");
+        let end = start
+            + text[start..]
+                .find(|c: char| !c.is_ascii_digit())
+                .expect("the Id is followed by more JSON");
+        let template = Self {
+            prefix: text.as_bytes()[..start].to_vec(),
+            suffix: text.as_bytes()[end..].to_vec(),
+        };
+        // The splice must land on ChatEvent.Id and nowhere else.
+        let probe: serde_json::Value =
+            serde_json::from_slice(&template.body(987_654_321)).expect("the spliced body is JSON");
+        assert_eq!(
+            probe["ChatEvent"]["Id"], 987_654_321,
+            "splice hits ChatEvent.Id"
+        );
+        template
+    }
+
+    /// Appends the fixture with `ChatEvent.Id` = `id` to `out`.
+    pub fn write(&self, id: i64, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.prefix);
+        out.extend_from_slice(id.to_string().as_bytes());
+        out.extend_from_slice(&self.suffix);
+    }
+
+    /// The fixture with `ChatEvent.Id` = `id`.
+    pub fn body(&self, id: i64) -> Bytes {
+        let mut body = Vec::with_capacity(self.prefix.len() + 20 + self.suffix.len());
+        self.write(id, &mut body);
+        Bytes::from(body)
+    }
+
+    /// A JSON array of `BATCH` events with ids `first..first + BATCH`, as `/v1/events:batch`
+    /// takes it.
+    pub fn batch(&self, first: i64) -> Bytes {
+        let one = self.prefix.len() + 20 + self.suffix.len() + 2;
+        let mut body = Vec::with_capacity(BATCH * one + 2);
+        body.push(b'[');
+        for i in 0..BATCH as i64 {
+            if i > 0 {
+                body.extend_from_slice(b",\n");
+            }
+            self.write(first + i, &mut body);
+        }
+        body.push(b']');
+        Bytes::from(body)
+    }
+}
