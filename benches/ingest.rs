@@ -769,6 +769,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    common::init_logging();
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let pin = options.pin && cpus >= 2;
     if options.pin && !pin {

@@ -318,6 +318,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    common::init_logging();
     let reachable = options
         .nats
         .parse::<SocketAddr>()

@@ -1,4 +1,4 @@
-//! What the benches share: the request body they send.
+//! What the benches share: the request body they send, and logging set up as the binary does.
 //!
 //! Each bench includes this module (`mod common;`) and uses part of it.
 #![allow(dead_code)]
@@ -84,4 +84,16 @@ impl Template {
         body.push(b']');
         Bytes::from(body)
     }
+}
+
+/// Logging as `main.rs` sets it up (`IQGW_LOG`, default `info`, to stderr). Without a subscriber,
+/// every span the dependencies open (h2 opens several per request) would go through tracing's
+/// `log` fallback, a cost the binary does not pay.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("IQGW_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
