@@ -44,10 +44,22 @@ impl Default for HttpConfig {
     }
 }
 
+/// What the handlers share. axum clones the state for every request, so it is one `Arc` (a
+/// `Gateway` clone is a dozen reference counts, and the auth settings own heap buffers).
 #[derive(Clone)]
-struct AppState {
+struct AppState(std::sync::Arc<Shared>);
+
+struct Shared {
     gateway: Gateway,
     config: HttpConfig,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 /// The whole service on the shared port: HTTP routes, and `grpc` for requests whose content type
@@ -86,26 +98,25 @@ pub fn router(gateway: Gateway, config: HttpConfig, grpc: tonic::service::Routes
                 }
             }
         })
-        .with_state(AppState { gateway, config })
+        .with_state(AppState(std::sync::Arc::new(Shared { gateway, config })))
 }
 
-/// What the metrics layer of one ingest route needs.
-#[derive(Clone)]
+/// What the metrics layer of one ingest route needs; one `Arc`, cloned per request.
 struct Observed {
     gateway: Gateway,
     route: &'static str,
 }
 
-fn observed(route: &'static str, gateway: &Gateway) -> Observed {
-    Observed {
+fn observed(route: &'static str, gateway: &Gateway) -> std::sync::Arc<Observed> {
+    std::sync::Arc::new(Observed {
         gateway: gateway.clone(),
         route,
-    }
+    })
 }
 
 /// Counts each request to an ingest route and its latency, by outcome.
 async fn observe(
-    State(observed): State<Observed>,
+    State(observed): State<std::sync::Arc<Observed>>,
     request: Request,
     next: axum::middleware::Next,
 ) -> Response {
