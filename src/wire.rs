@@ -1,13 +1,15 @@
 //! The stored record of an event and its pre-encoded gRPC form.
 //!
 //! An event is encoded to protobuf once, when it is stored ([`StoredEvent`], the log's opaque
-//! payload) and once more when it is read back from the log or the hub turns it into an
-//! [`EncodedEvent`]: the exact bytes of an `iqchannels.gateway.v1.Event`. Every subscriber stream
-//! then sends those same shared bytes ([`WireEvent`]); nothing is re-encoded per subscriber.
+//! payload). When it is read back (by the hub, or a subscriber catching up) it becomes an
+//! [`EncodedEvent`]: the few bytes of `Event`'s sequence and time, encoded then, in front of the
+//! stored envelope and raw JSON, which stay in the record's buffer (no copy). Every subscriber
+//! stream then sends those same shared bytes ([`WireEvent`]); nothing is re-encoded per
+//! subscriber.
 
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use prost::Message;
 
 /// What the log stores for one event (its payload; the log adds sequence and time).
@@ -53,7 +55,10 @@ pub struct Keys {
     pub channel_id: Option<i64>,
 }
 
-/// One stored event, encoded once as `iqchannels.gateway.v1.Event` bytes and shared.
+/// One stored event in its `iqchannels.gateway.v1.Event` wire form, built once and shared.
+///
+/// The envelope and the raw JSON are not copied: they are slices of the log record's payload
+/// (`Bytes` share the buffer). Only the few bytes before them are encoded here, once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EncodedEvent {
     /// The log sequence.
@@ -62,35 +67,57 @@ pub struct EncodedEvent {
     pub received_at_ms: i64,
     /// Filter fields.
     pub keys: Keys,
-    /// Fields 1-3 of `Event` (sequence, received_at, envelope).
-    pub base: Bytes,
-    /// Field 4 of `Event` (raw_json), tag and length included; empty when there is no raw body.
-    pub raw_field: Bytes,
+    /// Fields 1 and 2 of `Event` (sequence, received_at), then the tag and length of field 3.
+    head: Head,
+    /// The content of field 3: the typed envelope, shared with the log record.
+    pub envelope: Bytes,
+    /// The original webhook body (field 4, `raw_json`), shared with the log record; empty when
+    /// there is none (a typed gRPC Publish).
+    pub raw_json: Bytes,
+}
+
+/// The encoded prefix of an `Event`, inline: no allocation. At most 11 bytes of sequence, 19 of
+/// timestamp and 11 of field 3's tag and length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Head {
+    bytes: [u8; HEAD_MAX],
+    len: u8,
+}
+
+const HEAD_MAX: usize = 48;
+
+impl Head {
+    fn new(sequence: u64, received_at_ms: i64, envelope_len: usize) -> Self {
+        let mut bytes = [0u8; HEAD_MAX];
+        let mut buf = &mut bytes[..];
+        let received_at = timestamp(received_at_ms);
+        prost::encoding::uint64::encode(1, &sequence, &mut buf);
+        prost::encoding::message::encode(2, &received_at, &mut buf);
+        prost::encoding::encode_key(3, prost::encoding::WireType::LengthDelimited, &mut buf);
+        prost::encoding::encode_varint(envelope_len as u64, &mut buf);
+        let len = (HEAD_MAX - buf.len()) as u8;
+        Self { bytes, len }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
 }
 
 impl EncodedEvent {
     /// Builds the wire form from a log record's parts.
     pub fn new(sequence: u64, received_at_ms: i64, stored: StoredEvent) -> Self {
-        let received_at = timestamp(received_at_ms);
-        let mut base = BytesMut::with_capacity(stored.envelope.len() + 32);
-        prost::encoding::uint64::encode(1, &sequence, &mut base);
-        prost::encoding::message::encode(2, &received_at, &mut base);
-        prost::encoding::bytes::encode(3, &stored.envelope, &mut base);
-        let mut raw_field = BytesMut::new();
-        if !stored.raw_json.is_empty() {
-            raw_field.reserve(stored.raw_json.len() + 8);
-            prost::encoding::bytes::encode(4, &stored.raw_json, &mut raw_field);
-        }
         Self {
             sequence,
             received_at_ms,
             keys: stored.keys.unwrap_or_default(),
-            base: base.freeze(),
-            raw_field: raw_field.freeze(),
+            head: Head::new(sequence, received_at_ms, stored.envelope.len()),
+            envelope: stored.envelope,
+            raw_json: stored.raw_json,
         }
     }
 
-    /// Decodes a log payload into the wire form.
+    /// Decodes a log payload into the wire form (the envelope and raw JSON stay in `payload`).
     pub fn from_payload(
         sequence: u64,
         received_at_ms: i64,
@@ -101,6 +128,25 @@ impl EncodedEvent {
             received_at_ms,
             StoredEvent::decode(payload)?,
         ))
+    }
+
+    /// The length of the encoded `Event`, with or without field 4.
+    pub fn encoded_len(&self, include_raw: bool) -> usize {
+        let raw = if include_raw && !self.raw_json.is_empty() {
+            prost::encoding::bytes::encoded_len(4, &self.raw_json)
+        } else {
+            0
+        };
+        self.head.as_slice().len() + self.envelope.len() + raw
+    }
+
+    /// Writes the encoded `Event`, with or without field 4.
+    pub fn write(&self, include_raw: bool, buf: &mut impl BufMut) {
+        buf.put_slice(self.head.as_slice());
+        buf.put_slice(&self.envelope);
+        if include_raw && !self.raw_json.is_empty() {
+            prost::encoding::bytes::encode(4, &self.raw_json, buf);
+        }
     }
 }
 
@@ -124,15 +170,8 @@ pub struct WireEvent {
 
 impl Default for WireEvent {
     fn default() -> Self {
-        let empty = EncodedEvent {
-            sequence: 0,
-            received_at_ms: 0,
-            keys: Keys::default(),
-            base: Bytes::new(),
-            raw_field: Bytes::new(),
-        };
         Self {
-            event: Arc::new(empty),
+            event: Arc::new(EncodedEvent::new(0, 0, StoredEvent::default())),
             include_raw: false,
         }
     }
@@ -140,10 +179,7 @@ impl Default for WireEvent {
 
 impl Message for WireEvent {
     fn encode_raw(&self, buf: &mut impl BufMut) {
-        buf.put_slice(&self.event.base);
-        if self.include_raw {
-            buf.put_slice(&self.event.raw_field);
-        }
+        self.event.write(self.include_raw, buf);
     }
 
     fn merge_field(
@@ -158,12 +194,7 @@ impl Message for WireEvent {
     }
 
     fn encoded_len(&self) -> usize {
-        self.event.base.len()
-            + if self.include_raw {
-                self.event.raw_field.len()
-            } else {
-                0
-            }
+        self.event.encoded_len(self.include_raw)
     }
 
     fn clear(&mut self) {
@@ -209,6 +240,44 @@ mod tests {
         .encode_to_vec();
         let decoded = crate::pb::client::Event::decode(without.as_slice()).expect("valid protobuf");
         assert!(decoded.raw_json.is_empty());
+    }
+
+    #[test]
+    fn encoded_event_shares_the_payload_and_encodes_extremes() {
+        let envelope = crate::pb::webhook::v1::Envelope {
+            chat_event: Some(crate::pb::webhook::v1::ChatEvent {
+                id: 1 << 40,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let stored = StoredEvent {
+            envelope: envelope.encode_to_vec().into(),
+            raw_json: Bytes::from_static(b"{}"),
+            keys: None,
+        };
+        let payload = Bytes::from(stored.encode_to_vec());
+        for (sequence, at) in [(u64::MAX, i64::MIN), (1, 0), (300, i64::MAX)] {
+            let event =
+                EncodedEvent::from_payload(sequence, at, payload.clone()).expect("valid payload");
+            // The envelope is a view into the payload, not a copy.
+            let inside = payload.as_ptr_range();
+            assert!(inside.contains(&event.envelope.as_ptr()));
+            for include_raw in [false, true] {
+                let wire = WireEvent {
+                    event: Arc::new(event.clone()),
+                    include_raw,
+                };
+                let bytes = wire.encode_to_vec();
+                assert_eq!(bytes.len(), wire.encoded_len());
+                let decoded =
+                    crate::pb::client::Event::decode(bytes.as_slice()).expect("valid protobuf");
+                assert_eq!(decoded.sequence, sequence);
+                assert_eq!(decoded.received_at, Some(timestamp(at)));
+                assert_eq!(decoded.raw_json.is_empty(), !include_raw);
+                assert_eq!(decoded.envelope.as_ref(), Some(&envelope));
+            }
+        }
     }
 
     #[test]

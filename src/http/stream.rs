@@ -11,7 +11,6 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use bytes::Buf;
 use futures_util::Stream;
 use serde_json::json;
 
@@ -171,10 +170,8 @@ async fn open(
 
 /// `id: <sequence>`, `data: {"sequence", "received_at", "type", "event": <the webhook body>}`.
 fn sse_event(event: &Arc<EncodedEvent>) -> SseEvent {
-    let raw = raw_json(&event.raw_field);
-    let body: serde_json::Value = raw
-        .and_then(|raw| serde_json::from_slice(raw).ok())
-        .unwrap_or(serde_json::Value::Null);
+    let body: serde_json::Value =
+        serde_json::from_slice(&event.raw_json).unwrap_or(serde_json::Value::Null);
     let data = json!({
         "sequence": event.sequence,
         "received_at_ms": event.received_at_ms,
@@ -186,14 +183,6 @@ fn sse_event(event: &Arc<EncodedEvent>) -> SseEvent {
     SseEvent::default()
         .id(event.sequence.to_string())
         .data(data.to_string())
-}
-
-/// The original body inside `Event.raw_json`'s encoded field (tag, length, bytes).
-fn raw_json(field: &[u8]) -> Option<&[u8]> {
-    let mut buf = field.get(1..)?;
-    let length = prost::encoding::decode_varint(&mut buf).ok()? as usize;
-    let start = field.len() - buf.remaining();
-    field.get(start..start + length)
 }
 
 /// `GET /v1/stats`: totals, the head of the log and every subscriber's lag.
@@ -240,13 +229,5 @@ mod tests {
         ));
         assert!(parse(Some("chat=abc")).is_err());
         assert!(parse(Some("colour=red")).is_err());
-    }
-
-    #[test]
-    fn the_raw_body_is_found_inside_its_encoded_field() {
-        let mut field = Vec::new();
-        prost::encoding::bytes::encode(4, &b"{\"a\":1}".to_vec(), &mut field);
-        assert_eq!(raw_json(&field), Some(&b"{\"a\":1}"[..]));
-        assert_eq!(raw_json(&[]), None);
     }
 }
