@@ -1,7 +1,10 @@
 //! The gRPC edge: `iqchannels.gateway.v1.EventGateway`, health and reflection. The only module
 //! that knows tonic; the one place errors become `tonic::Status`.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::Stream;
@@ -17,8 +20,8 @@ use crate::pb::gateway::v1::{
     get_event_request, publish_request, subscribe_request, GetEventRequest, PublishRequest,
     PublishResponse, SubscribeRequest,
 };
-use crate::subscribe::{Filter, Start, SubscribeError};
-use crate::wire::WireEvent;
+use crate::subscribe::{Filter, Start, SubscribeError, Subscription};
+use crate::wire::{EncodedEvent, WireEvent};
 
 /// The tonic routes for everything gRPC the gateway serves on its port.
 pub fn routes(
@@ -130,13 +133,10 @@ impl EventGateway for Service {
         tracing::debug!(position = subscription.position(), "subscriber attached");
         // The stream is pulled by tonic as the client reads: a slow client holds at most the one
         // page its cursor has read; a client that leaves drops the subscription.
-        let stream = futures_util::stream::unfold(Some(subscription), move |state| async move {
-            let mut subscription = state?;
-            match subscription.next().await {
-                Ok(event) => Some((Ok(WireEvent { event, include_raw }), Some(subscription))),
-                Err(error) => Some((Err(subscribe_status(error)), None)),
-            }
-        });
+        let stream = SubscriptionStream {
+            state: State::Ready(Box::new(subscription)),
+            include_raw,
+        };
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -199,6 +199,65 @@ impl EventGateway for Service {
             event: event.into(),
             include_raw: request.include_raw_json,
         }))
+    }
+}
+
+/// A subscription as the stream tonic pulls. Events already at hand (a page read from the log,
+/// events waiting in the live tail) are taken synchronously with [`Subscription::try_next`];
+/// only waiting goes through a future, which owns the subscription until it resolves. So a busy
+/// stream costs no future, no `select!` and no move of the subscription per event.
+struct SubscriptionStream {
+    state: State,
+    include_raw: bool,
+}
+
+type Waiting = Pin<Box<dyn Future<Output = (Box<Subscription>, Next)> + Send>>;
+type Next = Result<Arc<EncodedEvent>, SubscribeError>;
+
+enum State {
+    Ready(Box<Subscription>),
+    Waiting(Waiting),
+    Ended,
+}
+
+impl Stream for SubscriptionStream {
+    type Item = Result<WireEvent, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            let next = match std::mem::replace(&mut this.state, State::Ended) {
+                State::Ended => return Poll::Ready(None),
+                State::Ready(mut subscription) => match subscription.try_next() {
+                    Some(next) => (subscription, next),
+                    None => {
+                        this.state = State::Waiting(Box::pin(async move {
+                            let next = subscription.next().await;
+                            (subscription, next)
+                        }));
+                        continue;
+                    }
+                },
+                State::Waiting(mut waiting) => match waiting.as_mut().poll(cx) {
+                    Poll::Ready(done) => done,
+                    Poll::Pending => {
+                        this.state = State::Waiting(waiting);
+                        return Poll::Pending;
+                    }
+                },
+            };
+            return Poll::Ready(Some(match next {
+                (subscription, Ok(event)) => {
+                    this.state = State::Ready(subscription);
+                    Ok(WireEvent {
+                        event,
+                        include_raw: this.include_raw,
+                    })
+                }
+                // The stream ends after the error (state stays `Ended`).
+                (_, Err(error)) => Err(subscribe_status(error)),
+            }));
+        }
     }
 }
 

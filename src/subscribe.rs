@@ -224,23 +224,21 @@ impl Subscription {
             if *self.shutdown.borrow() {
                 return Err(SubscribeError::ShuttingDown);
             }
-            if let Some(event) = self.pending.pop_front() {
-                return Ok(event);
+            if let Some(ready) = self.try_next() {
+                return ready;
             }
             if self.catching_up {
                 self.catch_up_page().await?;
                 continue;
             }
             let received = tokio::select! {
+                biased;
                 received = self.live.recv() => received,
                 _ = self.shutdown.changed() => return Err(SubscribeError::ShuttingDown),
             };
             match received {
-                Ok(event) if event.sequence < self.next => {}
-                Ok(event) if event.sequence > self.next => self.catching_up = true,
                 Ok(event) => {
-                    self.advance_to(self.next + 1);
-                    if self.filter.matches(&event.keys) {
+                    if let Some(event) = self.take_live(event) {
                         return Ok(event);
                     }
                 }
@@ -251,6 +249,54 @@ impl Subscription {
                 }
             }
         }
+    }
+
+    /// The next matching event if one is at hand without waiting: from the page already read,
+    /// or already in the live tail. `None` when [`Subscription::next`] has to wait (for the log
+    /// or for a new event). A busy stream takes every event here, without a future per event.
+    pub fn try_next(&mut self) -> Option<Result<Arc<EncodedEvent>, SubscribeError>> {
+        // `has_changed` reads one atomic; the only change ever made is to `true`.
+        if self.shutdown.has_changed().unwrap_or(false) && *self.shutdown.borrow() {
+            return Some(Err(SubscribeError::ShuttingDown));
+        }
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Some(Ok(event));
+            }
+            if self.catching_up {
+                return None;
+            }
+            match self.live.try_recv() {
+                Ok(event) => {
+                    if let Some(event) = self.take_live(event) {
+                        return Some(Ok(event));
+                    }
+                }
+                Err(broadcast::error::TryRecvError::Empty) => return None,
+                // Fell behind the bounded tail: the log has everything it missed.
+                Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                    self.catching_up = true;
+                    return None;
+                }
+                Err(broadcast::error::TryRecvError::Closed) => {
+                    return Some(Err(SubscribeError::ShuttingDown))
+                }
+            }
+        }
+    }
+
+    /// Moves the cursor past a live event; the event if it is the next one and matches. A gap
+    /// sends the subscription back to the log.
+    fn take_live(&mut self, event: Arc<EncodedEvent>) -> Option<Arc<EncodedEvent>> {
+        if event.sequence > self.next {
+            self.catching_up = true;
+            return None;
+        }
+        if event.sequence < self.next {
+            return None;
+        }
+        self.advance_to(self.next + 1);
+        self.filter.matches(&event.keys).then_some(event)
     }
 
     /// Reads one page from the log; at the end of the log, switches to the live tail.
