@@ -639,9 +639,14 @@ fn bad_inputs() -> Vec<Bad> {
         },
         Bad {
             method: "GET",
-            path: "/",
+            path: "/v2/",
             content_type: None,
-            ..bad("root", b"", 404, None)
+            ..bad("unknown GET path", b"", 404, None)
+        },
+        Bad {
+            method: "POST",
+            path: "/",
+            ..bad("POST to the console page", CHAT_CLOSED, 405, None)
         },
     ]
 }
