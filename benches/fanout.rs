@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use iqchannels_gateway::log::embedded::{EmbeddedLog, Retention};
 use iqchannels_gateway::log::memory::MemoryLog;
@@ -61,12 +62,15 @@ fan-out benchmark: gRPC Subscribe fan-out, catch-up, memory and latency, each be
 
 usage: cargo bench --bench fanout [-- OPTIONS]
 
-  --quick          short run: 2 s per fan-out point at 1/10/100 subscribers, 100,000 events of
+  --quick          short run: one round of 2 s per fan-out point at 1/10/100 subscribers, 100,000 events of
                    catch-up, 200 idle streams, 100,000 events past a stalled subscriber, 3 s of
                    latency; the plot goes to target/ instead of docs/
-  --seconds S      measured seconds per fan-out point (default 5)
+  --seconds S      measured seconds per fan-out point (default 3)
+  --rounds R       fan-out rounds per level, gateway then ceiling each (default 3); the
+                   medians are reported and plotted
   --events N       events replayed by the catch-up subscriber (default 1,000,000)
   --plot PATH      where the SVG goes (default docs/fanout.svg on a full run)
+  --rate N         events/s POSTed in the latency part (default 5000)
   --subscribers L  fan-out levels, comma-separated (default 1,10,100,500)
   --only PARTS     run only these, comma-separated: fanout, catchup, memory, latency
                    (fanout-gateway: the gateway's fan-out points alone, for a profiler)
@@ -77,6 +81,8 @@ Without --bench (cargo test --all-targets) it is a smoke run of a few seconds.";
 #[derive(Clone)]
 struct Options {
     seconds: f64,
+    /// Times each fan-out level is measured (gateway then ceiling each time).
+    rounds: usize,
     levels: Vec<usize>,
     catch_up_events: u64,
     idle_streams: usize,
@@ -102,6 +108,7 @@ fn parse_options() -> Result<Options, String> {
     let mut options = if !full {
         Options {
             seconds: 0.5,
+            rounds: 1,
             levels: vec![1, 10],
             catch_up_events: 10_000,
             idle_streams: 50,
@@ -115,6 +122,7 @@ fn parse_options() -> Result<Options, String> {
     } else if quick {
         Options {
             seconds: 2.0,
+            rounds: 1,
             levels: vec![1, 10, 100],
             catch_up_events: 100_000,
             idle_streams: 200,
@@ -127,7 +135,8 @@ fn parse_options() -> Result<Options, String> {
         }
     } else {
         Options {
-            seconds: 5.0,
+            seconds: 3.0,
+            rounds: 3,
             levels: vec![1, 10, 100, 500],
             catch_up_events: 1_000_000,
             idle_streams: 1000,
@@ -161,6 +170,22 @@ fn parse_options() -> Result<Options, String> {
                     .ok()
                     .filter(|n| *n > 0)
                     .ok_or(format!("--events: not a positive integer: {text}"))?;
+            }
+            "--rate" => {
+                let text = value("--rate")?;
+                options.latency_rate = text
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or(format!("--rate: not a positive integer: {text}"))?;
+            }
+            "--rounds" => {
+                let text = value("--rounds")?;
+                options.rounds = text
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or(format!("--rounds: not a positive integer: {text}"))?;
             }
             "--subscribers" => {
                 let text = value("--subscribers")?;
@@ -342,6 +367,9 @@ fn spawn_reader(
 /// and round, as fast as the client takes them. Nothing else happens per message.
 struct Ceiling {
     pool: Arc<Vec<Arc<EncodedEvent>>>,
+    /// Streams start sending once this is true: when every subscriber is attached, so that the
+    /// first streams do not flood the process while the others connect.
+    go: tokio::sync::watch::Receiver<bool>,
 }
 
 type CeilingStream =
@@ -356,12 +384,19 @@ impl EventGateway for Ceiling {
         _request: Request<SubscribeRequest>,
     ) -> Result<Response<CeilingStream>, Status> {
         let pool = self.pool.clone();
-        let stream = futures_util::stream::iter((0..).map(move |i: usize| {
-            Ok(WireEvent {
-                event: pool[i % pool.len()].clone(),
-                include_raw: false,
-            })
-        }));
+        let mut go = self.go.clone();
+        let start = async move {
+            let _ = go.wait_for(|go| *go).await;
+        };
+        let stream = futures_util::stream::once(start).flat_map(move |()| {
+            let pool = pool.clone();
+            futures_util::stream::iter((0..).map(move |i: usize| {
+                Ok(WireEvent {
+                    event: pool[i % pool.len()].clone(),
+                    include_raw: false,
+                })
+            }))
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -414,7 +449,11 @@ fn start_gateway(rt: &Runtime, log: SharedLog) -> Server {
     Server { addr, stop, task }
 }
 
-fn start_ceiling(rt: &Runtime, pool: Arc<Vec<Arc<EncodedEvent>>>) -> Server {
+fn start_ceiling(
+    rt: &Runtime,
+    pool: Arc<Vec<Arc<EncodedEvent>>>,
+    go: tokio::sync::watch::Receiver<bool>,
+) -> Server {
     let (listener, addr) = bind(rt);
     let (stop, stopped) = oneshot::channel::<()>();
     let incoming = futures_util::stream::unfold(listener, |listener| async move {
@@ -426,7 +465,7 @@ fn start_ceiling(rt: &Runtime, pool: Arc<Vec<Arc<EncodedEvent>>>) -> Server {
     });
     let task = rt.spawn(async move {
         let served = tonic::transport::Server::builder()
-            .add_service(EventGatewayServer::new(Ceiling { pool }))
+            .add_service(EventGatewayServer::new(Ceiling { pool, go }))
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stopped.await;
             })
@@ -498,8 +537,6 @@ enum Kind {
 }
 
 struct FanPoint {
-    kind: Kind,
-    subscribers: usize,
     messages_per_s: f64,
     disorder: u64,
     cpu: Cpu,
@@ -517,9 +554,10 @@ struct Bench {
 impl Bench {
     fn fanout(&self, kind: Kind, subscribers: usize) -> FanPoint {
         let log = Arc::new(MemoryLog::default());
+        let (go, ready) = tokio::sync::watch::channel(false);
         let server = match kind {
             Kind::Gateway => start_gateway(&self.server_rt, log.clone()),
-            Kind::Ceiling => start_ceiling(&self.server_rt, self.encoded.clone()),
+            Kind::Ceiling => start_ceiling(&self.server_rt, self.encoded.clone(), ready),
         };
         let tallies: Arc<Vec<Arc<Tally>>> =
             Arc::new((0..subscribers).map(|_| Arc::default()).collect());
@@ -536,6 +574,7 @@ impl Bench {
             }
             readers
         });
+        go.send_replace(true);
         let running = Arc::new(AtomicBool::new(true));
         let feeder = (kind == Kind::Gateway).then(|| {
             self.server_rt.spawn(feed(
@@ -567,8 +606,6 @@ impl Bench {
         }
         stop(&self.server_rt, server);
         FanPoint {
-            kind,
-            subscribers,
             messages_per_s: (count1 - count0) as f64 / elapsed,
             disorder: tallies
                 .iter()
@@ -603,7 +640,11 @@ impl Bench {
         }
         let server = match kind {
             Kind::Gateway => start_gateway(&self.server_rt, log.clone()),
-            Kind::Ceiling => start_ceiling(&self.server_rt, self.encoded.clone()),
+            Kind::Ceiling => start_ceiling(
+                &self.server_rt,
+                self.encoded.clone(),
+                tokio::sync::watch::channel(true).1,
+            ),
         };
         let tally = Arc::new(Tally::default());
         let (seconds, cpu) = self.load_rt.block_on(async {
@@ -772,6 +813,7 @@ impl Bench {
                 }));
             }
             let syncs0 = log.stats().syncs.load(Ordering::Relaxed);
+            let cpu0 = CpuTimes::now();
             let http = reqwest::Client::new();
             let url = format!("http://{}/v1/events", server.addr);
             let started = Instant::now();
@@ -817,7 +859,9 @@ impl Bench {
                     Err(_) => failed += 1,
                 }
             }
-            let offered = events as f64 / started.elapsed().as_secs_f64();
+            let seconds = started.elapsed().as_secs_f64();
+            let offered = events as f64 / seconds;
+            let cpu = CpuTimes::now().busy_since(cpu0, seconds);
             last_tx.send_replace(sent_at.keys().copied().max().unwrap_or(0));
             let mut receipt = histogram();
             let mut missing = 0;
@@ -844,6 +888,7 @@ impl Bench {
                 failed,
                 missing,
                 records_per_sync: events as f64 / syncs.max(1) as f64,
+                cpu,
             }
         });
         stop(&self.server_rt, server);
@@ -913,6 +958,8 @@ struct Latency {
     failed: usize,
     missing: usize,
     records_per_sync: f64,
+    /// Cores busy while the events were POSTed.
+    cpu: Cpu,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -1108,66 +1155,132 @@ fn main() -> ExitCode {
     }
 }
 
-/// Gateway and ceiling back to back at each level; the table, and the plot. False on a gap.
+/// Gateway and ceiling back to back at each level, `rounds` times; a row per round, the
+/// medians, and the plot. False on a gap.
 fn report_fanout(bench: &Bench) -> bool {
     let options = &bench.options;
     let mut ok = true;
-    let mut points = Vec::new();
     // `--only fanout-gateway` leaves the ceiling out (for profiling the gateway alone).
     let kinds: &[Kind] = if options.runs("fanout") {
         &[Kind::Gateway, Kind::Ceiling]
     } else {
         &[Kind::Gateway]
     };
+    let mut rows = Vec::new();
     for &subscribers in &options.levels {
-        for &kind in kinds {
-            let point = bench.fanout(kind, subscribers);
-            eprintln!(
-                "fan-out {:<7} {:>4} subscribers: {:>9.0} msg/s",
-                kind.name(),
-                subscribers,
-                point.messages_per_s
-            );
-            ok &= point.disorder == 0;
-            points.push(point);
+        for round in 1..=options.rounds {
+            let mut pair = Vec::new();
+            for &kind in kinds {
+                let point = bench.fanout(kind, subscribers);
+                eprintln!(
+                    "fan-out {:<7} {:>4} subscribers, round {round}: {:>9.0} msg/s",
+                    kind.name(),
+                    subscribers,
+                    point.messages_per_s
+                );
+                ok &= point.disorder == 0;
+                pair.push(point);
+            }
+            if let [gateway, ceiling] = pair.as_slice() {
+                rows.push(FanRow::new(subscribers, round, gateway, ceiling));
+            }
         }
     }
     println!();
     println!("## Fan-out: messages/s delivered, live tail, one connection per subscriber");
     println!();
-    println!("| subscribers | gateway msg/s | ceiling msg/s | ratio | target | server CPU (gw/ceil) | load CPU (gw/ceil) | other CPU |");
-    println!("|------------:|--------------:|--------------:|------:|-------:|--------------------:|-------------------:|----------:|");
+    println!("| subscribers | round | gateway msg/s | ceiling msg/s | ratio | msg per server CPU-s, ratio | server CPU (gw/ceil) | load CPU (gw/ceil) | other CPU |");
+    println!("|------------:|------:|--------------:|--------------:|------:|----------------------------:|--------------------:|-------------------:|----------:|");
+    for row in &rows {
+        println!(
+            "| {:>11} | {:>5} | {:>13.0} | {:>13.0} | {:>5.2} | {:>27.2} | {:>9.2} / {:<8.2} | {:>8.2} / {:<7.2} | {:>9.2} |",
+            row.subscribers,
+            row.round,
+            row.gateway,
+            row.ceiling,
+            row.gateway / row.ceiling,
+            row.efficiency,
+            row.server_cpu.0,
+            row.server_cpu.1,
+            row.load_cpu.0,
+            row.load_cpu.1,
+            row.other_cpu,
+        );
+    }
+    println!();
+    println!("Median of {} rounds:", options.rounds);
+    println!();
+    println!("| subscribers | gateway msg/s | ceiling msg/s | ratio | msg per server CPU-s, ratio | target |");
+    println!("|------------:|--------------:|--------------:|------:|----------------------------:|-------:|");
     let mut series = Vec::new();
     for &subscribers in &options.levels {
-        let find = |kind| {
-            points
-                .iter()
-                .find(|p: &&FanPoint| p.kind == kind && p.subscribers == subscribers)
-        };
-        let (Some(gateway), Some(ceiling)) = (find(Kind::Gateway), find(Kind::Ceiling)) else {
+        let level: Vec<&FanRow> = rows
+            .iter()
+            .filter(|r| r.subscribers == subscribers)
+            .collect();
+        if level.is_empty() {
             continue;
-        };
-        let ratio = gateway.messages_per_s / ceiling.messages_per_s;
+        }
+        let gateway = median(level.iter().map(|r| r.gateway));
+        let ceiling = median(level.iter().map(|r| r.ceiling));
         println!(
-            "| {subscribers:>11} | {:>13.0} | {:>13.0} | {ratio:>5.2} | {:>6} | {:>9.2} / {:<8.2} | {:>8.2} / {:<7.2} | {:>9.2} |",
-            gateway.messages_per_s,
-            ceiling.messages_per_s,
+            "| {subscribers:>11} | {gateway:>13.0} | {ceiling:>13.0} | {:>5.2} | {:>27.2} | {:>6} |",
+            median(level.iter().map(|r| r.gateway / r.ceiling)),
+            median(level.iter().map(|r| r.efficiency)),
             if subscribers == 100 { ">=0.85" } else { "-" },
-            gateway.cpu.server,
-            ceiling.cpu.server,
-            gateway.cpu.load,
-            ceiling.cpu.load,
-            (gateway.cpu.others + ceiling.cpu.others) / 2.0,
         );
-        series.push((subscribers, gateway.messages_per_s, ceiling.messages_per_s));
+        series.push((subscribers, gateway, ceiling));
     }
     if let Some(path) = &options.plot {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
         match std::fs::write(path, plot(&series)) {
             Ok(()) => println!("\nplot: {}", path.display()),
             Err(error) => eprintln!("cannot write {}: {error}", path.display()),
         }
     }
     ok
+}
+
+/// One round of one level: the gateway and the ceiling measured back to back.
+struct FanRow {
+    subscribers: usize,
+    round: usize,
+    gateway: f64,
+    ceiling: f64,
+    /// Messages per server CPU-second, gateway over ceiling: what a message costs the server,
+    /// steadier than the rate when other processes take a varying share of the CPUs.
+    efficiency: f64,
+    server_cpu: (f64, f64),
+    load_cpu: (f64, f64),
+    other_cpu: f64,
+}
+
+impl FanRow {
+    fn new(subscribers: usize, round: usize, gateway: &FanPoint, ceiling: &FanPoint) -> Self {
+        Self {
+            subscribers,
+            round,
+            gateway: gateway.messages_per_s,
+            ceiling: ceiling.messages_per_s,
+            efficiency: (gateway.messages_per_s / gateway.cpu.server)
+                / (ceiling.messages_per_s / ceiling.cpu.server),
+            server_cpu: (gateway.cpu.server, ceiling.cpu.server),
+            load_cpu: (gateway.cpu.load, ceiling.cpu.load),
+            other_cpu: (gateway.cpu.others + ceiling.cpu.others) / 2.0,
+        }
+    }
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.collect();
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
 }
 
 /// One subscriber replaying the log, against the ceiling. False on a gap.
@@ -1252,6 +1365,10 @@ fn report_latency(bench: &Bench, data: &Path) -> bool {
     println!(
         "\nrecords per sync during the run: {:.1}; failed POSTs: {}; events missing at subscribers: {}",
         latency.records_per_sync, latency.failed, latency.missing
+    );
+    println!(
+        "cores busy while POSTing: server {:.2}, load generator and subscribers {:.2}, other processes {:.2}",
+        latency.cpu.server, latency.cpu.load, latency.cpu.others
     );
     latency.failed == 0 && latency.missing == 0
 }
