@@ -20,6 +20,7 @@
 
 #[path = "../tests/binary/mod.rs"]
 mod binary;
+mod common;
 
 use std::ffi::CString;
 use std::net::SocketAddr;
@@ -30,6 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use common::Template;
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use iqchannels_gateway::log::embedded::{EmbeddedLog, Retention};
@@ -214,53 +216,6 @@ fn parse_options() -> Result<Options, String> {
     Ok(options)
 }
 
-/// `chat_closed.json` split around `ChatEvent.Id`, so each event gets a fresh id cheaply.
-struct Template {
-    prefix: Vec<u8>,
-    suffix: Vec<u8>,
-}
-
-impl Template {
-    fn load() -> Self {
-        let text = include_str!(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../shared/fixtures/chat_closed.json"
-        ));
-        let chat_event = text.find("\"ChatEvent\"").expect("a ChatEvent");
-        let key = chat_event + text[chat_event..].find("\"Id\"").expect("ChatEvent.Id");
-        let colon = key + text[key..].find(':').expect("a colon after \"Id\"");
-        let start = colon
-            + 1
-            + text[colon + 1..]
-                .find(|c: char| !c.is_whitespace())
-                .expect("a value");
-        let end = start
-            + text[start..]
-                .find(|c: char| !c.is_ascii_digit())
-                .expect("more JSON after the id");
-        let template = Self {
-            prefix: text.as_bytes()[..start].to_vec(),
-            suffix: text.as_bytes()[end..].to_vec(),
-        };
-        let probe: serde_json::Value =
-            serde_json::from_slice(&template.body(987_654_321)).expect("the spliced body is JSON");
-        assert_eq!(
-            probe["ChatEvent"]["Id"], 987_654_321,
-            "splice hits ChatEvent.Id"
-        );
-        template
-    }
-
-    fn body(&self, id: i64) -> Vec<u8> {
-        let id = id.to_string();
-        let mut body = Vec::with_capacity(self.prefix.len() + id.len() + self.suffix.len());
-        body.extend_from_slice(&self.prefix);
-        body.extend_from_slice(id.as_bytes());
-        body.extend_from_slice(&self.suffix);
-        body
-    }
-}
-
 /// Log payloads built exactly as ingest builds them (typed envelope, raw JSON, filter keys).
 fn payload_pool(template: &Template) -> Vec<Bytes> {
     (0..POOL as i64)
@@ -269,7 +224,7 @@ fn payload_pool(template: &Template) -> Vec<Bytes> {
             let envelope = iqchannels_gateway::decode::decode(&body).expect("the fixture decodes");
             StoredEvent {
                 envelope: envelope.encode_to_vec().into(),
-                raw_json: body.into(),
+                raw_json: body,
                 keys: Some(iqchannels_gateway::decode::keys(&envelope)),
             }
             .encode_to_vec()
@@ -784,7 +739,7 @@ impl Bench {
         let rate = self.options.latency_rate;
         let events = (rate as f64 * self.options.latency_seconds) as usize;
         let bodies: Vec<Bytes> = (0..events)
-            .map(|i| Bytes::from(self.template.body(5_000_000 + i as i64)))
+            .map(|i| self.template.body(5_000_000 + i as i64))
             .collect();
         let result = self.load_rt.block_on(async {
             // Each subscriber records the instant each sequence arrived.

@@ -10,6 +10,7 @@ pub const BATCH: usize = 100;
 
 /// The fixture split around `ChatEvent.Id`, so each request gets a fresh id for the price of one
 /// copy of the bytes.
+#[derive(Clone)]
 pub struct Template {
     prefix: Vec<u8>,
     suffix: Vec<u8>,
