@@ -67,34 +67,14 @@ async fn sigkill_during_concurrent_ingest_keeps_every_acknowledged_event_once() 
             }
         });
 
-        let http = reqwest::Client::new();
-        let writers: Vec<_> = (0..16i64)
-            .map(|writer| {
-                let (http, url, acked) = (http.clone(), process.url("/v1/events"), acked.clone());
-                tokio::spawn(async move {
-                    for k in 0.. {
-                        let id = (round as i64 + 1) * 10_000_000 + writer * 100_000 + k;
-                        let sent = http
-                            .post(&url)
-                            .header("content-type", "application/json")
-                            .body(event(id))
-                            .send()
-                            .await;
-                        let Ok(response) = sent else { return };
-                        if response.status() != 200 {
-                            return;
-                        }
-                        let Ok(body) = response.json::<serde_json::Value>().await else {
-                            return;
-                        };
-                        acked
-                            .lock()
-                            .unwrap()
-                            .insert(id, body["sequence"].as_u64().expect("a sequence"));
-                    }
-                })
-            })
-            .collect();
+        let first_id = (round as i64 + 1) * 10_000_000;
+        let writers = binary::spawn_writers(
+            process.url("/v1/events"),
+            16,
+            first_id,
+            100_000,
+            acked.clone(),
+        );
         tokio::time::sleep(Duration::from_millis(kill_after_ms)).await;
         process.kill();
         for writer in writers {

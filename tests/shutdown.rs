@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use binary::{event, Process};
+use binary::Process;
 use iqchannels_gateway::pb::client::{subscribe_request::Start, GetEventRequest, SubscribeRequest};
 use tokio_stream::StreamExt;
 
@@ -32,34 +32,7 @@ async fn sigterm_drains_ingest_and_ends_streams_with_unavailable() {
     });
 
     let acked: Arc<Mutex<HashMap<i64, u64>>> = Arc::default();
-    let http = reqwest::Client::new();
-    let writers: Vec<_> = (0..8i64)
-        .map(|writer| {
-            let (http, url, acked) = (http.clone(), process.url("/v1/events"), acked.clone());
-            tokio::spawn(async move {
-                for k in 0.. {
-                    let id = writer * 1_000_000 + k;
-                    let sent = http
-                        .post(&url)
-                        .header("content-type", "application/json")
-                        .body(event(id))
-                        .send()
-                        .await;
-                    let Ok(response) = sent else { return };
-                    if response.status() != 200 {
-                        return;
-                    }
-                    let Ok(body) = response.json::<serde_json::Value>().await else {
-                        return;
-                    };
-                    acked
-                        .lock()
-                        .unwrap()
-                        .insert(id, body["sequence"].as_u64().unwrap());
-                }
-            })
-        })
-        .collect();
+    let writers = binary::spawn_writers(process.url("/v1/events"), 8, 0, 1_000_000, acked.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
     process.terminate();
     let status = tokio::time::timeout(Duration::from_secs(10), ended)

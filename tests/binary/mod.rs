@@ -133,3 +133,46 @@ pub fn event(id: i64) -> Vec<u8> {
     value["ChatEvent"]["Id"] = id.into();
     serde_json::to_vec(&value).expect("serializes")
 }
+
+/// Acknowledged events: `ChatEvent.Id` -> sequence.
+pub type Acked = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<i64, u64>>>;
+
+/// `count` concurrent writers posting events with unique ids (`first_id + writer * stride + k`)
+/// to `url` until a request fails or is refused; every 200 is recorded in `acked`.
+pub fn spawn_writers(
+    url: String,
+    count: i64,
+    first_id: i64,
+    stride: i64,
+    acked: Acked,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let http = reqwest::Client::new();
+    (0..count)
+        .map(|writer| {
+            let (http, url, acked) = (http.clone(), url.clone(), acked.clone());
+            tokio::spawn(async move {
+                for k in 0.. {
+                    let id = first_id + writer * stride + k;
+                    let sent = http
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(event(id))
+                        .send()
+                        .await;
+                    let Ok(response) = sent else { return };
+                    if response.status() != 200 {
+                        return;
+                    }
+                    let Ok(body) = response.json::<serde_json::Value>().await else {
+                        return;
+                    };
+                    let sequence = body["sequence"].as_u64().expect("a 200 carries a sequence");
+                    acked
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(id, sequence);
+                }
+            })
+        })
+        .collect()
+}
