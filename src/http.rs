@@ -187,10 +187,7 @@ async fn accept(
     let permit = state.gateway.admit().ok_or(HttpError::Overloaded)?;
     let media = require_content_type(request.headers(), allowed)?;
     let (parts, body) = request.into_parts();
-    let read = read_body(
-        Request::from_parts(parts.clone(), body),
-        state.config.max_body_bytes,
-    );
+    let read = read_body(&parts.headers, body, state.config.max_body_bytes);
     let body = tokio::time::timeout(state.config.body_timeout, read)
         .await
         .map_err(|_| HttpError::Timeout)??;
@@ -290,26 +287,23 @@ fn require_content_type(
         .ok_or(HttpError::UnsupportedMediaType(allowed.join(", ")))
 }
 
-async fn read_body(request: Request, limit: usize) -> Result<Bytes, HttpError> {
-    let declared = request
-        .headers()
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, HttpError> {
+    let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|length| length > limit as u64) {
         return Err(HttpError::TooLarge(limit));
     }
-    axum::body::to_bytes(request.into_body(), limit)
-        .await
-        .map_err(|error| {
-            let too_large = std::error::Error::source(&error)
-                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
-            if too_large {
-                HttpError::TooLarge(limit)
-            } else {
-                HttpError::BodyRead
-            }
-        })
+    axum::body::to_bytes(body, limit).await.map_err(|error| {
+        let too_large = std::error::Error::source(&error)
+            .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            HttpError::TooLarge(limit)
+        } else {
+            HttpError::BodyRead
+        }
+    })
 }
 
 fn subscribe_status(error: &crate::subscribe::SubscribeError) -> StatusCode {
