@@ -5,6 +5,10 @@
 
 use bytes::Bytes;
 
+/// The binary's allocator (see `src/main.rs`), so the servers measured here allocate as it does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Events in one batch request.
 pub const BATCH: usize = 100;
 
