@@ -130,8 +130,13 @@ pub fn decode(body: &[u8]) -> Result<Envelope, DecodeError> {
             return Err(invalid_utf8(body, error.valid_up_to()));
         }
     };
-    // Nor does it limit how deeply unknown fields nest; the stored body must stay readable by
-    // consumers whose parsers do (serde_json's own limit).
+    checked(body, envelope)
+}
+
+/// The checks after a successful parse of `body` into `envelope`.
+fn checked(body: &[u8], envelope: Envelope) -> Result<Envelope, DecodeError> {
+    // The parser does not limit how deeply unknown fields nest; the stored body must stay
+    // readable by consumers whose parsers do (serde_json's own limit).
     if let Some(offset) = too_deep(body) {
         return Err(DecodeError::at_offset(
             body,
@@ -141,6 +146,91 @@ pub fn decode(body: &[u8]) -> Result<Envelope, DecodeError> {
     }
     validate(&envelope)?;
     Ok(envelope)
+}
+
+/// One item of a batch: where its bytes are in the batch body, and what they decode to.
+#[derive(Debug)]
+pub struct BatchItem {
+    /// The item's exact bytes in the body.
+    pub range: std::ops::Range<usize>,
+    /// The item decoded as by [`decode`], with the same errors.
+    pub decoded: Result<Envelope, DecodeError>,
+}
+
+/// Decodes a JSON array of webhook bodies. Each item is decoded as [`decode`] would decode its
+/// bytes alone, and a bad item does not stop the others. `Err` only when the body is not a JSON
+/// array (or its syntax breaks between items), with the position of the fault.
+///
+/// Items are decoded during the one pass that finds where each ends. Should anything look
+/// unusual (invalid UTF-8, an item that is not an object or does not decode, broken syntax),
+/// the array is split first and each item decoded after, which explains every fault as before.
+pub fn decode_array(body: &[u8]) -> Result<Vec<BatchItem>, DecodeError> {
+    match std::str::from_utf8(body) {
+        Ok(text) => decode_array_fast(text).map_or_else(|| decode_array_split(body), Ok),
+        Err(_) => decode_array_split(body),
+    }
+}
+
+/// The one-pass decode of a well-formed array; `None` where the careful path has to decide.
+fn decode_array_fast(text: &str) -> Option<Vec<BatchItem>> {
+    let body = text.as_bytes();
+    let skip_whitespace = |mut at: usize| {
+        while body.get(at).is_some_and(u8::is_ascii_whitespace) {
+            at += 1;
+        }
+        at
+    };
+    let mut at = skip_whitespace(0);
+    if body.get(at) != Some(&b'[') {
+        return None;
+    }
+    let mut items = Vec::new();
+    at = skip_whitespace(at + 1);
+    if body.get(at) == Some(&b']') {
+        return (skip_whitespace(at + 1) == body.len()).then_some(items);
+    }
+    loop {
+        if body.get(at) != Some(&b'{') {
+            return None;
+        }
+        // A stream deserializer reports where the value it read ends; a `{...}` item needs no
+        // delimiter after it, so the `,` or `]` that follows is left for this loop.
+        let mut stream = serde_json::Deserializer::from_str(&text[at..]).into_iter::<Envelope>();
+        let envelope = stream.next()?.ok()?;
+        let end = at + stream.byte_offset();
+        items.push(BatchItem {
+            range: at..end,
+            decoded: checked(&body[at..end], envelope),
+        });
+        at = skip_whitespace(end);
+        match body.get(at) {
+            Some(b',') => at = skip_whitespace(at + 1),
+            Some(b']') => return (skip_whitespace(at + 1) == body.len()).then_some(items),
+            _ => return None,
+        }
+    }
+}
+
+/// Splits the array into its items' bytes, then decodes each.
+fn decode_array_split(body: &[u8]) -> Result<Vec<BatchItem>, DecodeError> {
+    let items: Vec<&serde_json::value::RawValue> =
+        serde_json::from_slice(body).map_err(|error| {
+            let mut decode = DecodeError::from_json_error(&error);
+            decode.message = format!("expected a JSON array of events: {}", decode.message);
+            decode
+        })?;
+    Ok(items
+        .into_iter()
+        .map(|item| {
+            let bytes = item.get().as_bytes();
+            // The raw value borrows from `body`: its offset is where it sits there.
+            let start = bytes.as_ptr() as usize - body.as_ptr() as usize;
+            BatchItem {
+                range: start..start + bytes.len(),
+                decoded: decode(bytes),
+            }
+        })
+        .collect())
 }
 
 /// Decodes while tracking the field path, for errors that name it (`Rels.Chats[0].Id`).

@@ -120,20 +120,18 @@ impl Gateway {
         self.append_one(record).await
     }
 
-    /// Stores several webhook JSON bodies with one append (one sync). A body that does not decode
-    /// gets its own error and does not stop the others.
+    /// Stores several decoded webhook bodies (each with its original JSON) with one append (one
+    /// sync). An item that did not decode keeps its error and does not stop the others.
     pub async fn ingest_batch(
         &self,
-        bodies: Vec<Bytes>,
+        decoded: Vec<Result<(Envelope, Bytes), DecodeError>>,
     ) -> Result<Vec<Result<Appended, DecodeError>>, LogError> {
-        let decoded: Vec<Result<NewRecord, DecodeError>> =
-            bodies.into_iter().map(Self::record_from_json).collect();
         let mut records = Vec::with_capacity(decoded.len());
         let mut errors = Vec::with_capacity(decoded.len());
         for item in decoded {
             match item {
-                Ok(record) => {
-                    records.push(record);
+                Ok((envelope, raw_json)) => {
+                    records.push(Self::record(&envelope, raw_json));
                     errors.push(None);
                 }
                 Err(error) => errors.push(Some(error)),

@@ -16,9 +16,10 @@ mod console;
 mod stream;
 
 use crate::auth::{AuthError, GrpcAuth, IngestAuth};
-use crate::decode::DecodeError;
+use crate::decode::{self, DecodeError};
 use crate::gateway::{Gateway, IngestError};
 use crate::log::{Appended, LogError};
+use crate::pb::webhook::v1::Envelope;
 
 /// Settings of the HTTP edge.
 #[derive(Debug, Clone)]
@@ -206,7 +207,7 @@ async fn accept(
 async fn post_batch(
     State(state): State<AppState>,
     request: Request,
-) -> Result<Json<serde_json::Value>, HttpError> {
+) -> Result<Response, HttpError> {
     let ndjson = [
         "application/x-ndjson",
         "application/ndjson",
@@ -215,51 +216,83 @@ async fn post_batch(
     ];
     let allowed = ["application/json", ndjson[0], ndjson[1], ndjson[2]];
     let (_permit, content_type, body) = accept(&state, request, &allowed).await?;
-    let items = if content_type == "application/json" {
-        split_array(&body)?
+    let items: Vec<Result<(Envelope, Bytes), DecodeError>> = if content_type == "application/json" {
+        decode::decode_array(&body)
+            .map_err(HttpError::Invalid)?
+            .into_iter()
+            .map(|item| Ok((item.decoded?, body.slice(item.range))))
+            .collect()
     } else {
         split_lines(&body)
+            .into_iter()
+            .map(|line| Ok((decode::decode(&line)?, line)))
+            .collect()
     };
     let results = state
         .gateway
         .ingest_batch(items)
         .await
         .map_err(HttpError::Storage)?;
-    let (mut stored, mut duplicates, mut rejected) = (0, 0, 0);
-    let results: Vec<serde_json::Value> = results
-        .into_iter()
-        .map(|result| match result {
-            Ok(appended) => {
-                if appended.duplicate {
-                    duplicates += 1
-                } else {
-                    stored += 1
-                }
-                json!(appended)
-            }
-            Err(error) => {
-                rejected += 1;
-                decode_error_json(&error)
-            }
-        })
-        .collect();
-    Ok(Json(
-        json!({"stored": stored, "duplicates": duplicates, "rejected": rejected, "results": results}),
-    ))
+    let mut answer = BatchAnswer {
+        stored: 0,
+        duplicates: 0,
+        rejected: 0,
+        results: Vec::with_capacity(results.len()),
+    };
+    for result in &results {
+        match result {
+            Ok(appended) if appended.duplicate => answer.duplicates += 1,
+            Ok(_) => answer.stored += 1,
+            Err(_) => answer.rejected += 1,
+        }
+        answer.results.push(match result {
+            Ok(appended) => ItemAnswer::Appended(appended),
+            Err(error) => ItemAnswer::Rejected(ErrorBody::from(error)),
+        });
+    }
+    Ok(Json(answer).into_response())
 }
 
-/// Splits a JSON array into its items' exact bytes.
-fn split_array(body: &Bytes) -> Result<Vec<Bytes>, HttpError> {
-    let items: Vec<&serde_json::value::RawValue> =
-        serde_json::from_slice(body).map_err(|error| {
-            let mut decode = DecodeError::from_json_error(&error);
-            decode.message = format!("expected a JSON array of events: {}", decode.message);
-            HttpError::Invalid(decode)
-        })?;
-    Ok(items
-        .into_iter()
-        .map(|item| body.slice_ref(item.get().as_bytes()))
-        .collect())
+/// The answer to a batch: counts, then one result per item in order.
+#[derive(serde::Serialize)]
+struct BatchAnswer<'a> {
+    stored: usize,
+    duplicates: usize,
+    rejected: usize,
+    results: Vec<ItemAnswer<'a>>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum ItemAnswer<'a> {
+    Appended(&'a Appended),
+    Rejected(ErrorBody<'a>),
+}
+
+/// A decode error as JSON: `{"error", "path", "line", "column"}` (the last two when known).
+#[derive(serde::Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    path: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    line: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    column: Option<usize>,
+}
+
+impl<'a> From<&'a DecodeError> for ErrorBody<'a> {
+    fn from(error: &'a DecodeError) -> Self {
+        let (line, column) = match (error.line, error.column) {
+            (Some(line), Some(column)) => (Some(line), Some(column)),
+            _ => (None, None),
+        };
+        Self {
+            error: &error.message,
+            path: &error.path,
+            line,
+            column,
+        }
+    }
 }
 
 /// Splits NDJSON into its non-blank lines.
@@ -317,12 +350,7 @@ fn subscribe_status(error: &crate::subscribe::SubscribeError) -> StatusCode {
 }
 
 fn decode_error_json(error: &DecodeError) -> serde_json::Value {
-    let mut body = json!({"error": error.message, "path": error.path});
-    if let (Some(line), Some(column)) = (error.line, error.column) {
-        body["line"] = json!(line);
-        body["column"] = json!(column);
-    }
-    body
+    json!(ErrorBody::from(error))
 }
 
 /// Every way an HTTP request fails; each maps to one status and a JSON body `{"error": ...}`.

@@ -35,7 +35,18 @@ impl Hub {
             let mut next = log.bounds().next;
             let mut committed = log.committed();
             loop {
-                while next <= *committed.borrow_and_update() {
+                loop {
+                    let end = *committed.borrow_and_update();
+                    if next > end {
+                        break;
+                    }
+                    if sender.receiver_count() == 0 {
+                        // Nobody listens: nothing to read or encode. A subscriber attaches its
+                        // receiver before it reads the log, so one attaching now still reads up
+                        // to `end` from the log, and everything after `end` is broadcast.
+                        next = end + 1;
+                        break;
+                    }
                     match log.read(next, FEED_BATCH).await {
                         Ok(records) if records.is_empty() => break,
                         Ok(records) => {

@@ -529,3 +529,92 @@ fn the_error_display_puts_the_path_first() {
         "{error}"
     );
 }
+
+/// `decode_array` against the plain path: split the array, decode each item alone.
+fn assert_same_as_split(body: &[u8]) {
+    let fast = decode_array(body);
+    let split = decode_array_split(body);
+    match (&fast, &split) {
+        (Ok(fast), Ok(split)) => {
+            assert_eq!(fast.len(), split.len());
+            for (fast, split) in fast.iter().zip(split) {
+                assert_eq!(fast.range, split.range);
+                assert_eq!(fast.decoded, split.decoded);
+            }
+        }
+        (Err(fast), Err(split)) => assert_eq!(fast, split),
+        _ => panic!("one path accepted what the other rejected: {fast:?} vs {split:?}"),
+    }
+}
+
+#[test]
+fn a_batch_decodes_each_item_from_its_exact_bytes() {
+    let mut body = b" [\n".to_vec();
+    body.extend_from_slice(CHAT_CLOSED);
+    body.extend_from_slice(b" ,\t");
+    body.extend_from_slice(MESSAGE_CREATED_FILE);
+    body.extend_from_slice(b"]\n");
+    let items = decode_array_fast(std::str::from_utf8(&body).expect("UTF-8"))
+        .expect("a well-formed array takes the one-pass path");
+    assert_eq!(items.len(), 2);
+    let trimmed = |bytes: &[u8]| bytes.trim_ascii().to_vec();
+    assert_eq!(body[items[0].range.clone()].to_vec(), trimmed(CHAT_CLOSED));
+    assert_eq!(
+        body[items[1].range.clone()].to_vec(),
+        trimmed(MESSAGE_CREATED_FILE)
+    );
+    assert_eq!(items[0].decoded, decode(CHAT_CLOSED));
+    assert_eq!(items[1].decoded, decode(MESSAGE_CREATED_FILE));
+    assert_same_as_split(&body);
+}
+
+#[test]
+fn a_bad_batch_item_gets_the_error_it_would_get_alone() {
+    let good = r#"{"ChatEvent": {"Id": 1, "Type": "chat_closed"}}"#;
+    let cases: &[&[u8]] = &[
+        b"[]",
+        b" [ ] ",
+        // No Id; an empty Type; too deep; not an object; a wrong type; invalid UTF-8.
+        br#"[{"ChatEvent": {"Type": "chat_closed"}}, GOOD]"#,
+        br#"[GOOD, {"ChatEvent": {"Id": 2, "Type": ""}}]"#,
+        br#"[GOOD, {"ChatEvent": {"Id": 2, "Type": "x"}, "Deep": DEEP}]"#,
+        br#"[1, "two", null, [], GOOD]"#,
+        br#"[{"ChatEvent": {"Id": "x", "Type": "x"}}, GOOD]"#,
+        b"[GOOD, {\"ChatEvent\": {\"Id\": 3, \"Type\": \"\xff\"}}]",
+        // Not an array at all, or broken between or after items: the whole batch is refused.
+        b"",
+        b"{}",
+        b"[GOOD,]",
+        b"[GOOD GOOD]",
+        b"[GOOD",
+        b"[GOOD] x",
+        b"[GOOD, {\"ChatEvent\": ",
+    ];
+    let deep = format!("{}{}", "[".repeat(130), "]".repeat(130));
+    for case in cases {
+        let body = String::from_utf8_lossy(case)
+            .replace("GOOD", good)
+            .replace("DEEP", &deep);
+        let mut bytes = body.into_bytes();
+        // Keep the invalid byte invalid (from_utf8_lossy replaced it).
+        if case.contains(&0xff) {
+            let at = bytes
+                .windows(3)
+                .position(|w| w == "\u{fffd}".as_bytes())
+                .expect("the replacement character");
+            bytes.splice(at..at + 3, [0xff]);
+        }
+        assert_same_as_split(&bytes);
+    }
+    let items = decode_array(format!("[{good}, {{}}]").as_bytes()).expect("an array");
+    assert!(items[0].decoded.is_ok());
+    assert_eq!(
+        items[1].decoded.as_ref().map_err(|e| e.path.as_str()),
+        Err("ChatEvent")
+    );
+    let error = decode_array(format!("[{good},]").as_bytes()).expect_err("trailing comma");
+    assert!(error
+        .message
+        .starts_with("expected a JSON array of events: malformed JSON"));
+    assert_eq!((error.line, error.column), (Some(1), Some(good.len() + 3)));
+}

@@ -211,6 +211,44 @@ async fn live_start_skips_what_was_stored_before() {
     assert_quiet(&mut subscription).await;
 }
 
+/// The hub skips the log while nobody listens; a subscriber attaching while events arrive must
+/// still get every one of them at once (from the log or the tail), not when a later event comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_attaching_while_nobody_listens_misses_nothing() {
+    let fixture = Arc::new(Fixture::new(None, 16));
+    let mut id = 0;
+    for _ in 0..100 {
+        let first = id + 1;
+        id += 5;
+        let appender = {
+            let fixture = fixture.clone();
+            tokio::spawn(async move {
+                for id in first..=first + 4 {
+                    fixture.append([id]).await;
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        let mut subscription = fixture
+            .subscribe(Filter::default(), Start::Live)
+            .await
+            .unwrap();
+        let last = u64::try_from(id).unwrap();
+        // Read while the events arrive, so the subscription reaches the live tail meanwhile.
+        let reader = tokio::spawn(async move {
+            while subscription.position() <= last {
+                let event = tokio::time::timeout(Duration::from_secs(2), subscription.next())
+                    .await
+                    .expect("every stored event arrives without waiting for a later one")
+                    .unwrap();
+                assert!(event.sequence <= last);
+            }
+        });
+        appender.await.unwrap();
+        reader.await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn beginning_start_replays_everything_then_follows_the_tail() {
     let fixture = Fixture::new(None, 16);
