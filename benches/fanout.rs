@@ -1330,112 +1330,27 @@ fn report_latency(bench: &Bench, data: &Path) -> bool {
 
 /// Delivered messages/s against subscriber count (log scale), gateway and ceiling, as SVG.
 fn plot(series: &[(usize, f64, f64)]) -> String {
-    let (width, height) = (720.0, 420.0);
-    let (left, right, top, bottom) = (90.0, 170.0, 40.0, 60.0);
-    let plot_w = width - left - right;
-    let plot_h = height - top - bottom;
-    let max_x = series.iter().map(|s| s.0).max().unwrap_or(1).max(2) as f64;
-    let max_y = series.iter().map(|s| s.1.max(s.2)).fold(1.0, f64::max);
-    let step = nice_step(max_y / 5.0);
-    let top_y = (max_y / step).ceil() * step;
-    let x = |n: usize| left + (n as f64).ln() / max_x.ln() * plot_w;
-    let y = |v: f64| top + plot_h - v / top_y * plot_h;
-    let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">Fan-out: messages/s delivered vs subscribers</text>\n",
-        left + plot_w / 2.0
-    );
-    let mut tick = 0.0;
-    while tick <= top_y + step / 2.0 {
-        svg += &format!(
-            "<line x1=\"{left}\" x2=\"{}\" y1=\"{y:.1}\" y2=\"{y:.1}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\n",
-            left + plot_w,
-            left - 6.0,
-            y(tick) + 4.0,
-            thousands(tick),
-            y = y(tick)
-        );
-        tick += step;
-    }
-    for &(n, _, _) in series {
-        svg += &format!(
-            "<line x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{top}\" y2=\"{}\" stroke=\"#eee\"/><text x=\"{x:.1}\" y=\"{}\" text-anchor=\"middle\">{n}</text>\n",
-            top + plot_h,
-            top + plot_h + 18.0,
-            x = x(n)
-        );
-    }
-    svg += &format!(
-        "<rect x=\"{left}\" y=\"{top}\" width=\"{plot_w}\" height=\"{plot_h}\" fill=\"none\" stroke=\"#333\"/>\n\
-         <text x=\"{}\" y=\"{}\" text-anchor=\"middle\">concurrent subscribers (log scale)</text>\n\
-         <text transform=\"translate(20 {}) rotate(-90)\" text-anchor=\"middle\">messages/s</text>\n",
-        left + plot_w / 2.0,
-        height - 15.0,
-        top + plot_h / 2.0
-    );
-    for (index, (name, color)) in [("gateway", "#1f77b4"), ("ceiling (bare tonic)", "#d62728")]
-        .into_iter()
-        .enumerate()
-    {
-        let value = |s: &(usize, f64, f64)| if index == 0 { s.1 } else { s.2 };
-        let points: Vec<String> = series
+    use common::plot::{Chart, Series, PALETTE};
+    let line = |name: &str, color, value: fn(&(usize, f64, f64)) -> f64| Series {
+        name: name.to_owned(),
+        color,
+        points: series.iter().map(|s| (s.0 as f64, value(s))).collect(),
+    };
+    let mut notes = vec!["gateway / ceiling:".to_owned()];
+    notes.extend(
+        series
             .iter()
-            .map(|s| format!("{:.1},{:.1}", x(s.0), y(value(s))))
-            .collect();
-        svg += &format!(
-            "<polyline points=\"{}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"/>\n",
-            points.join(" ")
-        );
-        for s in series {
-            svg += &format!(
-                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3.5\" fill=\"{color}\"/>\n",
-                x(s.0),
-                y(value(s))
-            );
-        }
-        let legend_y = top + 20.0 + index as f64 * 20.0;
-        let lx = left + plot_w + 12.0;
-        svg += &format!(
-            "<line x1=\"{lx}\" x2=\"{}\" y1=\"{legend_y}\" y2=\"{legend_y}\" stroke=\"{color}\" stroke-width=\"2\"/><text x=\"{}\" y=\"{}\">{name}</text>\n",
-            lx + 20.0,
-            lx + 26.0,
-            legend_y + 4.0,
-        );
-    }
-    let ratios_y = top + 70.0;
-    svg += &format!(
-        "<text x=\"{}\" y=\"{ratios_y}\">gateway / ceiling:</text>\n",
-        left + plot_w + 12.0
+            .map(|s| format!("{} subs: {:.2}", s.0, s.1 / s.2)),
     );
-    for (i, s) in series.iter().enumerate() {
-        svg += &format!(
-            "<text x=\"{}\" y=\"{}\">{} subs: {:.2}</text>\n",
-            left + plot_w + 12.0,
-            ratios_y + 18.0 * (i as f64 + 1.0),
-            s.0,
-            s.1 / s.2
-        );
-    }
-    svg += "</svg>\n";
-    svg
-}
-
-fn nice_step(raw: f64) -> f64 {
-    let magnitude = 10f64.powf(raw.log10().floor());
-    [1.0, 2.0, 2.5, 5.0, 10.0]
-        .into_iter()
-        .map(|m| m * magnitude)
-        .find(|step| *step >= raw)
-        .unwrap_or(10.0 * magnitude)
-}
-
-fn thousands(value: f64) -> String {
-    if value >= 1_000_000.0 {
-        format!("{:.1}M", value / 1_000_000.0)
-    } else if value >= 1000.0 {
-        format!("{:.0}k", value / 1000.0)
-    } else {
-        format!("{value:.0}")
-    }
+    common::plot::svg(&[Chart {
+        title: "Fan-out: messages/s delivered vs subscribers".to_owned(),
+        x_label: "concurrent subscribers".to_owned(),
+        y_label: "messages/s".to_owned(),
+        log_y: false,
+        series: vec![
+            line("gateway", PALETTE[0], |s| s.1),
+            line("ceiling (bare tonic)", PALETTE[1], |s| s.2),
+        ],
+        notes,
+    }])
 }

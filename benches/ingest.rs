@@ -1,19 +1,20 @@
 //! Ingest benchmark, all in one run, each figure beside its baseline:
 //!
 //! - HTTP/1.1 `POST /v1/events` with keep-alive on the gateway's in-memory store vs a bare hyper
-//!   server that reads the body and answers 200 (the ingest CPU cost);
+//!   server that reads the body and answers 200 (the ingest CPU cost), and vs the same bare server
+//!   that also decodes the body (the ceiling of any server that must parse what it stores);
 //! - the same over HTTP/2 cleartext (prior-knowledge h2c) vs HTTP/1.1;
 //! - the embedded durable store (fsync before ack, on the real disk) vs the in-memory store, with
 //!   records per sync;
 //! - `POST /v1/events:batch` with 100 events a request (events/s) vs `decode::decode` alone on the
 //!   same items, in a loop on as many threads as the server has workers,
 //!
-//! at 1, 32 and 128 connections (one request at a time on each), `--runs` times; the recorded
+//! at 1, 8, 32 and 128 connections (one request at a time on each), `--runs` times; the recorded
 //! figures are the medians. Prints requests/s, p50/p99 latency, records per sync, the CPU used by
 //! the server, the load generator and the rest of the machine, and the ratios against the targets
-//! of issue 6.
+//! of issue 6; draws throughput and p99 against connections (`docs/ingest.svg`).
 //!
-//! `cargo bench --bench ingest [-- --seconds 5] [--runs 3] [--quick] [--pin]`; see `--help`.
+//! `cargo bench --bench ingest [-- --seconds 5] [--runs 3] [--quick] [--no-pin]`; see `--help`.
 //!
 //! The server and the load generator run in this one process, on two tokio runtimes whose threads
 //! are named `gw-server` and `gw-load` (the CPU columns sum `/proc/self/task` by those names).
@@ -58,8 +59,8 @@ const TMPFS_MAGIC: i64 = 0x0102_1994;
 const MEMORY_RECORDS: usize = 20_000;
 
 const USAGE: &str = "\
-ingest benchmark: the gateway's ingest beside its baselines (bare hyper, HTTP/1.1, the
-in-memory store, decode alone), at 1, 32 and 128 connections
+ingest benchmark: the gateway's ingest beside its baselines (bare hyper, bare hyper with
+decode, HTTP/1.1, the in-memory store, decode alone), at 1, 8, 32 and 128 connections
 
 usage: cargo bench --bench ingest [-- OPTIONS]
 
@@ -68,10 +69,15 @@ usage: cargo bench --bench ingest [-- OPTIONS]
                 1 with --quick)
   --quick       smoke run: 0.5 s per point, 1 and 32 connections, one run (the default
                 when run without --bench, i.e. by `cargo test --all-targets`)
-  --pin         pin the server runtime to CPU 0 and the load generator to CPU 1
-                (one worker thread each); default: both runtimes share every CPU
-  --only LIST   measure only these rows (comma-separated: bare-hyper, memory, memory-h2,
-                embedded, batch, decode-only), e.g. to profile one of them
+  --levels LIST connection counts (comma-separated; default 1,8,32,128; 1,32 with --quick)
+  --no-pin      let both runtimes use every CPU; by default, with two CPUs or more, the
+                server runtime runs on CPU 0 and the load generator on CPU 1 (one worker
+                thread each), so they do not compete for a core
+  --pin         the default; kept for older command lines
+  --only LIST   measure only these rows (comma-separated: bare-hyper, bare-h2, bare-decode,
+                memory, memory-h2, embedded, batch, decode-only), e.g. to profile one of them
+  --plot PATH   where the SVG of throughput and p99 against connections goes (default
+                docs/ingest.svg on a full run with every row; none otherwise)
   --help        this text";
 
 struct Options {
@@ -80,6 +86,8 @@ struct Options {
     quick: bool,
     pin: bool,
     only: Option<Vec<Target>>,
+    levels: Option<Vec<usize>>,
+    plot: Option<PathBuf>,
 }
 
 fn parse_options() -> Result<Options, String> {
@@ -88,8 +96,10 @@ fn parse_options() -> Result<Options, String> {
     // `cargo bench` passes `--bench`; without it (`cargo test --all-targets`) this is a smoke run
     // so the benchmark never rots and never slows the test suite down.
     let mut quick = !std::env::args().any(|arg| arg == "--bench");
-    let mut pin = false;
+    let mut pin = true;
     let mut only = None;
+    let mut levels = None;
+    let mut plot = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -126,8 +136,21 @@ fn parse_options() -> Result<Options, String> {
                     .collect::<Result<Vec<_>, _>>()?;
                 only = Some(targets);
             }
+            "--levels" => {
+                let value = args.next().ok_or("--levels needs a list")?;
+                let parsed = value
+                    .split(',')
+                    .map(|level| match level.trim().parse::<usize>() {
+                        Ok(n) if n > 0 => Ok(n),
+                        _ => Err(format!("--levels: not a positive whole number: {level:?}")),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                levels = Some(parsed);
+            }
+            "--plot" => plot = Some(PathBuf::from(args.next().ok_or("--plot needs a path")?)),
             "--quick" => quick = true,
             "--pin" => pin = true,
+            "--no-pin" => pin = false,
             // `cargo bench` passes this to every bench binary.
             "--bench" => {}
             "--help" | "-h" => {
@@ -142,7 +165,13 @@ fn parse_options() -> Result<Options, String> {
         runs: runs.unwrap_or(if quick { 1 } else { 3 }),
         quick,
         pin,
+        // A full run of every row draws the plot of BENCHMARKS.md unless told otherwise.
+        plot: plot.or_else(|| {
+            (!quick && only.is_none())
+                .then(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/ingest.svg")))
+        }),
         only,
+        levels,
     })
 }
 
@@ -150,6 +179,8 @@ fn parse_options() -> Result<Options, String> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Target {
     Bare,
+    BareH2,
+    BareDecode,
     Memory,
     MemoryH2,
     Embedded,
@@ -158,8 +189,10 @@ enum Target {
 }
 
 impl Target {
-    const ALL: [Target; 6] = [
+    const ALL: [Target; 8] = [
         Target::Bare,
+        Target::BareH2,
+        Target::BareDecode,
         Target::Memory,
         Target::MemoryH2,
         Target::Embedded,
@@ -170,6 +203,8 @@ impl Target {
     fn name(self) -> &'static str {
         match self {
             Target::Bare => "bare-hyper",
+            Target::BareH2 => "bare-h2",
+            Target::BareDecode => "bare-decode",
             Target::Memory => "memory",
             Target::MemoryH2 => "memory-h2",
             Target::Embedded => "embedded",
@@ -182,6 +217,8 @@ impl Target {
     fn server(self) -> Option<ServerKind> {
         match self {
             Target::Bare => Some(ServerKind::Bare),
+            Target::BareH2 => Some(ServerKind::BareH2),
+            Target::BareDecode => Some(ServerKind::BareDecode),
             Target::Memory | Target::MemoryH2 | Target::Batch => Some(ServerKind::Memory),
             Target::Embedded => Some(ServerKind::Embedded),
             Target::DecodeOnly => None,
@@ -189,7 +226,7 @@ impl Target {
     }
 
     fn http2(self) -> bool {
-        self == Target::MemoryH2
+        matches!(self, Target::MemoryH2 | Target::BareH2)
     }
 
     /// Events in one request.
@@ -205,6 +242,8 @@ impl Target {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum ServerKind {
     Bare,
+    BareH2,
+    BareDecode,
     Memory,
     Embedded,
 }
@@ -233,7 +272,7 @@ fn start(rt: &Runtime, kind: ServerKind, data_dir: &Path) -> Server {
         ..ServerConfig::default()
     };
     let (log, embedded): (Option<SharedLog>, _) = match kind {
-        ServerKind::Bare => (None, None),
+        ServerKind::Bare | ServerKind::BareH2 | ServerKind::BareDecode => (None, None),
         ServerKind::Memory => (Some(Arc::new(MemoryLog::new(Some(MEMORY_RECORDS)))), None),
         ServerKind::Embedded => {
             // The writer task is spawned on the current runtime.
@@ -246,7 +285,7 @@ fn start(rt: &Runtime, kind: ServerKind, data_dir: &Path) -> Server {
         }
     };
     let task = match log {
-        None => rt.spawn(bare_server(listener, shutdown)),
+        None => rt.spawn(bare_server(listener, kind, shutdown)),
         Some(log) => rt.spawn(async move {
             if let Err(error) = serve(listener, log, config, shutdown).await {
                 eprintln!("gateway failed: {error}");
@@ -275,7 +314,15 @@ fn stop(rt: &Runtime, server: Server) {
 }
 
 /// The baseline: hyper's HTTP/1.1 server reading the whole body and answering a fixed 200.
-async fn bare_server(listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
+/// `BareH2`: the same over HTTP/2 (h2c), what hyper's HTTP/2 costs beside its HTTP/1.1.
+/// `BareDecode`: it also decodes the body as the gateway does (and answers 400 if it does not
+/// decode), the most any server can do that must parse the events it takes.
+async fn bare_server(
+    listener: TcpListener,
+    kind: ServerKind,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let decode = kind == ServerKind::BareDecode;
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -290,17 +337,28 @@ async fn bare_server(listener: TcpListener, shutdown: impl std::future::Future<O
         };
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
-                request.into_body().collect().await?;
-                let mut response = Response::new(Full::new(Bytes::from_static(BARE_REPLY)));
-                response
-                    .headers_mut()
-                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                Ok::<_, hyper::Error>(response)
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let service =
+                hyper::service::service_fn(move |request: Request<Incoming>| async move {
+                    let body = request.into_body().collect().await?.to_bytes();
+                    let mut response = Response::new(Full::new(Bytes::from_static(BARE_REPLY)));
+                    if decode && iqchannels_gateway::decode::decode(&body).is_err() {
+                        *response.status_mut() = StatusCode::BAD_REQUEST;
+                    }
+                    response
+                        .headers_mut()
+                        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                    Ok::<_, hyper::Error>(response)
+                });
+            let io = TokioIo::new(stream);
+            let _ = if kind == ServerKind::BareH2 {
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(io, service)
+                    .await
+            } else {
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await
+            };
         });
     }
 }
@@ -788,11 +846,14 @@ fn main() -> ExitCode {
         )
     };
 
-    let levels: &[usize] = if options.quick {
-        &[1, 32]
-    } else {
-        &[1, 32, 128]
-    };
+    let levels: Vec<usize> = options.levels.clone().unwrap_or_else(|| {
+        if options.quick {
+            vec![1, 32]
+        } else {
+            vec![1, 8, 32, 128]
+        }
+    });
+    let levels = levels.as_slice();
     let targets: Vec<Target> = options.only.clone().unwrap_or(Target::ALL.to_vec());
     let plan = Plan {
         length: Duration::from_secs_f64(options.seconds),
@@ -857,6 +918,15 @@ fn main() -> ExitCode {
 
     print_figures(&runs, workers);
     print_ratios(&runs, levels);
+    if let Some(path) = &options.plot {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        match std::fs::write(path, plot(&runs, levels)) {
+            Ok(()) => println!("\nplot: {}", path.display()),
+            Err(error) => eprintln!("cannot write {}: {error}", path.display()),
+        }
+    }
     let failures: u64 = runs.iter().flatten().map(|point| point.failures).sum();
     if failures > 0 {
         eprintln!("{failures} requests did not get 200 with every event stored as new");
@@ -996,14 +1066,8 @@ fn print_figures(runs: &[Vec<Point>], workers: usize) {
 }
 
 fn print_ratios(runs: &[Vec<Point>], levels: &[usize]) {
-    let rate = |points: &[Point], target: Target, connections: usize| {
-        points
-            .iter()
-            .find(|point| point.target == target && point.connections == connections)
-            .map_or(f64::NAN, |point| point.rate)
-    };
     // (name, target, numerator, denominator): the denominator of decode-only has no connections.
-    let ratios: [(&str, &str, Target, Target); 4] = [
+    let ratios: [(&str, &str, Target, Target); 7] = [
         (
             "memory / bare-hyper",
             ">= 0.6",
@@ -1011,10 +1075,28 @@ fn print_ratios(runs: &[Vec<Point>], levels: &[usize]) {
             Target::Bare,
         ),
         (
+            "bare-decode / bare-hyper",
+            "ceiling",
+            Target::BareDecode,
+            Target::Bare,
+        ),
+        (
+            "memory / bare-decode",
+            "-",
+            Target::Memory,
+            Target::BareDecode,
+        ),
+        (
             "h2 / h1 (memory)",
             ">= 0.85",
             Target::MemoryH2,
             Target::Memory,
+        ),
+        (
+            "h2 / h1 (bare)",
+            "hyper alone",
+            Target::BareH2,
+            Target::Bare,
         ),
         (
             "durable / memory",
@@ -1029,14 +1111,43 @@ fn print_ratios(runs: &[Vec<Point>], levels: &[usize]) {
             Target::DecodeOnly,
         ),
     ];
-    println!();
-    println!(
-        "Ratios: the median of the per-run ratios (each run's in brackets); target of issue 6 under each name."
+    ratio_table(
+        runs,
+        levels,
+        &ratios,
+        "Ratios: the median of the per-run ratios (each run's in brackets); target of issue 6 under each name.",
+        |point| point.rate,
     );
+    ratio_table(
+        runs,
+        levels,
+        &ratios,
+        "The same per server core (rate / server CPU): the cost of one request, whatever held the \
+         rate back (a baseline whose load generator saturates its core shows its full speed here).",
+        |point| point.rate / point.cpu.server,
+    );
+}
+
+/// One table of ratios between rows, `value` of each point against `value` of another.
+fn ratio_table(
+    runs: &[Vec<Point>],
+    levels: &[usize],
+    ratios: &[(&str, &str, Target, Target)],
+    title: &str,
+    value: fn(&Point) -> f64,
+) {
+    let rate = |points: &[Point], target: Target, connections: usize| {
+        points
+            .iter()
+            .find(|point| point.target == target && point.connections == connections)
+            .map_or(f64::NAN, value)
+    };
+    println!();
+    println!("{title}");
     println!();
     let mut header = "| conns |".to_owned();
     let mut rule = "|------:|".to_owned();
-    for (name, target, _, _) in &ratios {
+    for (name, target, _, _) in ratios {
         header.push_str(&format!(" {name} ({target}) |"));
         rule.push_str(&format!("{}:|", "-".repeat(name.len() + target.len() + 4)));
     }
@@ -1044,7 +1155,7 @@ fn print_ratios(runs: &[Vec<Point>], levels: &[usize]) {
     println!("{rule}");
     for &connections in levels {
         let mut line = format!("| {connections:>5} |");
-        for (name, target, numerator, denominator) in &ratios {
+        for (name, target, numerator, denominator) in ratios {
             let per_run: Vec<f64> = runs
                 .iter()
                 .map(|points| {
@@ -1069,4 +1180,62 @@ fn print_ratios(runs: &[Vec<Point>], levels: &[usize]) {
         }
         println!("{line}");
     }
+}
+
+/// Throughput and p99 latency against connections, one line per row (median runs), as SVG.
+fn plot(runs: &[Vec<Point>], levels: &[usize]) -> String {
+    use common::plot::{Chart, Series, PALETTE};
+    let rows: Vec<Target> = Target::ALL
+        .into_iter()
+        .filter(|target| *target != Target::DecodeOnly)
+        .filter(|target| runs.iter().flatten().any(|point| point.target == *target))
+        .collect();
+    let series = |value: fn(&Point) -> f64| -> Vec<Series> {
+        rows.iter()
+            .enumerate()
+            .map(|(index, &target)| Series {
+                name: target.name().to_owned(),
+                color: PALETTE[index % PALETTE.len()],
+                points: levels
+                    .iter()
+                    .filter_map(|&connections| median_point(runs, target, connections))
+                    .map(|point| (point.connections as f64, value(&point)))
+                    .collect(),
+            })
+            .collect()
+    };
+    let decode_only = runs
+        .iter()
+        .flatten()
+        .filter(|point| point.target == Target::DecodeOnly)
+        .map(|point| point.rate)
+        .collect::<Vec<_>>();
+    let mut notes = vec![
+        "1 request in flight per connection".to_owned(),
+        "batch: 100 events per request".to_owned(),
+    ];
+    if !decode_only.is_empty() {
+        notes.push(format!(
+            "decode alone: {} events/s",
+            common::plot::number(median(decode_only))
+        ));
+    }
+    common::plot::svg(&[
+        Chart {
+            title: "Ingest: events/s against concurrent connections".to_owned(),
+            x_label: "connections".to_owned(),
+            y_label: "events/s (= requests/s but for batch)".to_owned(),
+            log_y: false,
+            series: series(|point| point.rate),
+            notes,
+        },
+        Chart {
+            title: "Ingest: p99 latency of a request against concurrent connections".to_owned(),
+            x_label: "connections".to_owned(),
+            y_label: "p99 ms".to_owned(),
+            log_y: true,
+            series: series(|point| point.p99_ms),
+            notes: Vec::new(),
+        },
+    ])
 }
