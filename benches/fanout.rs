@@ -21,6 +21,7 @@
 #[path = "../tests/binary/mod.rs"]
 mod binary;
 mod common;
+use common::cpu::{Cpu, CpuTimes, Runtimes, LOAD_THREADS, SERVER_THREADS};
 
 use std::ffi::CString;
 use std::net::SocketAddr;
@@ -50,8 +51,6 @@ use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
-const SERVER_THREADS: &str = "gw-server";
-const LOAD_THREADS: &str = "gw-load";
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 const SUBSCRIBE_PATH: &str = "/iqchannels.gateway.v1.EventGateway/Subscribe";
 /// The gateway's default live tail, used by every in-process gateway here.
@@ -74,6 +73,9 @@ usage: cargo bench --bench fanout [-- OPTIONS]
   --plot PATH      where the SVG goes (default docs/fanout.svg on a full run)
   --rate N         events/s POSTed in the latency part (default 5000)
   --subscribers L  fan-out levels, comma-separated (default 1,10,100,500)
+  --no-pin         let both runtimes use every CPU; by default, with two CPUs or more, the
+                   server runtime (gateway or ceiling, and the feeder) runs on CPU 0 and the
+                   subscribers and POSTs on CPU 1, one worker each
   --only PARTS     run only these, comma-separated: fanout, catchup, memory, latency
                    (fanout-gateway: the gateway's fan-out points alone, for a profiler)
   --help           this text
@@ -93,6 +95,8 @@ struct Options {
     latency_rate: u64,
     latency_subscribers: usize,
     plot: Option<PathBuf>,
+    /// Server runtime on CPU 0 and load generator on CPU 1 (the default with two CPUs or more).
+    pin: bool,
     /// Parts to run (`fanout`, `catchup`, `memory`, `latency`); all when empty.
     only: Vec<String>,
 }
@@ -119,6 +123,7 @@ fn parse_options() -> Result<Options, String> {
             latency_rate: 1000,
             latency_subscribers: 10,
             plot: None,
+            pin: true,
             only: Vec::new(),
         }
     } else if quick {
@@ -133,6 +138,7 @@ fn parse_options() -> Result<Options, String> {
             latency_rate: 5000,
             latency_subscribers: 100,
             plot: Some(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fanout.svg")),
+            pin: true,
             only: Vec::new(),
         }
     } else {
@@ -150,6 +156,7 @@ fn parse_options() -> Result<Options, String> {
                 env!("CARGO_MANIFEST_DIR"),
                 "/docs/fanout.svg"
             ))),
+            pin: true,
             only: Vec::new(),
         }
     };
@@ -205,6 +212,8 @@ fn parse_options() -> Result<Options, String> {
                     options.plot = None;
                 }
             }
+            "--no-pin" => options.pin = false,
+            "--pin" => options.pin = true,
             "--bench" | "--quick" => {}
             "--help" | "-h" => {
                 println!("{USAGE}");
@@ -938,91 +947,6 @@ impl Kind {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// CPU accounting (the same split as benches/ingest.rs)
-
-#[derive(Clone, Copy)]
-struct Cpu {
-    server: f64,
-    load: f64,
-    others: f64,
-}
-
-struct CpuTimes(Cpu);
-
-impl CpuTimes {
-    fn now() -> Self {
-        // SAFETY: sysconf has no preconditions.
-        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        let read = |path: &Path| std::fs::read_to_string(path).ok();
-        let (mut server, mut load) = (0.0, 0.0);
-        if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
-            for task in tasks.flatten() {
-                let path = task.path();
-                let (Some(comm), Some(seconds)) = (
-                    read(&path.join("comm")),
-                    read(&path.join("stat")).and_then(|stat| stat_seconds(&stat, ticks)),
-                ) else {
-                    continue;
-                };
-                match comm.trim() {
-                    SERVER_THREADS => server += seconds,
-                    LOAD_THREADS => load += seconds,
-                    _ => {}
-                }
-            }
-        }
-        let process = read(Path::new("/proc/self/stat"))
-            .and_then(|stat| stat_seconds(&stat, ticks))
-            .unwrap_or(f64::NAN);
-        let machine = read(Path::new("/proc/stat"))
-            .and_then(|stat| {
-                let fields: Vec<f64> = stat
-                    .lines()
-                    .next()?
-                    .split_whitespace()
-                    .skip(1)
-                    .take(8)
-                    .filter_map(|field| field.parse().ok())
-                    .collect();
-                let idle = fields.get(3)? + fields.get(4)?;
-                Some((fields.iter().sum::<f64>() - idle) / ticks)
-            })
-            .unwrap_or(f64::NAN);
-        Self(Cpu {
-            server,
-            load,
-            others: machine - process,
-        })
-    }
-
-    fn busy_since(self, earlier: Self, elapsed: f64) -> Cpu {
-        Cpu {
-            server: (self.0.server - earlier.0.server) / elapsed,
-            load: (self.0.load - earlier.0.load) / elapsed,
-            others: ((self.0.others - earlier.0.others) / elapsed).max(0.0),
-        }
-    }
-}
-
-fn stat_seconds(stat: &str, ticks: f64) -> Option<f64> {
-    let (_, rest) = stat.rsplit_once(')')?;
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: f64 = fields.next()?.parse().ok()?;
-    let stime: f64 = fields.next()?.parse().ok()?;
-    Some((utime + stime) / ticks)
-}
-
-fn runtime(name: &'static str) -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(std::thread::available_parallelism().map_or(1, usize::from))
-        .thread_name(name)
-        .thread_keep_alive(Duration::from_secs(3600))
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-}
-
 /// Beside the bench binary in the target dir: on the real disk, unlike /tmp on some machines.
 fn data_parent() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
@@ -1062,9 +986,11 @@ fn main() -> ExitCode {
             Arc::new(event)
         })
         .collect();
+    let runtimes = Runtimes::new(options.pin);
+    let describe = runtimes.describe();
     let bench = Bench {
-        server_rt: runtime(SERVER_THREADS),
-        load_rt: runtime(LOAD_THREADS),
+        server_rt: runtimes.server,
+        load_rt: runtimes.load,
         payloads: Arc::new(payloads),
         encoded: Arc::new(encoded),
         template: Arc::new(template),
@@ -1075,7 +1001,7 @@ fn main() -> ExitCode {
         .tempdir_in(data_parent())
         .expect("a temp dir for the embedded store");
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    println!("# fan-out benchmark; CPUs: {cpus}; one process holds servers and clients (runtimes `{SERVER_THREADS}`, `{LOAD_THREADS}`, {cpus} workers each)");
+    println!("# fan-out benchmark; CPUs: {cpus}; one process holds servers and clients (runtimes `{SERVER_THREADS}`, `{LOAD_THREADS}`); {describe}");
     println!(
         "# event: chat_closed.json as ingest stores it; Event without raw_json = {} bytes on the wire",
         bench.encoded[0].encoded_len(false)

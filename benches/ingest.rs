@@ -45,14 +45,11 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 mod common;
+use common::cpu::{Cpu, CpuTimes, Runtimes, LOAD_THREADS, SERVER_THREADS};
 use common::{Template, BATCH};
 
 /// What the bare baseline answers, byte for byte what the gateway answers for a new event.
 const BARE_REPLY: &[u8] = br#"{"sequence":1,"duplicate":false}"#;
-/// Thread names of the two runtimes (at most 15 bytes: Linux truncates `comm`). The decode-alone
-/// baseline's threads take the server's name: they stand in for its workers.
-const SERVER_THREADS: &str = "gw-server";
-const LOAD_THREADS: &str = "gw-load";
 /// `statfs` magic of tmpfs, where fsync would cost nothing.
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 /// Records the in-memory store keeps (the oldest go first), so long runs stay within memory.
@@ -555,7 +552,7 @@ struct Point {
     failures: u64,
     records_per_sync: Option<f64>,
     /// Cores busy during the measured seconds.
-    cpu: CpuTimes,
+    cpu: Cpu,
 }
 
 /// The phases' lengths, and what the rows share.
@@ -643,7 +640,7 @@ fn decode_only(threads: usize, cpu: Option<usize>, plan: &Plan) -> Point {
                     .name(SERVER_THREADS.to_owned())
                     .spawn(move || {
                         if let Some(cpu) = cpu {
-                            pin_current_thread(cpu);
+                            common::cpu::pin_current_thread(cpu);
                         }
                         let mut decoded = 0u64;
                         while Instant::now() < until {
@@ -693,110 +690,6 @@ fn snapshot(stats: &WriterStats) -> (u64, u64) {
     )
 }
 
-/// CPU seconds used so far: by the server's threads, by the load generator's threads, and by
-/// everything else on the machine (other processes compete for the same cores).
-#[derive(Clone, Copy)]
-struct CpuTimes {
-    server: f64,
-    load: f64,
-    others: f64,
-}
-
-impl CpuTimes {
-    fn now() -> Self {
-        // SAFETY: sysconf has no preconditions.
-        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        let read = |path: &Path| std::fs::read_to_string(path).ok();
-        let mut server = 0.0;
-        let mut load = 0.0;
-        if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
-            for task in tasks.flatten() {
-                let path = task.path();
-                // `None` when the thread ended meanwhile.
-                let (Some(comm), Some(seconds)) = (
-                    read(&path.join("comm")),
-                    read(&path.join("stat")).and_then(|stat| stat_seconds(&stat, ticks)),
-                ) else {
-                    continue;
-                };
-                match comm.trim() {
-                    SERVER_THREADS => server += seconds,
-                    LOAD_THREADS => load += seconds,
-                    _ => {}
-                }
-            }
-        }
-        let process = read(Path::new("/proc/self/stat"))
-            .and_then(|stat| stat_seconds(&stat, ticks))
-            .unwrap_or(f64::NAN);
-        // The first line of /proc/stat: cpu user nice system idle iowait irq softirq steal ...
-        let machine = read(Path::new("/proc/stat"))
-            .and_then(|stat| {
-                let line = stat.lines().next()?;
-                let ticks_by_kind: Vec<f64> = line
-                    .split_whitespace()
-                    .skip(1)
-                    .take(8)
-                    .filter_map(|field| field.parse().ok())
-                    .collect();
-                let idle = ticks_by_kind.get(3)? + ticks_by_kind.get(4)?;
-                Some((ticks_by_kind.iter().sum::<f64>() - idle) / ticks)
-            })
-            .unwrap_or(f64::NAN);
-        Self {
-            server,
-            load,
-            others: machine - process,
-        }
-    }
-
-    /// Cores busy per second of `elapsed` since `earlier`.
-    fn busy_since(self, earlier: Self, elapsed: f64) -> Self {
-        Self {
-            server: (self.server - earlier.server) / elapsed,
-            load: (self.load - earlier.load) / elapsed,
-            others: ((self.others - earlier.others) / elapsed).max(0.0),
-        }
-    }
-}
-
-/// utime + stime from a `/proc/.../stat` line, in seconds.
-fn stat_seconds(stat: &str, ticks: f64) -> Option<f64> {
-    // Fields after "(comm)": state is field 3, utime 14, stime 15.
-    let (_, rest) = stat.rsplit_once(')')?;
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: f64 = fields.next()?.parse().ok()?;
-    let stime: f64 = fields.next()?.parse().ok()?;
-    Some((utime + stime) / ticks)
-}
-
-fn pin_current_thread(cpu: usize) {
-    // SAFETY: cpu_set_t is plain data; CPU_SET stays within it for cpu < CPU_SETSIZE, and
-    // sched_setaffinity(0, ..) only changes the calling thread.
-    let pinned = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
-    };
-    if !pinned {
-        eprintln!("could not pin a thread to CPU {cpu}");
-    }
-}
-
-fn runtime(name: &'static str, workers: usize, cpu: Option<usize>) -> Runtime {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder
-        .worker_threads(workers)
-        .thread_name(name)
-        // Blocking threads that exit take their CPU time out of /proc/self/task.
-        .thread_keep_alive(Duration::from_secs(3600))
-        .enable_all();
-    if let Some(cpu) = cpu {
-        builder.on_thread_start(move || pin_current_thread(cpu));
-    }
-    builder.build().expect("a tokio runtime")
-}
-
 /// Where the durable store goes: beside the bench binary in the target dir, on the real disk.
 fn data_parent() -> PathBuf {
     let exe = std::env::current_exe().expect("the bench binary's path");
@@ -829,22 +722,13 @@ fn main() -> ExitCode {
     };
     common::init_logging();
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    let pin = options.pin && cpus >= 2;
-    if options.pin && !pin {
-        eprintln!("--pin needs two CPUs; running unpinned");
-    }
-    let workers = if pin { 1 } else { cpus };
-    let (server_rt, load_rt) = if pin {
-        (
-            runtime(SERVER_THREADS, 1, Some(0)),
-            runtime(LOAD_THREADS, 1, Some(1)),
-        )
-    } else {
-        (
-            runtime(SERVER_THREADS, cpus, None),
-            runtime(LOAD_THREADS, cpus, None),
-        )
-    };
+    let runtimes = Runtimes::new(options.pin);
+    let (server_rt, load_rt, workers, pin) = (
+        &runtimes.server,
+        &runtimes.load,
+        runtimes.workers,
+        runtimes.pinned,
+    );
 
     let levels: Vec<usize> = options.levels.clone().unwrap_or_else(|| {
         if options.quick {
@@ -865,7 +749,7 @@ fn main() -> ExitCode {
         .prefix("ingest-bench-")
         .tempdir_in(data_parent())
         .expect("a temp dir for the embedded store");
-    print_header(&options, &plan, cpus, pin, data.path());
+    print_header(&options, &plan, cpus, &runtimes, data.path());
 
     // Every server runs all along and each level measures them back to back, so the ratios
     // compare points taken within seconds of each other on a machine whose load drifts.
@@ -942,7 +826,7 @@ fn unit(target: Target) -> &'static str {
     }
 }
 
-fn print_header(options: &Options, plan: &Plan, cpus: usize, pin: bool, data: &Path) {
+fn print_header(options: &Options, plan: &Plan, cpus: usize, runtimes: &Runtimes, data: &Path) {
     println!("# ingest benchmark: POST /v1/events and /v1/events:batch, keep-alive, one request at a time per connection");
     println!(
         "# body: ../shared/fixtures/chat_closed.json ({} bytes) with a unique ChatEvent.Id per event; \
@@ -957,18 +841,9 @@ fn print_header(options: &Options, plan: &Plan, cpus: usize, pin: bool, data: &P
         plan.warmup.as_secs_f64()
     );
     println!(
-        "# server and load generator share this one process (tokio runtimes `{SERVER_THREADS}` and `{LOAD_THREADS}`);"
+        "# server and load generator share this one process (tokio runtimes `{SERVER_THREADS}` and `{LOAD_THREADS}`); {}",
+        runtimes.describe()
     );
-    let taskset = if Path::new("/usr/bin/taskset").exists() {
-        "taskset exists but pins whole processes, so it cannot separate them"
-    } else {
-        "no taskset here; it could not separate them anyway"
-    };
-    if pin {
-        println!("# pinned per thread (--pin): server on CPU 0, load generator on CPU 1, one worker each ({taskset})");
-    } else {
-        println!("# not pinned: each runtime has {cpus} workers on all CPUs ({taskset}; --pin pins per thread)");
-    }
     println!(
         "# embedded store in {} ({})",
         data.display(),
@@ -1024,10 +899,10 @@ fn print_figures(runs: &[Vec<Point>], workers: usize) {
     );
     println!();
     println!(
-        "| row         | conns |   rate/s | unit   | p50 ms | p99 ms | rec/sync | server CPU | server busy | loadgen CPU | other CPU |"
+        "| row         | conns |   rate/s | unit   | p50 ms | p99 ms | rec/sync | server CPU | server busy | loadgen CPU | other CPU | bound by |"
     );
     println!(
-        "|-------------|------:|---------:|--------|-------:|-------:|---------:|-----------:|------------:|------------:|----------:|"
+        "|-------------|------:|---------:|--------|-------:|-------:|---------:|-----------:|------------:|------------:|----------:|----------|"
     );
     for (target, connections) in rows {
         let Some(point) = median_point(runs, target, connections) else {
@@ -1049,7 +924,7 @@ fn print_figures(runs: &[Vec<Point>], workers: usize) {
             connections.to_string()
         };
         println!(
-            "| {:<11} | {:>5} | {:>8.0} | {:<6} | {:>6} | {:>6} | {:>8} | {:>10.2} | {:>10.0}% | {:>11.2} | {:>9.2} |",
+            "| {:<11} | {:>5} | {:>8.0} | {:<6} | {:>6} | {:>6} | {:>8} | {:>10.2} | {:>10.0}% | {:>11.2} | {:>9.2} | {:<8} |",
             target.name(),
             conns,
             point.rate,
@@ -1060,8 +935,24 @@ fn print_figures(runs: &[Vec<Point>], workers: usize) {
             point.cpu.server,
             100.0 * point.cpu.server / workers as f64,
             point.cpu.load,
-            point.cpu.others
+            point.cpu.others,
+            bound_by(&point, workers)
         );
+    }
+    println!(
+        "\nbound by: server = its CPU was at least 90% busy (the figure is the server's); loadgen = the \
+         load generator was (the server could do more); wait = neither (round trips, fsync)"
+    );
+}
+
+/// What held a point's rate back: the server's CPU, the load generator's, or neither.
+fn bound_by(point: &Point, workers: usize) -> &'static str {
+    if point.cpu.server >= 0.9 * workers as f64 {
+        "server"
+    } else if point.target != Target::DecodeOnly && point.cpu.load >= 0.9 * workers as f64 {
+        "loadgen"
+    } else {
+        "wait"
     }
 }
 

@@ -16,11 +16,6 @@ use iqchannels_gateway::pb::client::{get_event_request, subscribe_request, Filte
 use iqchannels_gateway::server::{self, ServerConfig};
 use iqchannels_gateway::tls::TlsFiles;
 
-/// mimalloc: the ingest path allocates per request (body, typed message, record); glibc's
-/// malloc and free were about 7% of the server's CPU in `cargo bench --bench ingest`.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Receives iQChannels webhook events over HTTP and gRPC, stores each once, and streams them
 /// typed to gRPC subscribers.
 #[derive(Parser)]

@@ -5,11 +5,8 @@
 
 use bytes::Bytes;
 
+pub mod cpu;
 pub mod plot;
-
-/// The binary's allocator (see `src/main.rs`), so the servers measured here allocate as it does.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Events in one batch request.
 pub const BATCH: usize = 100;
