@@ -761,7 +761,7 @@ fn main() -> ExitCode {
     }
     let servers: Vec<Server> = kinds
         .into_iter()
-        .map(|kind| start(&server_rt, kind, &data.path().join("events")))
+        .map(|kind| start(server_rt, kind, &data.path().join("events")))
         .collect();
     let mut runs: Vec<Vec<Point>> = Vec::with_capacity(options.runs);
     for run in 1..=options.runs {
@@ -774,7 +774,7 @@ fn main() -> ExitCode {
                 let Some(server) = servers.iter().find(|server| server.kind == kind) else {
                     continue;
                 };
-                let point = measure(&load_rt, server, target, connections, &plan);
+                let point = measure(load_rt, server, target, connections, &plan);
                 eprintln!(
                     "run {run}: {:<11} {:>4} connections: {:>8.0} {}/s",
                     target.name(),
@@ -797,7 +797,7 @@ fn main() -> ExitCode {
         runs.push(points);
     }
     for server in servers {
-        stop(&server_rt, server);
+        stop(server_rt, server);
     }
 
     print_figures(&runs, workers);
