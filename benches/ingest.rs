@@ -759,10 +759,11 @@ fn main() -> ExitCode {
             kinds.push(kind);
         }
     }
-    let servers: Vec<Server> = kinds
+    let mut servers: Vec<Server> = kinds
         .into_iter()
         .map(|kind| start(server_rt, kind, &data.path().join("events")))
         .collect();
+    let mut stores = 0;
     let mut runs: Vec<Vec<Point>> = Vec::with_capacity(options.runs);
     for run in 1..=options.runs {
         let mut points = Vec::new();
@@ -771,6 +772,19 @@ fn main() -> ExitCode {
                 let Some(kind) = target.server() else {
                     continue;
                 };
+                let Some(index) = servers.iter().position(|server| server.kind == kind) else {
+                    continue;
+                };
+                if kind == ServerKind::Embedded {
+                    // Each durable point starts from an empty store: a redb file grown by every
+                    // earlier point commits more slowly, which would make the runs disagree.
+                    stop(server_rt, servers.swap_remove(index));
+                    let _ = std::fs::remove_dir_all(data.path().join(format!("events-{stores}")));
+                    let _ = std::fs::remove_dir_all(data.path().join("events"));
+                    stores += 1;
+                    let dir = data.path().join(format!("events-{stores}"));
+                    servers.push(start(server_rt, kind, &dir));
+                }
                 let Some(server) = servers.iter().find(|server| server.kind == kind) else {
                     continue;
                 };
