@@ -288,7 +288,7 @@ fn start(rt: &Runtime, kind: ServerKind, data_dir: &Path) -> Server {
                         ..Retention::default()
                     },
                 )
-                    .expect("the embedded store opens in the bench data dir"),
+                .expect("the embedded store opens in the bench data dir"),
             );
             (Some(log.clone() as SharedLog), Some(log))
         }
