@@ -23,7 +23,6 @@ mod binary;
 mod common;
 use common::cpu::{Cpu, CpuTimes, Runtimes, LOAD_THREADS, SERVER_THREADS};
 
-use std::ffi::CString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -32,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use common::Template;
+use common::{data_parent, is_tmpfs, median, Template};
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use iqchannels_gateway::log::embedded::{EmbeddedLog, Retention};
@@ -51,7 +50,6 @@ use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
-const TMPFS_MAGIC: i64 = 0x0102_1994;
 const SUBSCRIBE_PATH: &str = "/iqchannels.gateway.v1.EventGateway/Subscribe";
 /// The gateway's default live tail, used by every in-process gateway here.
 const LIVE_BUFFER: usize = 4096;
@@ -947,23 +945,6 @@ impl Kind {
     }
 }
 
-/// Beside the bench binary in the target dir: on the real disk, unlike /tmp on some machines.
-fn data_parent() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-}
-
-fn is_tmpfs(path: &Path) -> bool {
-    let Ok(path) = CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs fills plain data; the path is NUL-terminated and outlives the call.
-    #[allow(clippy::useless_conversion)]
-    unsafe {
-        let mut stat: libc::statfs = std::mem::zeroed();
-        libc::statfs(path.as_ptr(), &mut stat) == 0 && i64::from(stat.f_type) == TMPFS_MAGIC
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Report
 
@@ -1151,16 +1132,6 @@ impl FanRow {
             load_cpu: (gateway.cpu.load, ceiling.cpu.load),
             other_cpu: (gateway.cpu.others + ceiling.cpu.others) / 2.0,
         }
-    }
-}
-
-fn median(values: impl Iterator<Item = f64>) -> f64 {
-    let mut values: Vec<f64> = values.collect();
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => values[n / 2],
-        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
     }
 }
 

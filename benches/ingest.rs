@@ -19,7 +19,6 @@
 //! The server and the load generator run in this one process, on two tokio runtimes whose threads
 //! are named `gw-server` and `gw-load` (the CPU columns sum `/proc/self/task` by those names).
 
-use std::ffi::CString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -46,12 +45,10 @@ use tokio::task::JoinHandle;
 
 mod common;
 use common::cpu::{Cpu, CpuTimes, Runtimes, LOAD_THREADS, SERVER_THREADS};
-use common::{Template, BATCH};
+use common::{data_parent, is_tmpfs, median, Template, BATCH};
 
 /// What the bare baseline answers, byte for byte what the gateway answers for a new event.
 const BARE_REPLY: &[u8] = br#"{"sequence":1,"duplicate":false}"#;
-/// `statfs` magic of tmpfs, where fsync would cost nothing.
-const TMPFS_MAGIC: i64 = 0x0102_1994;
 /// Records the in-memory store keeps (the oldest go first), so long runs stay within memory.
 const MEMORY_RECORDS: usize = 20_000;
 /// Events the durable store keeps (`--retention-max-events`; about 280 MB of file). Retention
@@ -702,28 +699,6 @@ fn snapshot(stats: &WriterStats) -> (u64, u64) {
     )
 }
 
-/// Where the durable store goes: beside the bench binary in the target dir, on the real disk.
-fn data_parent() -> PathBuf {
-    let exe = std::env::current_exe().expect("the bench binary's path");
-    exe.ancestors()
-        .nth(2) // target/release/deps/ingest-… -> target/release
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-fn is_tmpfs(path: &Path) -> bool {
-    let Ok(path) = CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs is plain data; the path is NUL-terminated and outlives the call.
-    // `f_type` is i64 here but another integer type on other targets.
-    #[allow(clippy::useless_conversion)]
-    unsafe {
-        let mut stat: libc::statfs = std::mem::zeroed();
-        libc::statfs(path.as_ptr(), &mut stat) == 0 && i64::from(stat.f_type) == TMPFS_MAGIC
-    }
-}
-
 fn main() -> ExitCode {
     let options = match parse_options() {
         Ok(options) => options,
@@ -885,16 +860,6 @@ fn median_point(runs: &[Vec<Point>], target: Target, connections: usize) -> Opti
     points
         .get((points.len().max(1) - 1) / 2)
         .map(|point| (*point).clone())
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.retain(|value| value.is_finite());
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => values[n / 2],
-        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-    }
 }
 
 fn print_figures(runs: &[Vec<Point>], workers: usize) {
@@ -1076,7 +1041,7 @@ fn ratio_table(
                 .map(|ratio| format!("{ratio:.2}"))
                 .collect::<Vec<_>>()
                 .join(" ");
-            let cell = format!("{:.2} [{each}]", median(per_run.clone()));
+            let cell = format!("{:.2} [{each}]", median(per_run.iter().copied()));
             line.push_str(&format!(
                 " {cell:>width$} |",
                 width = name.len() + target.len() + 3

@@ -240,15 +240,21 @@ async fn post_batch(
         results: Vec::with_capacity(results.len()),
     };
     for result in &results {
-        match result {
-            Ok(appended) if appended.duplicate => answer.duplicates += 1,
-            Ok(_) => answer.stored += 1,
-            Err(_) => answer.rejected += 1,
-        }
-        answer.results.push(match result {
-            Ok(appended) => ItemAnswer::Appended(appended),
-            Err(error) => ItemAnswer::Rejected(ErrorBody::from(error)),
-        });
+        let item = match result {
+            Ok(appended) => {
+                if appended.duplicate {
+                    answer.duplicates += 1;
+                } else {
+                    answer.stored += 1;
+                }
+                ItemAnswer::Appended(appended)
+            }
+            Err(error) => {
+                answer.rejected += 1;
+                ItemAnswer::Rejected(ErrorBody::from(error))
+            }
+        };
+        answer.results.push(item);
     }
     Ok(Json(answer).into_response())
 }
@@ -349,10 +355,6 @@ fn subscribe_status(error: &crate::subscribe::SubscribeError) -> StatusCode {
     }
 }
 
-fn decode_error_json(error: &DecodeError) -> serde_json::Value {
-    json!(ErrorBody::from(error))
-}
-
 /// Every way an HTTP request fails; each maps to one status and a JSON body `{"error": ...}`.
 #[derive(Debug, thiserror::Error)]
 enum HttpError {
@@ -408,7 +410,7 @@ impl IntoResponse for HttpError {
             Self::NotFound => StatusCode::NOT_FOUND,
         };
         let body = match &self {
-            Self::Invalid(error) => decode_error_json(error),
+            Self::Invalid(error) => json!(ErrorBody::from(error)),
             other => json!({"error": other.to_string()}),
         };
         let mut response = (status, Json(body)).into_response();

@@ -101,3 +101,34 @@ pub fn init_logging() {
         .with_writer(std::io::stderr)
         .init();
 }
+
+/// Where benches put their stores: `target/tmp`, on the real disk (unlike /tmp on some machines).
+pub fn data_parent() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+}
+
+/// Whether `path` is on tmpfs, where fsync costs nothing (a durable figure there means little).
+pub fn is_tmpfs(path: &std::path::Path) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let Ok(path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs fills plain data; the path is NUL-terminated and outlives the call.
+    // `f_type` is i64 here but another integer type on other targets.
+    #[allow(clippy::useless_conversion)]
+    unsafe {
+        let mut stat: libc::statfs = std::mem::zeroed();
+        libc::statfs(path.as_ptr(), &mut stat) == 0 && i64::from(stat.f_type) == TMPFS_MAGIC
+    }
+}
+
+/// The median of the finite values (the mean of the middle two for an even count); NaN if none.
+pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.into_iter().filter(|v| v.is_finite()).collect();
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
