@@ -19,8 +19,10 @@ const PROTOS: &[&str] = &[
 ];
 const WEBHOOK_PACKAGE: &str = "iqchannels.webhook.v1";
 const GATEWAY_PACKAGE: &str = "iqchannels.gateway.v1";
-/// Fields without which an event is rejected: no serde default, so absence is an error.
-const REQUIRED: &[&str] = &["ChatEvent.id", "ChatEvent.type"];
+/// Fields without which the fast decode refuses a body (no serde default, so absence is an
+/// error); the tolerant decode then says what is missing. `ChatEvent.Id` is not one: a transitive
+/// event has none.
+const REQUIRED: &[&str] = &["ChatEvent.type"];
 
 fn main() -> Result<(), Box<dyn Error>> {
     println!("cargo:rerun-if-changed=proto");

@@ -228,11 +228,14 @@ fn payload_pool(template: &Template) -> Vec<Bytes> {
     (0..POOL as i64)
         .map(|i| {
             let body = template.body(1_000_000 + i);
-            let envelope = iqchannels_gateway::decode::decode(&body).expect("the fixture decodes");
+            let envelope = iqchannels_gateway::decode::decode(&body)
+                .expect("the fixture decodes")
+                .envelope;
             StoredEvent {
                 envelope: envelope.encode_to_vec().into(),
                 raw_json: body,
                 keys: Some(iqchannels_gateway::decode::keys(&envelope)),
+                deviations: Default::default(),
             }
             .encode_to_vec()
             .into()
@@ -475,7 +478,7 @@ async fn feed(
         let at = now_ms();
         let records = (appended..appended + BATCH)
             .map(|i| NewRecord {
-                event_id: i as i64 + 1,
+                event_id: Some(i as i64 + 1),
                 received_at_ms: at,
                 payload: pool[i as usize % pool.len()].clone(),
             })
@@ -590,7 +593,7 @@ impl Bench {
                     let end = (next + 8192).min(events);
                     let records = (next..end)
                         .map(|i| NewRecord {
-                            event_id: i as i64 + 1,
+                            event_id: Some(i as i64 + 1),
                             received_at_ms: at,
                             payload: self.payloads[i as usize % self.payloads.len()].clone(),
                         })
@@ -720,7 +723,7 @@ impl Bench {
             let log = EmbeddedLog::open(dir, Retention::default()).expect("the store opens");
             for i in 0..appends {
                 let record = NewRecord {
-                    event_id: i as i64 + 1,
+                    event_id: Some(i as i64 + 1),
                     received_at_ms: now_ms(),
                     payload: self.payloads[i % self.payloads.len()].clone(),
                 };

@@ -6,9 +6,97 @@
 //! typed message.
 
 pub mod serde_support;
+mod tolerant;
+
+pub use tolerant::MAX_VALUE_DEPTH;
 
 use crate::pb::webhook::v1::Envelope;
 use crate::wire::Keys;
+
+/// How strictly a body must match the protos.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Policy {
+    /// DESIGN invariant 7: a field that does not fit its proto type never refuses the event; it is
+    /// coerced when that loses nothing, else left unset, and reported as a [`Deviation`].
+    #[default]
+    Tolerant,
+    /// Any deviation refuses the body, naming its path (`--strict-decode`).
+    Strict,
+}
+
+/// What happened to a field that did not fit its proto type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Converted without loss (`1.0` to an integer, `"84"` to an int64, `1` to a bool, a number
+    /// to a string).
+    Coerced,
+    /// Left unset in the typed form; the raw JSON keeps it.
+    Dropped,
+    /// An opaque value cut to `null` where it would nest deeper than stock protobuf decoders
+    /// read (DESIGN invariant 9); the raw JSON keeps it.
+    Cut,
+}
+
+impl Outcome {
+    /// The lower-case name, as in JSON and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Coerced => "coerced",
+            Outcome::Dropped => "dropped",
+            Outcome::Cut => "cut",
+        }
+    }
+}
+
+/// A field of the body that did not fit the proto. Never carries the field's value (it may be
+/// personal data): only where, what was expected and what kind of JSON was found.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Deviation {
+    /// Full path, `Rels.ChatMessages[0].NoticeId`.
+    pub path: String,
+    /// What the proto expects there (`int64`, `bool`, `a list`, ...).
+    pub expected: String,
+    /// What kind of JSON was there (`a string`, `a number`, ...).
+    pub found: String,
+    /// What the gateway did about it.
+    pub outcome: Outcome,
+    /// The path of the proto field with array indices removed (`Rels.ChatMessages[].NoticeId`);
+    /// inside an opaque value or a map, the field's own path: a set bounded by the protos, for
+    /// metric labels and log-once, free of keys chosen by the sender.
+    #[serde(skip)]
+    pub pattern: String,
+}
+
+/// `path` with array indices removed: `Rels.ChatMessages[0].NoticeId` -> `Rels.ChatMessages[].NoticeId`.
+pub fn path_pattern(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    let mut in_index = false;
+    for c in path.chars() {
+        match c {
+            '[' => {
+                in_index = true;
+                out.push_str("[]");
+            }
+            ']' => in_index = false,
+            _ if in_index => {}
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// Deviations reported per event at most; past it they are counted in one last deviation.
+pub const MAX_DEVIATIONS: usize = 100;
+
+/// A decoded body: the typed envelope and what of the body did not fit it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    /// The typed event.
+    pub envelope: Envelope,
+    /// Fields coerced, dropped or cut, in body order (empty for a body that fits the protos).
+    pub deviations: Vec<Deviation>,
+}
 
 /// Why a body is not a webhook event. Says where (a field path such as `ChatEvent.Id` or
 /// `Rels.Chats[0].ProjectId`, `.` for the whole body) and what was expected.
@@ -70,6 +158,11 @@ impl DecodeError {
         Self::from_json(path, &inner)
     }
 
+    /// Whether the body's text is at fault (not a field's type).
+    fn is_syntax(&self) -> bool {
+        self.message.starts_with("malformed JSON") || self.message.starts_with("truncated JSON")
+    }
+
     /// A JSON syntax or type error at the top of the body.
     pub fn from_json_error(err: &serde_json::Error) -> Self {
         Self::from_json(".".to_owned(), err)
@@ -97,11 +190,19 @@ impl DecodeError {
     }
 }
 
+/// Decodes one webhook body tolerantly ([`Policy::Tolerant`]).
+pub fn decode(body: &[u8]) -> Result<Decoded, DecodeError> {
+    decode_with(body, Policy::Tolerant)
+}
+
 /// Decodes one webhook body. Accepts both known versions of the format, unknown fields, `null`
-/// for any field, int64 ids beyond 2^53. Rejects anything that is not a JSON object with a
-/// `ChatEvent` that has an `Id` and a `Type`, any field of the wrong type, invalid UTF-8 anywhere,
-/// and arrays or objects nested deeper than [`MAX_DEPTH`] anywhere (unknown fields included).
-pub fn decode(body: &[u8]) -> Result<Envelope, DecodeError> {
+/// for any field, int64 ids beyond 2^53. Refuses anything that is not a JSON object with a
+/// `ChatEvent` object that has a string `Type` and (unless `Transitive`) a positive integer `Id`,
+/// a `Rels` that is neither an object nor null, invalid UTF-8 anywhere, and arrays or objects
+/// nested deeper than [`MAX_DEPTH`] anywhere (unknown fields included). Any other field that does
+/// not fit its proto type is a [`Deviation`] ([`Policy::Tolerant`]) or refuses the body
+/// ([`Policy::Strict`]).
+pub fn decode_with(body: &[u8], policy: Policy) -> Result<Decoded, DecodeError> {
     // serde reads a JSON array into a struct positionally; a webhook body is always an object.
     match body.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'{') => {}
@@ -120,32 +221,102 @@ pub fn decode(body: &[u8]) -> Result<Envelope, DecodeError> {
     }
     // The parser skips unknown fields without checking their UTF-8; the body is kept verbatim,
     // so all of it must be valid. Checked first, so the parser can skip its own per-string check.
-    let envelope = match std::str::from_utf8(body) {
-        // Tracking the field path costs as much again as the parse itself, so the fast parse
-        // runs first and the tracked one only to explain a failure.
-        Ok(text) => serde_json::from_str(text).map_err(|error| explain(body, &error))?,
+    let text = match std::str::from_utf8(body) {
+        Ok(text) => text,
         Err(error) => {
-            // A parse error (with its field path) takes precedence over the UTF-8 one.
-            decode_tracked(body)?;
+            // A syntax error (with its field path) takes precedence over the UTF-8 one; so does
+            // any error the strict policy would give.
+            if let Err(tracked) = decode_tracked(body) {
+                if policy == Policy::Strict || tracked.is_syntax() {
+                    return Err(tracked);
+                }
+            }
             return Err(invalid_utf8(body, error.valid_up_to()));
         }
     };
-    checked(body, envelope)
+    // The fast parse reads a body that fits the protos exactly; anything else goes to the
+    // tolerant decode, or is explained by the tracked parse (which names the field).
+    match serde_json::from_str(text) {
+        Ok(envelope) => checked(body, envelope),
+        Err(error) => tolerated(body, text, &error, policy),
+    }
 }
 
-/// The checks after a successful parse of `body` into `envelope`.
-fn checked(body: &[u8], envelope: Envelope) -> Result<Envelope, DecodeError> {
+/// The checks after a successful fast parse of `body` into `envelope`: it fits the protos, so
+/// there is no deviation.
+fn checked(body: &[u8], envelope: Envelope) -> Result<Decoded, DecodeError> {
+    too_deep_check(body)?;
+    validate(&envelope)?;
+    Ok(Decoded {
+        envelope,
+        deviations: Vec::new(),
+    })
+}
+
+/// A body the fast parse refused with `fast`: decoded tolerantly, or explained.
+fn tolerated(
+    body: &[u8],
+    text: &str,
+    fast: &serde_json::Error,
+    policy: Policy,
+) -> Result<Decoded, DecodeError> {
+    // A "syntax" error of the fast parse may be a number out of range in a typed field (`1e400`),
+    // which is valid JSON: only text that does not parse even when ignored is malformed.
+    let malformed = (fast.is_syntax() || fast.is_eof())
+        && serde_json::from_str::<serde::de::IgnoredAny>(text).is_err();
+    if policy == Policy::Strict || malformed {
+        return Err(explain(body, fast));
+    }
+    too_deep_check(body)?;
+    let tolerated = match tolerant::decode(text) {
+        Ok(tolerated) => tolerated,
+        Err(tolerant::Refusal::Syntax) => return Err(explain(body, fast)),
+        Err(tolerant::Refusal::Invalid(error)) => return Err(error),
+    };
+    let transitive = tolerated
+        .envelope
+        .chat_event
+        .as_ref()
+        .is_some_and(|event| event.transitive);
+    // What the gateway needs is strict (DESIGN invariant 7): a deviation there refuses the body.
+    for deviation in &tolerated.deviations {
+        let refused = match deviation.path.as_str() {
+            "ChatEvent" | "ChatEvent.Type" | "Rels" => true,
+            "ChatEvent.Id" => deviation.outcome != Outcome::Coerced && !transitive,
+            _ => false,
+        };
+        if refused {
+            let expected = match deviation.path.as_str() {
+                "ChatEvent" => "an object",
+                "Rels" => "an object or null",
+                "ChatEvent.Type" => "a string such as \"message_created\"",
+                _ => "a positive integer (only a transitive event may omit it)",
+            };
+            return Err(DecodeError::at(
+                &deviation.path,
+                format!("expected {expected}, found {}", deviation.found),
+            ));
+        }
+    }
+    validate(&tolerated.envelope)?;
+    Ok(Decoded {
+        envelope: tolerated.envelope,
+        deviations: tolerated.deviations,
+    })
+}
+
+/// Refuses a body whose arrays and objects nest deeper than [`MAX_DEPTH`].
+fn too_deep_check(body: &[u8]) -> Result<(), DecodeError> {
     // The parser does not limit how deeply unknown fields nest; the stored body must stay
     // readable by consumers whose parsers do (serde_json's own limit).
-    if let Some(offset) = too_deep(body) {
-        return Err(DecodeError::at_offset(
+    match too_deep(body) {
+        Some(offset) => Err(DecodeError::at_offset(
             body,
             offset,
             format!("nested deeper than {MAX_DEPTH} arrays and objects"),
-        ));
+        )),
+        None => Ok(()),
     }
-    validate(&envelope)?;
-    Ok(envelope)
 }
 
 /// One item of a batch: where its bytes are in the batch body, and what they decode to.
@@ -153,8 +324,8 @@ fn checked(body: &[u8], envelope: Envelope) -> Result<Envelope, DecodeError> {
 pub struct BatchItem {
     /// The item's exact bytes in the body.
     pub range: std::ops::Range<usize>,
-    /// The item decoded as by [`decode`], with the same errors.
-    pub decoded: Result<Envelope, DecodeError>,
+    /// The item decoded as by [`decode_with`], with the same errors.
+    pub decoded: Result<Decoded, DecodeError>,
 }
 
 /// Decodes a JSON array of webhook bodies. Each item is decoded as [`decode`] would decode its
@@ -164,10 +335,10 @@ pub struct BatchItem {
 /// Items are decoded during the one pass that finds where each ends. Should anything look
 /// unusual (invalid UTF-8, an item that is not an object or does not decode, broken syntax),
 /// the array is split first and each item decoded after, which explains every fault as before.
-pub fn decode_array(body: &[u8]) -> Result<Vec<BatchItem>, DecodeError> {
+pub fn decode_array(body: &[u8], policy: Policy) -> Result<Vec<BatchItem>, DecodeError> {
     match std::str::from_utf8(body) {
-        Ok(text) => decode_array_fast(text).map_or_else(|| decode_array_split(body), Ok),
-        Err(_) => decode_array_split(body),
+        Ok(text) => decode_array_fast(text).map_or_else(|| decode_array_split(body, policy), Ok),
+        Err(_) => decode_array_split(body, policy),
     }
 }
 
@@ -212,7 +383,7 @@ fn decode_array_fast(text: &str) -> Option<Vec<BatchItem>> {
 }
 
 /// Splits the array into its items' bytes, then decodes each.
-fn decode_array_split(body: &[u8]) -> Result<Vec<BatchItem>, DecodeError> {
+fn decode_array_split(body: &[u8], policy: Policy) -> Result<Vec<BatchItem>, DecodeError> {
     let items: Vec<&serde_json::value::RawValue> =
         serde_json::from_slice(body).map_err(|error| {
             let mut decode = DecodeError::from_json_error(&error);
@@ -227,7 +398,7 @@ fn decode_array_split(body: &[u8]) -> Result<Vec<BatchItem>, DecodeError> {
             let start = bytes.as_ptr() as usize - body.as_ptr() as usize;
             BatchItem {
                 range: start..start + bytes.len(),
-                decoded: decode(bytes),
+                decoded: decode_with(bytes, policy),
             }
         })
         .collect())
@@ -253,7 +424,7 @@ fn explain(body: &[u8], fast: &serde_json::Error) -> DecodeError {
 }
 
 /// Checks what the types cannot: a typed envelope (from JSON or from gRPC Publish) must carry a
-/// `ChatEvent` with a `Type`.
+/// `ChatEvent` with a `Type` and, unless it is transitive, a positive `Id`.
 pub fn validate(envelope: &Envelope) -> Result<(), DecodeError> {
     let Some(event) = &envelope.chat_event else {
         return Err(DecodeError::at(
@@ -264,10 +435,31 @@ pub fn validate(envelope: &Envelope) -> Result<(), DecodeError> {
     if event.r#type.is_empty() {
         return Err(DecodeError::at(
             "ChatEvent.Type",
-            "empty event type: expected a string such as \"message_created\"",
+            "missing field `Type` or empty event type: expected a string such as \"message_created\"",
+        ));
+    }
+    if !event.transitive && event.id <= 0 {
+        let found = if event.id == 0 {
+            "missing field `Id` or id 0".to_owned()
+        } else {
+            format!("id {}", event.id)
+        };
+        return Err(DecodeError::at(
+            "ChatEvent.Id",
+            format!("{found}: expected a positive integer (only a transitive event may omit it)"),
         ));
     }
     Ok(())
+}
+
+/// The deduplication key of a valid envelope: its `ChatEvent.Id`, or `None` for a transitive
+/// event (DESIGN invariant 2: never deduplicated by id).
+pub fn dedup_id(envelope: &Envelope) -> Option<i64> {
+    envelope
+        .chat_event
+        .as_ref()
+        .filter(|event| !event.transitive)
+        .map(|event| event.id)
 }
 
 /// The fields subscribers filter on, read once at ingest and stored beside the event.

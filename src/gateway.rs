@@ -9,7 +9,7 @@ use bytes::Bytes;
 use prost::Message;
 use tokio::sync::watch;
 
-use crate::decode::{self, DecodeError};
+use crate::decode::{self, DecodeError, Decoded, Deviation, Policy};
 use crate::hub::Hub;
 use crate::log::{Appended, LogError, NewRecord, SharedLog};
 use crate::metrics::{Metrics, Snapshot};
@@ -28,6 +28,18 @@ pub enum IngestError {
     Unavailable(#[from] LogError),
 }
 
+/// What ingest answers for a stored event: where it is, and what of its body did not fit the
+/// protos (serialized beside `sequence`, only when there is something).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Ingested {
+    /// Sequence and duplicate flag.
+    #[serde(flatten)]
+    pub appended: Appended,
+    /// Fields coerced, dropped or cut at decode (DESIGN invariant 7).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deviations: Vec<Deviation>,
+}
+
 /// Shared state behind every handler. Cheap to clone.
 #[derive(Clone)]
 pub struct Gateway {
@@ -43,6 +55,8 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     /// Ingest requests in flight at most; a request finding none free is shed (429).
     ingest_slots: Arc<tokio::sync::Semaphore>,
+    /// How strictly bodies must match the protos.
+    policy: Policy,
 }
 
 /// What `GET /v1/stats` reports.
@@ -82,6 +96,8 @@ pub struct GatewayConfig {
     pub max_subscribers: usize,
     /// Ingest requests (HTTP or gRPC Publish) in flight at most.
     pub max_in_flight: usize,
+    /// Tolerant (default) or strict decoding (`--strict-decode`).
+    pub decode_policy: Policy,
 }
 
 impl Default for GatewayConfig {
@@ -90,6 +106,7 @@ impl Default for GatewayConfig {
             live_buffer: 4096,
             max_subscribers: 10_000,
             max_in_flight: 1024,
+            decode_policy: Policy::Tolerant,
         }
     }
 }
@@ -106,6 +123,7 @@ impl Gateway {
             subscribers: Registry::new(config.max_subscribers),
             metrics: Arc::new(Metrics::new()),
             ingest_slots: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.max(1))),
+            policy: config.decode_policy,
         }
     }
 
@@ -114,27 +132,43 @@ impl Gateway {
         self.ingest_slots.clone().try_acquire_owned().ok()
     }
 
+    /// How strictly bodies must match the protos (for edges that decode themselves: batches).
+    pub fn decode_policy(&self) -> Policy {
+        self.policy
+    }
+
     /// Stores one webhook JSON body. The body is kept verbatim beside the typed message.
-    pub async fn ingest_json(&self, body: Bytes) -> Result<Appended, IngestError> {
-        let record = Self::record_from_json(body)?;
-        self.append_one(record).await
+    pub async fn ingest_json(&self, body: Bytes) -> Result<Ingested, IngestError> {
+        let decoded = decode::decode_with(&body, self.policy)?;
+        self.note_deviations(&decoded.deviations);
+        let record = Self::record(&decoded.envelope, body, &decoded.deviations);
+        let appended = self.append_one(record).await?;
+        Ok(Ingested {
+            appended,
+            deviations: decoded.deviations,
+        })
     }
 
     /// Stores several decoded webhook bodies (each with its original JSON) with one append (one
     /// sync). An item that did not decode keeps its error and does not stop the others.
     pub async fn ingest_batch(
         &self,
-        decoded: Vec<Result<(Envelope, Bytes), DecodeError>>,
-    ) -> Result<Vec<Result<Appended, DecodeError>>, LogError> {
+        decoded: Vec<Result<(Decoded, Bytes), DecodeError>>,
+    ) -> Result<Vec<Result<Ingested, DecodeError>>, LogError> {
         let mut records = Vec::with_capacity(decoded.len());
         let mut errors = Vec::with_capacity(decoded.len());
         for item in decoded {
             match item {
-                Ok((envelope, raw_json)) => {
-                    records.push(Self::record(&envelope, raw_json));
-                    errors.push(None);
+                Ok((decoded, raw_json)) => {
+                    self.note_deviations(&decoded.deviations);
+                    records.push(Self::record(
+                        &decoded.envelope,
+                        raw_json,
+                        &decoded.deviations,
+                    ));
+                    errors.push(Ok(decoded.deviations));
                 }
-                Err(error) => errors.push(Some(error)),
+                Err(error) => errors.push(Err(error)),
             }
         }
         let appended = if records.is_empty() {
@@ -146,20 +180,44 @@ impl Gateway {
         let mut appended = appended.into_iter();
         errors
             .into_iter()
-            .map(|error| match error {
-                Some(error) => Ok(Err(error)),
-                None => appended
+            .map(|item| match item {
+                Err(error) => Ok(Err(error)),
+                Ok(deviations) => appended
                     .next()
-                    .map(Ok)
+                    .map(|appended| {
+                        Ok(Ingested {
+                            appended,
+                            deviations,
+                        })
+                    })
                     .ok_or_else(|| LogError::Unavailable("log returned too few results".into())),
             })
             .collect()
     }
 
-    /// Stores a typed envelope (gRPC Publish); there is no original JSON to keep.
-    pub async fn ingest_envelope(&self, envelope: Envelope) -> Result<Appended, IngestError> {
+    /// Stores a typed envelope (gRPC Publish); there is no original JSON to keep. It must carry
+    /// what a JSON body must (a type, and a positive id unless transitive).
+    pub async fn ingest_envelope(&self, envelope: Envelope) -> Result<Ingested, IngestError> {
         decode::validate(&envelope)?;
-        self.append_one(Self::record(&envelope, Bytes::new())).await
+        let appended = self
+            .append_one(Self::record(&envelope, Bytes::new(), &[]))
+            .await?;
+        Ok(Ingested {
+            appended,
+            deviations: Vec::new(),
+        })
+    }
+
+    /// Counts deviations, and logs each field pattern the first time it deviates (the pattern
+    /// only: never a value, nor a key chosen by the sender).
+    fn note_deviations(&self, deviations: &[Deviation]) {
+        for pattern in self.metrics.observe_deviations(deviations) {
+            tracing::warn!(
+                path = %pattern,
+                "an ingested body has a field that does not fit its proto type; the event is \
+                 stored and the deviation reported on it (logged once per field)"
+            );
+        }
     }
 
     async fn append_one(&self, record: NewRecord) -> Result<Appended, IngestError> {
@@ -177,21 +235,16 @@ impl Gateway {
             .observe_appended(appended.len() as u64 - duplicates, duplicates);
     }
 
-    fn record_from_json(body: Bytes) -> Result<NewRecord, DecodeError> {
-        let envelope = decode::decode(&body)?;
-        Ok(Self::record(&envelope, body))
-    }
-
-    fn record(envelope: &Envelope, raw_json: Bytes) -> NewRecord {
+    fn record(envelope: &Envelope, raw_json: Bytes, deviations: &[Deviation]) -> NewRecord {
         let keys = decode::keys(envelope);
-        let event_id = keys.event_id;
         let stored = StoredEvent {
             envelope: envelope.encode_to_vec().into(),
             raw_json,
             keys: Some(keys),
+            deviations: crate::wire::encode_deviations(deviations),
         };
         NewRecord {
-            event_id,
+            event_id: decode::dedup_id(envelope),
             received_at_ms: now_ms(),
             payload: stored.encode_to_vec().into(),
         }

@@ -148,7 +148,7 @@ impl EventGateway for Service {
         let _permit = self.gateway.admit().ok_or_else(|| {
             Status::resource_exhausted("too many requests in flight; retry shortly")
         })?;
-        let appended = match request.into_inner().event {
+        let ingested = match request.into_inner().event {
             Some(publish_request::Event::RawJson(body)) => {
                 self.gateway.ingest_json(body.into()).await
             }
@@ -163,8 +163,9 @@ impl EventGateway for Service {
         }
         .map_err(ingest_status)?;
         Ok(Response::new(PublishResponse {
-            sequence: appended.sequence,
-            duplicate: appended.duplicate,
+            sequence: ingested.appended.sequence,
+            duplicate: ingested.appended.duplicate,
+            deviations: ingested.deviations.iter().map(Into::into).collect(),
         }))
     }
 

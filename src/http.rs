@@ -16,10 +16,9 @@ mod console;
 mod stream;
 
 use crate::auth::{AuthError, GrpcAuth, IngestAuth};
-use crate::decode::{self, DecodeError};
-use crate::gateway::{Gateway, IngestError};
-use crate::log::{Appended, LogError};
-use crate::pb::webhook::v1::Envelope;
+use crate::decode::{self, DecodeError, Decoded};
+use crate::gateway::{Gateway, IngestError, Ingested};
+use crate::log::LogError;
 
 /// Settings of the HTTP edge.
 #[derive(Debug, Clone)]
@@ -171,7 +170,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 async fn post_event(
     State(state): State<AppState>,
     request: Request,
-) -> Result<Json<Appended>, HttpError> {
+) -> Result<Json<Ingested>, HttpError> {
     let (_permit, _, body) = accept(&state, request, &["application/json"]).await?;
     Ok(Json(state.gateway.ingest_json(body).await?))
 }
@@ -216,8 +215,9 @@ async fn post_batch(
     ];
     let allowed = ["application/json", ndjson[0], ndjson[1], ndjson[2]];
     let (_permit, content_type, body) = accept(&state, request, &allowed).await?;
-    let items: Vec<Result<(Envelope, Bytes), DecodeError>> = if content_type == "application/json" {
-        decode::decode_array(&body)
+    let policy = state.gateway.decode_policy();
+    let items: Vec<Result<(Decoded, Bytes), DecodeError>> = if content_type == "application/json" {
+        decode::decode_array(&body, policy)
             .map_err(HttpError::Invalid)?
             .into_iter()
             .map(|item| Ok((item.decoded?, body.slice(item.range))))
@@ -225,7 +225,7 @@ async fn post_batch(
     } else {
         split_lines(&body)
             .into_iter()
-            .map(|line| Ok((decode::decode(&line)?, line)))
+            .map(|line| Ok((decode::decode_with(&line, policy)?, line)))
             .collect()
     };
     let results = state
@@ -241,13 +241,13 @@ async fn post_batch(
     };
     for result in &results {
         let item = match result {
-            Ok(appended) => {
-                if appended.duplicate {
+            Ok(ingested) => {
+                if ingested.appended.duplicate {
                     answer.duplicates += 1;
                 } else {
                     answer.stored += 1;
                 }
-                ItemAnswer::Appended(appended)
+                ItemAnswer::Appended(ingested)
             }
             Err(error) => {
                 answer.rejected += 1;
@@ -271,7 +271,7 @@ struct BatchAnswer<'a> {
 #[derive(serde::Serialize)]
 #[serde(untagged)]
 enum ItemAnswer<'a> {
-    Appended(&'a Appended),
+    Appended(&'a Ingested),
     Rejected(ErrorBody<'a>),
 }
 

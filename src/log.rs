@@ -18,8 +18,9 @@ use tokio::sync::watch;
 /// One event to append.
 #[derive(Debug, Clone)]
 pub struct NewRecord {
-    /// Deduplication key: the same id is stored once.
-    pub event_id: i64,
+    /// Deduplication key: the same id is stored once. `None` for an event that is never
+    /// deduplicated (a transitive one, such as typing: it has no id).
+    pub event_id: Option<i64>,
     /// When the gateway received it, milliseconds since the Unix epoch.
     pub received_at_ms: i64,
     /// Opaque bytes ([`crate::wire::StoredEvent`]).
@@ -90,7 +91,8 @@ pub enum LogError {
 /// The seam between ingest/subscribe and storage.
 #[async_trait]
 pub trait EventLog: Send + Sync + 'static {
-    /// Appends records in order, storing each `event_id` once (also within the batch). Returns
+    /// Appends records in order, storing each `event_id` once (also within the batch; a record
+    /// without one is always stored). Returns
     /// only once the stored records are durable; results are in the order of `records`.
     async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>, LogError>;
 

@@ -197,6 +197,11 @@ struct ServeArgs {
     /// Log output format.
     #[arg(long, env = "IQGW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Refuse (400 / INVALID_ARGUMENT, naming the field path) any body with a field that does not
+    /// fit its proto type. Default: such a field is coerced when that loses nothing, else left
+    /// unset (the raw JSON keeps it), and reported as a deviation on the event.
+    #[arg(long, env = "IQGW_STRICT_DECODE")]
+    strict_decode: bool,
 }
 
 /// Who may ingest and subscribe.
@@ -447,6 +452,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_subscribers: args.limits.max_subscribers,
         max_in_flight: args.limits.max_in_flight,
         request_timeout: args.limits.request_timeout,
+        decode_policy: if args.strict_decode {
+            iqchannels_gateway::decode::Policy::Strict
+        } else {
+            iqchannels_gateway::decode::Policy::Tolerant
+        },
         ingest_auth,
         grpc_auth,
         tls: args

@@ -29,6 +29,13 @@ struct RouteLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeviationLabels {
+    /// The field path with indices removed ([`crate::decode::Deviation::pattern`]).
+    path: String,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SubscriberLabels {
     subscriber: String,
 }
@@ -51,6 +58,9 @@ pub struct Metrics {
     latency: Family<RouteLabels, Histogram>,
     stored: Counter,
     duplicates: Counter,
+    deviations: Family<DeviationLabels, Counter>,
+    /// Deviation patterns seen since start (bounded by the protos' fields), to log each once.
+    deviation_patterns: std::sync::Mutex<std::collections::HashSet<String>>,
     subscribers: Gauge,
     lag: Family<SubscriberLabels, Gauge>,
     lag_max: Gauge,
@@ -95,6 +105,13 @@ impl Metrics {
             "Redeliveries of an already stored event",
             duplicates.clone(),
         );
+        let deviations = Family::<DeviationLabels, Counter>::default();
+        registry.register(
+            "decode_deviations",
+            "Fields of ingested bodies that did not fit their proto type, by field path (indices \
+             removed) and outcome (coerced, dropped, cut)",
+            deviations.clone(),
+        );
         let subscribers = Gauge::default();
         registry.register("subscribers", "Open Subscribe streams", subscribers.clone());
         let lag = Family::<SubscriberLabels, Gauge>::default();
@@ -133,6 +150,8 @@ impl Metrics {
             latency,
             stored,
             duplicates,
+            deviations,
+            deviation_patterns: Default::default(),
             subscribers,
             lag,
             lag_max,
@@ -156,6 +175,31 @@ impl Metrics {
     pub fn observe_appended(&self, stored: u64, duplicates: u64) {
         self.stored.inc_by(stored);
         self.duplicates.inc_by(duplicates);
+    }
+
+    /// Counts deviations of an ingested body. Returns the patterns counted for the first time
+    /// (to be logged once).
+    pub fn observe_deviations(&self, deviations: &[crate::decode::Deviation]) -> Vec<String> {
+        let mut new = Vec::new();
+        if deviations.is_empty() {
+            return new;
+        }
+        let mut seen = self
+            .deviation_patterns
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for deviation in deviations {
+            if seen.insert(deviation.pattern.clone()) {
+                new.push(deviation.pattern.clone());
+            }
+            self.deviations
+                .get_or_create(&DeviationLabels {
+                    path: deviation.pattern.clone(),
+                    outcome: deviation.outcome.as_str(),
+                })
+                .inc();
+        }
+        new
     }
 
     /// Events stored and duplicates answered since start.

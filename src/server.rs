@@ -66,6 +66,8 @@ pub struct ServerConfig {
     pub grpc_auth: GrpcAuth,
     /// Serve TLS with these files instead of cleartext.
     pub tls: Option<crate::tls::TlsFiles>,
+    /// Tolerant (default) or strict decoding of webhook bodies.
+    pub decode_policy: crate::decode::Policy,
 }
 
 impl Default for ServerConfig {
@@ -81,6 +83,7 @@ impl Default for ServerConfig {
             ingest_auth: IngestAuth::default(),
             grpc_auth: GrpcAuth::default(),
             tls: None,
+            decode_policy: crate::decode::Policy::Tolerant,
         }
     }
 }
@@ -112,6 +115,7 @@ pub async fn serve(
         live_buffer: config.live_buffer,
         max_subscribers: config.max_subscribers,
         max_in_flight: config.max_in_flight,
+        decode_policy: config.decode_policy,
     };
     let stop_rx_for_tls = stop_rx.clone();
     let gateway = Gateway::new(log, &limits, stop_rx);

@@ -24,6 +24,38 @@ pub struct StoredEvent {
     /// The fields subscribers filter on, so catch-up reads never decode the envelope.
     #[prost(message, optional, tag = "3")]
     pub keys: Option<Keys>,
+    /// The deviations found at ingest, already in their `Event` wire form: one `Event` field 5
+    /// (`deviations`) after another, written as they are after the envelope. Empty for most.
+    #[prost(bytes = "bytes", tag = "4")]
+    pub deviations: Bytes,
+}
+
+/// The deviations of an event as `Event` field 5 records (see [`StoredEvent::deviations`]).
+pub fn encode_deviations(deviations: &[crate::decode::Deviation]) -> Bytes {
+    let mut buf = Vec::new();
+    for deviation in deviations {
+        let message = crate::pb::gateway::v1::Deviation::from(deviation);
+        prost::encoding::message::encode(5, &message, &mut buf);
+    }
+    buf.into()
+}
+
+impl From<&crate::decode::Deviation> for crate::pb::gateway::v1::Deviation {
+    fn from(deviation: &crate::decode::Deviation) -> Self {
+        use crate::decode::Outcome;
+        use crate::pb::gateway::v1::DeviationOutcome;
+        let outcome = match deviation.outcome {
+            Outcome::Coerced => DeviationOutcome::Coerced,
+            Outcome::Dropped => DeviationOutcome::Dropped,
+            Outcome::Cut => DeviationOutcome::Cut,
+        };
+        Self {
+            path: deviation.path.clone(),
+            expected: deviation.expected.clone(),
+            found: deviation.found.clone(),
+            outcome: outcome.into(),
+        }
+    }
 }
 
 /// The fields of an event that subscriber filters look at.
@@ -74,6 +106,8 @@ pub struct EncodedEvent {
     /// The original webhook body (field 4, `raw_json`), shared with the log record; empty when
     /// there is none (a typed gRPC Publish).
     pub raw_json: Bytes,
+    /// `Event` field 5 records (the deviations), shared with the log record; always sent.
+    pub deviations: Bytes,
 }
 
 /// The encoded prefix of an `Event`, inline: no allocation. At most 11 bytes of sequence, 19 of
@@ -114,6 +148,7 @@ impl EncodedEvent {
             head: Head::new(sequence, received_at_ms, stored.envelope.len()),
             envelope: stored.envelope,
             raw_json: stored.raw_json,
+            deviations: stored.deviations,
         }
     }
 
@@ -137,13 +172,14 @@ impl EncodedEvent {
         } else {
             0
         };
-        self.head.as_slice().len() + self.envelope.len() + raw
+        self.head.as_slice().len() + self.envelope.len() + self.deviations.len() + raw
     }
 
     /// Writes the encoded `Event`, with or without field 4.
     pub fn write(&self, include_raw: bool, buf: &mut impl BufMut) {
         buf.put_slice(self.head.as_slice());
         buf.put_slice(&self.envelope);
+        buf.put_slice(&self.deviations);
         if include_raw && !self.raw_json.is_empty() {
             prost::encoding::bytes::encode(4, &self.raw_json, buf);
         }
@@ -215,6 +251,7 @@ mod tests {
                 event_id: 7,
                 ..Keys::default()
             }),
+            deviations: Bytes::new(),
         };
         let event = Arc::new(EncodedEvent::new(42, 1_632_751_088_427, stored));
         let with_raw = WireEvent {
@@ -255,6 +292,7 @@ mod tests {
             envelope: envelope.encode_to_vec().into(),
             raw_json: Bytes::from_static(b"{}"),
             keys: None,
+            deviations: Bytes::new(),
         };
         let payload = Bytes::from(stored.encode_to_vec());
         for (sequence, at) in [(u64::MAX, i64::MIN), (1, 0), (300, i64::MAX)] {

@@ -220,8 +220,9 @@ fn ordered(a: usize, b: usize) -> (usize, usize) {
 /// Decodes `body` and checks the properties; `Err` describes the violation.
 fn check(body: &[u8]) -> Result<(), String> {
     match decode::decode(body) {
-        Ok(envelope) => {
-            decode::validate(&envelope).map_err(|e| format!("accepted but invalid: {e}"))?;
+        Ok(decoded) => {
+            decode::validate(&decoded.envelope)
+                .map_err(|e| format!("accepted but invalid: {e}"))?;
             if std::str::from_utf8(body).is_err() {
                 return Err("accepted a body that is not UTF-8".into());
             }

@@ -308,7 +308,9 @@ async fn publish_takes_raw_json_or_a_typed_envelope() {
         .into_inner();
     assert_eq!((raw.sequence, raw.duplicate), (1, false));
 
-    let mut envelope = iqchannels_gateway::decode::decode(MESSAGE_CREATED).expect("decodes");
+    let mut envelope = iqchannels_gateway::decode::decode(MESSAGE_CREATED)
+        .expect("decodes")
+        .envelope;
     let publish = |envelope| PublishRequest {
         event: Some(publish_request::Event::Envelope(envelope)),
     };

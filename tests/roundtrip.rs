@@ -40,7 +40,9 @@ fn envelope_descriptor() -> MessageDescriptor {
 
 /// The proto3 JSON mapping of a webhook body, through the typed decoder and protobuf bytes.
 fn proto_json(body: &[u8]) -> Value {
-    let envelope = iqchannels_gateway::decode::decode(body).expect("body decodes");
+    let envelope = iqchannels_gateway::decode::decode(body)
+        .expect("body decodes")
+        .envelope;
     let bytes = envelope.encode_to_vec();
     let dynamic =
         DynamicMessage::decode(envelope_descriptor(), bytes.as_slice()).expect("bytes decode");

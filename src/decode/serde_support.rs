@@ -18,7 +18,18 @@ pub fn opaque<'de, D>(deserializer: D) -> Result<Option<prost_types::Value>, D::
 where
     D: Deserializer<'de>,
 {
-    Ok(Option::<serde_json::Value>::deserialize(deserializer)?.map(to_value))
+    let value = Option::<serde_json::Value>::deserialize(deserializer)?;
+    if value
+        .as_ref()
+        .is_some_and(|value| !super::tolerant::depth_fits(value))
+    {
+        // The tolerant decode cuts it, with a deviation naming where (DESIGN invariant 9).
+        return Err(serde::de::Error::custom(format!(
+            "nested deeper than {} protobuf levels, which stock decoders refuse",
+            super::MAX_VALUE_DEPTH
+        )));
+    }
+    Ok(value.map(to_value))
 }
 
 fn to_value(json: serde_json::Value) -> prost_types::Value {

@@ -499,7 +499,11 @@ fn commit(
             for batch in batches {
                 let mut batch_results = Vec::with_capacity(batch.len());
                 for record in batch {
-                    if let Some(sequence) = ids.get(record.event_id)?.map(|v| v.value()) {
+                    let found = match record.event_id {
+                        Some(id) => ids.get(id)?.map(|v| v.value()),
+                        None => None,
+                    };
+                    if let Some(sequence) = found {
                         batch_results.push(Appended {
                             sequence,
                             duplicate: true,
@@ -510,11 +514,14 @@ fn commit(
                     last_time = last_time.max(record.received_at_ms);
                     value.clear();
                     value.extend_from_slice(&last_time.to_be_bytes());
-                    value.extend_from_slice(&record.event_id.to_be_bytes());
+                    // 0 for an event without a deduplication key: no `ids` entry has it.
+                    value.extend_from_slice(&record.event_id.unwrap_or(0).to_be_bytes());
                     value.extend_from_slice(&record.payload);
                     events.insert(next, value.as_slice())?;
                     bytes += value.len() as u64;
-                    ids.insert(record.event_id, next)?;
+                    if let Some(id) = record.event_id {
+                        ids.insert(id, next)?;
+                    }
                     batch_results.push(Appended {
                         sequence: next,
                         duplicate: false,

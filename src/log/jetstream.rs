@@ -179,12 +179,18 @@ impl JetStreamLog {
     }
 
     async fn publish(&self, record: NewRecord) -> Result<Appended, LogError> {
-        let id = record.event_id.to_string();
         let message = jetstream::message::PublishMessage::build()
             .payload(record.payload)
-            .message_id(&id)
             .header(RECEIVED_AT, record.received_at_ms.to_string().as_str());
-        let subject = self.subject(record.event_id);
+        let (message, subject) = match record.event_id {
+            Some(id) => (message.message_id(id.to_string()), self.subject(id)),
+            // Never deduplicated: no message id, and a subject of its own (one message per
+            // subject would otherwise remove the previous one).
+            None => (
+                message,
+                format!("{}.t{}", self.config.subject_prefix, nuid::next()),
+            ),
+        };
         let ack = self
             .context
             .send_publish(subject.clone(), message)

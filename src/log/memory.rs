@@ -22,7 +22,7 @@ struct Inner {
     /// `records[i]` has sequence `first + i`.
     records: VecDeque<Record>,
     /// `event_ids[i]` is the id of `records[i]`, to forget ids that retention removes.
-    event_ids: VecDeque<i64>,
+    event_ids: VecDeque<Option<i64>>,
     first: u64,
     ids: HashMap<i64, u64>,
 }
@@ -63,7 +63,7 @@ impl EventLog for MemoryLog {
         let mut inner = self.lock();
         let mut results = Vec::with_capacity(records.len());
         for record in records {
-            if let Some(&sequence) = inner.ids.get(&record.event_id) {
+            if let Some(&sequence) = record.event_id.and_then(|id| inner.ids.get(&id)) {
                 results.push(Appended {
                     sequence,
                     duplicate: true,
@@ -71,7 +71,9 @@ impl EventLog for MemoryLog {
                 continue;
             }
             let sequence = inner.first + inner.records.len() as u64;
-            inner.ids.insert(record.event_id, sequence);
+            if let Some(id) = record.event_id {
+                inner.ids.insert(id, sequence);
+            }
             inner.event_ids.push_back(record.event_id);
             inner.records.push_back(Record {
                 sequence,
@@ -86,7 +88,7 @@ impl EventLog for MemoryLog {
         if let Some(max) = self.max_records {
             while inner.records.len() > max {
                 inner.records.pop_front();
-                if let Some(id) = inner.event_ids.pop_front() {
+                if let Some(Some(id)) = inner.event_ids.pop_front() {
                     inner.ids.remove(&id);
                 }
                 inner.first += 1;
@@ -150,7 +152,7 @@ mod tests {
 
     fn record(event_id: i64, at: i64) -> NewRecord {
         NewRecord {
-            event_id,
+            event_id: Some(event_id),
             received_at_ms: at,
             payload: Bytes::from(format!("event {event_id}")),
         }

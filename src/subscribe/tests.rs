@@ -154,9 +154,10 @@ impl Fixture {
                         event_type: format!("t{}", id % 3),
                         ..keys(id, "")
                     }),
+                    deviations: Bytes::new(),
                 };
                 NewRecord {
-                    event_id: id,
+                    event_id: Some(id),
                     received_at_ms: id * 1000,
                     payload: stored.encode_to_vec().into(),
                 }

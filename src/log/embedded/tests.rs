@@ -6,7 +6,7 @@ use super::*;
 
 fn record(event_id: i64, at: i64) -> NewRecord {
     NewRecord {
-        event_id,
+        event_id: Some(event_id),
         received_at_ms: at,
         payload: Bytes::from(format!("payload {event_id}")),
     }
