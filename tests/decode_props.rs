@@ -1,5 +1,7 @@
-//! Property: the decoder never panics on a mutated fixture, and every rejection names a field
-//! path and says what is wrong. Mutations are byte-level (flips, truncation, deleted or repeated
+//! Properties: the decoder never panics on a mutated fixture, and every rejection names a field
+//! path and says what is wrong; any JSON value placed at any field of a valid event (other than
+//! the few the gateway needs) is stored, coerced or reported as a deviation at that field, and
+//! the strict policy refuses exactly the bodies the tolerant one reports deviations for. Mutations are byte-level (flips, truncation, deleted or repeated
 //! ranges) and JSON-aware (a value of another type, a deleted key, deep nesting, numbers no
 //! integer holds, invalid UTF-8 inside a string), in any combination.
 
@@ -330,5 +332,118 @@ fn nesting_is_accepted_exactly_as_deep_as_serde_json_reads_it_back() {
                 );
             }
         }
+    }
+}
+
+/// Any JSON value, a few levels deep, with the strings and numbers that coercions look at.
+fn any_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("JSON has no NaN or infinities", |f| f.is_finite())
+            .prop_map(Value::from),
+        (-3i64..3).prop_map(|i| Value::from(i as f64)),
+        prop_oneof![
+            Just("true"),
+            Just("false"),
+            Just("0"),
+            Just("1"),
+            Just("-5"),
+            Just("84"),
+            Just("9223372036854775808"),
+            Just("1.5"),
+            Just("Привет"),
+            Just(""),
+        ]
+        .prop_map(|s| Value::String(s.to_owned())),
+        ".{0,6}".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(4, 24, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            proptest::collection::vec(("[A-Za-z]{1,6}", inner), 0..4)
+                .prop_map(|members| Value::Object(members.into_iter().collect())),
+        ]
+    })
+}
+
+/// The gateway's path (`Rels.Chats[0].Id`) of a JSON pointer into `value`.
+fn gateway_path(value: &Value, pointer: &str) -> String {
+    let mut path = String::new();
+    let mut at = value;
+    for segment in pointer.split('/').skip(1) {
+        let key = segment.replace("~1", "/").replace("~0", "~");
+        match at {
+            Value::Array(items) => {
+                path.push_str(&format!("[{key}]"));
+                at = &items[key.parse::<usize>().expect("an index")];
+            }
+            Value::Object(members) => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(&key);
+                at = &members[&key];
+            }
+            _ => unreachable!("a pointer from this value"),
+        }
+    }
+    path
+}
+
+/// The members the gateway needs (DESIGN invariant 7): a value there may be refused.
+const NEEDED: &[&str] = &[
+    "",
+    "/ChatEvent",
+    "/ChatEvent/Type",
+    "/ChatEvent/Id",
+    "/Rels",
+];
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 2000,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn any_json_at_any_field_is_stored_with_deviations_only_there(
+        second in any::<bool>(),
+        at in any::<Index>(),
+        replacement in any_json(),
+    ) {
+        let fixture = if second { MESSAGE_CREATED } else { CHAT_CLOSED };
+        let mut value: Value = serde_json::from_slice(fixture).expect("fixtures are JSON");
+        let mut all = Vec::new();
+        pointers(&value, String::new(), &mut all);
+        all.retain(|pointer| !NEEDED.contains(&pointer.as_str()));
+        let pointer = at.get(&all).clone();
+        let path = gateway_path(&value, &pointer);
+        *value.pointer_mut(&pointer).expect("pointer from this value") = replacement.clone();
+        let body = serde_json::to_vec(&value).expect("serializes");
+        let decoded = decode::decode(&body);
+        prop_assert!(decoded.is_ok(), "{path} = {replacement}: refused {:?}", decoded.err());
+        let decoded = decoded.expect("checked");
+        for deviation in &decoded.deviations {
+            prop_assert!(
+                deviation.path.starts_with(&path),
+                "{path} = {replacement}: a deviation elsewhere: {deviation:?}"
+            );
+            prop_assert!(
+                deviation.pattern.len() <= deviation.path.len(),
+                "{deviation:?}"
+            );
+        }
+        let strict = decode::decode_with(&body, decode::Policy::Strict);
+        prop_assert_eq!(
+            strict.is_ok(),
+            decoded.deviations.is_empty(),
+            "{} = {}: strict {:?}, tolerant deviations {:?}",
+            path, replacement, strict.err(), decoded.deviations
+        );
     }
 }

@@ -629,3 +629,570 @@ fn a_bad_batch_item_gets_the_error_it_would_get_alone() {
         .starts_with("expected a JSON array of events: malformed JSON"));
     assert_eq!((error.line, error.column), (Some(1), Some(good.len() + 3)));
 }
+
+/// A body the tolerant decode accepts with one deviation: where, what happened, and a check of
+/// the typed result.
+struct Tolerated {
+    name: &'static str,
+    /// Members of `ChatEvent` after `"Id": 1, "Type": "t"` (may override them).
+    event: &'static str,
+    /// The `Rels` object.
+    rels: &'static str,
+    path: &'static str,
+    outcome: Outcome,
+    expected: &'static str,
+    found: &'static str,
+    typed: fn(&Envelope) -> bool,
+}
+
+fn rels(envelope: &Envelope) -> &crate::pb::webhook::v1::Rels {
+    envelope.rels.as_ref().expect("Rels")
+}
+
+fn event(envelope: &Envelope) -> &crate::pb::webhook::v1::ChatEvent {
+    envelope.chat_event.as_ref().expect("ChatEvent")
+}
+
+const TOLERATED: &[Tolerated] = &[
+    Tolerated {
+        name: "an integer-valued float to an int64",
+        event: "",
+        rels: r#"{"Users": [{"Id": 1, "RoleId": 1.0}]}"#,
+        path: "Rels.Users[0].RoleId",
+        outcome: Outcome::Coerced,
+        expected: "int64",
+        found: "a number",
+        typed: |e| rels(e).users[0].role_id == 1,
+    },
+    Tolerated {
+        name: "an exponent to an int64, exactly",
+        event: r#""CreatedAt": 1.632751088427e12"#,
+        rels: "{}",
+        path: "ChatEvent.CreatedAt",
+        outcome: Outcome::Coerced,
+        expected: "int64",
+        found: "a number",
+        typed: |e| event(e).created_at == 1_632_751_088_427,
+    },
+    Tolerated {
+        name: "a decimal string to an optional int64 (TicketId)",
+        event: "",
+        rels: r#"{"Chats": [{"Id": 1, "TicketId": "84"}]}"#,
+        path: "Rels.Chats[0].TicketId",
+        outcome: Outcome::Coerced,
+        expected: "int64",
+        found: "a string",
+        typed: |e| rels(e).chats[0].ticket_id == Some(84),
+    },
+    Tolerated {
+        name: "NoticeId as a string (the Kotlin SDK)",
+        event: "",
+        rels: r#"{"ChatMessages": [{"Id": 1}, {"Id": 2, "NoticeId": "9007199254740993"}]}"#,
+        path: "Rels.ChatMessages[1].NoticeId",
+        outcome: Outcome::Coerced,
+        expected: "int64",
+        found: "a string",
+        typed: |e| rels(e).chat_messages[1].notice_id == Some(9_007_199_254_740_993),
+    },
+    Tolerated {
+        name: "a negative decimal string to a counter",
+        event: "",
+        rels: r#"{"Chats": [{"Id": 1, "TotalMembers": "-5"}]}"#,
+        path: "Rels.Chats[0].TotalMembers",
+        outcome: Outcome::Coerced,
+        expected: "int64",
+        found: "a string",
+        typed: |e| rels(e).chats[0].total_members == -5,
+    },
+    Tolerated {
+        name: "1 to a bool",
+        event: "",
+        rels: r#"{"Users": [{"Id": 1, "Online": 1}]}"#,
+        path: "Rels.Users[0].Online",
+        outcome: Outcome::Coerced,
+        expected: "bool",
+        found: "a number",
+        typed: |e| rels(e).users[0].online,
+    },
+    Tolerated {
+        name: "0 to a bool",
+        event: r#""Public": 0"#,
+        rels: "{}",
+        path: "ChatEvent.Public",
+        outcome: Outcome::Coerced,
+        expected: "bool",
+        found: "a number",
+        typed: |e| !event(e).public,
+    },
+    Tolerated {
+        name: "\"true\" to a bool",
+        event: "",
+        rels: r#"{"Users": [{"Id": 1, "Active": "true"}]}"#,
+        path: "Rels.Users[0].Active",
+        outcome: Outcome::Coerced,
+        expected: "bool",
+        found: "a string",
+        typed: |e| rels(e).users[0].active,
+    },
+    Tolerated {
+        name: "\"false\" to a bool",
+        event: "",
+        rels: r#"{"Chats": [{"Id": 1, "Open": "false"}]}"#,
+        path: "Rels.Chats[0].Open",
+        outcome: Outcome::Coerced,
+        expected: "bool",
+        found: "a string",
+        typed: |e| !rels(e).chats[0].open,
+    },
+    Tolerated {
+        name: "a number to a string, as its JSON text",
+        event: "",
+        rels: r#"{"ChatMessages": [{"Id": 1, "Text": 1.50e3}]}"#,
+        path: "Rels.ChatMessages[0].Text",
+        outcome: Outcome::Coerced,
+        expected: "string",
+        found: "a number",
+        typed: |e| rels(e).chat_messages[0].text == "1.50e3",
+    },
+    Tolerated {
+        name: "an integer to a string id (File.Id)",
+        event: "",
+        rels: r#"{"Files": [{"Id": 7}]}"#,
+        path: "Rels.Files[0].Id",
+        outcome: Outcome::Coerced,
+        expected: "string",
+        found: "a number",
+        typed: |e| rels(e).files[0].id == "7",
+    },
+    Tolerated {
+        name: "the event id as a decimal string",
+        event: r#""Id": "84""#,
+        rels: "{}",
+        path: "ChatEvent.Id",
+        outcome: Outcome::Coerced,
+        expected: "int64",
+        found: "a string",
+        typed: |e| event(e).id == 84,
+    },
+    Tolerated {
+        name: "Transitive as 1, without an id",
+        event: r#""Id": null, "Transitive": 1"#,
+        rels: "{}",
+        path: "ChatEvent.Transitive",
+        outcome: Outcome::Coerced,
+        expected: "bool",
+        found: "a number",
+        typed: |e| event(e).transitive && event(e).id == 0,
+    },
+    Tolerated {
+        name: "a word where an int64 goes",
+        event: "",
+        rels: r#"{"ChatMessages": [{"Id": 1, "NoticeId": "n-15", "Text": "kept"}]}"#,
+        path: "Rels.ChatMessages[0].NoticeId",
+        outcome: Outcome::Dropped,
+        expected: "int64",
+        found: "a string",
+        typed: |e| {
+            rels(e).chat_messages[0].notice_id.is_none() && rels(e).chat_messages[0].text == "kept"
+        },
+    },
+    Tolerated {
+        name: "a fraction where an int64 goes",
+        event: "",
+        rels: r#"{"Users": [{"Id": 1, "RoleId": 1.5}]}"#,
+        path: "Rels.Users[0].RoleId",
+        outcome: Outcome::Dropped,
+        expected: "int64",
+        found: "a number",
+        typed: |e| rels(e).users[0].role_id == 0 && rels(e).users[0].id == 1,
+    },
+    Tolerated {
+        name: "an integer beyond int64",
+        event: "",
+        rels: r#"{"Users": [{"Id": 1, "RoleId": 9223372036854775808}]}"#,
+        path: "Rels.Users[0].RoleId",
+        outcome: Outcome::Dropped,
+        expected: "int64",
+        found: "a number",
+        typed: |e| rels(e).users[0].role_id == 0,
+    },
+    Tolerated {
+        name: "a number beyond a double",
+        event: "",
+        rels: r#"{"Users": [{"Id": 1, "RoleId": 1e400}]}"#,
+        path: "Rels.Users[0].RoleId",
+        outcome: Outcome::Dropped,
+        expected: "int64",
+        found: "a number",
+        typed: |e| rels(e).users.len() == 1,
+    },
+    Tolerated {
+        name: "an object where a list goes",
+        event: "",
+        rels: r#"{"Chats": {"Id": 1}, "Users": [{"Id": 2}]}"#,
+        path: "Rels.Chats",
+        outcome: Outcome::Dropped,
+        expected: "a list",
+        found: "an object",
+        typed: |e| rels(e).chats.is_empty() && rels(e).users.len() == 1,
+    },
+    Tolerated {
+        name: "an entity kind that is not a list",
+        event: "",
+        rels: r#"{"Users": "nobody", "Chats": [{"Id": 3}]}"#,
+        path: "Rels.Users",
+        outcome: Outcome::Dropped,
+        expected: "a list",
+        found: "a string",
+        typed: |e| rels(e).users.is_empty() && rels(e).chats[0].id == 3,
+    },
+    Tolerated {
+        name: "a list item that is not an object",
+        event: "",
+        rels: r#"{"Chats": [{"Id": 1}, [13, 1], {"Id": 2}]}"#,
+        path: "Rels.Chats[1]",
+        outcome: Outcome::Dropped,
+        expected: "an object",
+        found: "an array",
+        typed: |e| rels(e).chats.iter().map(|c| c.id).eq([1, 2]),
+    },
+    Tolerated {
+        name: "a null list item",
+        event: "",
+        rels: r#"{"Chats": [null, {"Id": 2}]}"#,
+        path: "Rels.Chats[0]",
+        outcome: Outcome::Dropped,
+        expected: "an object",
+        found: "null",
+        typed: |e| rels(e).chats.iter().map(|c| c.id).eq([2]),
+    },
+    Tolerated {
+        name: "an object where a string goes",
+        event: "",
+        rels: r#"{"ChatMessages": [{"Id": 1, "Text": {"ru": "Привет"}}]}"#,
+        path: "Rels.ChatMessages[0].Text",
+        outcome: Outcome::Dropped,
+        expected: "string",
+        found: "an object",
+        typed: |e| rels(e).chat_messages[0].text.is_empty(),
+    },
+    Tolerated {
+        name: "a word where a bool goes",
+        event: "",
+        rels: r#"{"Users": [{"Id": 1, "Online": "yes"}]}"#,
+        path: "Rels.Users[0].Online",
+        outcome: Outcome::Dropped,
+        expected: "bool",
+        found: "a string",
+        typed: |e| !rels(e).users[0].online,
+    },
+    Tolerated {
+        name: "2 where a bool goes",
+        event: "",
+        rels: r#"{"Users": [{"Id": 1, "Online": 2}]}"#,
+        path: "Rels.Users[0].Online",
+        outcome: Outcome::Dropped,
+        expected: "bool",
+        found: "a number",
+        typed: |e| !rels(e).users[0].online,
+    },
+    Tolerated {
+        name: "a bool where a string goes",
+        event: "",
+        rels: r#"{"Users": [{"Id": 1, "Name": true}]}"#,
+        path: "Rels.Users[0].Name",
+        outcome: Outcome::Dropped,
+        expected: "string",
+        found: "a boolean",
+        typed: |e| rels(e).users[0].name.is_empty(),
+    },
+    Tolerated {
+        name: "a number where an object goes",
+        event: "",
+        rels: r#"{"Clients": [{"Id": 1, "Details": 5}]}"#,
+        path: "Rels.Clients[0].Details",
+        outcome: Outcome::Dropped,
+        expected: "an object",
+        found: "a number",
+        typed: |e| rels(e).clients[0].details.is_none(),
+    },
+    Tolerated {
+        name: "a key given twice: the last one is kept",
+        event: "",
+        rels: r#"{"Chats": [{"Id": 1, "Id": 2}]}"#,
+        path: "Rels.Chats[0].Id",
+        outcome: Outcome::Dropped,
+        expected: "the key once",
+        found: "a duplicate key (the last one is kept)",
+        typed: |e| rels(e).chats[0].id == 2,
+    },
+    Tolerated {
+        name: "an id that is not a number, on a transitive event",
+        event: r#""Id": "none", "Transitive": true, "Type": "typing""#,
+        rels: "{}",
+        path: "ChatEvent.Id",
+        outcome: Outcome::Dropped,
+        expected: "int64",
+        found: "a string",
+        typed: |e| event(e).id == 0 && event(e).transitive,
+    },
+];
+
+#[test]
+fn every_coercion_and_every_drop_is_one_deviation_and_the_rest_stays_typed() {
+    let mut failures = Vec::new();
+    for case in TOLERATED {
+        // The case's members replace the default id and type where they name them.
+        let mut members = Vec::new();
+        if !case.event.contains("\"Id\"") {
+            members.push(r#""Id": 1"#);
+        }
+        if !case.event.contains("\"Type\"") {
+            members.push(r#""Type": "t""#);
+        }
+        if !case.event.is_empty() {
+            members.push(case.event);
+        }
+        let body = format!(
+            r#"{{"ChatEvent": {{{}}}, "Rels": {}}}"#,
+            members.join(", "),
+            case.rels
+        );
+        let decoded = match decode(body.as_bytes()) {
+            Ok(decoded) => decoded,
+            Err(error) => {
+                failures.push(format!("{}: refused: {error}", case.name));
+                continue;
+            }
+        };
+        let want = Deviation {
+            path: case.path.to_owned(),
+            expected: case.expected.to_owned(),
+            found: case.found.to_owned(),
+            outcome: case.outcome,
+            pattern: path_pattern(case.path),
+        };
+        if decoded.deviations != [want] {
+            failures.push(format!(
+                "{}: deviations {:?}",
+                case.name, decoded.deviations
+            ));
+        }
+        if !(case.typed)(&decoded.envelope) {
+            failures.push(format!("{}: typed {:?}", case.name, decoded.envelope));
+        }
+        // Strict: the same body is refused, naming the path.
+        match decode_with(body.as_bytes(), Policy::Strict) {
+            Ok(_) => failures.push(format!("{}: strict accepted it", case.name)),
+            // serde names a duplicate key at its object.
+            Err(error) if !case.path.starts_with(&error.path) => {
+                failures.push(format!("{}: strict refused at {error}", case.name))
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+#[test]
+fn what_the_gateway_needs_stays_strict_under_the_tolerant_policy() {
+    let cases: &[(&str, &str, &str)] = &[
+        (r#"{"ChatEvent": "chat_closed"}"#, "ChatEvent", "an object"),
+        (r#"{"ChatEvent": [1, "x"]}"#, "ChatEvent", "an object"),
+        (
+            r#"{"ChatEvent": {"Id": 1, "Type": "x"}, "Rels": []}"#,
+            "Rels",
+            "an object or null",
+        ),
+        (
+            r#"{"ChatEvent": {"Id": 1, "Type": "x"}, "Rels": "x"}"#,
+            "Rels",
+            "an object or null",
+        ),
+        (
+            r#"{"ChatEvent": {"Id": 1, "Type": 5}}"#,
+            "ChatEvent.Type",
+            "a string",
+        ),
+        (
+            r#"{"ChatEvent": {"Id": 1, "Type": {"a": 1}}}"#,
+            "ChatEvent.Type",
+            "a string",
+        ),
+        (
+            r#"{"ChatEvent": {"Id": 1, "Type": "x", "Type": "y"}}"#,
+            "ChatEvent.Type",
+            "a string",
+        ),
+        (
+            r#"{"ChatEvent": {"Id": 1}}"#,
+            "ChatEvent.Type",
+            "missing field `Type`",
+        ),
+        (
+            r#"{"ChatEvent": {"Id": "abc", "Type": "x"}}"#,
+            "ChatEvent.Id",
+            "positive integer",
+        ),
+        (
+            r#"{"ChatEvent": {"Id": 1.5, "Type": "x"}}"#,
+            "ChatEvent.Id",
+            "positive integer",
+        ),
+        (
+            r#"{"ChatEvent": {"Id": -3, "Type": "x"}}"#,
+            "ChatEvent.Id",
+            "positive integer",
+        ),
+        (
+            r#"{"ChatEvent": {"Id": -0, "Type": "x"}}"#,
+            "ChatEvent.Id",
+            "positive integer",
+        ),
+        (
+            r#"{"ChatEvent": {"Id": 0, "Type": "x"}}"#,
+            "ChatEvent.Id",
+            "positive integer",
+        ),
+        (
+            r#"{"ChatEvent": {"Id": null, "Type": "x"}}"#,
+            "ChatEvent.Id",
+            "positive integer",
+        ),
+        (
+            r#"{"ChatEvent": {"Type": "x"}}"#,
+            "ChatEvent.Id",
+            "missing field `Id`",
+        ),
+        (
+            r#"{"ChatEvent": {"Id": 9223372036854775808, "Type": "x"}}"#,
+            "ChatEvent.Id",
+            "positive integer",
+        ),
+        (
+            r#"{"ChatEvent": {"Id": 1e400, "Type": "x"}}"#,
+            "ChatEvent.Id",
+            "positive integer",
+        ),
+        (
+            r#"{"ChatEvent": {"Type": "x", "Transitive": "yes"}}"#,
+            "ChatEvent.Id",
+            "positive integer",
+        ),
+        (
+            r#"{"ChatEvent": {"Id": 1, "Id": 2, "Type": "x"}}"#,
+            "ChatEvent.Id",
+            "positive integer",
+        ),
+        (r#"{"Rels": {}}"#, "ChatEvent", "missing field `ChatEvent`"),
+    ];
+    for (body, path, words) in cases {
+        let error = decode(body.as_bytes()).expect_err(body);
+        assert_eq!(error.path, *path, "{body}: {error}");
+        assert!(error.message.contains(words), "{body}: {error}");
+    }
+}
+
+#[test]
+fn transitive_events_need_no_id() {
+    for body in [
+        r#"{"ChatEvent": {"Type": "typing", "Transitive": true, "ChatId": 5}}"#,
+        r#"{"ChatEvent": {"Id": 0, "Type": "typing", "Transitive": true}}"#,
+        r#"{"ChatEvent": {"Id": null, "Type": "typing", "Transitive": true}}"#,
+    ] {
+        let decoded = decode(body.as_bytes()).expect(body);
+        assert_eq!(decoded.deviations, [], "{body}");
+        assert_eq!(dedup_id(&decoded.envelope), None, "{body}");
+        // Also under the strict policy: an absent id is no deviation for a transitive event.
+        decode_with(body.as_bytes(), Policy::Strict).expect(body);
+    }
+    let stored = decode(br#"{"ChatEvent": {"Id": 7, "Type": "typing", "Transitive": true}}"#)
+        .expect("a transitive event with an id");
+    assert_eq!(dedup_id(&stored.envelope), None, "never deduplicated by id");
+    let regular = decode(br#"{"ChatEvent": {"Id": 7, "Type": "chat_closed"}}"#).expect("decodes");
+    assert_eq!(dedup_id(&regular.envelope), Some(7));
+}
+
+/// `depth` nested arrays around `1`.
+fn nested_arrays(depth: usize) -> String {
+    format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+#[test]
+fn an_opaque_value_nested_past_the_protobuf_limit_is_cut_there_and_reported() {
+    // Each JSON array in a google.protobuf.Value costs two protobuf levels.
+    let fits = (MAX_VALUE_DEPTH - 1) / 2;
+    let body = format!(
+        r#"{{"ChatEvent": {{"Id": 1, "Type": "t"}}, "Rels": {{"Projects": [{{"Id": 5, "Options": {}, "Name": "Проект"}}, {{"Id": 6, "Options": {}}}]}}}}"#,
+        nested_arrays(fits),
+        nested_arrays(50)
+    );
+    let decoded = decode(body.as_bytes()).expect("stored, not refused");
+    let projects = &rels(&decoded.envelope).projects;
+    assert_eq!(projects[0].name, "Проект");
+    assert_eq!(decoded.deviations.len(), 1, "{:?}", decoded.deviations);
+    let cut = &decoded.deviations[0];
+    assert_eq!(cut.outcome, Outcome::Cut);
+    assert_eq!(
+        cut.path,
+        format!("Rels.Projects[1].Options{}", "[0]".repeat(fits))
+    );
+    assert_eq!(
+        cut.pattern, "Rels.Projects[].Options",
+        "labels keep no sender keys"
+    );
+    // The typed form encodes and decodes with prost's default limit, wrapped as a streamed
+    // Event (Event > Envelope) and then some.
+    let event = crate::pb::client::Event {
+        envelope: Some(decoded.envelope.clone()),
+        ..Default::default()
+    };
+    let bytes = prost::Message::encode_to_vec(&event);
+    <crate::pb::client::Event as prost::Message>::decode(bytes.as_slice())
+        .expect("prost reads what is stored");
+    // Strict: refused, naming the field.
+    let error = decode_with(body.as_bytes(), Policy::Strict).expect_err("too deep");
+    assert_eq!(error.path, "Rels.Projects[1].Options");
+}
+
+#[test]
+fn deviations_inside_an_opaque_value_are_labelled_by_the_field() {
+    let body = format!(
+        r#"{{"ChatEvent": {{"Id": 1, "Type": "t"}}, "Rels": {{"Clients": [{{"Id": 1, "Details": {{"Fields": {{"Паспорт": {}}}}}}}]}}}}"#,
+        nested_arrays(40)
+    );
+    let decoded = decode(body.as_bytes()).expect("decodes");
+    assert_eq!(decoded.deviations.len(), 1);
+    assert!(decoded.deviations[0]
+        .path
+        .starts_with("Rels.Clients[0].Details.Fields.Паспорт["));
+    assert_eq!(
+        decoded.deviations[0].pattern,
+        "Rels.Clients[].Details.Fields"
+    );
+}
+
+#[test]
+fn deviations_are_bounded_per_event() {
+    let users: Vec<String> = (0..150)
+        .map(|i| format!(r#"{{"Id": {i}, "Online": "x"}}"#))
+        .collect();
+    let body = format!(
+        r#"{{"ChatEvent": {{"Id": 1, "Type": "t"}}, "Rels": {{"Users": [{}]}}}}"#,
+        users.join(",")
+    );
+    let decoded = decode(body.as_bytes()).expect("decodes");
+    assert_eq!(decoded.deviations.len(), MAX_DEVIATIONS + 1);
+    let last = decoded.deviations.last().expect("a summary");
+    assert_eq!((last.path.as_str(), last.found.as_str()), (".", "50 more"));
+    assert_eq!(rels(&decoded.envelope).users.len(), 150);
+}
+
+#[test]
+fn paths_lose_their_indices_in_patterns() {
+    assert_eq!(
+        path_pattern("Rels.ChatMessages[10].SingleChoices[2].title"),
+        "Rels.ChatMessages[].SingleChoices[].title"
+    );
+    assert_eq!(path_pattern("ChatEvent.Id"), "ChatEvent.Id");
+}
