@@ -152,6 +152,19 @@ impl EncodedEvent {
         }
     }
 
+    /// The deviations found at ingest (decoded from their stored wire form).
+    pub fn deviations(&self) -> Vec<crate::pb::gateway::v1::Deviation> {
+        /// `Event` with only its field 5.
+        #[derive(Clone, PartialEq, Message)]
+        struct Deviations {
+            #[prost(message, repeated, tag = "5")]
+            deviations: Vec<crate::pb::gateway::v1::Deviation>,
+        }
+        Deviations::decode(self.deviations.clone())
+            .map(|d| d.deviations)
+            .unwrap_or_default()
+    }
+
     /// Decodes a log payload into the wire form (the envelope and raw JSON stay in `payload`).
     pub fn from_payload(
         sequence: u64,

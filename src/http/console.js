@@ -181,7 +181,16 @@
     if (view.selected && view.selected.data.sequence === data.sequence) tr.setAttribute('aria-selected', 'true');
     cell(tr, 'num seq', String(data.sequence));
     cell(tr, 'time', clock(data.received_at_ms)).title = new Date(data.received_at_ms).toISOString();
-    cell(tr, 'type', '').appendChild(badge(data.type));
+    const type = cell(tr, 'type', '');
+    type.appendChild(badge(data.type));
+    if (data.deviations && data.deviations.length) {
+      const mark = document.createElement('span');
+      mark.className = 'deviation-mark';
+      mark.textContent = `⚠ ${data.deviations.length}`;
+      mark.title = `${data.deviations.length} field(s) did not fit the proto: ` +
+        data.deviations.map((d) => d.path).join(', ');
+      type.appendChild(mark);
+    }
     cell(tr, 'num chat', data.chat_id == null ? '—' : String(data.chat_id));
     cell(tr, 'actor', data.actor || '—');
     return tr;
@@ -263,6 +272,18 @@
     if (data.chat_id != null) parts.push(`chat ${data.chat_id}`);
     if (data.actor) parts.push(`actor ${data.actor}`);
     $('detail-meta').textContent = parts.join(' · ');
+    const deviations = data.deviations || [];
+    $('detail-deviations').hidden = deviations.length === 0;
+    const list = $('deviation-list');
+    list.textContent = '';
+    for (const d of deviations) {
+      const li = document.createElement('li');
+      const path = document.createElement('code');
+      path.textContent = d.path;
+      li.appendChild(path);
+      li.appendChild(document.createTextNode(` ${d.outcome}: expected ${d.expected}, found ${d.found}`));
+      list.appendChild(li);
+    }
     showJson($('detail-json'), item.raw);
     $('copy').hidden = false;
   }

@@ -168,18 +168,39 @@ async fn open(
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
-/// `id: <sequence>`, `data: {"sequence", "received_at", "type", "event": <the webhook body>}`.
+/// `id: <sequence>`, `data: {"sequence", "received_at", "type", "event": <the webhook body>}`,
+/// and `"deviations": [{"path", "expected", "found", "outcome"}]` when the body had any.
 fn sse_event(event: &Arc<EncodedEvent>) -> SseEvent {
     let body: serde_json::Value =
         serde_json::from_slice(&event.raw_json).unwrap_or(serde_json::Value::Null);
-    let data = json!({
-        "sequence": event.sequence,
-        "received_at_ms": event.received_at_ms,
-        "type": event.keys.event_type,
-        "chat_id": event.keys.chat_id,
-        "actor": event.keys.actor,
-        "event": body,
-    });
+    let mut data = serde_json::Map::new();
+    data.insert("sequence".into(), event.sequence.into());
+    data.insert("received_at_ms".into(), event.received_at_ms.into());
+    data.insert("type".into(), event.keys.event_type.clone().into());
+    data.insert("chat_id".into(), event.keys.chat_id.into());
+    data.insert("actor".into(), event.keys.actor.clone().into());
+    let deviations = event.deviations();
+    if !deviations.is_empty() {
+        let deviations = deviations
+            .iter()
+            .map(|deviation| {
+                let outcome = deviation.outcome().as_str_name();
+                json!({
+                    "path": deviation.path,
+                    "expected": deviation.expected,
+                    "found": deviation.found,
+                    "outcome": outcome
+                        .strip_prefix("DEVIATION_OUTCOME_")
+                        .unwrap_or(outcome)
+                        .to_ascii_lowercase(),
+                })
+            })
+            .collect();
+        data.insert("deviations".into(), deviations);
+    }
+    // The body last: the console reads its exact text from there (int64 ids stay exact).
+    data.insert("event".into(), body);
+    let data = serde_json::Value::Object(data);
     SseEvent::default()
         .id(event.sequence.to_string())
         .data(data.to_string())

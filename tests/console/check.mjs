@@ -109,6 +109,34 @@ try {
   if (!title.includes(`#${sequence}`)) throw new Error(`the detail pane is titled ${title}`);
   step(`clicking the row shows its JSON (${(await detail.textContent()).length} characters)`);
 
+  // A body with fields that do not fit the proto: stored, marked in its row, listed in the detail.
+  const oddId = Date.now();
+  const odd = await fetch(base + '/v1/events', {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({
+      ChatEvent: { Id: oddId, Type: 'message_created', Public: 1 },
+      Rels: { ChatMessages: [{ Id: 1, NoticeId: 'n-1', Text: 'Привет' }] },
+    }),
+  });
+  const oddAnswer = await odd.json();
+  if (odd.status !== 200 || !Array.isArray(oddAnswer.deviations) || oddAnswer.deviations.length !== 2) {
+    throw new Error(`POST of a body with deviations answered ${odd.status} ${JSON.stringify(oddAnswer)}`);
+  }
+  const oddRow = page.locator(`#events tr[data-sequence="${oddAnswer.sequence}"]`);
+  await oddRow.waitFor({ timeout: WAIT });
+  const mark = await oddRow.locator('.deviation-mark').textContent();
+  if (!mark.includes('2')) throw new Error(`the row marks its deviations as ${JSON.stringify(mark)}`);
+  await oddRow.click();
+  await page.locator('#detail-deviations:not([hidden])').waitFor({ timeout: WAIT });
+  const listed = await page.locator('#deviation-list li').allTextContents();
+  if (!listed.some((text) => text.includes('Rels.ChatMessages[0].NoticeId') && text.includes('dropped'))) {
+    throw new Error(`the detail lists ${JSON.stringify(listed)}`);
+  }
+  step(`a body with deviations is marked (${mark}) and lists them: ${JSON.stringify(listed)}`);
+  await newRow.click();
+  await page.locator('#detail-deviations[hidden]').waitFor({ state: 'attached', timeout: WAIT });
+
   // The stats poll: this page's own stream is a subscriber, and the totals include the post.
   await page.locator('#subs tr[data-subscriber]').first().waitFor({ timeout: WAIT });
   await page.waitForFunction(
