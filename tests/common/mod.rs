@@ -1,5 +1,6 @@
-//! Helpers shared by the end-to-end tests: a real server on 127.0.0.1:0 over a [`MemoryLog`],
-//! HTTP and gRPC clients pointed at it, and the shared fixtures.
+//! Helpers shared by the end-to-end tests: a real server on 127.0.0.1:0 over a [`MemoryLog`] (or
+//! any store), HTTP and gRPC clients pointed at it, the shared fixtures, and a JetStream store on
+//! the machine's nats-server.
 
 #![allow(dead_code)] // Each test binary uses a different part of this module.
 
@@ -8,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use iqchannels_gateway::log::memory::MemoryLog;
+use iqchannels_gateway::log::SharedLog;
 use iqchannels_gateway::pb::client::event_gateway_client::EventGatewayClient;
 use iqchannels_gateway::pb::client::{
     get_event_request, subscribe_request, Event, Filter, GetEventRequest, SubscribeRequest,
@@ -37,7 +39,7 @@ pub struct TestServer {
     /// Where it listens (HTTP and gRPC).
     pub addr: SocketAddr,
     /// The log behind it, for direct inspection.
-    pub log: Arc<MemoryLog>,
+    pub log: SharedLog,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -51,11 +53,15 @@ impl TestServer {
     /// A server with `config`; the listener is bound before this returns, so clients may
     /// connect at once.
     pub async fn with_config(config: ServerConfig) -> Self {
+        Self::with_log(Arc::new(MemoryLog::default()), config).await
+    }
+
+    /// A server over `log` with `config`.
+    pub async fn with_log(log: SharedLog, config: ServerConfig) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("bound address");
-        let log = Arc::new(MemoryLog::default());
         let (shutdown, signal) = oneshot::channel::<()>();
         let task = tokio::spawn({
             let log = log.clone();
@@ -245,4 +251,101 @@ pub async fn get_by_event_id(
         })
         .await
         .map(tonic::Response::into_inner)
+}
+
+/// Skips (loudly) outside CI, fails under CI, when a prerequisite is missing.
+pub fn require(what: &str, ok: bool) -> bool {
+    if !ok {
+        let message = format!("{what} is not available: this test did not run");
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{message}");
+        }
+        eprintln!("\n!!!!! SKIPPED: {message} !!!!!\n");
+    }
+    ok
+}
+
+/// The machine's nats-server with JetStream.
+pub const SHARED_NATS: &str = "127.0.0.1:4222";
+
+/// A JetStream store on a stream no other test uses (deleted when the returned guard drops), or
+/// `None` (skipped loudly; a failure under CI) when nats-server is not running.
+pub async fn jetstream_log() -> Option<(SharedLog, StreamGuard)> {
+    use iqchannels_gateway::log::jetstream::{JetStreamLog, NatsConfig};
+    let up = std::net::TcpStream::connect_timeout(
+        &SHARED_NATS.parse().expect("address"),
+        Duration::from_secs(1),
+    )
+    .is_ok();
+    if !require(&format!("nats-server with JetStream on {SHARED_NATS}"), up) {
+        return None;
+    }
+    let tag = format!(
+        "{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() % 1_000_000_000_000)
+            .unwrap_or(0)
+    );
+    let mut config = NatsConfig::new(format!("nats://{SHARED_NATS}"));
+    config.stream = format!("IQGW_TEST_{tag}");
+    config.subject_prefix = format!("iqgw.test.{tag}");
+    let guard = StreamGuard(config.stream.clone());
+    let log = JetStreamLog::connect(config)
+        .await
+        .expect("the JetStream store connects");
+    Some((Arc::new(log), guard))
+}
+
+/// Deletes its JetStream stream on drop (best effort).
+pub struct StreamGuard(String);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let name = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                let client = async_nats::connect(SHARED_NATS).await.ok()?;
+                async_nats::jetstream::new(client)
+                    .delete_stream(&name)
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// Reads SSE frames until `count` events arrived; returns `(id, data)` pairs.
+pub async fn read_sse(
+    response: &mut reqwest::Response,
+    count: usize,
+) -> Vec<(u64, serde_json::Value)> {
+    let mut buffer = String::new();
+    let mut events = Vec::new();
+    while events.len() < count {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), response.chunk())
+            .await
+            .expect("an event in time");
+        let chunk = chunk.expect("stream open").expect("stream not ended");
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let frame: String = buffer.drain(..end + 2).collect();
+            let field = |name: &str| {
+                frame
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().to_owned())
+            };
+            if let (Some(id), Some(data)) = (field("id:"), field("data:")) {
+                events.push((id.parse().unwrap(), serde_json::from_str(&data).unwrap()));
+            }
+        }
+    }
+    events
 }
