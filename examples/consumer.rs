@@ -83,6 +83,17 @@ async fn main() -> anyhow::Result<()> {
             End::Done => return Ok(()),
             End::Failed(status) => status,
         };
+        if undecodable(&error) {
+            // The same event would fail again after a reconnect: stop, saying where.
+            let after = cursor
+                .last
+                .map_or("the start".into(), |s| format!("sequence {s}"));
+            anyhow::bail!(
+                "the event after {after} cannot be decoded ({}); stopping (its raw JSON: \
+                 `iqchannels-gateway get --sequence N`)",
+                error.message()
+            );
+        }
         if is_fatal(error.code()) {
             anyhow::bail!(
                 "subscription failed: {:?}: {}",
@@ -173,6 +184,11 @@ async fn stream(
         request.metadata_mut().insert("authorization", value);
     }
     Ok(client.subscribe(request).await?.into_inner())
+}
+
+/// A failure of this client to decode an event (tonic reports it as INTERNAL).
+fn undecodable(status: &Status) -> bool {
+    status.code() == Code::Internal && status.message().contains("decode")
 }
 
 /// Errors that retrying cannot fix.

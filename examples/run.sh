@@ -200,4 +200,23 @@ for name in rust-after python-after; do
     check "$name" "$line2"$'\n'
 done
 
+step "4. an event nested past protobuf's recursion limit: stored cut, read past by both"
+options="$(printf '[%.0s' $(seq 50))1$(printf ']%.0s' $(seq 50))"
+printf '{"ChatEvent":{"Id":9003,"Type":"chat_changed","ChatId":21,"CreatedAt":1},"Rels":{"Projects":[{"Id":5,"Options":%s}]}}' \
+    "$options" >"$work/poison.json"
+post "$work/poison.json"
+grep -q '"outcome":"cut"' <(curl -sS -H 'Content-Type: application/json' \
+    --data-binary "@$work/poison.json" "http://$address/v1/events") ||
+    fail "the redelivered poison body does not report its cut"
+cat >"$work/sixth.json" <<'EOF'
+{"ChatEvent": {"Id": 9004, "Type": "message_created", "ChatId": 21, "Actor": "client",
+               "CreatedAt": 1632751092000}}
+EOF
+post "$work/sixth.json"
+start_consumers -poison --after 4 --exit-after 2
+for name in rust-poison python-poison; do
+    wait_exit "$name" "${consumer_pid[$name]}"
+    check "$name" '5 chat_changed chat=21 actor=-'$'\n''6 message_created chat=21 actor=client'$'\n'
+done
+
 step "examples: all checks passed"

@@ -65,6 +65,29 @@ impl tonic::service::Interceptor for Authorization {
 
 impl Connection {
     async fn connect(&self) -> Result<Client, ClientError> {
+        Ok(EventGatewayClient::new(self.service().await?).max_decoding_message_size(MAX_MESSAGE))
+    }
+
+    /// Subscribes, receiving each event's bytes undecoded: an event this client cannot decode
+    /// is then one event to report, not a stream error that a reconnect would meet again.
+    async fn subscribe_raw(
+        &self,
+        request: SubscribeRequest,
+    ) -> Result<tonic::Streaming<Bytes>, ClientError> {
+        let mut grpc =
+            tonic::client::Grpc::new(self.service().await?).max_decoding_message_size(MAX_MESSAGE);
+        grpc.ready()
+            .await
+            .map_err(|e| Status::unavailable(format!("connection not ready: {e}")))?;
+        let path =
+            http::uri::PathAndQuery::from_static("/iqchannels.gateway.v1.EventGateway/Subscribe");
+        Ok(grpc
+            .server_streaming(tonic::Request::new(request), path, raw::Codec)
+            .await?
+            .into_inner())
+    }
+
+    async fn service(&self) -> Result<InterceptedService<Channel, Authorization>, ClientError> {
         let mut endpoint =
             Endpoint::from_shared(self.server.clone())?.connect_timeout(Duration::from_secs(5));
         if self.server.starts_with("https://") {
@@ -81,11 +104,68 @@ impl Connection {
             None => None,
         };
         let channel = endpoint.connect().await?;
-        Ok(
-            EventGatewayClient::with_interceptor(channel, Authorization(token))
-                .max_decoding_message_size(64 << 20),
-        )
+        Ok(InterceptedService::new(channel, Authorization(token)))
     }
+}
+
+/// The largest event the client reads.
+const MAX_MESSAGE: usize = 64 << 20;
+
+/// A gRPC codec that sends a `SubscribeRequest` and hands over each response's bytes.
+mod raw {
+    use bytes::{Buf, Bytes};
+    use prost::Message;
+    use tonic::codec::{DecodeBuf, Decoder, EncodeBuf, Encoder};
+    use tonic::Status;
+
+    use crate::pb::client::SubscribeRequest;
+
+    pub struct Codec;
+
+    impl tonic::codec::Codec for Codec {
+        type Encode = SubscribeRequest;
+        type Decode = Bytes;
+        type Encoder = Codec;
+        type Decoder = Codec;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            Codec
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            Codec
+        }
+    }
+
+    impl Encoder for Codec {
+        type Item = SubscribeRequest;
+        type Error = Status;
+
+        fn encode(&mut self, item: Self::Item, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            item.encode(dst)
+                .map_err(|e| Status::internal(format!("encoding the request: {e}")))
+        }
+    }
+
+    impl Decoder for Codec {
+        type Item = Bytes;
+        type Error = Status;
+
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+            Ok(Some(src.copy_to_bytes(src.remaining())))
+        }
+    }
+}
+
+/// The sequence of an event that does not decode: field 1 alone (prost skips the other fields
+/// without descending into them).
+fn sequence_of(bytes: Bytes) -> Option<u64> {
+    #[derive(Clone, PartialEq, Message)]
+    struct Sequence {
+        #[prost(uint64, tag = "1")]
+        sequence: u64,
+    }
+    Sequence::decode(bytes).ok().map(|s| s.sequence)
 }
 
 /// How events are printed.
@@ -135,9 +215,23 @@ pub async fn subscribe(
             include_raw_json: options.output == Output::Json,
         };
         let attempt = async {
-            let mut client = connection.connect().await?;
-            let mut stream = client.subscribe(request).await?.into_inner();
-            while let Some(event) = stream.message().await? {
+            let mut stream = connection.subscribe_raw(request).await?;
+            while let Some(bytes) = stream.message().await? {
+                let event = match Event::decode(bytes.clone()) {
+                    Ok(event) => event,
+                    Err(error) => {
+                        // Reported and passed: resuming at it would fail the same way forever.
+                        let Some(sequence) = sequence_of(bytes) else {
+                            return Err(Status::data_loss(format!(
+                                "an event that names no sequence does not decode: {error}"
+                            ))
+                            .into());
+                        };
+                        eprintln!("event {sequence} cannot be decoded ({error}); skipped");
+                        last = Some(sequence);
+                        continue;
+                    }
+                };
                 printer.print(&event)?;
                 last = Some(event.sequence);
                 received += 1;
@@ -177,6 +271,7 @@ fn fatal(error: &ClientError) -> bool {
         ClientError::Status(status) => matches!(
             status.code(),
             Code::InvalidArgument
+                | Code::DataLoss
                 | Code::OutOfRange
                 | Code::Unauthenticated
                 | Code::PermissionDenied

@@ -76,7 +76,7 @@ fn publish_reports_stored_duplicates_and_rejections_with_reasons() {
         "{out}"
     );
     assert!(
-        out.contains("rejected stdin#2: ChatEvent.Id: invalid type"),
+        out.contains("rejected stdin#2: ChatEvent.Id: expected a positive integer"),
         "{out}"
     );
 }
@@ -206,4 +206,55 @@ mod reqwest {
         });
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+}
+
+#[test]
+fn subscribe_reports_an_event_it_cannot_decode_and_goes_on() {
+    use iqchannels_gateway::log::embedded::{EmbeddedLog, Retention};
+    use iqchannels_gateway::log::{EventLog, NewRecord};
+    use iqchannels_gateway::wire::StoredEvent;
+    use prost::Message;
+
+    // A store whose first record holds an envelope no decoder reads (a field that claims more
+    // bytes than there are), as an older or damaged store might; the second is a real event.
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let log = EmbeddedLog::open(dir.path(), Retention::default()).unwrap();
+        let records = [
+            (1, bytes::Bytes::from_static(&[0x0a, 0x7f, 0x01])),
+            (
+                2,
+                iqchannels_gateway::decode::decode(&event(2))
+                    .unwrap()
+                    .envelope
+                    .encode_to_vec()
+                    .into(),
+            ),
+        ]
+        .map(|(id, envelope)| NewRecord {
+            event_id: Some(id),
+            received_at_ms: 1,
+            payload: StoredEvent {
+                envelope,
+                ..StoredEvent::default()
+            }
+            .encode_to_vec()
+            .into(),
+        });
+        log.append(records.to_vec()).await.unwrap();
+    });
+    drop(runtime);
+    let data_dir = dir.path().to_str().unwrap();
+    let process = Process::start(&["--store", "embedded", "--data-dir", data_dir]);
+    let (code, out, err) = run(
+        &process,
+        &["subscribe", "--from-beginning", "--exit-after", "1"],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("event 1 cannot be decoded"), "{err}");
+    assert!(out.starts_with("#2 "), "{out}");
+    assert!(err.contains("cursor: 2"), "{err}");
+    assert!(!err.contains("reconnecting"), "{err}");
 }

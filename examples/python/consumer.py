@@ -12,7 +12,10 @@ The same program as examples/consumer.rs:
   --after when it restarts;
 - which errors to retry: UNAVAILABLE, transport errors and a stream that ends are retried;
   OUT_OF_RANGE (the cursor was removed by retention), INVALID_ARGUMENT and authentication errors
-  are not.
+  are not;
+- an event this program cannot decode (say, nested deeper than protobuf's recursion limit) is
+  reported with its sequence and passed, never reconnected to forever: each event's bytes are
+  decoded here, one at a time, not by the gRPC stub.
 
 It prints one line per event, `SEQUENCE TYPE chat=CHAT actor=ACTOR` (`-` for a missing chat or an
 anonymous actor); reconnects are reported on stderr.
@@ -26,10 +29,11 @@ import sys
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "generated"))
 
-from iqchannels.gateway.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
+from iqchannels.gateway.v1 import gateway_pb2  # noqa: E402
 
 # The shortest and longest wait between reconnect attempts, in seconds.
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
@@ -71,6 +75,42 @@ def open_channel(server):
     return grpc.insecure_channel(server.removeprefix("http://"))
 
 
+def sequence_of(data):
+    """The sequence (field 1, a varint) of an encoded Event that does not decode, or None."""
+    def varint(at):
+        value, shift = 0, 0
+        while at < len(data):
+            byte = data[at]
+            value |= (byte & 0x7F) << shift
+            at += 1
+            if not byte & 0x80:
+                return value, at
+            shift += 7
+        raise ValueError("truncated varint")
+
+    at = 0
+    try:
+        while at < len(data):
+            key, at = varint(at)
+            field, wire = key >> 3, key & 7
+            if wire == 0:
+                value, at = varint(at)
+                if field == 1:
+                    return value
+            elif wire == 2:
+                length, at = varint(at)
+                at += length
+            elif wire == 1:
+                at += 8
+            elif wire == 5:
+                at += 4
+            else:
+                return None
+    except ValueError:
+        return None
+    return None
+
+
 def line(event):
     """`SEQUENCE TYPE chat=CHAT actor=ACTOR`, `-` for what the event lacks."""
     chat_event = event.envelope.chat_event
@@ -80,7 +120,13 @@ def line(event):
 
 def main():
     args = parse_args()
-    stub = gateway_pb2_grpc.EventGatewayStub(open_channel(args.server))
+    # Subscribe through a raw deserializer: the bytes of each event are decoded in the loop, so
+    # one event that does not decode is reported and passed instead of failing the stream.
+    subscribe = open_channel(args.server).unary_stream(
+        "/iqchannels.gateway.v1.EventGateway/Subscribe",
+        request_serializer=gateway_pb2.SubscribeRequest.SerializeToString,
+        response_deserializer=lambda data: data,
+    )
     metadata = [("authorization", f"Bearer {args.token}")] if args.token else None
     event_filter = gateway_pb2.Filter(event_types=args.types, chat_ids=args.chats)
 
@@ -92,9 +138,21 @@ def main():
             request = gateway_pb2.SubscribeRequest(filter=event_filter, beginning={})
         else:
             request = gateway_pb2.SubscribeRequest(filter=event_filter, after_sequence=last)
-        call = stub.Subscribe(request, metadata=metadata)
+        call = subscribe(request, metadata=metadata)
         try:
-            for event in call:
+            for data in call:
+                try:
+                    event = gateway_pb2.Event.FromString(data)
+                except DecodeError as error:
+                    sequence = sequence_of(data)
+                    if sequence is None:
+                        print(f"consumer: an event without a sequence does not decode ({error})",
+                              file=sys.stderr)
+                        return 1
+                    print(f"consumer: event {sequence} cannot be decoded ({error}); skipped",
+                          file=sys.stderr, flush=True)
+                    last = sequence
+                    continue
                 print(line(event), flush=True)
                 last = event.sequence
                 backoff = BACKOFF_MIN
