@@ -263,7 +263,8 @@ fn tolerated(
     // A "syntax" error of the fast parse may be a number out of range in a typed field (`1e400`),
     // which is valid JSON: only text that does not parse even when ignored is malformed.
     let malformed = (fast.is_syntax() || fast.is_eof())
-        && serde_json::from_str::<serde::de::IgnoredAny>(text).is_err();
+        && (too_deep(body).is_some()
+            || serde_json::from_str::<serde::de::IgnoredAny>(text).is_err());
     if policy == Policy::Strict || malformed {
         return Err(explain(body, fast));
     }

@@ -88,7 +88,8 @@ fn deeply_nested() -> Vec<Hostile> {
         single(
             "ChatEvent: 100k [",
             format!("{{\"ChatEvent\":{arrays}"),
-            Expect::Invalid("ChatEvent".into()),
+            // Refused for its depth, at the offending byte.
+            Expect::Invalid(".".into()),
         ),
         single(
             "100k balanced [] in an unknown field",
@@ -107,7 +108,8 @@ fn deeply_nested() -> Vec<Hostile> {
     ]
 }
 
-/// Numbers no int64 holds, at the integer fields of the envelope.
+/// Numbers no int64 holds, at the event id (elsewhere they are dropped with a deviation: the
+/// tolerant decode's tests in src/decode/tests.rs and tests/fidelity.rs).
 fn huge_numbers() -> Vec<Hostile> {
     let numbers = [
         "1e400",
@@ -119,25 +121,11 @@ fn huge_numbers() -> Vec<Hostile> {
     ];
     let mut cases = Vec::new();
     for number in numbers {
-        for (field, body, path) in [
-            (
-                "Id",
-                format!("{{\"ChatEvent\":{{\"Id\":{number},\"Type\":\"typing\"}}}}"),
-                "ChatEvent.Id",
-            ),
-            (
-                "ChatId",
-                format!("{{\"ChatEvent\":{{\"Id\":1,\"Type\":\"typing\",\"ChatId\":{number}}}}}"),
-                "ChatEvent.ChatId",
-            ),
-            (
-                "Rels.Chats[0].ProjectId",
-                format!(
-                    "{{\"ChatEvent\":{{\"Id\":1,\"Type\":\"typing\"}},\"Rels\":{{\"Chats\":[{{\"Id\":1,\"ProjectId\":{number}}}]}}}}"
-                ),
-                "Rels.Chats[0].ProjectId",
-            ),
-        ] {
+        for (field, body, path) in [(
+            "Id",
+            format!("{{\"ChatEvent\":{{\"Id\":{number},\"Type\":\"typing\"}}}}"),
+            "ChatEvent.Id",
+        )] {
             cases.push(single(
                 format!("{field} = {number}"),
                 body,
@@ -151,7 +139,9 @@ fn huge_numbers() -> Vec<Hostile> {
 /// Fields holding objects the proto keeps as an opaque `google.protobuf.Value`: any type fits.
 const OPAQUE: &[&str] = &["APNS", "Options", "Permissions", "Fields"];
 
-/// Every scalar of both fixtures replaced with a value of another type.
+/// The scalars the gateway needs (DESIGN invariant 7) replaced with a value of another type that
+/// no lossless coercion reads. (Every other field tolerates it, with a deviation: the property
+/// tests in tests/decode_props.rs.)
 fn wrong_types() -> Vec<Hostile> {
     let mut cases = Vec::new();
     for (name, fixture) in [
@@ -161,23 +151,24 @@ fn wrong_types() -> Vec<Hostile> {
         let document: Value = serde_json::from_slice(fixture).expect("fixtures are JSON");
         let mut leaves = Vec::new();
         scalars(&document, &mut Vec::new(), &mut leaves);
-        for (i, (pointer, path)) in leaves.into_iter().enumerate() {
-            let mut copy = document.clone();
-            let target = copy.pointer_mut(&pointer).expect("pointer from this value");
-            *target = match (&*target, i % 2) {
-                (Value::Number(_), 0) => Value::from("7"),
-                (Value::Number(_), _) => serde_json::json!([]),
-                (Value::String(_), 0) => Value::from(12345),
-                (Value::String(_), _) => serde_json::json!({}),
-                (_, 0) => Value::from("true"),
-                (_, _) => Value::from(0),
+        leaves.retain(|(_, path)| path == "ChatEvent.Id" || path == "ChatEvent.Type");
+        assert_eq!(leaves.len(), 2, "{name}: both needed fields");
+        for (pointer, path) in leaves {
+            let replacements = if path == "ChatEvent.Id" {
+                serde_json::json!(["seven", [], {}, true, -1, 0, 1.5, null, "1.5", 1e30])
+            } else {
+                serde_json::json!([12345, {}, [], true, null, "", 1.5])
             };
-            let body = serde_json::to_vec(&copy).expect("serializes");
-            cases.push(single(
-                format!("{name} {path} of another type"),
-                body,
-                Expect::Invalid(path),
-            ));
+            for replacement in replacements.as_array().expect("a list") {
+                let mut copy = document.clone();
+                *copy.pointer_mut(&pointer).expect("pointer from this value") = replacement.clone();
+                let body = serde_json::to_vec(&copy).expect("serializes");
+                cases.push(single(
+                    format!("{name} {path} = {replacement}"),
+                    body,
+                    Expect::Invalid(path.clone()),
+                ));
+            }
         }
     }
     cases

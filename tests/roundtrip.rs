@@ -1,6 +1,8 @@
 //! The protobuf mirror is complete: for each fixture, decode -> protobuf bytes -> the proto3 JSON
 //! mapping (via the descriptor set the gateway serves to grpcurl) gives back the fixture, allowing
-//! only what the proto3 JSON rules allow.
+//! only what the proto3 JSON rules allow. `tests/data/every_field.json` does the same for a body
+//! that carries every field of every webhook message with a real value, and the descriptor pool
+//! is walked to keep it so: a field added to the protos without adding it there fails.
 //!
 //! The rules, checked field by field with the message descriptor:
 //! - a fixture `null` is an absent field;
@@ -10,6 +12,9 @@
 //! - everything else is equal. Every output key must be in the fixture and every fixture key must
 //!   be a field of the proto, so a field the proto lacks fails the test.
 
+use std::collections::BTreeSet;
+
+use iqchannels_gateway::pb::webhook::v1::Envelope;
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor};
 use serde_json::Value;
@@ -31,19 +36,39 @@ const FIXTURES: &[(&str, &[u8])] = &[
     ),
 ];
 
-fn envelope_descriptor() -> MessageDescriptor {
+/// A body with every field of every webhook message, each at least once with a real value.
+const EVERY_FIELD: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/data/every_field.json"
+));
+
+/// Fields whose only value in [`EVERY_FIELD`] is their default, with why a real value cannot be
+/// there. `ChatEvent.Transitive`: the body has one event, and a transitive event has no id.
+const DEFAULT_ONLY: &[&str] = &["iqchannels.webhook.v1.ChatEvent.transitive"];
+
+const WEBHOOK_PACKAGE: &str = "iqchannels.webhook.v1";
+
+fn pool() -> DescriptorPool {
     DescriptorPool::decode(iqchannels_gateway::pb::FILE_DESCRIPTOR_SET)
         .expect("descriptor set decodes")
+}
+
+fn envelope_descriptor() -> MessageDescriptor {
+    pool()
         .get_message_by_name("iqchannels.webhook.v1.Envelope")
         .expect("Envelope is in the descriptor set")
 }
 
+/// The typed envelope of a body that must decode.
+fn decoded(body: &[u8]) -> Envelope {
+    let decoded = iqchannels_gateway::decode::decode(body).expect("body decodes");
+    assert_eq!(decoded.deviations, [], "every field fits its proto type");
+    decoded.envelope
+}
+
 /// The proto3 JSON mapping of a webhook body, through the typed decoder and protobuf bytes.
 fn proto_json(body: &[u8]) -> Value {
-    let envelope = iqchannels_gateway::decode::decode(body)
-        .expect("body decodes")
-        .envelope;
-    let bytes = envelope.encode_to_vec();
+    let bytes = decoded(body).encode_to_vec();
     let dynamic =
         DynamicMessage::decode(envelope_descriptor(), bytes.as_slice()).expect("bytes decode");
     serde_json::to_value(&dynamic).expect("serializes to JSON")
@@ -239,4 +264,91 @@ fn the_comparison_catches_a_changed_value_and_a_lost_null() {
     changed["ChatEvent"]["ClientId"] = Value::from(0);
     let found = differences(&changed, &output, &descriptor);
     assert_eq!(found.len(), 2, "{found:?}");
+}
+
+/// The full names of the fields that hold a real value (not null, not the default) somewhere in
+/// `body`, read as `message`.
+fn covered(body: &Value, message: &MessageDescriptor) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    cover_message(body, message, &mut found);
+    found
+}
+
+fn cover_message(body: &Value, message: &MessageDescriptor, found: &mut BTreeSet<String>) {
+    let Some(object) = body.as_object() else {
+        return;
+    };
+    for (key, value) in object {
+        let Some(field) = message.get_field_by_json_name(key) else {
+            continue;
+        };
+        if !value.is_null() && !is_default(value) {
+            found.insert(field.full_name().to_owned());
+        }
+        match field.kind() {
+            Kind::Message(inner) if inner.full_name() != "google.protobuf.Value" => {
+                match value.as_array() {
+                    Some(items) => items
+                        .iter()
+                        .for_each(|item| cover_message(item, &inner, found)),
+                    None => cover_message(value, &inner, found),
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The fields of the webhook messages in the descriptor set that `body` lacks a real value for.
+fn uncovered(body: &Value) -> Vec<String> {
+    let found = covered(body, &envelope_descriptor());
+    pool()
+        .all_messages()
+        .filter(|message| message.package_name() == WEBHOOK_PACKAGE)
+        .flat_map(|message| message.fields().collect::<Vec<_>>())
+        .map(|field| field.full_name().to_owned())
+        .filter(|name| !found.contains(name) && !DEFAULT_ONLY.contains(&name.as_str()))
+        .collect()
+}
+
+#[test]
+fn a_body_with_every_known_field_survives_protobuf_and_comes_back_as_the_same_json() {
+    let body: Value = serde_json::from_slice(EVERY_FIELD).expect("every_field.json is JSON");
+    let output = proto_json(EVERY_FIELD);
+    let found = differences(&body, &output, &envelope_descriptor());
+    assert!(
+        found.is_empty(),
+        "every_field.json: the proto3 JSON mapping differs from the body:\n{}\n\noutput:\n{}",
+        found.join("\n"),
+        serde_json::to_string_pretty(&output).unwrap_or_default()
+    );
+}
+
+#[test]
+fn every_field_of_every_webhook_message_has_a_real_value_in_the_every_field_body() {
+    let body: Value = serde_json::from_slice(EVERY_FIELD).expect("every_field.json is JSON");
+    let missing = uncovered(&body);
+    assert!(
+        missing.is_empty(),
+        "tests/data/every_field.json has no real (non-null, non-default) value for:\n{}",
+        missing.join("\n")
+    );
+}
+
+#[test]
+fn the_coverage_check_catches_a_field_missing_from_the_body() {
+    let mut body: Value = serde_json::from_slice(EVERY_FIELD).expect("every_field.json is JSON");
+    let users = body["Rels"]["Users"]
+        .as_array_mut()
+        .expect("Rels.Users is an array");
+    for user in users {
+        user.as_object_mut()
+            .expect("a user is an object")
+            .remove("Pseudonym");
+    }
+    assert_eq!(
+        uncovered(&body),
+        ["iqchannels.webhook.v1.User.pseudonym"],
+        "only the removed field is reported"
+    );
 }
