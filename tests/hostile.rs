@@ -119,21 +119,16 @@ fn huge_numbers() -> Vec<Hostile> {
         "9223372036854775808",
         "1.5",
     ];
-    let mut cases = Vec::new();
-    for number in numbers {
-        for (field, body, path) in [(
-            "Id",
-            format!("{{\"ChatEvent\":{{\"Id\":{number},\"Type\":\"typing\"}}}}"),
-            "ChatEvent.Id",
-        )] {
-            cases.push(single(
-                format!("{field} = {number}"),
-                body,
-                Expect::Invalid(path.into()),
-            ));
-        }
-    }
-    cases
+    numbers
+        .into_iter()
+        .map(|number| {
+            single(
+                format!("Id = {number}"),
+                format!("{{\"ChatEvent\":{{\"Id\":{number},\"Type\":\"typing\"}}}}"),
+                Expect::Invalid("ChatEvent.Id".into()),
+            )
+        })
+        .collect()
 }
 
 /// Fields holding objects the proto keeps as an opaque `google.protobuf.Value`: any type fits.

@@ -9,7 +9,6 @@ use base64::Engine;
 use common::{event_json, TestServer};
 use hmac::Mac;
 use iqchannels_gateway::auth::{GrpcAuth, IngestAuth};
-use iqchannels_gateway::log::EventLog;
 use iqchannels_gateway::pb::client::{publish_request, PublishRequest, SubscribeRequest};
 use iqchannels_gateway::server::ServerConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

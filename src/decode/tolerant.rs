@@ -109,7 +109,7 @@ pub(super) fn depth_fits(value: &serde_json::Value) -> bool {
         }
     }
     // The outer Value is level 1.
-    1 + levels(value) <= MAX_VALUE_DEPTH
+    levels(value) < MAX_VALUE_DEPTH
 }
 
 /// One JSON value, its children left as raw text.
