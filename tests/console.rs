@@ -136,6 +136,10 @@ async fn console_in_headless_chromium_shows_a_posted_event_live() {
     assert!(stdout.contains("the row appeared on top"), "{stdout}");
     assert!(stdout.contains("shows only that type"), "{stdout}");
     assert!(
+        stdout.contains("a body with deviations is marked"),
+        "{stdout}"
+    );
+    assert!(
         screenshot.is_file(),
         "no screenshot at {}",
         screenshot.display()

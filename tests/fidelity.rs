@@ -17,6 +17,9 @@ use iqchannels_gateway::pb::webhook::v1::{ChatEvent, Envelope};
 use iqchannels_gateway::server::ServerConfig;
 use serde_json::{json, Value};
 
+/// A body with every entity and field the proto knows (tests/roundtrip.rs checks it field by field).
+const EVERY_FIELD: &[u8] = include_bytes!("data/every_field.json");
+
 const TYPING: &str = r#"{"ChatEvent": {"Type": "typing", "Transitive": true, "ChatId": 13, "Actor": "client"}, "Rels": {}}"#;
 
 /// A body with the SDKs' disagreements: NoticeId a word, TicketId a decimal string, RoleId a
@@ -124,6 +127,14 @@ async fn scenario(log: SharedLog) {
     let poison_sequence = answer["sequence"].as_u64().expect("a sequence");
     sequences.push(poison_sequence);
     sequences.push(server.store(MESSAGE_CREATED.to_vec()).await);
+    let (status, answer) = server.post_event(EVERY_FIELD.to_vec()).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer.get("deviations").is_none(),
+        "every field is typed: {answer}"
+    );
+    let every_field_sequence = answer["sequence"].as_u64().expect("a sequence");
+    sequences.push(every_field_sequence);
 
     // A non-transitive event still needs its id.
     let (status, answer) = server
@@ -212,6 +223,12 @@ async fn scenario(log: SharedLog) {
             assert!(rels.users[0].online);
             assert_eq!(rels.chat_messages[0].notice_id, None);
             assert_eq!(rels.chat_messages[0].text, "Здравствуйте");
+        } else if sequence == every_field_sequence {
+            let want = iqchannels_gateway::decode::decode(EVERY_FIELD)
+                .expect("decodes")
+                .envelope;
+            assert_eq!(envelope, &want, "every field arrives typed over gRPC");
+            assert!(event.deviations.is_empty());
         } else if sequence == poison_sequence {
             assert_eq!(event.deviations.len(), 1);
             assert_eq!(event.deviations[0].outcome(), DeviationOutcome::Cut);

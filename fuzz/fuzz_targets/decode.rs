@@ -1,5 +1,6 @@
 //! Fuzzes the webhook decoder: any bytes either decode to an envelope that survives a protobuf
-//! round trip, or are rejected with an error that names a path and says what is wrong.
+//! round trip (with deviations exactly when the strict policy refuses them), or are rejected with
+//! an error that names a path and says what is wrong.
 
 #![no_main]
 
@@ -10,7 +11,16 @@ use prost::Message;
 
 fuzz_target!(|data: &[u8]| {
     match decode::decode(data) {
-        Ok(envelope) => {
+        Ok(decode::Decoded {
+            envelope,
+            deviations,
+        }) => {
+            // The strict policy refuses exactly the bodies with deviations.
+            assert_eq!(
+                decode::decode_with(data, decode::Policy::Strict).is_ok(),
+                deviations.is_empty(),
+                "strict and tolerant disagree: {deviations:?}"
+            );
             let keys = decode::keys(&envelope);
             let event = envelope
                 .chat_event
