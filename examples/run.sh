@@ -213,10 +213,11 @@ cat >"$work/sixth.json" <<'EOF'
                "CreatedAt": 1632751092000}}
 EOF
 post "$work/sixth.json"
-start_consumers -poison --after 4 --exit-after 2
+# From the beginning, so the stream has to carry the cut event between the others.
+start_consumers -poison --exit-after 6
 for name in rust-poison python-poison; do
     wait_exit "$name" "${consumer_pid[$name]}"
-    check "$name" '5 chat_changed chat=21 actor=-'$'\n''6 message_created chat=21 actor=client'$'\n'
+    check "$name" '1 chat_closed chat=13 actor=user'$'\n'"$line2"$'\n'"$line3"$'\n'"$line4"$'\n''5 chat_changed chat=21 actor=-'$'\n''6 message_created chat=21 actor=client'$'\n'
 done
 
 step "examples: all checks passed"

@@ -19,7 +19,7 @@
 #![allow(clippy::result_large_err)]
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -81,9 +81,49 @@ struct Shared {
     db: RwLock<Option<Arc<Database>>>,
     first: AtomicU64,
     next: AtomicU64,
+    /// The received time of the newest record: the next one is stamped no earlier, so received
+    /// times stay non-decreasing in sequence order (for `seek_time`) across restarts and clock
+    /// steps back.
+    last_time: AtomicI64,
     committed: watch::Sender<u64>,
     healthy: AtomicBool,
     stats: WriterStats,
+    /// Armed only by tests: the next sync reaches the disk and then reports an error.
+    fault: Arc<AtomicBool>,
+}
+
+/// The file under the database: redb's own file backend, with a fault tests can arm (a commit
+/// that reached the disk but was reported as failed).
+#[derive(Debug)]
+struct Storage {
+    file: redb::backends::FileBackend,
+    fault: Arc<AtomicBool>,
+}
+
+impl redb::StorageBackend for Storage {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        self.file.len()
+    }
+
+    fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, std::io::Error> {
+        self.file.read(offset, len)
+    }
+
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        self.file.set_len(len)
+    }
+
+    fn sync_data(&self, eventual: bool) -> Result<(), std::io::Error> {
+        self.file.sync_data(eventual)?;
+        if self.fault.swap(false, Ordering::AcqRel) {
+            return Err(std::io::Error::other("injected fault: synced, then failed"));
+        }
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        self.file.write(offset, data)
+    }
 }
 
 struct AppendRequest {
@@ -111,17 +151,24 @@ impl EmbeddedLog {
         std::fs::create_dir_all(dir)
             .map_err(|e| unavailable(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join("events.redb");
-        let db = open_database(&path, cache_bytes)?;
-        let (first, next) = read_bounds(&db)?;
+        let fault = Arc::new(AtomicBool::new(false));
+        let db = open_database(&path, cache_bytes, &fault)?;
+        let StoredBounds {
+            first,
+            next,
+            last_time,
+        } = read_bounds(&db)?;
         let shared = Arc::new(Shared {
             path,
             cache_bytes,
             db: RwLock::new(Some(Arc::new(db))),
             first: AtomicU64::new(first),
             next: AtomicU64::new(next),
+            last_time: AtomicI64::new(last_time),
             committed: watch::channel(next - 1).0,
             healthy: AtomicBool::new(true),
             stats: WriterStats::default(),
+            fault,
         });
         let (requests, queue) = mpsc::channel(QUEUE);
         let writer = tokio::spawn(writer(shared.clone(), queue, retention));
@@ -173,13 +220,30 @@ impl Shared {
     }
 }
 
-fn open_database(path: &Path, cache_bytes: usize) -> Result<Database, LogError> {
+fn open_database(
+    path: &Path,
+    cache_bytes: usize,
+    fault: &Arc<AtomicBool>,
+) -> Result<Database, LogError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+    let file = redb::backends::FileBackend::new(file)
+        .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+    let storage = Storage {
+        file,
+        fault: fault.clone(),
+    };
     // redb asserts (panics) on some kinds of damage its crash recovery does not cover, such as
     // bytes appended past its layout; refuse to start with a clear error instead of crashing.
     let created = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         redb::Builder::new()
             .set_cache_size(cache_bytes)
-            .create(path)
+            .create_with_backend(storage)
     }))
     .map_err(|_| {
         unavailable(format!(
@@ -200,20 +264,35 @@ fn open_database(path: &Path, cache_bytes: usize) -> Result<Database, LogError> 
     Ok(db)
 }
 
-/// `(first, next)` as stored.
-fn read_bounds(db: &Database) -> Result<(u64, u64), LogError> {
-    let read = || -> Result<(u64, u64), redb::Error> {
+/// What the file says of the log's range.
+struct StoredBounds {
+    first: u64,
+    next: u64,
+    /// The received time of the newest record (0 when empty).
+    last_time: i64,
+}
+
+/// The bounds as stored: read at open and after every reopen (a commit reported as failed may
+/// have reached the disk all the same).
+fn read_bounds(db: &Database) -> Result<StoredBounds, LogError> {
+    let read = || -> Result<StoredBounds, redb::Error> {
         let txn = db.begin_read()?;
         let events = txn.open_table(EVENTS)?;
         let meta = txn.open_table(META)?;
-        let last = events.last()?.map(|(k, _)| k.value());
+        let last = events.last()?;
+        let last_time = last.as_ref().map_or(0, |(_, v)| header(v.value()).0);
+        let last = last.map(|(k, _)| k.value());
         let next = meta
             .get(NEXT)?
             .map(|v| v.value())
             .unwrap_or(1)
             .max(last.map_or(1, |l| l + 1));
         let first = events.first()?.map(|(k, _)| k.value()).unwrap_or(next);
-        Ok((first, next))
+        Ok(StoredBounds {
+            first,
+            next,
+            last_time,
+        })
     };
     read().map_err(unavailable)
 }
@@ -345,7 +424,6 @@ async fn writer(
     mut queue: mpsc::Receiver<AppendRequest>,
     retention: Retention,
 ) {
-    let mut last_time = 0i64;
     loop {
         let first = if shared.healthy.load(Ordering::Acquire) {
             queue.recv().await
@@ -382,6 +460,7 @@ async fn writer(
             }
         };
         let next = shared.next.load(Ordering::Acquire);
+        let last_time = shared.last_time.load(Ordering::Acquire);
         let retention = retention.clone();
         let outcome =
             tokio::task::spawn_blocking(move || commit(&db, next, last_time, batches, &retention))
@@ -397,7 +476,7 @@ async fn writer(
                 continue;
             }
         };
-        last_time = outcome.last_time;
+        shared.last_time.store(outcome.last_time, Ordering::Release);
         shared.first.store(outcome.first, Ordering::Release);
         shared.next.store(outcome.next, Ordering::Release);
         shared.stats.syncs.fetch_add(1, Ordering::Relaxed);
@@ -437,11 +516,46 @@ async fn fail(shared: &Shared, group: Vec<AppendRequest>, error: &LogError) {
 async fn reopen(shared: &Shared) {
     let old = shared.db.write().unwrap_or_else(|p| p.into_inner()).take();
     drop(old);
-    let (path, cache_bytes) = (shared.path.clone(), shared.cache_bytes);
-    match tokio::task::spawn_blocking(move || open_database(&path, cache_bytes)).await {
-        Ok(Ok(db)) => *shared.db.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(db)),
+    let (path, cache_bytes, fault) = (
+        shared.path.clone(),
+        shared.cache_bytes,
+        shared.fault.clone(),
+    );
+    let opened = tokio::task::spawn_blocking(move || {
+        let db = open_database(&path, cache_bytes, &fault)?;
+        let bounds = read_bounds(&db)?;
+        Ok::<_, LogError>((db, bounds))
+    })
+    .await;
+    match opened {
+        Ok(Ok((db, bounds))) => {
+            // A commit reported as failed may have reached the disk: take the bounds from the
+            // file, so the next commit never overwrites its sequences (and a retry of its event
+            // id is answered as the duplicate it is).
+            let before = shared.next.load(Ordering::Acquire);
+            shared.first.store(bounds.first, Ordering::Release);
+            shared.next.store(bounds.next, Ordering::Release);
+            shared.last_time.fetch_max(bounds.last_time, Ordering::AcqRel);
+            if bounds.next != before {
+                tracing::warn!(
+                    next = bounds.next,
+                    expected = before,
+                    "the embedded store holds records from a commit reported as failed"
+                );
+                shared.committed.send_replace(bounds.next - 1);
+            }
+            *shared.db.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(db));
+        }
         Ok(Err(error)) => tracing::warn!(%error, "cannot reopen the embedded store yet"),
         Err(error) => tracing::warn!(%error, "cannot reopen the embedded store yet"),
+    }
+}
+
+#[cfg(test)]
+impl EmbeddedLog {
+    /// Makes the next sync reach the disk and then report an error.
+    fn fail_next_sync_after_writing(&self) {
+        self.shared.fault.store(true, Ordering::Release);
     }
 }
 

@@ -178,3 +178,67 @@ async fn a_damaged_file_is_refused_with_a_clear_error_and_never_served() {
         Ok(_) => panic!("a damaged store must not be opened"),
     }
 }
+
+#[tokio::test]
+async fn a_commit_that_reached_the_disk_but_failed_is_neither_overwritten_nor_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(dir.path(), Retention::default()).unwrap();
+    log.append(vec![record(10, 1)]).await.unwrap();
+    // Event 11's commit reaches the disk, then reports an error: the sender is told 503.
+    log.fail_next_sync_after_writing();
+    let failed = log.append(vec![record(11, 2)]).await;
+    assert!(
+        matches!(failed, Err(LogError::Unavailable(_))),
+        "{failed:?}"
+    );
+    // The writer reopens the file (and probes) until a write succeeds again.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let retried = loop {
+        match log.append(vec![record(11, 3)]).await {
+            Ok(appended) => break appended,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await
+            }
+            Err(error) => panic!("the store did not recover: {error}"),
+        }
+    };
+    assert_eq!(
+        retried,
+        vec![Appended {
+            sequence: 2,
+            duplicate: true
+        }],
+        "the retry finds the event the failed commit stored"
+    );
+    let next = log.append(vec![record(12, 4)]).await.unwrap();
+    assert_eq!(next[0].sequence, 3, "sequence 2 is not reused");
+    let records = log.read(1, 10).await.unwrap();
+    let payloads: Vec<_> = records.iter().map(|r| r.payload.clone()).collect();
+    assert_eq!(
+        payloads,
+        vec![
+            Bytes::from("payload 10"),
+            Bytes::from("payload 11"),
+            Bytes::from("payload 12")
+        ]
+    );
+    assert_eq!(log.find_event(11).await.unwrap(), Some(2));
+    assert_eq!(*log.committed().borrow(), 3);
+}
+
+#[tokio::test]
+async fn received_times_never_go_back_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = EmbeddedLog::open(dir.path(), Retention::default()).unwrap();
+        log.append(vec![record(1, 5_000)]).await.unwrap();
+        log.close().await;
+    }
+    // The clock stepped back while the gateway was down.
+    let log = EmbeddedLog::open(dir.path(), Retention::default()).unwrap();
+    log.append(vec![record(2, 1_000)]).await.unwrap();
+    let records = log.read(1, 10).await.unwrap();
+    assert_eq!(records[1].received_at_ms, 5_000);
+    assert_eq!(log.seek_time(5_000).await.unwrap(), 1);
+    assert_eq!(log.seek_time(5_001).await.unwrap(), 3);
+}
