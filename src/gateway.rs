@@ -38,6 +38,10 @@ pub struct Ingested {
     /// Fields coerced, dropped or cut at decode (DESIGN invariant 7).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub deviations: Vec<Deviation>,
+    /// A duplicate whose content differs from the event stored under its id: the sender reused
+    /// an id for another event (a sender bug; the first event stays stored).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub conflict: bool,
 }
 
 /// Shared state behind every handler. Cheap to clone.
@@ -141,11 +145,12 @@ impl Gateway {
     pub async fn ingest_json(&self, body: Bytes) -> Result<Ingested, IngestError> {
         let decoded = decode::decode_with(&body, self.policy)?;
         self.note_deviations(&decoded.deviations);
-        let record = Self::record(&decoded.envelope, body, &decoded.deviations);
+        let (record, envelope) = Self::record(&decoded.envelope, body, &decoded.deviations);
         let appended = self.append_one(record).await?;
         Ok(Ingested {
             appended,
             deviations: decoded.deviations,
+            conflict: self.conflict(&envelope, &appended).await,
         })
     }
 
@@ -161,12 +166,10 @@ impl Gateway {
             match item {
                 Ok((decoded, raw_json)) => {
                     self.note_deviations(&decoded.deviations);
-                    records.push(Self::record(
-                        &decoded.envelope,
-                        raw_json,
-                        &decoded.deviations,
-                    ));
-                    errors.push(Ok(decoded.deviations));
+                    let (record, envelope) =
+                        Self::record(&decoded.envelope, raw_json, &decoded.deviations);
+                    records.push(record);
+                    errors.push(Ok((decoded.deviations, envelope)));
                 }
                 Err(error) => errors.push(Err(error)),
             }
@@ -178,34 +181,70 @@ impl Gateway {
         };
         self.count(&appended);
         let mut appended = appended.into_iter();
-        errors
-            .into_iter()
-            .map(|item| match item {
-                Err(error) => Ok(Err(error)),
-                Ok(deviations) => appended
-                    .next()
-                    .map(|appended| {
-                        Ok(Ingested {
-                            appended,
-                            deviations,
-                        })
+        let mut results = Vec::with_capacity(errors.len());
+        for item in errors {
+            results.push(match item {
+                Err(error) => Err(error),
+                Ok((deviations, envelope)) => {
+                    let appended = appended.next().ok_or_else(|| {
+                        LogError::Unavailable("log returned too few results".into())
+                    })?;
+                    Ok(Ingested {
+                        conflict: self.conflict(&envelope, &appended).await,
+                        appended,
+                        deviations,
                     })
-                    .ok_or_else(|| LogError::Unavailable("log returned too few results".into())),
-            })
-            .collect()
+                }
+            });
+        }
+        Ok(results)
     }
 
     /// Stores a typed envelope (gRPC Publish); there is no original JSON to keep. It must carry
     /// what a JSON body must (a type, and a positive id unless transitive).
     pub async fn ingest_envelope(&self, envelope: Envelope) -> Result<Ingested, IngestError> {
         decode::validate(&envelope)?;
-        let appended = self
-            .append_one(Self::record(&envelope, Bytes::new(), &[]))
-            .await?;
+        let (record, encoded) = Self::record(&envelope, Bytes::new(), &[]);
+        let appended = self.append_one(record).await?;
         Ok(Ingested {
+            conflict: self.conflict(&encoded, &appended).await,
             appended,
             deviations: Vec::new(),
         })
+    }
+
+    /// Whether a duplicate's typed content differs from the event stored under its id (a
+    /// redelivery is the same event; another event under a reused id is a sender bug worth
+    /// seeing). Counted, and the id logged once. A lookup that fails says "no conflict".
+    async fn conflict(&self, envelope: &Bytes, appended: &Appended) -> bool {
+        if !appended.duplicate {
+            return false;
+        }
+        let stored = match self.log.read(appended.sequence, 1).await {
+            Ok(records) => records
+                .into_iter()
+                .find(|record| record.sequence == appended.sequence)
+                .and_then(|record| StoredEvent::decode(record.payload).ok()),
+            Err(_) => None,
+        };
+        let Some(stored) = stored else {
+            return false;
+        };
+        let conflict = stored.envelope != *envelope;
+        if conflict {
+            if let Some(event_id) = self
+                .metrics
+                .observe_conflict(stored.keys.map(|k| k.event_id))
+            {
+                tracing::warn!(
+                    event_id,
+                    sequence = appended.sequence,
+                    "a different event reuses an event id already stored; it was answered as a \
+                     duplicate with conflict=true and not stored (logged once per id)"
+                );
+            }
+        }
+        conflict
     }
 
     /// Counts deviations, and logs each field pattern the first time it deviates (the pattern
@@ -235,19 +274,26 @@ impl Gateway {
             .observe_appended(appended.len() as u64 - duplicates, duplicates);
     }
 
-    fn record(envelope: &Envelope, raw_json: Bytes, deviations: &[Deviation]) -> NewRecord {
+    /// The log record of an event, and its typed envelope's bytes.
+    fn record(
+        envelope: &Envelope,
+        raw_json: Bytes,
+        deviations: &[Deviation],
+    ) -> (NewRecord, Bytes) {
         let keys = decode::keys(envelope);
+        let encoded: Bytes = envelope.encode_to_vec().into();
         let stored = StoredEvent {
-            envelope: envelope.encode_to_vec().into(),
+            envelope: encoded.clone(),
             raw_json,
             keys: Some(keys),
             deviations: crate::wire::encode_deviations(deviations),
         };
-        NewRecord {
+        let record = NewRecord {
             event_id: decode::dedup_id(envelope),
             received_at_ms: now_ms(),
             payload: stored.encode_to_vec().into(),
-        }
+        };
+        (record, encoded)
     }
 
     /// Opens a subscription.

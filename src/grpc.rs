@@ -166,6 +166,7 @@ impl EventGateway for Service {
             sequence: ingested.appended.sequence,
             duplicate: ingested.appended.duplicate,
             deviations: ingested.deviations.iter().map(Into::into).collect(),
+            conflict: ingested.conflict,
         }))
     }
 

@@ -59,6 +59,10 @@ pub struct Metrics {
     stored: Counter,
     duplicates: Counter,
     deviations: Family<DeviationLabels, Counter>,
+    /// Duplicates whose content differs from the stored event.
+    conflicts: Counter,
+    /// Event ids logged as conflicting (bounded: cleared when full), to log each once.
+    conflict_ids: std::sync::Mutex<std::collections::HashSet<i64>>,
     /// Deviation patterns seen since start (bounded by the protos' fields), to log each once.
     deviation_patterns: std::sync::Mutex<std::collections::HashSet<String>>,
     subscribers: Gauge,
@@ -112,6 +116,13 @@ impl Metrics {
              removed) and outcome (coerced, dropped, cut)",
             deviations.clone(),
         );
+        let conflicts = Counter::default();
+        registry.register(
+            "duplicate_conflicts",
+            "Duplicates whose content differs from the event stored under the same id (a sender \
+             reusing ids)",
+            conflicts.clone(),
+        );
         let subscribers = Gauge::default();
         registry.register("subscribers", "Open Subscribe streams", subscribers.clone());
         let lag = Family::<SubscriberLabels, Gauge>::default();
@@ -152,6 +163,8 @@ impl Metrics {
             duplicates,
             deviations,
             deviation_patterns: Default::default(),
+            conflicts,
+            conflict_ids: Default::default(),
             subscribers,
             lag,
             lag_max,
@@ -200,6 +213,21 @@ impl Metrics {
                 .inc();
         }
         new
+    }
+
+    /// Counts a conflicting duplicate; returns its event id the first time it is seen (to be
+    /// logged once).
+    pub fn observe_conflict(&self, event_id: Option<i64>) -> Option<i64> {
+        self.conflicts.inc();
+        let event_id = event_id?;
+        let mut seen = self
+            .conflict_ids
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if seen.len() >= 10_000 {
+            seen.clear();
+        }
+        seen.insert(event_id).then_some(event_id)
     }
 
     /// Events stored and duplicates answered since start.

@@ -924,3 +924,48 @@ async fn shutdown_ends_open_streams_with_unavailable_and_serve_returns() {
         .expect("serve returns within the grace period")
         .expect("no panic");
 }
+
+#[tokio::test]
+async fn a_different_event_reusing_an_id_is_a_duplicate_marked_as_a_conflict() {
+    let server = TestServer::start().await;
+    let first = server.store(CHAT_CLOSED.to_vec()).await;
+    // The same body again: a plain redelivery.
+    let (status, again) = server.post_event(CHAT_CLOSED.to_vec()).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        again,
+        serde_json::json!({"sequence": first, "duplicate": true})
+    );
+    // Another event under the same id (4622).
+    let typing = r#"{"ChatEvent": {"Id": 4622, "Type": "typing", "ChatId": 13}}"#;
+    let (status, conflict) = server.post_event(typing).await;
+    assert_eq!(status, 200, "{conflict}");
+    assert_eq!(
+        conflict,
+        serde_json::json!({"sequence": first, "duplicate": true, "conflict": true})
+    );
+    let mut client = server.grpc().await;
+    let published = client
+        .publish(PublishRequest {
+            event: Some(publish_request::Event::RawJson(typing.as_bytes().to_vec())),
+        })
+        .await
+        .expect("publish")
+        .into_inner();
+    assert!(published.duplicate && published.conflict, "{published:?}");
+    let metrics = reqwest::get(server.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("iqgw_duplicate_conflicts_total 2"),
+        "{metrics}"
+    );
+    // The first event stays what it was.
+    let stored = get_by_sequence(&mut client, first, false)
+        .await
+        .expect("stored");
+    assert_eq!(event_type(&stored), "chat_closed");
+}

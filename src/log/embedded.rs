@@ -535,7 +535,9 @@ async fn reopen(shared: &Shared) {
             let before = shared.next.load(Ordering::Acquire);
             shared.first.store(bounds.first, Ordering::Release);
             shared.next.store(bounds.next, Ordering::Release);
-            shared.last_time.fetch_max(bounds.last_time, Ordering::AcqRel);
+            shared
+                .last_time
+                .fetch_max(bounds.last_time, Ordering::AcqRel);
             if bounds.next != before {
                 tracing::warn!(
                     next = bounds.next,
