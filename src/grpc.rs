@@ -303,5 +303,7 @@ fn subscribe_status(error: SubscribeError) -> Status {
         SubscribeError::Corrupt(_) => Status::data_loss(error.to_string()),
         SubscribeError::ShuttingDown => Status::unavailable(error.to_string()),
         SubscribeError::TooMany(_) => Status::resource_exhausted(error.to_string()),
+        // Retrying cannot help: the client must choose where to resume.
+        SubscribeError::Ahead { .. } => Status::out_of_range(error.to_string()),
     }
 }

@@ -352,6 +352,7 @@ fn subscribe_status(error: &crate::subscribe::SubscribeError) -> StatusCode {
         SubscribeError::Log(_) | SubscribeError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         SubscribeError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
         SubscribeError::Corrupt(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        SubscribeError::Ahead { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
     }
 }
 

@@ -15,6 +15,10 @@ use crate::wire::{EncodedEvent, Keys};
 /// Records read from the log per catch-up step.
 const CATCH_UP_PAGE: usize = 256;
 
+/// How long a cursor ahead of the log's end waits for the log to reach it: a replica may lag a
+/// moment behind the one that served the cursor.
+const AHEAD_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Which events a subscriber wants. Fields combine with AND, values within a field with OR; an
 /// empty field does not restrict.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -83,6 +87,20 @@ pub enum SubscribeError {
     /// The configured maximum of concurrent subscribers is reached.
     #[error("too many subscribers (the limit is {0}); retry later or elsewhere")]
     TooMany(usize),
+    /// The cursor is past the newest stored event (a store restored from an older backup, or
+    /// a cursor from another gateway): resuming there would silently skip what is stored later
+    /// under lower sequences.
+    #[error(
+        "cursor {requested} is ahead of the newest stored sequence {newest}: this store does not \
+         hold the events the cursor came from (restored from an older backup?); resume from the \
+         beginning or after {newest}"
+    )]
+    Ahead {
+        /// The sequence asked for (the cursor).
+        requested: u64,
+        /// The newest stored sequence.
+        newest: u64,
+    },
 }
 
 /// The open subscriptions and their positions (for lag metrics), with a cap on how many.
@@ -153,6 +171,9 @@ pub struct Subscription {
     filter: Filter,
     /// The next sequence this subscriber has not yet looked at.
     next: u64,
+    /// Events received before this time (ms since the Unix epoch) are skipped: `since_time`
+    /// in the future (received times are non-decreasing in sequence order).
+    not_before: i64,
     /// Matching events read from the log and not yet handed out (at most one page).
     pending: VecDeque<Arc<EncodedEvent>>,
     /// Reading from the log (true) or from the live tail (false).
@@ -186,9 +207,16 @@ impl Subscription {
                     }
                     .into());
                 }
+                if next > bounds.next {
+                    reached(&log, sequence, shutdown.clone()).await?;
+                }
                 next
             }
             Start::Since(at_ms) => log.seek_time(at_ms).await?,
+        };
+        let not_before = match start {
+            Start::Since(at_ms) => at_ms,
+            _ => i64::MIN,
         };
         let registered = registry.register(next)?;
         Ok(Self {
@@ -197,6 +225,7 @@ impl Subscription {
             shutdown,
             filter,
             next,
+            not_before,
             pending: VecDeque::new(),
             catching_up: true,
             registered,
@@ -296,7 +325,11 @@ impl Subscription {
             return None;
         }
         self.advance_to(self.next + 1);
-        self.filter.matches(&event.keys).then_some(event)
+        self.wants(&event).then_some(event)
+    }
+
+    fn wants(&self, event: &EncodedEvent) -> bool {
+        event.received_at_ms >= self.not_before && self.filter.matches(&event.keys)
     }
 
     /// Reads one page from the log; at the end of the log, switches to the live tail.
@@ -311,11 +344,42 @@ impl Subscription {
             let event = EncodedEvent::from_payload(sequence, record.received_at_ms, record.payload)
                 .map_err(|_| SubscribeError::Corrupt(sequence))?;
             self.advance_to(sequence + 1);
-            if self.filter.matches(&event.keys) {
+            if self.wants(&event) {
                 self.pending.push_back(Arc::new(event));
             }
         }
         Ok(())
+    }
+}
+
+/// Waits (a moment, see [`AHEAD_GRACE`]) until the log holds `sequence`; `Ahead` if it does not.
+async fn reached(
+    log: &SharedLog,
+    sequence: u64,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), SubscribeError> {
+    let mut committed = log.committed();
+    let wait = async {
+        loop {
+            if *committed.borrow_and_update() >= sequence {
+                return true;
+            }
+            if committed.changed().await.is_err() {
+                return false;
+            }
+        }
+    };
+    let reached = tokio::select! {
+        reached = tokio::time::timeout(AHEAD_GRACE, wait) => reached.unwrap_or(false),
+        _ = shutdown.changed() => return Err(SubscribeError::ShuttingDown),
+    };
+    if reached {
+        Ok(())
+    } else {
+        Err(SubscribeError::Ahead {
+            requested: sequence,
+            newest: *log.committed().borrow(),
+        })
     }
 }
 

@@ -969,3 +969,63 @@ async fn a_different_event_reusing_an_id_is_a_duplicate_marked_as_a_conflict() {
         .expect("stored");
     assert_eq!(event_type(&stored), "chat_closed");
 }
+
+#[tokio::test]
+async fn since_a_future_time_streams_nothing_received_before_it_over_grpc_and_sse() {
+    let server = TestServer::start().await;
+    let mut client = server.grpc().await;
+    let future = prost_types::Timestamp {
+        seconds: 4_070_908_800, // 2099-01-01T00:00:00Z
+        nanos: 0,
+    };
+    let mut stream = subscribe(
+        &mut client,
+        subscription(Filter::default(), Some(Start::SinceTime(future))),
+    )
+    .await;
+    let mut sse = reqwest::Client::new()
+        .get(server.url("/v1/events:stream?since=2099-01-01T00:00:00Z"))
+        .send()
+        .await
+        .expect("SSE connects");
+    assert_eq!(sse.status(), 200);
+    server.store(CHAT_CLOSED.to_vec()).await;
+    let grpc = tokio::time::timeout(Duration::from_millis(500), stream.message()).await;
+    assert!(
+        grpc.is_err(),
+        "gRPC streamed an event received before 2099: {grpc:?}"
+    );
+    let chunk = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            match sse.chunk().await {
+                Ok(Some(chunk)) if chunk.starts_with(b":") => continue, // keep-alive comment
+                other => return other,
+            }
+        }
+    })
+    .await;
+    assert!(
+        chunk.is_err(),
+        "SSE streamed an event received before 2099: {chunk:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_cursor_ahead_of_the_newest_event_is_refused_with_out_of_range() {
+    let server = TestServer::start().await;
+    server.store(CHAT_CLOSED.to_vec()).await;
+    let mut client = server.grpc().await;
+    let status = client
+        .subscribe(subscription(
+            Filter::default(),
+            Some(Start::AfterSequence(41)),
+        ))
+        .await
+        .expect_err("a cursor from an older store's future");
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("ahead"), "{status:?}");
+    let response = reqwest::get(server.url("/v1/events:stream?after=41"))
+        .await
+        .expect("SSE answers");
+    assert_eq!(response.status(), 416);
+}

@@ -295,14 +295,9 @@ async fn after_start_resumes_after_the_given_sequence() {
         .await
         .unwrap();
     assert_quiet(&mut at_end).await;
-    let mut past_end = fixture
-        .subscribe(Filter::default(), Start::After(100))
-        .await
-        .unwrap();
     fixture.append([7]).await;
     assert_eq!(take(&mut at_end, 1).await, vec![(7, 7)]);
-    // A cursor beyond the end of the log waits; it does not skip back.
-    assert_quiet(&mut past_end).await;
+    // A cursor beyond the end of the log: a_cursor_ahead_of_the_log_is_refused_after_a_grace...
 }
 
 #[tokio::test]
@@ -323,8 +318,9 @@ async fn since_start_begins_at_the_first_event_received_at_or_after_the_time() {
         .subscribe(Filter::default(), Start::Since(1_000_000))
         .await
         .unwrap();
+    // Received at 5 s, long before the time asked for: not "at or after" it.
     fixture.append([5]).await;
-    assert_eq!(take(&mut future, 1).await, vec![(5, 5)]);
+    assert_quiet(&mut future).await;
 }
 
 #[tokio::test]
@@ -481,4 +477,52 @@ async fn shutdown_ends_a_waiting_subscription() {
         matches!(result, Err(SubscribeError::ShuttingDown)),
         "{result:?}"
     );
+}
+
+#[tokio::test]
+async fn since_a_time_in_the_future_skips_events_received_before_it() {
+    let fixture = Fixture::new(None, 16);
+    fixture.append([1, 2]).await;
+    // Received at 1 s and 2 s; ask for events from 4 s on.
+    let mut subscription = fixture
+        .subscribe(Filter::default(), Start::Since(4_000))
+        .await
+        .unwrap();
+    fixture.append([3]).await;
+    assert_quiet(&mut subscription).await;
+    fixture.append([4, 5]).await;
+    assert_eq!(take(&mut subscription, 2).await, vec![(4, 4), (5, 5)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cursor_ahead_of_the_log_is_refused_after_a_grace_and_served_if_the_log_reaches_it() {
+    let fixture = Fixture::new(None, 16);
+    fixture.append([1, 2]).await;
+    match fixture.subscribe(Filter::default(), Start::After(5)).await {
+        Err(SubscribeError::Ahead { requested, newest }) => {
+            assert_eq!((requested, newest), (5, 2));
+        }
+        other => panic!("expected Ahead, got {:?}", other.map(|s| s.position())),
+    }
+    // A cursor one event ahead (another replica served it a moment earlier) waits for it.
+    let fixture = Arc::new(fixture);
+    let appender = {
+        let fixture = fixture.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            fixture.append([3, 4]).await;
+        })
+    };
+    let mut subscription = fixture
+        .subscribe(Filter::default(), Start::After(3))
+        .await
+        .expect("the log reaches the cursor within the grace");
+    appender.await.unwrap();
+    assert_eq!(take(&mut subscription, 1).await, vec![(4, 4)]);
+    // At the end exactly: accepted at once.
+    let at_end = fixture
+        .subscribe(Filter::default(), Start::After(4))
+        .await
+        .unwrap();
+    assert_eq!(at_end.position(), 5);
 }
