@@ -21,6 +21,8 @@ const FEED_BATCH: usize = 1024;
 pub struct Hub {
     /// Bounded: a full buffer overwrites the oldest event and lagging receivers are told so.
     sender: broadcast::Sender<Arc<EncodedEvent>>,
+    /// The feeder task (ends at shutdown, also while the log fails).
+    feeder: Arc<tokio::task::JoinHandle<()>>,
 }
 
 impl Hub {
@@ -28,10 +30,9 @@ impl Hub {
     /// `shutdown` changes.
     pub fn start(log: SharedLog, capacity: usize, mut shutdown: watch::Receiver<bool>) -> Self {
         let (sender, _) = broadcast::channel(capacity.max(1));
-        let hub = Self {
-            sender: sender.clone(),
-        };
-        tokio::spawn(async move {
+        let feeder_sender = sender.clone();
+        let feeder = tokio::spawn(async move {
+            let sender = feeder_sender;
             let mut next = log.bounds().next;
             let mut committed = log.committed();
             loop {
@@ -68,7 +69,10 @@ impl Hub {
                         Err(LogError::Truncated { oldest, .. }) => next = oldest,
                         Err(error) => {
                             tracing::warn!(%error, "live tail cannot read the log; retrying");
-                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                            tokio::select! {
+                                _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                                _ = shutdown.changed() => return,
+                            }
                         }
                     }
                 }
@@ -78,7 +82,15 @@ impl Hub {
                 }
             }
         });
-        hub
+        Self {
+            sender,
+            feeder: Arc::new(feeder),
+        }
+    }
+
+    /// Whether the feeder task has ended (after shutdown).
+    pub fn stopped(&self) -> bool {
+        self.feeder.is_finished()
     }
 
     /// A receiver of every event broadcast from now on.
@@ -89,5 +101,56 @@ impl Hub {
     /// How many receivers are attached.
     pub fn receivers(&self) -> usize {
         self.sender.receiver_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::{Appended, Bounds, EventLog, NewRecord, Record};
+
+    /// A log that has events but cannot read them.
+    struct Broken(watch::Sender<u64>);
+
+    #[async_trait::async_trait]
+    impl EventLog for Broken {
+        async fn append(&self, _: Vec<NewRecord>) -> Result<Vec<Appended>, LogError> {
+            Err(LogError::Unavailable("broken".into()))
+        }
+        async fn read(&self, _: u64, _: usize) -> Result<Vec<Record>, LogError> {
+            Err(LogError::Unavailable("broken".into()))
+        }
+        async fn find_event(&self, _: i64) -> Result<Option<u64>, LogError> {
+            Ok(None)
+        }
+        async fn seek_time(&self, _: i64) -> Result<u64, LogError> {
+            Ok(1)
+        }
+        fn bounds(&self) -> Bounds {
+            Bounds { first: 1, next: 1 }
+        }
+        fn committed(&self) -> watch::Receiver<u64> {
+            self.0.subscribe()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_feeder_stops_at_shutdown_even_while_the_log_fails() {
+        let log = Arc::new(Broken(watch::channel(0).0));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let hub = Hub::start(log.clone(), 16, shutdown_rx);
+        let _listener = hub.subscribe();
+        log.0.send_replace(5);
+        // Let the feeder meet the failing read and start retrying.
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        assert!(!hub.stopped());
+        shutdown.send_replace(true);
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while !hub.stopped() {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the feeder ends after shutdown");
     }
 }
