@@ -197,6 +197,7 @@ fn is_fatal(code: Code) -> bool {
         code,
         Code::InvalidArgument
             | Code::OutOfRange
+            | Code::DataLoss
             | Code::Unauthenticated
             | Code::PermissionDenied
             | Code::Unimplemented

@@ -463,6 +463,13 @@ pub fn dedup_id(envelope: &Envelope) -> Option<i64> {
         .map(|event| event.id)
 }
 
+/// The protobuf JSON mapping of an encoded `Envelope`, with the webhook's wire names and int64 as
+/// numbers: the shape of the webhook body, for events that have no original JSON (a typed
+/// gRPC Publish).
+pub fn envelope_json(envelope: &[u8]) -> Result<String, String> {
+    tolerant::envelope_json(envelope)
+}
+
 /// The fields subscribers filter on, read once at ingest and stored beside the event.
 pub fn keys(envelope: &Envelope) -> Keys {
     let Some(event) = &envelope.chat_event else {

@@ -349,6 +349,7 @@ fn subscribe_status(error: &crate::subscribe::SubscribeError) -> StatusCode {
     use crate::subscribe::SubscribeError;
     match error {
         SubscribeError::Log(LogError::Truncated { .. }) => StatusCode::GONE,
+        SubscribeError::Log(LogError::Damaged { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
         SubscribeError::Log(_) | SubscribeError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         SubscribeError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
         SubscribeError::Corrupt(_) => StatusCode::INTERNAL_SERVER_ERROR,

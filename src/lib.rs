@@ -14,8 +14,10 @@
 //! - [`tls`]: rustls for the shared port, with certificate reload.
 //! - [`client`]: the `subscribe`, `publish` and `get` commands over gRPC.
 //! - [`server`]: one port for both, graceful shutdown.
+//! - [`admin`]: `verify` and `export` over a stopped gateway's embedded store.
 //! - [`pb`]: generated code and the descriptor set.
 
+pub mod admin;
 pub mod auth;
 pub mod client;
 pub mod decode;

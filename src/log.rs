@@ -65,6 +65,8 @@ pub struct LogStats {
     pub synced_records: u64,
     /// Size of the stored events, bytes (0 when unknown).
     pub size_bytes: u64,
+    /// Reads that found the store damaged (see [`LogError::Damaged`]).
+    pub damaged_reads: u64,
 }
 
 /// Why the log could not do what was asked.
@@ -86,6 +88,17 @@ pub enum LogError {
     /// The log is closed (the gateway is shutting down).
     #[error("the event log is closed")]
     Closed,
+    /// Stored records cannot be read: the store is damaged. Retrying will not help.
+    #[error(
+        "records from sequence {from} cannot be read: the store is damaged ({detail}); stop the \
+         gateway and run `iqchannels-gateway verify` (and `export` to rebuild the store)"
+    )]
+    Damaged {
+        /// The first sequence of the read that failed.
+        from: u64,
+        /// What failed.
+        detail: String,
+    },
 }
 
 /// The seam between ingest/subscribe and storage.

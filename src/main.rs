@@ -35,6 +35,30 @@ enum Command {
     Publish(PublishArgs),
     /// Print one stored event, by sequence or by ChatEvent.Id.
     Get(GetArgs),
+    /// Check every record of a stopped gateway's embedded store; list the unreadable ones (exit
+    /// status 1 if any).
+    Verify(StoreArgs),
+    /// Write every readable event of a stopped gateway's embedded store as NDJSON of the original
+    /// bodies, in order, and report what was skipped (exit status 1 if anything was); post the
+    /// output to a new gateway to rebuild the store.
+    Export(ExportArgs),
+}
+
+/// Which embedded store (the gateway must not be running on it).
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// Directory of the embedded store.
+    #[arg(long, env = "IQGW_DATA_DIR", default_value = "./data")]
+    data_dir: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Write the NDJSON here instead of stdout.
+    #[arg(long)]
+    output: Option<PathBuf>,
 }
 
 /// Where the gateway is, for the client commands.
@@ -350,6 +374,37 @@ async fn main() -> anyhow::Result<()> {
         Command::Subscribe(args) => subscribe(args).await,
         Command::Publish(args) => publish(args).await,
         Command::Get(args) => get(args).await,
+        Command::Verify(args) => {
+            let report = iqchannels_gateway::admin::verify(&args.data_dir)?;
+            print!("{report}");
+            if report.unreadable_count() > 0 {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Command::Export(args) => {
+            let report = match &args.output {
+                Some(path) => {
+                    let file = std::fs::File::create(path)
+                        .with_context(|| format!("cannot create {}", path.display()))?;
+                    let mut out = std::io::BufWriter::new(file);
+                    let report = iqchannels_gateway::admin::export(&args.store.data_dir, &mut out)?;
+                    std::io::Write::flush(&mut out)?;
+                    report
+                }
+                None => {
+                    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                    let report = iqchannels_gateway::admin::export(&args.store.data_dir, &mut out)?;
+                    std::io::Write::flush(&mut out)?;
+                    report
+                }
+            };
+            eprint!("exported: {report}");
+            if report.unreadable_count() > 0 {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     }
 }
 

@@ -71,6 +71,7 @@ pub struct Metrics {
     syncs: Gauge,
     synced_records: Gauge,
     store_bytes: Gauge,
+    store_damaged_reads: Gauge,
 }
 
 impl Default for Metrics {
@@ -155,7 +156,14 @@ impl Metrics {
             "Size of the stored events (file or stream)",
             store_bytes.clone(),
         );
+        let store_damaged_reads = Gauge::default();
+        registry.register(
+            "store_damaged_reads",
+            "Reads that found the store damaged (records that cannot be read; run `verify`)",
+            store_damaged_reads.clone(),
+        );
         Self {
+            store_damaged_reads,
             registry,
             requests,
             latency,
@@ -257,6 +265,8 @@ impl Metrics {
         self.synced_records
             .set(snapshot.store.synced_records as i64);
         self.store_bytes.set(snapshot.store.size_bytes as i64);
+        self.store_damaged_reads
+            .set(snapshot.store.damaged_reads as i64);
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -341,8 +341,13 @@ impl Subscription {
         }
         for record in records {
             let sequence = record.sequence;
-            let event = EncodedEvent::from_payload(sequence, record.received_at_ms, record.payload)
-                .map_err(|_| SubscribeError::Corrupt(sequence))?;
+            let event =
+                match EncodedEvent::from_payload(sequence, record.received_at_ms, record.payload) {
+                    Ok(event) => event,
+                    // The events before it are handed out first; the next read stops here.
+                    Err(_) if !self.pending.is_empty() => return Ok(()),
+                    Err(_) => return Err(SubscribeError::Corrupt(sequence)),
+                };
             self.advance_to(sequence + 1);
             if self.wants(&event) {
                 self.pending.push_back(Arc::new(event));

@@ -257,4 +257,28 @@ fn subscribe_reports_an_event_it_cannot_decode_and_goes_on() {
     assert!(out.starts_with("#2 "), "{out}");
     assert!(err.contains("cursor: 2"), "{err}");
     assert!(!err.contains("reconnecting"), "{err}");
+
+    // Record 3's payload is damaged: the gateway says so (DATA_LOSS) and the CLI stops with its
+    // cursor instead of reconnecting to it forever.
+    drop(process);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let log = EmbeddedLog::open(dir.path(), Retention::default()).unwrap();
+        log.append(vec![NewRecord {
+            event_id: Some(3),
+            received_at_ms: 1,
+            payload: bytes::Bytes::from_static(b"\xff\xff\xff"),
+        }])
+        .await
+        .unwrap();
+        log.close().await;
+    });
+    drop(runtime);
+    let process = Process::start(&["--store", "embedded", "--data-dir", data_dir]);
+    let (code, out, err) = run(&process, &["subscribe", "--after", "1"], None);
+    assert_ne!(code, 0, "{err}");
+    assert!(out.starts_with("#2 "), "{out}");
+    assert!(err.contains("DataLoss") || err.contains("corrupt"), "{err}");
+    assert!(err.contains("cursor: 2"), "{err}");
+    assert!(!err.contains("reconnecting"), "{err}");
 }

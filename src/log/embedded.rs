@@ -90,6 +90,8 @@ struct Shared {
     stats: WriterStats,
     /// Armed only by tests: the next sync reaches the disk and then reports an error.
     fault: Arc<AtomicBool>,
+    /// Reads that found the file damaged.
+    damaged_reads: AtomicU64,
 }
 
 /// The file under the database: redb's own file backend, with a fault tests can arm (a commit
@@ -169,6 +171,7 @@ impl EmbeddedLog {
             healthy: AtomicBool::new(true),
             stats: WriterStats::default(),
             fault,
+            damaged_reads: AtomicU64::new(0),
         });
         let (requests, queue) = mpsc::channel(QUEUE);
         let writer = tokio::spawn(writer(shared.clone(), queue, retention));
@@ -202,10 +205,19 @@ impl EmbeddedLog {
         work: impl FnOnce(&Database) -> Result<T, redb::Error> + Send + 'static,
     ) -> Result<T, LogError> {
         let db = self.shared.database()?;
-        tokio::task::spawn_blocking(move || work(&db))
-            .await
-            .map_err(unavailable)?
-            .map_err(unavailable)
+        match tokio::task::spawn_blocking(move || work(&db)).await {
+            Ok(result) => result.map_err(unavailable),
+            // redb panics on some damage (a page that does not parse): the file is damaged, not
+            // unavailable, and retrying will not help. The caller says from where.
+            Err(join) if join.is_panic() => {
+                self.shared.damaged_reads.fetch_add(1, Ordering::Relaxed);
+                Err(LogError::Damaged {
+                    from: 0,
+                    detail: panic_text(join.into_panic()),
+                })
+            }
+            Err(join) => Err(unavailable(join)),
+        }
     }
 }
 
@@ -294,7 +306,16 @@ fn read_bounds(db: &Database) -> Result<StoredBounds, LogError> {
             last_time,
         })
     };
-    read().map_err(unavailable)
+    // redb panics on a damaged page; say so instead of crashing the gateway at start.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read))
+        .map_err(|panic| LogError::Damaged {
+            from: 0,
+            detail: format!(
+                "the pages that hold its first and last records do not parse: {}",
+                panic_text(panic)
+            ),
+        })?
+        .map_err(unavailable)
 }
 
 #[async_trait]
@@ -327,7 +348,18 @@ impl EventLog for EmbeddedLog {
                 }
                 Ok(records)
             })
-            .await?;
+            .await
+            .map_err(|error| match error {
+                LogError::Damaged { detail, .. } => {
+                    tracing::error!(
+                        sequence = from,
+                        %detail,
+                        "the embedded store is damaged: records from this sequence cannot be read"
+                    );
+                    LogError::Damaged { from, detail }
+                }
+                other => other,
+            })?;
         // Retention may have run between the check and the read.
         match records.first() {
             Some(record) if record.sequence != from => Err(LogError::Truncated {
@@ -393,8 +425,18 @@ impl EventLog for EmbeddedLog {
             size_bytes: std::fs::metadata(&self.shared.path)
                 .map(|m| m.len())
                 .unwrap_or(0),
+            damaged_reads: self.shared.damaged_reads.load(Ordering::Relaxed),
         }
     }
+}
+
+/// The message of a caught panic.
+fn panic_text(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a page does not parse".to_owned())
 }
 
 fn header(value: &[u8]) -> (i64, i64) {
@@ -551,6 +593,60 @@ async fn reopen(shared: &Shared) {
         Ok(Err(error)) => tracing::warn!(%error, "cannot reopen the embedded store yet"),
         Err(error) => tracing::warn!(%error, "cannot reopen the embedded store yet"),
     }
+}
+
+/// One stored sequence as the offline scan found it.
+#[derive(Debug)]
+pub enum Scanned {
+    /// Readable, with its payload.
+    Record(Record),
+    /// Within the retained range but unreadable (or missing): why.
+    Unreadable(String),
+}
+
+/// Reads every retained record of the store in `dir`, one at a time, for `verify` and `export`:
+/// a damaged page costs the records on it, not the scan. The gateway must not be running on it
+/// (redb allows one process per file). Returns the retained range `first..next`.
+pub fn scan(
+    dir: &Path,
+    mut visit: impl FnMut(u64, Scanned) -> Result<(), LogError>,
+) -> Result<Bounds, LogError> {
+    let path = dir.join("events.redb");
+    if !path.is_file() {
+        return Err(unavailable(format!("{} does not exist", path.display())));
+    }
+    let db = open_database(
+        &path,
+        DEFAULT_CACHE_BYTES,
+        &Arc::new(AtomicBool::new(false)),
+    )?;
+    let StoredBounds { first, next, .. } = read_bounds(&db)?;
+    // Quiet the default panic message while redb trips over damaged pages; each is reported.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let mut outcome = Ok(());
+    for sequence in first..next {
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+            || -> Result<Option<Record>, redb::Error> {
+                let txn = db.begin_read()?;
+                let events = txn.open_table(EVENTS)?;
+                let value = events.get(sequence)?;
+                Ok(value.map(|v| decode_record(sequence, v.value())))
+            },
+        ));
+        let scanned = match read {
+            Ok(Ok(Some(record))) => Scanned::Record(record),
+            Ok(Ok(None)) => Scanned::Unreadable("missing".to_owned()),
+            Ok(Err(error)) => Scanned::Unreadable(error.to_string()),
+            Err(panic) => Scanned::Unreadable(panic_text(panic)),
+        };
+        if let Err(error) = visit(sequence, scanned) {
+            outcome = Err(error);
+            break;
+        }
+    }
+    std::panic::set_hook(hook);
+    outcome.map(|()| Bounds { first, next })
 }
 
 #[cfg(test)]

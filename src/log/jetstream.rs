@@ -585,6 +585,7 @@ impl EventLog for JetStreamLog {
             syncs: self.shared.syncs.load(Ordering::Relaxed),
             synced_records: self.shared.synced_records.load(Ordering::Relaxed),
             size_bytes: self.shared.bytes.load(Ordering::Relaxed),
+            damaged_reads: 0,
         }
     }
 }
