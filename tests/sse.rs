@@ -93,3 +93,42 @@ async fn sse_streams_filtered_events_resumes_from_last_event_id_and_follows_live
         "{stats}"
     );
 }
+
+#[tokio::test]
+async fn a_tail_beyond_retention_keeps_its_filter_and_an_expired_last_event_id_is_refused() {
+    use iqchannels_gateway::log::memory::MemoryLog;
+    let server = TestServer::with_log(
+        std::sync::Arc::new(MemoryLog::new(Some(5))),
+        iqchannels_gateway::server::ServerConfig::default(),
+    )
+    .await;
+    for id in 1..=10 {
+        let kind = if id % 2 == 0 {
+            "chat_closed"
+        } else {
+            "message_created"
+        };
+        server.store(event_json(id, kind, 13, "user", 1)).await;
+    }
+    // Retained: 6..10; of those, chat_closed are 6, 8, 10.
+    let mut response = reqwest::get(server.url("/v1/events:stream?type=chat_closed&tail=100"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let events = read_events(&mut response, 3).await;
+    let ids: Vec<u64> = events.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, vec![6, 8, 10]);
+    assert!(events.iter().all(|(_, data)| data["type"] == "chat_closed"));
+    // A reconnecting EventSource whose Last-Event-ID was removed by retention.
+    let response = reqwest::Client::new()
+        .get(server.url("/v1/events:stream?type=chat_closed&tail=100"))
+        .header("last-event-id", "2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        410,
+        "explicitly out of range, not restarted"
+    );
+}

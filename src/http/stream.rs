@@ -142,13 +142,14 @@ async fn open(
     };
     let subscription = match state.gateway.subscribe(params.filter.clone(), start).await {
         Ok(subscription) => subscription,
-        // A tail longer than what is retained starts at the oldest retained event.
+        // A tail longer than what is retained starts at the oldest retained event, with the
+        // same filter. (An expired `Last-Event-ID` is not a tail: it gets the explicit answer.)
         Err(SubscribeError::Log(crate::log::LogError::Truncated { .. }))
-            if matches!(params.start, Some(StartParam::Tail(_))) =>
+            if resume.is_none() && matches!(params.start, Some(StartParam::Tail(_))) =>
         {
             state
                 .gateway
-                .subscribe(Filter::default(), Start::Beginning)
+                .subscribe(params.filter.clone(), Start::Beginning)
                 .await
                 .map_err(HttpError::Subscribe)?
         }
