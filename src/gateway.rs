@@ -102,6 +102,8 @@ pub struct GatewayConfig {
     pub max_in_flight: usize,
     /// Tolerant (default) or strict decoding (`--strict-decode`).
     pub decode_policy: Policy,
+    /// Bytes all catch-up pages may hold together (`--catch-up-memory`).
+    pub catch_up_bytes: usize,
 }
 
 impl Default for GatewayConfig {
@@ -111,6 +113,7 @@ impl Default for GatewayConfig {
             max_subscribers: 10_000,
             max_in_flight: 1024,
             decode_policy: Policy::Tolerant,
+            catch_up_bytes: crate::subscribe::DEFAULT_CATCH_UP_BYTES,
         }
     }
 }
@@ -124,7 +127,10 @@ impl Gateway {
             hub,
             shutdown,
             accepting: Arc::new(AtomicBool::new(true)),
-            subscribers: Registry::new(config.max_subscribers),
+            subscribers: Registry::with_catch_up_bytes(
+                config.max_subscribers,
+                config.catch_up_bytes,
+            ),
             metrics: Arc::new(Metrics::new()),
             ingest_slots: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.max(1))),
             policy: config.decode_policy,
@@ -349,6 +355,11 @@ impl Gateway {
     /// Whether the gateway takes ingest now: not draining and the log is healthy.
     pub fn ready(&self) -> bool {
         self.accepting.load(Ordering::Relaxed) && !*self.shutdown.borrow() && self.log.healthy()
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
     }
 
     /// Marks the gateway as draining (readiness and health go down first).

@@ -221,6 +221,11 @@ struct ServeArgs {
     /// Log output format.
     #[arg(long, env = "IQGW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Bytes that all subscribers reading from the store (catching up) may hold together in
+    /// their pages, e.g. while their clients do not read: each gets an equal share (at least
+    /// one event).
+    #[arg(long, env = "IQGW_CATCH_UP_MEMORY", default_value_t = iqchannels_gateway::subscribe::DEFAULT_CATCH_UP_BYTES)]
+    catch_up_memory: usize,
     /// Refuse (400 / INVALID_ARGUMENT, naming the field path) any body with a field that does not
     /// fit its proto type. Default: such a field is coerced when that loses nothing, else left
     /// unset (the raw JSON keeps it), and reported as a deviation on the event.
@@ -507,6 +512,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_subscribers: args.limits.max_subscribers,
         max_in_flight: args.limits.max_in_flight,
         request_timeout: args.limits.request_timeout,
+        catch_up_bytes: args.catch_up_memory,
         decode_policy: if args.strict_decode {
             iqchannels_gateway::decode::Policy::Strict
         } else {

@@ -21,6 +21,9 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Bytes one HTTP/2 stream may buffer for sending (h2's default is 400 KiB).
+const STREAM_SEND_BUFFER: usize = 128 << 10;
+
 /// Serves one accepted connection (plain or TLS) until it ends or the drain closes it.
 async fn serve_io<I, S>(
     builder: &auto::Builder<TokioExecutor>,
@@ -68,6 +71,8 @@ pub struct ServerConfig {
     pub tls: Option<crate::tls::TlsFiles>,
     /// Tolerant (default) or strict decoding of webhook bodies.
     pub decode_policy: crate::decode::Policy,
+    /// Bytes all subscribers' catch-up pages may hold together.
+    pub catch_up_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -84,6 +89,7 @@ impl Default for ServerConfig {
             grpc_auth: GrpcAuth::default(),
             tls: None,
             decode_policy: crate::decode::Policy::Tolerant,
+            catch_up_bytes: crate::subscribe::DEFAULT_CATCH_UP_BYTES,
         }
     }
 }
@@ -116,9 +122,11 @@ pub async fn serve(
         max_subscribers: config.max_subscribers,
         max_in_flight: config.max_in_flight,
         decode_policy: config.decode_policy,
+        catch_up_bytes: config.catch_up_bytes,
     };
     let stop_rx_for_tls = stop_rx.clone();
     let gateway = Gateway::new(log, &limits, stop_rx);
+    spawn_memory_release(gateway.clone());
     let grpc = crate::grpc::routes(
         gateway.clone(),
         config.max_body_bytes,
@@ -140,6 +148,9 @@ pub async fn serve(
         .timer(hyper_util::rt::TokioTimer::new());
     builder
         .http2()
+        // What a stream may buffer beyond its flow-control window: a client that stops reading
+        // holds this much per stream in HTTP/2, besides its catch-up page.
+        .max_send_buf_size(STREAM_SEND_BUFFER)
         .keep_alive_interval(config.http2_keepalive)
         .keep_alive_timeout(Duration::from_secs(20))
         .timer(hyper_util::rt::TokioTimer::new());
@@ -254,3 +265,33 @@ pub async fn shutdown_signal() {
 pub fn local_addr(listener: &TcpListener) -> std::io::Result<SocketAddr> {
     listener.local_addr()
 }
+
+/// Gives freed memory back to the system once subscribers have left: glibc keeps what many
+/// stalled subscribers' pages took (in its arenas) unless asked to trim. Checks every few
+/// seconds; trims when the number of subscribers went down.
+fn spawn_memory_release(gateway: Gateway) {
+    tokio::spawn(async move {
+        let mut before = gateway.subscribers();
+        let mut interval = tokio::time::interval(Duration::from_secs(3));
+        loop {
+            interval.tick().await;
+            if gateway.is_shutting_down() {
+                return;
+            }
+            let now = gateway.subscribers();
+            if now < before {
+                release_memory().await;
+            }
+            before = now;
+        }
+    });
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+async fn release_memory() {
+    // SAFETY: malloc_trim only walks and trims glibc's own heap; it takes no pointers of ours.
+    let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+async fn release_memory() {}

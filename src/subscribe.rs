@@ -12,8 +12,19 @@ use crate::hub::Hub;
 use crate::log::{LogError, SharedLog};
 use crate::wire::{EncodedEvent, Keys};
 
-/// Records read from the log per catch-up step.
+/// Records read from the log per catch-up step, at most.
 const CATCH_UP_PAGE: usize = 256;
+
+/// Bytes a catch-up page holds at most when the budget is not shared: pages follow the size of
+/// the events read, so a page of large events holds few of them.
+const PAGE_BYTES: usize = 1 << 20;
+
+/// The size assumed of an event before any was read: a whole page, so that the first page
+/// reads one event (and learns the events' size) whatever their size.
+const FIRST_GUESS_BYTES: usize = PAGE_BYTES;
+
+/// Default [`Registry`] budget: bytes held by all catch-up pages together.
+pub const DEFAULT_CATCH_UP_BYTES: usize = 64 << 20;
 
 /// How long a cursor ahead of the log's end waits for the log to reach it: a replica may lag a
 /// moment behind the one that served the cursor.
@@ -103,22 +114,44 @@ pub enum SubscribeError {
     },
 }
 
-/// The open subscriptions and their positions (for lag metrics), with a cap on how many.
+/// The open subscriptions and their positions (for lag metrics), with a cap on how many, and the
+/// memory their catch-up pages may hold together.
 #[derive(Clone)]
 pub struct Registry {
     positions: Arc<Mutex<HashMap<u64, Arc<AtomicU64>>>>,
     ids: Arc<AtomicU64>,
     max: usize,
+    /// Bytes all catch-up pages may hold together (DESIGN invariant 4): each subscription
+    /// catching up reads pages of at most its share, so subscribers whose clients stop reading
+    /// (their pages wait on HTTP/2 flow control) hold this much in all, however many they are
+    /// (at least one event each).
+    catch_up_bytes: usize,
+    /// Subscriptions reading from the log now, among which the budget is shared.
+    catching_up: Arc<AtomicU64>,
 }
 
 impl Registry {
-    /// A registry admitting at most `max` subscriptions at once.
+    /// A registry admitting at most `max` subscriptions at once, whose catch-up pages hold
+    /// [`DEFAULT_CATCH_UP_BYTES`] together.
     pub fn new(max: usize) -> Self {
+        Self::with_catch_up_bytes(max, DEFAULT_CATCH_UP_BYTES)
+    }
+
+    /// A registry whose catch-up pages hold `catch_up_bytes` together.
+    pub fn with_catch_up_bytes(max: usize, catch_up_bytes: usize) -> Self {
         Self {
             positions: Arc::default(),
             ids: Arc::default(),
             max,
+            catch_up_bytes: catch_up_bytes.max(1),
+            catching_up: Arc::default(),
         }
+    }
+
+    /// The bytes one more catch-up page may hold now: an equal share of the budget.
+    fn page_bytes(&self) -> usize {
+        let sharing = self.catching_up.load(Ordering::Relaxed).max(1) as usize;
+        (self.catch_up_bytes / sharing).min(PAGE_BYTES)
     }
 
     fn register(&self, position: u64) -> Result<Registered, SubscribeError> {
@@ -129,10 +162,13 @@ impl Registry {
         let id = self.ids.fetch_add(1, Ordering::Relaxed) + 1;
         let cell = Arc::new(AtomicU64::new(position));
         positions.insert(id, cell.clone());
+        // A new subscription starts by catching up.
+        self.catching_up.fetch_add(1, Ordering::Relaxed);
         Ok(Registered {
             id,
             position: cell,
             registry: self.clone(),
+            catching_up: true,
         })
     }
 
@@ -151,10 +187,26 @@ struct Registered {
     id: u64,
     position: Arc<AtomicU64>,
     registry: Registry,
+    /// Counted in `registry.catching_up`.
+    catching_up: bool,
+}
+
+impl Registered {
+    fn set_catching_up(&mut self, catching_up: bool) {
+        if self.catching_up != catching_up {
+            self.catching_up = catching_up;
+            if catching_up {
+                self.registry.catching_up.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.registry.catching_up.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 impl Drop for Registered {
     fn drop(&mut self) {
+        self.set_catching_up(false);
         self.registry
             .positions
             .lock()
@@ -178,6 +230,8 @@ pub struct Subscription {
     pending: VecDeque<Arc<EncodedEvent>>,
     /// Reading from the log (true) or from the live tail (false).
     catching_up: bool,
+    /// The mean size of the events of the last page read, to size the next one in bytes.
+    event_bytes: usize,
     /// This subscription's entry in the registry: its position, for lag metrics.
     registered: Registered,
 }
@@ -228,6 +282,7 @@ impl Subscription {
             not_before,
             pending: VecDeque::new(),
             catching_up: true,
+            event_bytes: FIRST_GUESS_BYTES,
             registered,
         })
     }
@@ -272,7 +327,7 @@ impl Subscription {
                     }
                 }
                 // Fell behind the bounded tail: the log has everything it missed.
-                Err(broadcast::error::RecvError::Lagged(_)) => self.catching_up = true,
+                Err(broadcast::error::RecvError::Lagged(_)) => self.set_catching_up(true),
                 Err(broadcast::error::RecvError::Closed) => {
                     return Err(SubscribeError::ShuttingDown)
                 }
@@ -304,7 +359,7 @@ impl Subscription {
                 Err(broadcast::error::TryRecvError::Empty) => return None,
                 // Fell behind the bounded tail: the log has everything it missed.
                 Err(broadcast::error::TryRecvError::Lagged(_)) => {
-                    self.catching_up = true;
+                    self.set_catching_up(true);
                     return None;
                 }
                 Err(broadcast::error::TryRecvError::Closed) => {
@@ -318,7 +373,7 @@ impl Subscription {
     /// sends the subscription back to the log.
     fn take_live(&mut self, event: Arc<EncodedEvent>) -> Option<Arc<EncodedEvent>> {
         if event.sequence > self.next {
-            self.catching_up = true;
+            self.set_catching_up(true);
             return None;
         }
         if event.sequence < self.next {
@@ -332,13 +387,24 @@ impl Subscription {
         event.received_at_ms >= self.not_before && self.filter.matches(&event.keys)
     }
 
-    /// Reads one page from the log; at the end of the log, switches to the live tail.
+    /// Switches between reading the log and the live tail.
+    fn set_catching_up(&mut self, catching_up: bool) {
+        self.catching_up = catching_up;
+        self.registered.set_catching_up(catching_up);
+    }
+
+    /// Reads one page from the log, of at most this subscription's share of the catch-up
+    /// budget in bytes (at least one event); at the end of the log, switches to the live tail.
     async fn catch_up_page(&mut self) -> Result<(), SubscribeError> {
-        let records = self.log.read(self.next, CATCH_UP_PAGE).await?;
+        let limit = (self.registered.registry.page_bytes() / self.event_bytes.max(1))
+            .clamp(1, CATCH_UP_PAGE);
+        let records = self.log.read(self.next, limit).await?;
         if records.is_empty() {
-            self.catching_up = false;
+            self.set_catching_up(false);
             return Ok(());
         }
+        let bytes: usize = records.iter().map(|r| r.payload.len()).sum();
+        self.event_bytes = (bytes / records.len()).max(1);
         for record in records {
             let sequence = record.sequence;
             let event =
