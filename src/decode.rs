@@ -3,9 +3,13 @@
 //! Field names, nullability and which fields are required come from the protos: build.rs puts
 //! serde attributes on the generated messages (see `serde_support`). Unknown fields and `Rels`
 //! kinds are skipped here; they are not lost, because the original body is stored beside the
-//! typed message.
+//! typed message. What an event points at is read here too, once, at ingest: the filter keys
+//! ([`keys`]) and the referenced entities ([`references`]).
 
+mod resolve;
 pub mod serde_support;
+
+pub use resolve::references;
 
 use crate::pb::webhook::v1::Envelope;
 use crate::wire::Keys;

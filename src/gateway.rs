@@ -183,15 +183,9 @@ impl Gateway {
     }
 
     fn record(envelope: &Envelope, raw_json: Bytes) -> NewRecord {
-        let keys = decode::keys(envelope);
-        let event_id = keys.event_id;
-        let stored = StoredEvent {
-            envelope: envelope.encode_to_vec().into(),
-            raw_json,
-            keys: Some(keys),
-        };
+        let stored = stored_event(envelope, raw_json);
         NewRecord {
-            event_id,
+            event_id: stored.keys.as_ref().map_or(0, |keys| keys.event_id),
             received_at_ms: now_ms(),
             payload: stored.encode_to_vec().into(),
         }
@@ -305,6 +299,17 @@ impl Gateway {
             store: self.log.stats(),
         };
         self.metrics.render(&snapshot)
+    }
+}
+
+/// What the log stores for an event: the typed envelope encoded, the original body, and what
+/// ingest reads from the envelope once (the filter keys, the references resolved from `Rels`).
+pub fn stored_event(envelope: &Envelope, raw_json: Bytes) -> StoredEvent {
+    StoredEvent {
+        envelope: envelope.encode_to_vec().into(),
+        raw_json,
+        keys: Some(decode::keys(envelope)),
+        references: decode::references(envelope).encode_to_vec().into(),
     }
 }
 

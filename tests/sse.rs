@@ -3,38 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::{event_json, TestServer};
-
-/// Reads SSE frames until `count` events arrived; returns `(id, data)` pairs.
-async fn read_events(
-    response: &mut reqwest::Response,
-    count: usize,
-) -> Vec<(u64, serde_json::Value)> {
-    let mut buffer = String::new();
-    let mut events = Vec::new();
-    while events.len() < count {
-        let chunk = tokio::time::timeout(Duration::from_secs(5), response.chunk())
-            .await
-            .expect("an event in time");
-        let chunk = chunk.expect("stream open").expect("stream not ended");
-        buffer.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buffer.find("\n\n") {
-            let frame: String = buffer.drain(..end + 2).collect();
-            let field = |name: &str| {
-                frame
-                    .lines()
-                    .find_map(|l| l.strip_prefix(name))
-                    .map(|v| v.trim().to_owned())
-            };
-            if let (Some(id), Some(data)) = (field("id:"), field("data:")) {
-                events.push((id.parse().unwrap(), serde_json::from_str(&data).unwrap()));
-            }
-        }
-    }
-    events
-}
+use common::{event_json, read_events, TestServer};
 
 #[tokio::test]
 async fn sse_streams_filtered_events_resumes_from_last_event_id_and_follows_live() {

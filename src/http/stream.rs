@@ -1,6 +1,7 @@
 //! `GET /v1/events:stream`: Server-Sent Events for consumers without gRPC (`curl -N`, browsers),
 //! with the same filters and start positions as gRPC Subscribe; `Last-Event-ID` (= sequence)
-//! resumes. `GET /v1/stats`: the figures the web console shows.
+//! resumes; `references=true` adds the entities each event points at. `GET /v1/stats`: the
+//! figures the web console shows.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -21,11 +22,14 @@ use crate::wire::EncodedEvent;
 
 /// Query parameters: `type`, `project`, `channel`, `chat`, `client`, `user`, `actor` (repeat them
 /// or separate values with commas); `from=beginning`, `after=SEQ`, `since=RFC3339` or `tail=N`
-/// (the last N events); `token` (when gRPC tokens are configured and a header cannot be sent).
+/// (the last N events); `references=true|false`; `token` (when gRPC tokens are configured and a
+/// header cannot be sent).
 #[derive(Debug, Default)]
 struct Params {
     filter: Filter,
     start: Option<StartParam>,
+    /// Add the resolved references to each event's data.
+    references: bool,
     token: Option<String>,
 }
 
@@ -82,6 +86,17 @@ fn parse(query: Option<&str>) -> Result<Params, String> {
                         .parse()
                         .map_err(|_| format!("tail: `{value}` is not a count"))?,
                 ))
+            }
+            "references" => {
+                params.references = match value.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    other => {
+                        return Err(format!(
+                            "references: expected `true` or `false`, got `{other}`"
+                        ))
+                    }
+                }
             }
             "token" => params.token = Some(value),
             other => return Err(format!("unknown parameter `{other}`")),
@@ -154,10 +169,11 @@ async fn open(
         }
         Err(error) => return Err(HttpError::Subscribe(error)),
     };
-    let stream = futures_util::stream::unfold(Some(subscription), |state| async move {
+    let references = params.references;
+    let stream = futures_util::stream::unfold(Some(subscription), move |state| async move {
         let mut subscription = state?;
         match subscription.next().await {
-            Ok(event) => Some((Ok(sse_event(&event)), Some(subscription))),
+            Ok(event) => Some((Ok(sse_event(&event, references)), Some(subscription))),
             // The stream ends with an explicit error event, never silently.
             Err(error) => Some((
                 Ok(SseEvent::default().event("error").data(error.to_string())),
@@ -168,11 +184,13 @@ async fn open(
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
-/// `id: <sequence>`, `data: {"sequence", "received_at", "type", "event": <the webhook body>}`.
-fn sse_event(event: &Arc<EncodedEvent>) -> SseEvent {
+/// `id: <sequence>`, `data: {"sequence", "received_at_ms", "type", "chat_id", "actor", "event":
+/// <the webhook body>}`, plus `"references"` when asked for: the references resolved at ingest,
+/// from their stored encoding (never resolved again), in the protobuf JSON mapping.
+fn sse_event(event: &Arc<EncodedEvent>, references: bool) -> SseEvent {
     let body: serde_json::Value =
         serde_json::from_slice(&event.raw_json).unwrap_or(serde_json::Value::Null);
-    let data = json!({
+    let mut data = json!({
         "sequence": event.sequence,
         "received_at_ms": event.received_at_ms,
         "type": event.keys.event_type,
@@ -180,6 +198,18 @@ fn sse_event(event: &Arc<EncodedEvent>) -> SseEvent {
         "actor": event.keys.actor,
         "event": body,
     });
+    if references {
+        data["references"] = match crate::pb::to_json(
+            "iqchannels.gateway.v1.References",
+            &event.references,
+        ) {
+            Ok(references) => references,
+            Err(error) => {
+                tracing::warn!(sequence = event.sequence, %error, "stored references do not decode");
+                serde_json::Value::Null
+            }
+        };
+    }
     SseEvent::default()
         .id(event.sequence.to_string())
         .data(data.to_string())
@@ -229,5 +259,10 @@ mod tests {
         ));
         assert!(parse(Some("chat=abc")).is_err());
         assert!(parse(Some("colour=red")).is_err());
+        assert!(parse(Some("references=true")).unwrap().references);
+        assert!(!parse(Some("references=false")).unwrap().references);
+        assert!(!parse(None).unwrap().references);
+        let error = parse(Some("references=yes")).unwrap_err();
+        assert!(error.starts_with("references: "), "{error}");
     }
 }

@@ -154,6 +154,7 @@ impl Fixture {
                         event_type: format!("t{}", id % 3),
                         ..keys(id, "")
                     }),
+                    references: Bytes::new(),
                 };
                 NewRecord {
                     event_id: id,

@@ -176,6 +176,7 @@ pub fn subscription(filter: Filter, start: Option<subscribe_request::Start>) -> 
         filter: Some(filter),
         start,
         include_raw_json: false,
+        include_references: false,
     }
 }
 
@@ -228,6 +229,7 @@ pub async fn get_by_sequence(
         .get_event(GetEventRequest {
             key: Some(get_event_request::Key::Sequence(sequence)),
             include_raw_json,
+            include_references: false,
         })
         .await
         .map(tonic::Response::into_inner)
@@ -242,7 +244,39 @@ pub async fn get_by_event_id(
         .get_event(GetEventRequest {
             key: Some(get_event_request::Key::EventId(event_id)),
             include_raw_json: false,
+            include_references: false,
         })
         .await
         .map(tonic::Response::into_inner)
+}
+
+/// Reads Server-Sent Events frames until `count` events arrived; returns `(id, data)` pairs.
+/// Frames are split on bytes and decoded whole (a chunk may end inside a UTF-8 character).
+pub async fn read_events(
+    response: &mut reqwest::Response,
+    count: usize,
+) -> Vec<(u64, serde_json::Value)> {
+    let mut buffer: Vec<u8> = Vec::new();
+    let mut events = Vec::new();
+    while events.len() < count {
+        let chunk = tokio::time::timeout(WAIT, response.chunk())
+            .await
+            .expect("an event in time");
+        let chunk = chunk.expect("stream open").expect("stream not ended");
+        buffer.extend_from_slice(&chunk);
+        while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+            let frame: Vec<u8> = buffer.drain(..end + 2).collect();
+            let frame = String::from_utf8(frame).expect("SSE frames are UTF-8");
+            let field = |name: &str| {
+                frame
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().to_owned())
+            };
+            if let (Some(id), Some(data)) = (field("id:"), field("data:")) {
+                events.push((id.parse().unwrap(), serde_json::from_str(&data).unwrap()));
+            }
+        }
+    }
+    events
 }
