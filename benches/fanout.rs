@@ -41,7 +41,7 @@ use iqchannels_gateway::pb::client::{subscribe_request, SubscribeRequest};
 use iqchannels_gateway::pb::gateway::v1::event_gateway_server::{EventGateway, EventGatewayServer};
 use iqchannels_gateway::pb::gateway::v1::{GetEventRequest, PublishRequest, PublishResponse};
 use iqchannels_gateway::server::{serve, ServerConfig};
-use iqchannels_gateway::wire::{EncodedEvent, StoredEvent, WireEvent};
+use iqchannels_gateway::wire::{EncodedEvent, Form, WireEvent};
 use prost::Message;
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
@@ -231,14 +231,9 @@ fn payload_pool(template: &Template) -> Vec<Bytes> {
             let envelope = iqchannels_gateway::decode::decode(&body)
                 .expect("the fixture decodes")
                 .envelope;
-            StoredEvent {
-                envelope: envelope.encode_to_vec().into(),
-                raw_json: body,
-                keys: Some(iqchannels_gateway::decode::keys(&envelope)),
-                deviations: Default::default(),
-            }
-            .encode_to_vec()
-            .into()
+            iqchannels_gateway::gateway::stored_event(&envelope, body, &[])
+                .encode_to_vec()
+                .into()
         })
         .collect()
 }
@@ -358,7 +353,7 @@ impl EventGateway for Ceiling {
             futures_util::stream::iter((0..).map(move |i: usize| {
                 Ok(WireEvent {
                     event: pool[i % pool.len()].clone(),
-                    include_raw: false,
+                    form: Form::default(),
                 })
             }))
         });
@@ -711,8 +706,8 @@ impl Bench {
         })
     }
 
-    /// Bytes the hub holds per event: the log record's payload (envelope, raw JSON, keys),
-    /// which the encoded event shares.
+    /// Bytes the hub holds per event: the log record's payload (envelope, raw JSON, keys,
+    /// references), which the encoded event shares.
     fn encoded_len_with_raw(&self) -> u64 {
         self.payloads[0].len() as u64
     }
@@ -988,7 +983,7 @@ fn main() -> ExitCode {
     println!("# fan-out benchmark; CPUs: {cpus}; one process holds servers and clients (runtimes `{SERVER_THREADS}`, `{LOAD_THREADS}`); {describe}");
     println!(
         "# event: chat_closed.json as ingest stores it; Event without raw_json = {} bytes on the wire",
-        bench.encoded[0].encoded_len(false)
+        bench.encoded[0].encoded_len(Form::default())
     );
     println!(
         "# embedded store in {} ({})",

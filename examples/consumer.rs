@@ -149,6 +149,7 @@ async fn follow(
         filter: Some(filter.clone()),
         start: Some(start),
         include_raw_json: false,
+        include_references: false,
     };
     let mut events = match stream(client, request, args.token.as_deref()).await {
         Ok(events) => events,

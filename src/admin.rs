@@ -122,7 +122,9 @@ pub fn export(dir: &Path, out: &mut impl Write) -> Result<Report, LogError> {
 /// One NDJSON line for a stored event.
 fn line(stored: &StoredEvent) -> Result<String, String> {
     if stored.raw_json.is_empty() {
-        return crate::decode::envelope_json(&stored.envelope);
+        return crate::pb::to_json("iqchannels.webhook.v1.Envelope", &stored.envelope)
+            .map(|value| value.to_string())
+            .map_err(|error| error.to_string());
     }
     let text = std::str::from_utf8(&stored.raw_json)
         .map_err(|error| format!("raw body is not UTF-8: {error}"))?;
@@ -131,34 +133,9 @@ fn line(stored: &StoredEvent) -> Result<String, String> {
             .map_err(|error| format!("raw body is not JSON: {error}"))?;
         return Ok(text.trim().to_owned());
     }
-    // NDJSON needs one line: re-serialize the body without reading its numbers (RawValue keeps
-    // each value's text, so int64 ids beyond 2^53 stay exact).
-    compact(text).map_err(|error| format!("raw body is not JSON: {error}"))
-}
-
-/// `text` without the whitespace between its tokens.
-fn compact(text: &str) -> Result<String, serde_json::Error> {
-    let mut out = String::with_capacity(text.len());
-    let (mut in_string, mut escaped) = (false, false);
-    for c in text.chars() {
-        if in_string {
-            out.push(c);
-            match c {
-                _ if escaped => escaped = false,
-                '\\' => escaped = true,
-                '"' => in_string = false,
-                _ => {}
-            }
-        } else if c == '"' {
-            in_string = true;
-            out.push(c);
-        } else if !c.is_whitespace() {
-            out.push(c);
-        }
-    }
-    // The result is the same document: check it parses.
-    serde_json::from_str::<serde::de::IgnoredAny>(&out)?;
-    Ok(out)
+    // NDJSON needs one line: the body without the whitespace between its tokens (its numbers
+    // untouched, so int64 ids beyond 2^53 stay exact).
+    crate::decode::compact_json(text).ok_or_else(|| "raw body is not JSON".to_owned())
 }
 
 #[cfg(test)]

@@ -7,7 +7,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use owo_colors::{OwoColorize, Stream as ColorStream};
 use prost::Message;
-use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
@@ -33,6 +32,9 @@ pub enum ClientError {
     /// A flag value is unusable.
     #[error("{0}")]
     Usage(String),
+    /// An event could not be printed as JSON.
+    #[error(transparent)]
+    Json(#[from] crate::pb::JsonError),
 }
 
 /// How to reach the gateway.
@@ -173,7 +175,8 @@ fn sequence_of(bytes: Bytes) -> Option<u64> {
 pub enum Output {
     /// One readable line per event (coloured on a terminal).
     Lines,
-    /// One JSON line per event in the webhook's own shape (the original body when stored).
+    /// One JSON line per event in the webhook's own shape (the original body when stored),
+    /// with the resolved references under `references` when they were asked for.
     Json,
     /// Length-delimited `iqchannels.gateway.v1.Event` protobuf.
     Proto,
@@ -192,6 +195,8 @@ pub struct SubscribeOptions {
     pub exit_after: Option<u64>,
     /// Reconnect after errors (resuming from the last sequence).
     pub reconnect: bool,
+    /// Ask for the entities each event points at (`include_references`).
+    pub references: bool,
 }
 
 /// Follows the gateway's events until interrupted (or `exit_after`), reconnecting and resuming
@@ -200,7 +205,7 @@ pub async fn subscribe(
     connection: &Connection,
     options: SubscribeOptions,
 ) -> Result<(), ClientError> {
-    let mut printer = Printer::new(options.output)?;
+    let mut printer = Printer::new(options.output);
     let mut last: Option<u64> = None;
     let mut received = 0u64;
     let mut backoff = Duration::from_millis(200);
@@ -213,6 +218,7 @@ pub async fn subscribe(
             filter: Some(options.filter.clone()),
             start,
             include_raw_json: options.output == Output::Json,
+            include_references: options.references,
         };
         let attempt = async {
             let mut stream = connection.subscribe_raw(request).await?;
@@ -277,7 +283,7 @@ fn fatal(error: &ClientError) -> bool {
                 | Code::PermissionDenied
                 | Code::NotFound
         ),
-        ClientError::Io(_) | ClientError::Usage(_) => true,
+        ClientError::Io(_) | ClientError::Usage(_) | ClientError::Json(_) => true,
         ClientError::Connect(_) => false,
     }
 }
@@ -285,66 +291,54 @@ fn fatal(error: &ClientError) -> bool {
 /// Prints events in one of the [`Output`] formats.
 struct Printer {
     output: Output,
-    pool: DescriptorPool,
     stdout: std::io::Stdout,
 }
 
 impl Printer {
-    fn new(output: Output) -> Result<Self, ClientError> {
-        let pool = DescriptorPool::decode(crate::pb::FILE_DESCRIPTOR_SET)
-            .map_err(|e| ClientError::Usage(format!("descriptor set: {e}")))?;
-        Ok(Self {
+    fn new(output: Output) -> Self {
+        Self {
             output,
-            pool,
             stdout: std::io::stdout(),
-        })
+        }
     }
 
     fn print(&mut self, event: &Event) -> Result<(), ClientError> {
         let mut out = self.stdout.lock();
         match self.output {
             Output::Proto => out.write_all(&event.encode_length_delimited_to_vec())?,
-            Output::Json => writeln!(out, "{}", self.webhook_json(event)?)?,
+            Output::Json => writeln!(out, "{}", webhook_json(event)?)?,
             Output::Lines => writeln!(out, "{}", line(event))?,
         }
         out.flush()?;
         Ok(())
     }
-
-    /// The event as the webhook sent it, on one line: the original body when the gateway has it,
-    /// else the protobuf JSON mapping of the envelope (numbers as numbers).
-    fn webhook_json(&self, event: &Event) -> Result<String, ClientError> {
-        if !event.raw_json.is_empty() {
-            if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&event.raw_json) {
-                return Ok(value.to_string());
-            }
-        }
-        let envelope = event.envelope.clone().unwrap_or_default();
-        self.mapping(
-            "iqchannels.webhook.v1.Envelope",
-            envelope.encode_to_vec().into(),
-            false,
-        )
-    }
-
-    fn mapping(&self, message: &str, bytes: Bytes, stringify: bool) -> Result<String, ClientError> {
-        let descriptor = self
-            .pool
-            .get_message_by_name(message)
-            .ok_or_else(|| ClientError::Usage(format!("{message} is not in the descriptor set")))?;
-        let dynamic = DynamicMessage::decode(descriptor, bytes)
-            .map_err(|e| ClientError::Usage(format!("decoding: {e}")))?;
-        let options = SerializeOptions::new().stringify_64_bit_integers(stringify);
-        let mut out = Vec::new();
-        let mut serializer = serde_json::Serializer::new(&mut out);
-        dynamic
-            .serialize_with_options(&mut serializer, &options)
-            .map_err(|e| ClientError::Usage(format!("encoding JSON: {e}")))?;
-        Ok(String::from_utf8_lossy(&out).into_owned())
-    }
 }
 
-/// `#12 2026-11-24T21:01:42.372Z chat_closed chat=13 actor=user client=13 user=1`
+/// The event as the webhook sent it, on one line: the original body when the gateway has it,
+/// else the protobuf JSON mapping of the envelope (numbers as numbers); plus `references` (the
+/// protobuf JSON mapping of the resolved entities) when the gateway sent them.
+fn webhook_json(event: &Event) -> Result<String, ClientError> {
+    let mut value = match serde_json::from_slice::<serde_json::Value>(&event.raw_json).ok() {
+        Some(body) => body,
+        None => {
+            let envelope = event.envelope.clone().unwrap_or_default();
+            crate::pb::to_json("iqchannels.webhook.v1.Envelope", &envelope.encode_to_vec())?
+        }
+    };
+    if let (Some(references), Some(object)) = (&event.references, value.as_object_mut()) {
+        let references = crate::pb::to_json(
+            "iqchannels.gateway.v1.References",
+            &references.encode_to_vec(),
+        )?;
+        object.insert("references".to_owned(), references);
+    }
+    Ok(value.to_string())
+}
+
+/// Characters of a message's text a readable line shows at most.
+const TEXT_CHARS: usize = 60;
+
+/// `#12 2026-11-24T21:01:42.372Z message_created id=608 chat=21 user=1 actor=user text="Hello"`
 fn line(event: &Event) -> String {
     let chat_event = event
         .envelope
@@ -385,7 +379,45 @@ fn line(event: &Event) -> String {
     if !chat_event.actor.is_empty() {
         text.push_str(&format!(" actor={}", chat_event.actor));
     }
+    if let Some(message) = message_text(event).and_then(|t| shorten(t, TEXT_CHARS)) {
+        // Debug quoting: quotes and control characters in the text stay visible and harmless.
+        text.push_str(&format!(" text={message:?}"));
+    }
     text
+}
+
+/// The text of the message the event is about: from the resolved reference when the gateway
+/// sent one, else looked up in the envelope's `Rels` by `ChatEvent.MessageId`.
+fn message_text(event: &Event) -> Option<&str> {
+    let resolved = event
+        .references
+        .as_ref()
+        .and_then(|references| references.message.as_ref());
+    let message = resolved.or_else(|| {
+        let envelope = event.envelope.as_ref()?;
+        let id = envelope.chat_event.as_ref()?.message_id?;
+        let rels = envelope.rels.as_ref()?;
+        rels.chat_messages.iter().find(|message| message.id == id)
+    })?;
+    Some(message.text.as_str())
+}
+
+/// `text` on one line (every run of whitespace one space), at most `max` characters with an
+/// ellipsis when it was longer; `None` when there is no text.
+fn shorten(text: &str, max: usize) -> Option<String> {
+    let mut words = text.split_whitespace();
+    let mut line = words.next()?.to_owned();
+    for word in words {
+        line.push(' ');
+        line.push_str(word);
+    }
+    if line.chars().count() <= max {
+        return Some(line);
+    }
+    let mut short: String = line.chars().take(max.saturating_sub(1)).collect();
+    short.truncate(short.trim_end().len());
+    short.push('…');
+    Some(short)
 }
 
 /// `publish` totals.
@@ -486,20 +518,22 @@ pub async fn publish(
     Ok(summary)
 }
 
-/// `get`: one event by sequence or event id, printed in `output`.
+/// `get`: one event by sequence or event id, printed in `output`, with the entities it points
+/// at when `references`.
 pub async fn get(
     connection: &Connection,
     key: get_event_request::Key,
     output: Output,
+    references: bool,
 ) -> Result<(), ClientError> {
     let mut client = connection.connect().await?;
     let request = GetEventRequest {
         key: Some(key),
         include_raw_json: output == Output::Json,
+        include_references: references,
     };
     let event = client.get_event(request).await?.into_inner();
-    let mut printer = Printer::new(output)?;
-    printer.print(&event)
+    Printer::new(output).print(&event)
 }
 
 #[cfg(test)]
@@ -515,5 +549,68 @@ mod tests {
             lines.iter().map(|l| l.as_ref()).collect::<Vec<_>>(),
             vec![&b"{\"a\":1}"[..], b"{\"b\":2}", b"not json"]
         );
+    }
+
+    #[test]
+    fn text_is_put_on_one_line_and_shortened_with_an_ellipsis() {
+        assert_eq!(
+            shorten("  Hello,\n\tworld  ", 60).as_deref(),
+            Some("Hello, world")
+        );
+        assert_eq!(shorten(" \n ", 60), None);
+        let long = "Здравствуйте! ".repeat(10);
+        let short = shorten(&long, 60).expect("text");
+        assert_eq!(short.chars().count(), 60);
+        assert!(short.ends_with("! Здр…"), "{short}");
+        let exact = "ы".repeat(60);
+        assert_eq!(
+            shorten(&exact, 60),
+            Some(exact.clone()),
+            "60 characters fit"
+        );
+    }
+
+    #[test]
+    fn a_line_shows_the_message_text_from_the_references_else_from_rels() {
+        use crate::pb::client::References;
+        use crate::pb::webhook::v1::{ChatEvent, ChatMessage, Envelope, Rels};
+        let message = |text: &str| ChatMessage {
+            id: 300,
+            text: text.into(),
+            ..Default::default()
+        };
+        let mut event = Event {
+            sequence: 2,
+            envelope: Some(Envelope {
+                chat_event: Some(ChatEvent {
+                    id: 608,
+                    r#type: "message_created".into(),
+                    message_id: Some(300),
+                    ..Default::default()
+                }),
+                rels: Some(Rels {
+                    chat_messages: vec![message("from \"Rels\"\nsecond line")],
+                    ..Default::default()
+                }),
+            }),
+            ..Default::default()
+        };
+        assert!(
+            line(&event).ends_with(r#" text="from \"Rels\" second line""#),
+            "{}",
+            line(&event)
+        );
+        event.references = Some(References {
+            message: Some(message("resolved")),
+            ..Default::default()
+        });
+        assert!(
+            line(&event).ends_with(r#" text="resolved""#),
+            "{}",
+            line(&event)
+        );
+        event.references = Some(References::default());
+        event.envelope = None;
+        assert!(!line(&event).contains("text="), "no message, no text");
     }
 }

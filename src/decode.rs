@@ -3,12 +3,16 @@
 //! Field names, nullability and which fields are required come from the protos: build.rs puts
 //! serde attributes on the generated messages (see `serde_support`). Unknown fields and `Rels`
 //! kinds are skipped here; they are not lost, because the original body is stored beside the
-//! typed message.
+//! typed message. What an event points at is read here too, once, at ingest: the filter keys
+//! ([`keys`]) and the referenced entities ([`references`]).
 
+mod resolve;
 pub mod serde_support;
 mod tolerant;
 
 pub use tolerant::MAX_VALUE_DEPTH;
+
+pub use resolve::references;
 
 use crate::pb::webhook::v1::Envelope;
 use crate::wire::Keys;
@@ -463,11 +467,29 @@ pub fn dedup_id(envelope: &Envelope) -> Option<i64> {
         .map(|event| event.id)
 }
 
-/// The protobuf JSON mapping of an encoded `Envelope`, with the webhook's wire names and int64 as
-/// numbers: the shape of the webhook body, for events that have no original JSON (a typed
-/// gRPC Publish).
-pub fn envelope_json(envelope: &[u8]) -> Result<String, String> {
-    tolerant::envelope_json(envelope)
+/// `text` (JSON) on one line: without the whitespace between its tokens, its numbers and strings
+/// untouched. `None` when it is not JSON.
+pub fn compact_json(text: &str) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in text.chars() {
+        if in_string {
+            out.push(c);
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => in_string = false,
+                _ => {}
+            }
+        } else if c == '"' {
+            in_string = true;
+            out.push(c);
+        } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
+            out.push(c);
+        }
+    }
+    serde_json::from_str::<serde::de::IgnoredAny>(&out).ok()?;
+    Some(out)
 }
 
 /// The fields subscribers filter on, read once at ingest and stored beside the event.

@@ -286,14 +286,8 @@ impl Gateway {
         raw_json: Bytes,
         deviations: &[Deviation],
     ) -> (NewRecord, Bytes) {
-        let keys = decode::keys(envelope);
-        let encoded: Bytes = envelope.encode_to_vec().into();
-        let stored = StoredEvent {
-            envelope: encoded.clone(),
-            raw_json,
-            keys: Some(keys),
-            deviations: crate::wire::encode_deviations(deviations),
-        };
+        let stored = stored_event(envelope, raw_json, deviations);
+        let encoded = stored.envelope.clone();
         let record = NewRecord {
             event_id: decode::dedup_id(envelope),
             received_at_ms: now_ms(),
@@ -415,6 +409,18 @@ impl Gateway {
             store: self.log.stats(),
         };
         self.metrics.render(&snapshot)
+    }
+}
+
+/// What the log stores for an event: the typed envelope encoded, the original body, and what
+/// ingest reads from the envelope once (the filter keys, the references resolved from `Rels`).
+pub fn stored_event(envelope: &Envelope, raw_json: Bytes, deviations: &[Deviation]) -> StoredEvent {
+    StoredEvent {
+        envelope: envelope.encode_to_vec().into(),
+        raw_json,
+        keys: Some(decode::keys(envelope)),
+        deviations: crate::wire::encode_deviations(deviations),
+        references: decode::references(envelope).encode_to_vec().into(),
     }
 }
 

@@ -21,7 +21,7 @@ use crate::pb::gateway::v1::{
     PublishResponse, SubscribeRequest,
 };
 use crate::subscribe::{Filter, Start, SubscribeError, Subscription};
-use crate::wire::{EncodedEvent, WireEvent};
+use crate::wire::{EncodedEvent, Form, WireEvent};
 
 /// The tonic routes for everything gRPC the gateway serves on its port.
 pub fn routes(
@@ -124,7 +124,10 @@ impl EventGateway for Service {
                     .saturating_add(i64::from(at.nanos / 1_000_000)),
             ),
         };
-        let include_raw = request.include_raw_json;
+        let form = Form {
+            raw_json: request.include_raw_json,
+            references: request.include_references,
+        };
         let subscription = self
             .gateway
             .subscribe(filter, start)
@@ -135,7 +138,7 @@ impl EventGateway for Service {
         // page its cursor has read; a client that leaves drops the subscription.
         let stream = SubscriptionStream {
             state: State::Ready(Box::new(subscription)),
-            include_raw,
+            form,
         };
         Ok(Response::new(Box::pin(stream)))
     }
@@ -199,7 +202,10 @@ impl EventGateway for Service {
         let event = found.ok_or_else(|| Status::not_found("no stored event with that key"))?;
         Ok(Response::new(WireEvent {
             event: event.into(),
-            include_raw: request.include_raw_json,
+            form: Form {
+                raw_json: request.include_raw_json,
+                references: request.include_references,
+            },
         }))
     }
 }
@@ -210,7 +216,8 @@ impl EventGateway for Service {
 /// stream costs no future, no `select!` and no move of the subscription per event.
 struct SubscriptionStream {
     state: State,
-    include_raw: bool,
+    /// The optional fields this stream sends (the same shared bytes for every form).
+    form: Form,
 }
 
 type Waiting = Pin<Box<dyn Future<Output = (Box<Subscription>, Next)> + Send>>;
@@ -253,7 +260,7 @@ impl Stream for SubscriptionStream {
                     this.state = State::Ready(subscription);
                     Ok(WireEvent {
                         event,
-                        include_raw: this.include_raw,
+                        form: this.form,
                     })
                 }
                 // The stream ends after the error (state stays `Ended`).

@@ -148,6 +148,11 @@ struct SubscribeArgs {
     /// Exit on the first error instead of reconnecting.
     #[arg(long)]
     no_reconnect: bool,
+    /// Also receive the entities each event points at (chat, message, file, client, user,
+    /// channel, project, rating), resolved from Rels by the gateway; `--output json` prints them
+    /// under `references`.
+    #[arg(long, env = "IQGW_REFERENCES")]
+    references: bool,
 }
 
 #[derive(clap::Args)]
@@ -176,6 +181,10 @@ struct GetArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Json)]
     output: OutputFormat,
+    /// Also receive the entities the event points at, resolved from Rels by the gateway;
+    /// `--output json` prints them under `references`.
+    #[arg(long, env = "IQGW_REFERENCES")]
+    references: bool,
 }
 
 #[derive(clap::Args)]
@@ -436,6 +445,7 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
         output: args.output.into(),
         exit_after: args.exit_after,
         reconnect: !args.no_reconnect,
+        references: args.references,
     };
     client::subscribe(&args.connect.connection(), options).await?;
     Ok(())
@@ -464,7 +474,13 @@ async fn get(args: GetArgs) -> anyhow::Result<()> {
         (None, Some(event_id)) => get_event_request::Key::EventId(event_id),
         (None, None) => anyhow::bail!("give --sequence or --event-id"),
     };
-    client::get(&args.connect.connection(), key, args.output.into()).await?;
+    client::get(
+        &args.connect.connection(),
+        key,
+        args.output.into(),
+        args.references,
+    )
+    .await?;
     Ok(())
 }
 

@@ -3,9 +3,10 @@
 //! An event is encoded to protobuf once, when it is stored ([`StoredEvent`], the log's opaque
 //! payload). When it is read back (by the hub, or a subscriber catching up) it becomes an
 //! [`EncodedEvent`]: the few bytes of `Event`'s sequence and time, encoded then, in front of the
-//! stored envelope and raw JSON, which stay in the record's buffer (no copy). Every subscriber
-//! stream then sends those same shared bytes ([`WireEvent`]); nothing is re-encoded per
-//! subscriber.
+//! stored envelope, raw JSON and references, which stay in the record's buffer (no copy). Every
+//! subscriber stream then sends those same shared bytes ([`WireEvent`]) in the [`Form`] it asked
+//! for (each optional field is the stored bytes behind a tag and a length); nothing is re-encoded
+//! per subscriber.
 
 use std::sync::Arc;
 
@@ -28,6 +29,10 @@ pub struct StoredEvent {
     /// (`deviations`) after another, written as they are after the envelope. Empty for most.
     #[prost(bytes = "bytes", tag = "4")]
     pub deviations: Bytes,
+    /// The entities the event points at (`iqchannels.gateway.v1.References`, protobuf-encoded),
+    /// resolved from `Rels` at ingest; empty when none was found.
+    #[prost(bytes = "bytes", tag = "5")]
+    pub references: Bytes,
 }
 
 /// The deviations of an event as `Event` field 5 records (see [`StoredEvent::deviations`]).
@@ -89,8 +94,8 @@ pub struct Keys {
 
 /// One stored event in its `iqchannels.gateway.v1.Event` wire form, built once and shared.
 ///
-/// The envelope and the raw JSON are not copied: they are slices of the log record's payload
-/// (`Bytes` share the buffer). Only the few bytes before them are encoded here, once.
+/// The envelope, the raw JSON and the references are not copied: they are slices of the log
+/// record's payload (`Bytes` share the buffer). Only the few bytes before them are encoded here, once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EncodedEvent {
     /// The log sequence.
@@ -108,6 +113,19 @@ pub struct EncodedEvent {
     pub raw_json: Bytes,
     /// `Event` field 5 records (the deviations), shared with the log record; always sent.
     pub deviations: Bytes,
+    /// The content of field 6, `references` (an encoded `References`), shared with the log
+    /// record; empty when nothing was resolved.
+    pub references: Bytes,
+}
+
+/// Which optional fields of `Event` a stream sends. Every form is the same shared bytes, with
+/// each field asked for appended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Form {
+    /// Field 4, the original webhook body (when there is one).
+    pub raw_json: bool,
+    /// Field 6, the resolved references (always present when asked for, empty or not).
+    pub references: bool,
 }
 
 /// The encoded prefix of an `Event`, inline: no allocation. At most 11 bytes of sequence, 19 of
@@ -149,6 +167,7 @@ impl EncodedEvent {
             envelope: stored.envelope,
             raw_json: stored.raw_json,
             deviations: stored.deviations,
+            references: stored.references,
         }
     }
 
@@ -178,23 +197,32 @@ impl EncodedEvent {
         ))
     }
 
-    /// The length of the encoded `Event`, with or without field 4.
-    pub fn encoded_len(&self, include_raw: bool) -> usize {
-        let raw = if include_raw && !self.raw_json.is_empty() {
+    /// The length of the encoded `Event` in `form`.
+    pub fn encoded_len(&self, form: Form) -> usize {
+        let raw = if form.raw_json && !self.raw_json.is_empty() {
             prost::encoding::bytes::encoded_len(4, &self.raw_json)
         } else {
             0
         };
-        self.head.as_slice().len() + self.envelope.len() + self.deviations.len() + raw
+        let references = if form.references {
+            prost::encoding::bytes::encoded_len(6, &self.references)
+        } else {
+            0
+        };
+        self.head.as_slice().len() + self.envelope.len() + self.deviations.len() + raw + references
     }
 
-    /// Writes the encoded `Event`, with or without field 4.
-    pub fn write(&self, include_raw: bool, buf: &mut impl BufMut) {
+    /// Writes the encoded `Event` in `form`. Field 6 is a message; its stored bytes are its
+    /// encoding, so it is written as they are behind its tag and length (as `bytes` would be).
+    pub fn write(&self, form: Form, buf: &mut impl BufMut) {
         buf.put_slice(self.head.as_slice());
         buf.put_slice(&self.envelope);
         buf.put_slice(&self.deviations);
-        if include_raw && !self.raw_json.is_empty() {
+        if form.raw_json && !self.raw_json.is_empty() {
             prost::encoding::bytes::encode(4, &self.raw_json, buf);
+        }
+        if form.references {
+            prost::encoding::bytes::encode(6, &self.references, buf);
         }
     }
 }
@@ -208,27 +236,27 @@ pub fn timestamp(ms: i64) -> prost_types::Timestamp {
 }
 
 /// The server's `iqchannels.gateway.v1.Event`: shared pre-encoded bytes, written as they are by
-/// the gRPC codec. With `include_raw` it also carries field 4, the original body.
+/// the gRPC codec, in the [`Form`] the stream asked for.
 #[derive(Debug, Clone)]
 pub struct WireEvent {
     /// The encoded event, shared with every other stream sending it.
     pub event: Arc<EncodedEvent>,
-    /// Whether this stream asked for `raw_json`.
-    pub include_raw: bool,
+    /// The optional fields this stream asked for.
+    pub form: Form,
 }
 
 impl Default for WireEvent {
     fn default() -> Self {
         Self {
             event: Arc::new(EncodedEvent::new(0, 0, StoredEvent::default())),
-            include_raw: false,
+            form: Form::default(),
         }
     }
 }
 
 impl Message for WireEvent {
     fn encode_raw(&self, buf: &mut impl BufMut) {
-        self.event.write(self.include_raw, buf);
+        self.event.write(self.form, buf);
     }
 
     fn merge_field(
@@ -243,7 +271,7 @@ impl Message for WireEvent {
     }
 
     fn encoded_len(&self) -> usize {
-        self.event.encoded_len(self.include_raw)
+        self.event.encoded_len(self.form)
     }
 
     fn clear(&mut self) {
@@ -254,6 +282,43 @@ impl Message for WireEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pb::gateway::v1::References;
+    use crate::pb::webhook::v1::{Chat, ChatEvent, ChatMessage, Envelope};
+
+    const FORMS: [Form; 4] = [
+        Form {
+            raw_json: false,
+            references: false,
+        },
+        Form {
+            raw_json: true,
+            references: false,
+        },
+        Form {
+            raw_json: false,
+            references: true,
+        },
+        Form {
+            raw_json: true,
+            references: true,
+        },
+    ];
+
+    fn references() -> References {
+        References {
+            chat: Some(Chat {
+                id: 21,
+                project_id: 1,
+                ..Default::default()
+            }),
+            message: Some(ChatMessage {
+                id: 300,
+                text: "Привет".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
 
     #[test]
     fn wire_event_bytes_decode_as_the_client_event() {
@@ -265,15 +330,19 @@ mod tests {
                 ..Keys::default()
             }),
             deviations: Bytes::new(),
+            references: references().encode_to_vec().into(),
         };
         let event = Arc::new(EncodedEvent::new(42, 1_632_751_088_427, stored));
-        let with_raw = WireEvent {
+        let everything = WireEvent {
             event: event.clone(),
-            include_raw: true,
+            form: Form {
+                raw_json: true,
+                references: true,
+            },
         }
         .encode_to_vec();
         let decoded =
-            crate::pb::client::Event::decode(with_raw.as_slice()).expect("valid protobuf");
+            crate::pb::client::Event::decode(everything.as_slice()).expect("valid protobuf");
         assert_eq!(decoded.sequence, 42);
         assert_eq!(
             decoded.received_at,
@@ -283,19 +352,21 @@ mod tests {
             })
         );
         assert_eq!(decoded.raw_json, b"{\"ChatEvent\":{}}".to_vec());
-        let without = WireEvent {
+        assert_eq!(decoded.references, Some(references()));
+        let plain = WireEvent {
             event,
-            include_raw: false,
+            form: Form::default(),
         }
         .encode_to_vec();
-        let decoded = crate::pb::client::Event::decode(without.as_slice()).expect("valid protobuf");
+        let decoded = crate::pb::client::Event::decode(plain.as_slice()).expect("valid protobuf");
         assert!(decoded.raw_json.is_empty());
+        assert_eq!(decoded.references, None, "references only when asked for");
     }
 
     #[test]
     fn encoded_event_shares_the_payload_and_encodes_extremes() {
-        let envelope = crate::pb::webhook::v1::Envelope {
-            chat_event: Some(crate::pb::webhook::v1::ChatEvent {
+        let envelope = Envelope {
+            chat_event: Some(ChatEvent {
                 id: 1 << 40,
                 ..Default::default()
             }),
@@ -306,18 +377,20 @@ mod tests {
             raw_json: Bytes::from_static(b"{}"),
             keys: None,
             deviations: Bytes::new(),
+            references: references().encode_to_vec().into(),
         };
         let payload = Bytes::from(stored.encode_to_vec());
         for (sequence, at) in [(u64::MAX, i64::MIN), (1, 0), (300, i64::MAX)] {
             let event =
                 EncodedEvent::from_payload(sequence, at, payload.clone()).expect("valid payload");
-            // The envelope is a view into the payload, not a copy.
+            // The envelope and the references are views into the payload, not copies.
             let inside = payload.as_ptr_range();
             assert!(inside.contains(&event.envelope.as_ptr()));
-            for include_raw in [false, true] {
+            assert!(inside.contains(&event.references.as_ptr()));
+            for form in FORMS {
                 let wire = WireEvent {
                     event: Arc::new(event.clone()),
-                    include_raw,
+                    form,
                 };
                 let bytes = wire.encode_to_vec();
                 assert_eq!(bytes.len(), wire.encoded_len());
@@ -325,10 +398,66 @@ mod tests {
                     crate::pb::client::Event::decode(bytes.as_slice()).expect("valid protobuf");
                 assert_eq!(decoded.sequence, sequence);
                 assert_eq!(decoded.received_at, Some(timestamp(at)));
-                assert_eq!(decoded.raw_json.is_empty(), !include_raw);
+                assert_eq!(decoded.raw_json.is_empty(), !form.raw_json);
                 assert_eq!(decoded.envelope.as_ref(), Some(&envelope));
+                assert_eq!(
+                    decoded.references,
+                    form.references.then(references),
+                    "{form:?}"
+                );
             }
         }
+    }
+
+    #[test]
+    fn every_form_is_the_shared_bytes_with_its_fields_appended() {
+        let stored = StoredEvent {
+            envelope: Envelope::default().encode_to_vec().into(),
+            raw_json: Bytes::from_static(b"{\"ChatEvent\":{\"Id\":1}}"),
+            keys: None,
+            deviations: Bytes::new(),
+            references: references().encode_to_vec().into(),
+        };
+        let event = Arc::new(EncodedEvent::new(9, 1000, stored.clone()));
+        let bytes = |form| {
+            WireEvent {
+                event: event.clone(),
+                form,
+            }
+            .encode_to_vec()
+        };
+        let plain = bytes(Form::default());
+        let field = |tag, value: &Bytes| {
+            let mut out = Vec::new();
+            prost::encoding::bytes::encode(tag, value, &mut out);
+            out
+        };
+        let (raw_field, references_field) =
+            (field(4, &stored.raw_json), field(6, &stored.references));
+        for form in FORMS {
+            let mut expected = plain.clone();
+            if form.raw_json {
+                expected.extend_from_slice(&raw_field);
+            }
+            if form.references {
+                expected.extend_from_slice(&references_field);
+            }
+            assert_eq!(bytes(form), expected, "{form:?}");
+        }
+
+        // Nothing resolved: asked for, the field is there and empty.
+        let bare = Arc::new(EncodedEvent::new(10, 1000, StoredEvent::default()));
+        let asked = WireEvent {
+            event: bare,
+            form: Form {
+                raw_json: true,
+                references: true,
+            },
+        }
+        .encode_to_vec();
+        let decoded = crate::pb::client::Event::decode(asked.as_slice()).expect("valid protobuf");
+        assert_eq!(decoded.references, Some(References::default()));
+        assert!(decoded.raw_json.is_empty(), "no body, no field 4");
     }
 
     #[test]

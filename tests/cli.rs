@@ -29,7 +29,11 @@ fn cli(process: &Process, args: &[&str]) -> Command {
 }
 
 fn run(process: &Process, args: &[&str], stdin: Option<&[u8]>) -> (i32, String, String) {
-    let mut child = cli(process, args)
+    run_command(cli(process, args), stdin)
+}
+
+fn run_command(mut command: Command, stdin: Option<&[u8]>) -> (i32, String, String) {
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -146,6 +150,107 @@ fn subscribe_prints_json_in_the_webhook_shape_lines_and_its_cursor() {
         err.contains("NotFound") || err.contains("not found"),
         "{err}"
     );
+}
+
+/// The `text="..."` a readable line ends with, if any.
+fn line_text(line: &str) -> Option<&str> {
+    line.split_once(" text=\"")
+        .and_then(|(_, rest)| rest.strip_suffix('"'))
+}
+
+#[test]
+fn references_print_in_json_and_lines_show_the_message_text_shortened() {
+    let process = Process::start(&["--store", "memory"]);
+    let text = format!("Добрый день!\n\n{}", "Подскажите, пожалуйста, ".repeat(5));
+    let message = serde_json::json!({
+        "ChatEvent": {"Id": 700, "Type": "message_created", "ChatId": 21, "MessageId": 301,
+                      "Actor": "client", "ClientId": 21},
+        "Rels": {
+            "Chats": [{"Id": 21, "ProjectId": 1, "ChannelId": 1, "ClientId": 21}],
+            "ChatMessages": [{"Id": 301, "ChatId": 21, "Author": "client", "ClientId": 21,
+                              "Payload": "text", "Text": text}],
+            "Clients": [{"Id": 21, "Name": "Клиент"}]
+        }
+    });
+    let (code, out, _) = run(
+        &process,
+        &["publish", FIXTURES[0], FIXTURES[1], "-"],
+        Some(message.to_string().as_bytes()),
+    );
+    assert_eq!(
+        (code, out.lines().next()),
+        (0, Some("stored 3, duplicates 0, rejected 0"))
+    );
+
+    let (code, out, err) = run(
+        &process,
+        &[
+            "subscribe",
+            "--from-beginning",
+            "--exit-after",
+            "3",
+            "--output",
+            "json",
+            "--references",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let mut lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    let references: Vec<serde_json::Value> = lines
+        .iter_mut()
+        .map(|line| line.as_object_mut().unwrap().remove("references").unwrap())
+        .collect();
+    assert_eq!(
+        lines[..2],
+        [fixture(0), fixture(1)],
+        "the webhook body as sent, plus `references`"
+    );
+    assert_eq!(references[0]["client"]["Name"], "Альфред Хичкок");
+    assert!(references[0].get("message").is_none(), "{}", references[0]);
+    assert_eq!(references[1]["chat"]["Id"], 21);
+    assert_eq!(references[1]["message"]["Id"], 300);
+    assert_eq!(references[1]["file"]["Name"], "example-request.json");
+    assert_eq!(references[1]["user"]["Id"], 1);
+    assert_eq!(references[2]["message"]["Text"], text.as_str());
+    assert_eq!(references[2]["client"]["Name"], "Клиент");
+
+    // The readable line: the message text on one line, shortened; from Rels without the flag,
+    // from the resolved message with it.
+    for flag in [None, Some("--references")] {
+        let mut args = vec!["subscribe", "--from-beginning", "--exit-after", "3"];
+        args.extend(flag);
+        let (code, out, err) = run(&process, &args, None);
+        assert_eq!(code, 0, "{err}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        assert_eq!(line_text(lines[0]), None, "chat_closed has no message");
+        assert_eq!(
+            line_text(lines[1]),
+            None,
+            "message 300 is a file without text"
+        );
+        let shown = line_text(lines[2]).expect("the message text");
+        assert!(
+            shown.starts_with("Добрый день! Подскажите, пожалуйста,"),
+            "{shown}"
+        );
+        assert!(shown.ends_with('…'), "{shown}");
+        assert!((50..=60).contains(&shown.chars().count()), "{shown}");
+    }
+
+    // `get` takes the flag too, here from its environment variable.
+    let mut get = cli(&process, &["get", "--event-id", "608"]);
+    get.env("IQGW_REFERENCES", "true");
+    let (code, out, err) = run_command(get, None);
+    assert_eq!(code, 0, "{err}");
+    let event: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(event["references"]["file"]["Name"], "example-request.json");
+    assert_eq!(event["ChatEvent"], fixture(1)["ChatEvent"]);
 }
 
 #[test]

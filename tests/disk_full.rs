@@ -162,6 +162,7 @@ async fn a_full_disk_answers_503_reports_not_ready_and_recovers() {
         let request = iqchannels_gateway::pb::client::GetEventRequest {
             key: Some(iqchannels_gateway::pb::client::get_event_request::Key::EventId(*id)),
             include_raw_json: true,
+            include_references: false,
         };
         let found = client
             .get_event(request)

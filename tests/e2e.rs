@@ -257,6 +257,7 @@ async fn include_raw_json_returns_the_exact_posted_bytes() {
             filter: None,
             start: beginning(),
             include_raw_json: true,
+            include_references: false,
         },
     )
     .await;
@@ -406,6 +407,7 @@ async fn get_event_by_sequence_and_by_event_id() {
         .get_event(iqchannels_gateway::pb::client::GetEventRequest {
             key: None,
             include_raw_json: false,
+            include_references: false,
         })
         .await
         .expect_err("no key");

@@ -4,10 +4,11 @@
 //! the event, and a body nested past the protobuf limit is cut so every stream reads past it.
 
 mod common;
+mod nats;
 
 use std::sync::Arc;
 
-use common::{next_event, read_sse, subscribe, subscription, TestServer, MESSAGE_CREATED};
+use common::{next_event, read_events, subscribe, subscription, TestServer, MESSAGE_CREATED};
 use iqchannels_gateway::decode::Policy;
 use iqchannels_gateway::log::embedded::{EmbeddedLog, Retention};
 use iqchannels_gateway::log::SharedLog;
@@ -256,7 +257,7 @@ async fn scenario(log: SharedLog) {
         .await
         .expect("SSE connects");
     assert_eq!(response.status(), 200);
-    let events = read_sse(&mut response, sequences.len()).await;
+    let events = read_events(&mut response, sequences.len()).await;
     let ids: Vec<u64> = events.iter().map(|(id, _)| *id).collect();
     assert_eq!(ids, sequences);
     for (id, data) in &events {
@@ -301,7 +302,7 @@ async fn typing_odd_fields_and_a_poison_body_all_reach_subscribers_on_the_embedd
 
 #[tokio::test]
 async fn typing_odd_fields_and_a_poison_body_all_reach_subscribers_on_jetstream() {
-    let Some((log, _stream)) = common::jetstream_log().await else {
+    let Some((log, _stream)) = nats::jetstream_log().await else {
         return;
     };
     scenario(log).await;

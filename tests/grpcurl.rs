@@ -296,6 +296,37 @@ async fn grpcurl_get_event_by_sequence_and_not_found() {
         "grpcurl GetEvent by event id",
     );
     assert!(by_id.contains("\"Id\": \"608\""), "{by_id}");
+    assert!(
+        !by_id.contains("\"references\""),
+        "only when asked for: {by_id}"
+    );
+
+    // grpcurl -plaintext -d '{"event_id":608, "include_references":true}' ... GetEvent
+    let with_references = stdout_of(
+        &run(
+            grpcurl.clone(),
+            args(&[
+                "-plaintext",
+                "-d",
+                r#"{"event_id":608, "include_references":true}"#,
+                &addr,
+                "iqchannels.gateway.v1.EventGateway/GetEvent",
+            ]),
+        )
+        .await,
+        "grpcurl GetEvent with references",
+    );
+    for needle in [
+        "\"references\": {",
+        "\"message\": {",
+        "\"file\": {",
+        "\"Name\": \"example-request.json\"",
+    ] {
+        assert!(
+            with_references.contains(needle),
+            "GetEvent with references lacks {needle}:\n{with_references}"
+        );
+    }
 
     let missing = run(
         grpcurl,

@@ -60,6 +60,7 @@ async fn sigterm_drains_ingest_and_ends_streams_with_unavailable() {
         let request = GetEventRequest {
             key: Some(iqchannels_gateway::pb::client::get_event_request::Key::EventId(id)),
             include_raw_json: false,
+            include_references: false,
         };
         let found = client
             .get_event(request)

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{event_json, read_sse as read_events, TestServer};
+use common::{event_json, read_events, TestServer};
 
 #[tokio::test]
 async fn sse_streams_filtered_events_resumes_from_last_event_id_and_follows_live() {

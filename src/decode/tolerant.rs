@@ -98,22 +98,6 @@ pub(super) fn decode(text: &str) -> Result<Tolerated, Refusal> {
     })
 }
 
-/// See [`super::envelope_json`].
-pub(super) fn envelope_json(envelope: &[u8]) -> Result<String, String> {
-    let descriptor = POOL
-        .get_message_by_name("iqchannels.webhook.v1.Envelope")
-        .expect("the Envelope is in the built-in descriptor set");
-    let message =
-        DynamicMessage::decode(descriptor, envelope).map_err(|error| error.to_string())?;
-    let options = prost_reflect::SerializeOptions::new().stringify_64_bit_integers(false);
-    let mut out = Vec::new();
-    let mut serializer = serde_json::Serializer::new(&mut out);
-    message
-        .serialize_with_options(&mut serializer, &options)
-        .map_err(|error| error.to_string())?;
-    String::from_utf8(out).map_err(|error| error.to_string())
-}
-
 /// Whether `value`, as a `google.protobuf.Value`, nests within [`MAX_VALUE_DEPTH`] (the fast
 /// decode refuses a body otherwise, and this decode cuts it).
 pub(super) fn depth_fits(value: &serde_json::Value) -> bool {

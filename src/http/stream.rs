@@ -1,6 +1,7 @@
 //! `GET /v1/events:stream`: Server-Sent Events for consumers without gRPC (`curl -N`, browsers),
 //! with the same filters and start positions as gRPC Subscribe; `Last-Event-ID` (= sequence)
-//! resumes. `GET /v1/stats`: the figures the web console shows.
+//! resumes; `references=true` adds the entities each event points at. `GET /v1/stats`: the
+//! figures the web console shows.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -21,11 +22,14 @@ use crate::wire::EncodedEvent;
 
 /// Query parameters: `type`, `project`, `channel`, `chat`, `client`, `user`, `actor` (repeat them
 /// or separate values with commas); `from=beginning`, `after=SEQ`, `since=RFC3339` or `tail=N`
-/// (the last N events); `token` (when gRPC tokens are configured and a header cannot be sent).
+/// (the last N events); `references=true|false`; `token` (when gRPC tokens are configured and a
+/// header cannot be sent).
 #[derive(Debug, Default)]
 struct Params {
     filter: Filter,
     start: Option<StartParam>,
+    /// Add the resolved references to each event's data.
+    references: bool,
     token: Option<String>,
 }
 
@@ -82,6 +86,17 @@ fn parse(query: Option<&str>) -> Result<Params, String> {
                         .parse()
                         .map_err(|_| format!("tail: `{value}` is not a count"))?,
                 ))
+            }
+            "references" => {
+                params.references = match value.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    other => {
+                        return Err(format!(
+                            "references: expected `true` or `false`, got `{other}`"
+                        ))
+                    }
+                }
             }
             "token" => params.token = Some(value),
             other => return Err(format!("unknown parameter `{other}`")),
@@ -155,10 +170,11 @@ async fn open(
         }
         Err(error) => return Err(HttpError::Subscribe(error)),
     };
-    let stream = futures_util::stream::unfold(Some(subscription), |state| async move {
+    let references = params.references;
+    let stream = futures_util::stream::unfold(Some(subscription), move |state| async move {
         let mut subscription = state?;
         match subscription.next().await {
-            Ok(event) => Some((Ok(sse_event(&event)), Some(subscription))),
+            Ok(event) => Some((Ok(sse_event(&event, references)), Some(subscription))),
             // The stream ends with an explicit error event, never silently.
             Err(error) => Some((
                 Ok(SseEvent::default().event("error").data(error.to_string())),
@@ -169,42 +185,86 @@ async fn open(
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
-/// `id: <sequence>`, `data: {"sequence", "received_at", "type", "event": <the webhook body>}`,
-/// and `"deviations": [{"path", "expected", "found", "outcome"}]` when the body had any.
-fn sse_event(event: &Arc<EncodedEvent>) -> SseEvent {
-    let body: serde_json::Value =
-        serde_json::from_slice(&event.raw_json).unwrap_or(serde_json::Value::Null);
-    let mut data = serde_json::Map::new();
-    data.insert("sequence".into(), event.sequence.into());
-    data.insert("received_at_ms".into(), event.received_at_ms.into());
-    data.insert("type".into(), event.keys.event_type.clone().into());
-    data.insert("chat_id".into(), event.keys.chat_id.into());
-    data.insert("actor".into(), event.keys.actor.clone().into());
-    let deviations = event.deviations();
-    if !deviations.is_empty() {
-        let deviations = deviations
-            .iter()
-            .map(|deviation| {
-                let outcome = deviation.outcome().as_str_name();
-                json!({
-                    "path": deviation.path,
-                    "expected": deviation.expected,
-                    "found": deviation.found,
-                    "outcome": outcome
-                        .strip_prefix("DEVIATION_OUTCOME_")
-                        .unwrap_or(outcome)
-                        .to_ascii_lowercase(),
+/// `id: <sequence>`, `data: {"sequence", "received_at_ms", "type", "chat_id", "actor", "event":
+/// <the webhook body>}`; `"deviations": [{"path", "expected", "found", "outcome"}]` when the body
+/// had any; `"references"` when asked for (resolved at ingest, from their stored encoding, in the
+/// protobuf JSON mapping).
+fn sse_event(event: &Arc<EncodedEvent>, references: bool) -> SseEvent {
+    let data = SseData {
+        sequence: event.sequence,
+        received_at_ms: event.received_at_ms,
+        event_type: &event.keys.event_type,
+        chat_id: event.keys.chat_id,
+        actor: &event.keys.actor,
+        deviations: deviations_json(event),
+        references: references.then(|| {
+            crate::pb::to_json("iqchannels.gateway.v1.References", &event.references)
+                .unwrap_or_else(|error| {
+                    tracing::warn!(sequence = event.sequence, %error, "stored references do not decode");
+                    serde_json::Value::Null
                 })
-            })
-            .collect();
-        data.insert("deviations".into(), deviations);
-    }
-    // The body last: the console reads its exact text from there (int64 ids stay exact).
-    data.insert("event".into(), body);
-    let data = serde_json::Value::Object(data);
+        }),
+        event: body(event),
+    };
+    let data = serde_json::to_string(&data).unwrap_or_default();
     SseEvent::default()
         .id(event.sequence.to_string())
-        .data(data.to_string())
+        .data(data)
+}
+
+/// The JSON data of one SSE event. The body comes last: the console reads its exact text from
+/// there (int64 ids stay exact).
+#[derive(serde::Serialize)]
+struct SseData<'a> {
+    sequence: u64,
+    received_at_ms: i64,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    chat_id: Option<i64>,
+    actor: &'a str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    deviations: Vec<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    references: Option<serde_json::Value>,
+    event: Box<serde_json::value::RawValue>,
+}
+
+/// The webhook body as it was received when it is JSON text (byte for byte: numbers beyond a
+/// double and lone surrogates in strings included), else the protobuf JSON mapping of the typed
+/// envelope with the wire names (a typed gRPC Publish has no original body).
+fn body(event: &EncodedEvent) -> Box<serde_json::value::RawValue> {
+    // On one line (an SSE data line cannot carry a carriage return), numbers untouched.
+    let raw = std::str::from_utf8(&event.raw_json)
+        .ok()
+        .and_then(crate::decode::compact_json)
+        .and_then(|text| serde_json::value::RawValue::from_string(text).ok());
+    raw.or_else(|| {
+        crate::pb::to_json("iqchannels.webhook.v1.Envelope", &event.envelope)
+            .ok()
+            .and_then(|value| serde_json::value::to_raw_value(&value).ok())
+    })
+    .or_else(|| serde_json::value::RawValue::from_string("null".to_owned()).ok())
+    .unwrap_or_default()
+}
+
+/// The event's deviations as JSON objects, their outcome in lower case.
+fn deviations_json(event: &EncodedEvent) -> Vec<serde_json::Value> {
+    event
+        .deviations()
+        .iter()
+        .map(|deviation| {
+            let outcome = deviation.outcome().as_str_name();
+            json!({
+                "path": deviation.path,
+                "expected": deviation.expected,
+                "found": deviation.found,
+                "outcome": outcome
+                    .strip_prefix("DEVIATION_OUTCOME_")
+                    .unwrap_or(outcome)
+                    .to_ascii_lowercase(),
+            })
+        })
+        .collect()
 }
 
 /// `GET /v1/stats`: totals, the head of the log and every subscriber's lag.
@@ -251,5 +311,10 @@ mod tests {
         ));
         assert!(parse(Some("chat=abc")).is_err());
         assert!(parse(Some("colour=red")).is_err());
+        assert!(parse(Some("references=true")).unwrap().references);
+        assert!(!parse(Some("references=false")).unwrap().references);
+        assert!(!parse(None).unwrap().references);
+        let error = parse(Some("references=yes")).unwrap_err();
+        assert!(error.starts_with("references: "), "{error}");
     }
 }

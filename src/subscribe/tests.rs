@@ -155,6 +155,7 @@ impl Fixture {
                         ..keys(id, "")
                     }),
                     deviations: Bytes::new(),
+                    references: Bytes::new(),
                 };
                 NewRecord {
                     event_id: Some(id),

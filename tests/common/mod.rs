@@ -1,6 +1,5 @@
 //! Helpers shared by the end-to-end tests: a real server on 127.0.0.1:0 over a [`MemoryLog`] (or
-//! any store), HTTP and gRPC clients pointed at it, the shared fixtures, and a JetStream store on
-//! the machine's nats-server.
+//! any store), HTTP and gRPC clients pointed at it, and the shared fixtures.
 
 #![allow(dead_code)] // Each test binary uses a different part of this module.
 
@@ -182,6 +181,7 @@ pub fn subscription(filter: Filter, start: Option<subscribe_request::Start>) -> 
         filter: Some(filter),
         start,
         include_raw_json: false,
+        include_references: false,
     }
 }
 
@@ -234,6 +234,7 @@ pub async fn get_by_sequence(
         .get_event(GetEventRequest {
             key: Some(get_event_request::Key::Sequence(sequence)),
             include_raw_json,
+            include_references: false,
         })
         .await
         .map(tonic::Response::into_inner)
@@ -248,94 +249,29 @@ pub async fn get_by_event_id(
         .get_event(GetEventRequest {
             key: Some(get_event_request::Key::EventId(event_id)),
             include_raw_json: false,
+            include_references: false,
         })
         .await
         .map(tonic::Response::into_inner)
 }
 
-/// Skips (loudly) outside CI, fails under CI, when a prerequisite is missing.
-pub fn require(what: &str, ok: bool) -> bool {
-    if !ok {
-        let message = format!("{what} is not available: this test did not run");
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{message}");
-        }
-        eprintln!("\n!!!!! SKIPPED: {message} !!!!!\n");
-    }
-    ok
-}
-
-/// The machine's nats-server with JetStream.
-pub const SHARED_NATS: &str = "127.0.0.1:4222";
-
-/// A JetStream store on a stream no other test uses (deleted when the returned guard drops), or
-/// `None` (skipped loudly; a failure under CI) when nats-server is not running.
-pub async fn jetstream_log() -> Option<(SharedLog, StreamGuard)> {
-    use iqchannels_gateway::log::jetstream::{JetStreamLog, NatsConfig};
-    let up = std::net::TcpStream::connect_timeout(
-        &SHARED_NATS.parse().expect("address"),
-        Duration::from_secs(1),
-    )
-    .is_ok();
-    if !require(&format!("nats-server with JetStream on {SHARED_NATS}"), up) {
-        return None;
-    }
-    let tag = format!(
-        "{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() % 1_000_000_000_000)
-            .unwrap_or(0)
-    );
-    let mut config = NatsConfig::new(format!("nats://{SHARED_NATS}"));
-    config.stream = format!("IQGW_TEST_{tag}");
-    config.subject_prefix = format!("iqgw.test.{tag}");
-    let guard = StreamGuard(config.stream.clone());
-    let log = JetStreamLog::connect(config)
-        .await
-        .expect("the JetStream store connects");
-    Some((Arc::new(log), guard))
-}
-
-/// Deletes its JetStream stream on drop (best effort).
-pub struct StreamGuard(String);
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        let name = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            runtime.block_on(async {
-                let client = async_nats::connect(SHARED_NATS).await.ok()?;
-                async_nats::jetstream::new(client)
-                    .delete_stream(&name)
-                    .await
-                    .ok()
-            })
-        })
-        .join();
-    }
-}
-
-/// Reads SSE frames until `count` events arrived; returns `(id, data)` pairs.
-pub async fn read_sse(
+/// Reads Server-Sent Events frames until `count` events arrived; returns `(id, data)` pairs.
+/// Frames are split on bytes and decoded whole (a chunk may end inside a UTF-8 character).
+pub async fn read_events(
     response: &mut reqwest::Response,
     count: usize,
 ) -> Vec<(u64, serde_json::Value)> {
-    let mut buffer = String::new();
+    let mut buffer: Vec<u8> = Vec::new();
     let mut events = Vec::new();
     while events.len() < count {
-        let chunk = tokio::time::timeout(Duration::from_secs(5), response.chunk())
+        let chunk = tokio::time::timeout(WAIT, response.chunk())
             .await
             .expect("an event in time");
         let chunk = chunk.expect("stream open").expect("stream not ended");
-        buffer.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(end) = buffer.find("\n\n") {
-            let frame: String = buffer.drain(..end + 2).collect();
+        buffer.extend_from_slice(&chunk);
+        while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+            let frame: Vec<u8> = buffer.drain(..end + 2).collect();
+            let frame = String::from_utf8(frame).expect("SSE frames are UTF-8");
             let field = |name: &str| {
                 frame
                     .lines()
