@@ -206,7 +206,12 @@ pub async fn subscribe(
     options: SubscribeOptions,
 ) -> Result<(), ClientError> {
     let mut printer = Printer::new(options.output);
-    let mut last: Option<u64> = None;
+    // The cursor: never earlier than the one it started from, even when nothing arrives.
+    let mut last: Option<u64> = match options.start {
+        Some(subscribe_request::Start::AfterSequence(sequence)) => Some(sequence),
+        _ => None,
+    };
+    let mut stop = stop_signal()?;
     let mut received = 0u64;
     let mut backoff = Duration::from_millis(200);
     let outcome = loop {
@@ -249,7 +254,7 @@ pub async fn subscribe(
         };
         let result = tokio::select! {
             result = attempt => result,
-            _ = tokio::signal::ctrl_c() => Ok(true),
+            _ = stop.wait_for(|stopped| *stopped) => Ok(true),
         };
         match result {
             Ok(_) => break Ok(()),
@@ -258,7 +263,7 @@ pub async fn subscribe(
                 eprintln!("subscription interrupted ({error}); reconnecting in {backoff:?}");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = tokio::signal::ctrl_c() => break Ok(()),
+                    _ = stop.wait_for(|stopped| *stopped) => break Ok(()),
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
@@ -269,6 +274,25 @@ pub async fn subscribe(
         None => eprintln!("cursor: none (no event received)"),
     }
     outcome
+}
+
+/// Becomes `true` at the first SIGINT or SIGTERM. Listening from the start, so a signal that
+/// arrives between two waits is not lost.
+fn stop_signal() -> Result<tokio::sync::watch::Receiver<bool>, ClientError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        let _ = tx.send(true);
+        // Keep the handlers installed (and the receiver's sender alive) until exit.
+        std::future::pending::<()>().await;
+    });
+    Ok(rx)
 }
 
 /// Errors that reconnecting cannot fix.

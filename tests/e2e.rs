@@ -284,14 +284,14 @@ async fn a_redelivered_event_is_stored_once_and_answered_as_a_duplicate() {
     let (status, again) = server.post_event(CHAT_CLOSED).await;
     assert_eq!(status, 200);
     assert_eq!(again, serde_json::json!({"sequence": 1, "duplicate": true}));
-    // Same id, different body: still the same event.
+    // Same id, different body: still the same event, and the answer says the content differs.
     let (status, same_id) = server
         .post_event(event_json(4622, "chat_closed", 1, "system", 1))
         .await;
     assert_eq!(status, 200);
     assert_eq!(
         same_id,
-        serde_json::json!({"sequence": 1, "duplicate": true})
+        serde_json::json!({"sequence": 1, "duplicate": true, "conflict": true})
     );
     assert_eq!(server.store(MESSAGE_CREATED).await, 2);
 }

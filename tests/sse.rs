@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::{event_json, read_events, TestServer};
 
 #[tokio::test]
@@ -131,4 +133,56 @@ async fn a_tail_beyond_retention_keeps_its_filter_and_an_expired_last_event_id_i
         410,
         "explicitly out of range, not restarted"
     );
+}
+
+#[tokio::test]
+async fn sse_sends_every_stored_body_never_null() {
+    use iqchannels_gateway::pb::client::{publish_request, PublishRequest};
+    use iqchannels_gateway::pb::webhook::v1::{ChatEvent, Envelope};
+    let server = TestServer::start().await;
+    // Valid JSON that serde_json's Value cannot hold: a lone surrogate, a number beyond a double.
+    let odd = r#"{"ChatEvent": {"Id": 1, "Type": "chat_closed"}, "Extra": "\ud800", "Big": 1e400}"#;
+    server.store(odd).await;
+    // A typed gRPC Publish has no original body.
+    let mut client = server.grpc().await;
+    client
+        .publish(PublishRequest {
+            event: Some(publish_request::Event::Envelope(Envelope {
+                chat_event: Some(ChatEvent {
+                    id: 9_007_199_254_740_993,
+                    r#type: "chat_opened".into(),
+                    chat_id: Some(13),
+                    ..ChatEvent::default()
+                }),
+                rels: None,
+            })),
+        })
+        .await
+        .expect("typed publish");
+    let mut response = reqwest::get(server.url("/v1/events:stream?from=beginning"))
+        .await
+        .unwrap();
+    // The raw frames, to see the body's exact text.
+    let mut text = String::new();
+    while text.matches("\n\n").count() < 2 {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), response.chunk())
+            .await
+            .expect("in time")
+            .unwrap()
+            .expect("not ended");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(
+        text.contains(
+            r#""event":{"ChatEvent":{"Id":1,"Type":"chat_closed"},"Extra":"\ud800","Big":1e400}"#
+        ),
+        "the raw body as received: {text}"
+    );
+    assert!(
+        text.contains(
+            r#""event":{"ChatEvent":{"Id":9007199254740993,"Type":"chat_opened","ChatId":13}}"#
+        ),
+        "the typed envelope's JSON mapping, wire names, exact ids: {text}"
+    );
+    assert!(!text.contains(r#""event":null"#), "{text}");
 }
