@@ -1,0 +1,580 @@
+//! A model-based test of the invariants of ../shared/DESIGN.md, on the memory, embedded and
+//! JetStream stores alike: proptest generates sequences of operations (single, batch and gRPC
+//! ingest, redeliveries, transitive events, tolerated and refused bodies, retention, SIGKILL and
+//! restart of the gateway, subscribers that join at random positions with random filters and
+//! read at random speeds), runs them against the real binary over sockets, and checks every
+//! observation against a plain model (the list of stored events):
+//! - an acknowledged event is present once, under the sequence the model gives it; sequences are
+//!   gapless and increasing; redeliveries answer the original sequence; transitive events are
+//!   never deduplicated; nothing the policy refuses is stored, nothing it accepts is refused;
+//! - each subscriber receives exactly the model's filtered suffix from its start, in order, or
+//!   an explicit OUT_OF_RANGE when retention removed what it was about to read; after a restart
+//!   it resumes after its last event without gap or repeat.
+//!
+//! A failure shrinks to a short sequence of operations. The bounded run is part of `cargo test`;
+//! the long run: `MODEL_CASES=5000 cargo test --test model` (TESTING.md).
+
+mod binary;
+mod nats;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use binary::Process;
+use iqchannels_gateway::pb::client::event_gateway_client::EventGatewayClient;
+use iqchannels_gateway::pb::client::{
+    publish_request, subscribe_request::Start, Event, Filter, PublishRequest, SubscribeRequest,
+};
+use proptest::prelude::*;
+use tonic::transport::Channel;
+
+const TYPES: [&str; 3] = ["message_created", "chat_closed", "chat_assigned"];
+/// Retention by count on the stores that have it: small, so the runs reach it.
+const RETAIN: usize = 12;
+const WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Store {
+    Memory,
+    Embedded,
+    JetStream,
+}
+
+/// A body to ingest.
+#[derive(Debug, Clone, Copy)]
+enum Body {
+    /// A regular event of this id and type.
+    Plain(i64, usize),
+    /// The same, with fields of the wrong type the tolerant policy coerces.
+    Tolerated(i64, usize),
+    /// A typing event: no id, never deduplicated.
+    Transitive,
+    /// A non-transitive event without an id: refused.
+    Refused,
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Post(Body),
+    Batch(Vec<Body>),
+    Publish(Body),
+    /// A subscriber joins: from the beginning, live, or after a fraction of what is stored;
+    /// with a filter on some types (empty: all).
+    Subscribe {
+        start: u8,
+        types: Vec<usize>,
+    },
+    /// Subscriber `sub % count` reads up to `n` events (the others stall meanwhile).
+    Read {
+        sub: usize,
+        n: usize,
+    },
+    /// SIGKILL the gateway and start it again on the same store.
+    Restart,
+}
+
+fn body() -> impl Strategy<Value = Body> {
+    prop_oneof![
+        6 => (1i64..10, 0..TYPES.len()).prop_map(|(id, t)| Body::Plain(id, t)),
+        2 => (1i64..10, 0..TYPES.len()).prop_map(|(id, t)| Body::Tolerated(id, t)),
+        2 => Just(Body::Transitive),
+        1 => Just(Body::Refused),
+    ]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => body().prop_map(Op::Post),
+        2 => proptest::collection::vec(body(), 1..5).prop_map(Op::Batch),
+        2 => body().prop_map(Op::Publish),
+        2 => (0u8..4, proptest::collection::vec(0..TYPES.len(), 0..2))
+            .prop_map(|(start, types)| Op::Subscribe { start, types }),
+        4 => (0usize..4, 1usize..6).prop_map(|(sub, n)| Op::Read { sub, n }),
+        1 => Just(Op::Restart),
+    ]
+}
+
+impl Body {
+    fn json(self) -> String {
+        match self {
+            Body::Plain(id, t) => format!(
+                r#"{{"ChatEvent":{{"Id":{id},"Type":"{}","ChatId":13}}}}"#,
+                TYPES[t]
+            ),
+            Body::Tolerated(id, t) => format!(
+                r#"{{"ChatEvent":{{"Id":"{id}","Type":"{}","ChatId":13.0}},"Rels":{{"Users":[{{"Id":1,"Online":1}}]}}}}"#,
+                TYPES[t]
+            ),
+            Body::Transitive => {
+                r#"{"ChatEvent":{"Type":"typing","Transitive":true,"ChatId":13}}"#.to_owned()
+            }
+            Body::Refused => r#"{"ChatEvent":{"Type":"chat_closed","ChatId":13}}"#.to_owned(),
+        }
+    }
+}
+
+/// One stored event as the model knows it.
+#[derive(Debug, Clone)]
+struct Stored {
+    sequence: u64,
+    id: Option<i64>,
+    event_type: String,
+}
+
+/// The plain model: every event ever stored, the dedup index, and what retention kept.
+#[derive(Debug, Default)]
+struct Model {
+    events: Vec<Stored>,
+    ids: HashMap<i64, u64>,
+    /// The oldest retained sequence.
+    first: u64,
+    retain: Option<usize>,
+}
+
+/// What the gateway must answer for one body.
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    Stored(u64),
+    Duplicate(u64),
+    Refused,
+}
+
+impl Model {
+    fn next(&self) -> u64 {
+        self.events.len() as u64 + 1
+    }
+
+    fn ingest(&mut self, body: Body) -> Answer {
+        let (id, event_type) = match body {
+            Body::Plain(id, t) | Body::Tolerated(id, t) => (Some(id), TYPES[t].to_owned()),
+            Body::Transitive => (None, "typing".to_owned()),
+            Body::Refused => return Answer::Refused,
+        };
+        if let Some(&sequence) = id.and_then(|id| self.ids.get(&id)) {
+            return Answer::Duplicate(sequence);
+        }
+        let sequence = self.next();
+        if let Some(id) = id {
+            self.ids.insert(id, sequence);
+        }
+        self.events.push(Stored {
+            sequence,
+            id,
+            event_type,
+        });
+        Answer::Stored(sequence)
+    }
+
+    /// Retention after one append (a request): the oldest go, their ids with them.
+    fn retain(&mut self) {
+        let Some(max) = self.retain else { return };
+        while (self.next() - self.first) as usize > max {
+            let gone = &self.events[(self.first - 1) as usize];
+            if let Some(id) = gone.id {
+                self.ids.remove(&id);
+            }
+            self.first += 1;
+        }
+    }
+
+    /// The events a subscriber with `types` expects from sequence `from` on.
+    fn expected(&self, from: u64, types: &[String]) -> Vec<&Stored> {
+        self.events
+            .iter()
+            .filter(|e| e.sequence >= from)
+            .filter(|e| types.is_empty() || types.contains(&e.event_type))
+            .collect()
+    }
+}
+
+/// A subscriber as the test holds it.
+struct Sub {
+    stream: Option<tonic::Streaming<Event>>,
+    types: Vec<String>,
+    /// The next sequence it may receive.
+    next: u64,
+    /// Ended with OUT_OF_RANGE (allowed only when retention removed what it was to read).
+    gone: bool,
+}
+
+/// The gateway under test and what restarting it needs.
+struct Gateway {
+    process: Process,
+    args: Vec<String>,
+    _dir: Option<tempfile::TempDir>,
+    _stream: Option<nats::TestStream>,
+}
+
+impl Gateway {
+    fn start(store: Store) -> Option<Self> {
+        let mut args: Vec<String> = Vec::new();
+        let (dir, stream) = match store {
+            Store::Memory => {
+                args.extend(["--store", "memory"].map(String::from));
+                (None, None)
+            }
+            Store::Embedded => {
+                let dir = tempfile::tempdir().expect("a temporary directory");
+                args.extend(["--store".into(), "embedded".into(), "--data-dir".into()]);
+                args.push(dir.path().to_str().expect("UTF-8 path").to_owned());
+                (Some(dir), None)
+            }
+            Store::JetStream => {
+                if !nats::require("nats-server", nats::reachable(nats::SHARED_NATS)) {
+                    return None;
+                }
+                let stream = nats::TestStream::new(nats::SHARED_NATS);
+                let store = format!("nats://{}", nats::SHARED_NATS);
+                args.extend(stream.args(&store).into_iter().map(String::from));
+                (None, Some(stream))
+            }
+        };
+        if store != Store::JetStream {
+            args.extend(["--retention-max-events".into(), RETAIN.to_string()]);
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let process = Process::start(&refs);
+        Some(Self {
+            process,
+            args,
+            _dir: dir,
+            _stream: stream,
+        })
+    }
+
+    fn restart(&mut self) {
+        let addr = self.process.addr.to_string();
+        self.process.kill();
+        let refs: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.process = Process::start_on(&addr, &refs);
+    }
+}
+
+async fn client(process: &Process) -> EventGatewayClient<Channel> {
+    EventGatewayClient::connect(format!("http://{}", process.addr))
+        .await
+        .expect("gRPC connects")
+}
+
+/// Posts one body over HTTP; the answer as the model words it.
+async fn post(http: &reqwest::Client, process: &Process, body: Body) -> Result<Answer, String> {
+    let response = http
+        .post(process.url("/v1/events"))
+        .header("content-type", "application/json")
+        .body(body.json())
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    let json: serde_json::Value = response.json().await.map_err(|e| e.to_string())?;
+    answer(status, &json)
+}
+
+fn answer(status: u16, json: &serde_json::Value) -> Result<Answer, String> {
+    match status {
+        200 => {
+            let sequence = json["sequence"]
+                .as_u64()
+                .ok_or(format!("no sequence: {json}"))?;
+            Ok(if json["duplicate"] == true {
+                Answer::Duplicate(sequence)
+            } else {
+                Answer::Stored(sequence)
+            })
+        }
+        400 => Ok(Answer::Refused),
+        other => Err(format!("status {other}: {json}")),
+    }
+}
+
+async fn subscribe(
+    client: &mut EventGatewayClient<Channel>,
+    start: Start,
+    types: &[String],
+) -> Result<tonic::Streaming<Event>, tonic::Status> {
+    let request = SubscribeRequest {
+        filter: Some(Filter {
+            event_types: types.to_vec(),
+            ..Filter::default()
+        }),
+        start: Some(start),
+        ..SubscribeRequest::default()
+    };
+    tokio::time::timeout(WAIT, client.subscribe(request))
+        .await
+        .map_err(|_| tonic::Status::deadline_exceeded("Subscribe did not answer"))?
+        .map(tonic::Response::into_inner)
+}
+
+/// Reads `n` events (or all the model has for it when `n` is `None`) and checks each.
+async fn read(sub: &mut Sub, model: &Model, n: Option<usize>) -> Result<(), String> {
+    if sub.gone {
+        return Ok(());
+    }
+    let expected = model.expected(sub.next, &sub.types);
+    let take = n.map_or(expected.len(), |n| n.min(expected.len()));
+    let Some(stream) = sub.stream.as_mut() else {
+        return Err("a subscriber without a stream".into());
+    };
+    for want in expected.into_iter().take(take) {
+        let got = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .map_err(|_| format!("waited for sequence {} in vain", want.sequence))?;
+        match got {
+            Ok(Some(event)) => {
+                let event_type = event
+                    .envelope
+                    .as_ref()
+                    .and_then(|e| e.chat_event.as_ref())
+                    .map(|e| e.r#type.clone())
+                    .unwrap_or_default();
+                let id = event
+                    .envelope
+                    .as_ref()
+                    .and_then(|e| e.chat_event.as_ref())
+                    .map(|e| e.id)
+                    .unwrap_or_default();
+                if event.sequence != want.sequence
+                    || event_type != want.event_type
+                    || want.id.is_some_and(|want| want != id)
+                {
+                    return Err(format!(
+                        "got sequence {} ({event_type}, id {id}), the model says {want:?}",
+                        event.sequence
+                    ));
+                }
+                sub.next = want.sequence + 1;
+            }
+            Ok(None) => return Err("the stream ended with OK".into()),
+            Err(status) if status.code() == tonic::Code::OutOfRange => {
+                if want.sequence < model.first {
+                    sub.gone = true;
+                    return Ok(());
+                }
+                return Err(format!(
+                    "OUT_OF_RANGE at {} while the model retains from {}: {status:?}",
+                    want.sequence, model.first
+                ));
+            }
+            Err(status) => return Err(format!("stream failed: {status:?}")),
+        }
+    }
+    Ok(())
+}
+
+/// Runs `ops` against a fresh gateway on `store`; `Err` describes the first disagreement.
+async fn run(store: Store, ops: &[Op]) -> Result<(), String> {
+    let Some(mut gateway) = Gateway::start(store) else {
+        return Ok(());
+    };
+    let mut model = Model {
+        first: 1,
+        retain: (store != Store::JetStream).then_some(RETAIN),
+        ..Model::default()
+    };
+    let http = reqwest::Client::new();
+    let mut grpc = client(&gateway.process).await;
+    let mut subs: Vec<Sub> = Vec::new();
+    for (step, op) in ops.iter().enumerate() {
+        let context = |e: String| format!("step {step} {op:?}: {e}");
+        match op {
+            Op::Post(body) => {
+                let got = post(&http, &gateway.process, *body)
+                    .await
+                    .map_err(context)?;
+                let want = model.ingest(*body);
+                model.retain();
+                if got != want {
+                    return Err(context(format!(
+                        "answered {got:?}, the model says {want:?}"
+                    )));
+                }
+            }
+            Op::Batch(bodies) => {
+                let ndjson: String = bodies.iter().map(|b| b.json() + "\n").collect();
+                let response = http
+                    .post(gateway.process.url("/v1/events:batch"))
+                    .header("content-type", "application/x-ndjson")
+                    .body(ndjson)
+                    .send()
+                    .await
+                    .map_err(|e| context(e.to_string()))?;
+                let json: serde_json::Value =
+                    response.json().await.map_err(|e| context(e.to_string()))?;
+                let results = json["results"].as_array().cloned().unwrap_or_default();
+                if results.len() != bodies.len() {
+                    return Err(context(format!("{} results: {json}", results.len())));
+                }
+                let wants: Vec<Answer> = bodies.iter().map(|b| model.ingest(*b)).collect();
+                model.retain();
+                for (result, want) in results.iter().zip(wants) {
+                    let status = if result.get("error").is_some() {
+                        400
+                    } else {
+                        200
+                    };
+                    let got = answer(status, result).map_err(context)?;
+                    if got != want {
+                        return Err(context(format!("item {result}, the model says {want:?}")));
+                    }
+                }
+            }
+            Op::Publish(body) => {
+                let published = grpc
+                    .publish(PublishRequest {
+                        event: Some(publish_request::Event::RawJson(body.json().into_bytes())),
+                    })
+                    .await;
+                let got = match published {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        if r.duplicate {
+                            Answer::Duplicate(r.sequence)
+                        } else {
+                            Answer::Stored(r.sequence)
+                        }
+                    }
+                    Err(status) if status.code() == tonic::Code::InvalidArgument => Answer::Refused,
+                    Err(status) => return Err(context(format!("{status:?}"))),
+                };
+                let want = model.ingest(*body);
+                model.retain();
+                if got != want {
+                    return Err(context(format!(
+                        "answered {got:?}, the model says {want:?}"
+                    )));
+                }
+            }
+            Op::Subscribe { start, types } => {
+                let types: Vec<String> = types.iter().map(|&t| TYPES[t].to_owned()).collect();
+                let last = model.next() - 1;
+                let (start, next) = match start {
+                    0 => (Start::Beginning(()), model.first),
+                    1 => (Start::AfterSequence(last), last + 1),
+                    2 => (Start::AfterSequence(last / 2), last / 2 + 1),
+                    _ => (Start::AfterSequence(0), 1),
+                };
+                let stream = subscribe(&mut grpc, start, &types).await;
+                match stream {
+                    Ok(stream) => {
+                        if next < model.first {
+                            // Allowed only as an explicit error later, at its first read.
+                        }
+                        subs.push(Sub {
+                            stream: Some(stream),
+                            types,
+                            next,
+                            gone: false,
+                        });
+                    }
+                    Err(status)
+                        if status.code() == tonic::Code::OutOfRange && next < model.first => {}
+                    Err(status) => return Err(context(format!("Subscribe: {status:?}"))),
+                }
+            }
+            Op::Read { sub, n } => {
+                if !subs.is_empty() {
+                    let count = subs.len();
+                    read(&mut subs[sub % count], &model, Some(*n))
+                        .await
+                        .map_err(context)?;
+                }
+            }
+            Op::Restart => {
+                if store == Store::Memory {
+                    continue;
+                }
+                gateway.restart();
+                grpc = client(&gateway.process).await;
+                // Every subscriber reconnects after the last event it received.
+                for sub in subs.iter_mut().filter(|s| !s.gone) {
+                    let start = Start::AfterSequence(sub.next - 1);
+                    match subscribe(&mut grpc, start, &sub.types).await {
+                        Ok(stream) => sub.stream = Some(stream),
+                        Err(status)
+                            if status.code() == tonic::Code::OutOfRange
+                                && sub.next < model.first =>
+                        {
+                            sub.gone = true
+                        }
+                        Err(status) => return Err(context(format!("resubscribe: {status:?}"))),
+                    }
+                }
+            }
+        }
+    }
+    // Every subscriber gets the rest of what the model holds for it.
+    for (i, sub) in subs.iter_mut().enumerate() {
+        read(sub, &model, None)
+            .await
+            .map_err(|e| format!("final read of subscriber {i}: {e}"))?;
+    }
+    // The store holds exactly the model's retained events (GetEvent by sequence).
+    for event in model.events.iter().filter(|e| e.sequence >= model.first) {
+        let got = grpc
+            .get_event(iqchannels_gateway::pb::client::GetEventRequest {
+                key: Some(
+                    iqchannels_gateway::pb::client::get_event_request::Key::Sequence(
+                        event.sequence,
+                    ),
+                ),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("GetEvent {}: {e:?}", event.sequence))?
+            .into_inner();
+        let id = got
+            .envelope
+            .and_then(|e| e.chat_event)
+            .map(|e| e.id)
+            .unwrap_or_default();
+        if event.id.is_some_and(|want| want != id) {
+            return Err(format!(
+                "GetEvent {}: id {id}, model {event:?}",
+                event.sequence
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn cases() -> u32 {
+    std::env::var("MODEL_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128)
+}
+
+fn check(store: Store, ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime
+        .block_on(run(store, &ops))
+        .map_err(TestCaseError::fail)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: cases(),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn the_memory_store_keeps_every_promise(ops in proptest::collection::vec(op(), 1..40)) {
+        check(Store::Memory, ops)?;
+    }
+
+    #[test]
+    fn the_embedded_store_keeps_every_promise(ops in proptest::collection::vec(op(), 1..40)) {
+        check(Store::Embedded, ops)?;
+    }
+
+    #[test]
+    fn the_jetstream_store_keeps_every_promise(ops in proptest::collection::vec(op(), 1..40)) {
+        check(Store::JetStream, ops)?;
+    }
+}
