@@ -2,10 +2,17 @@
 //! ingest on loopback for minutes. Reports whether every subscriber got every event exactly once
 //! in order, and whether the gateway's memory grew.
 //!
-//! `cargo bench --bench soak -- [--seconds 180] [--subscribers 200] [--rate 2000] [--store embedded]`
+//! `cargo bench --bench soak -- [--seconds 180] [--subscribers 200] [--rate 2000] [--store embedded]
+//! [--faults]`
 //!
-//! Run by `cargo test --all-targets` too (without `--bench`): then it is a 3-second smoke run so
-//! it never rots. Exits non-zero on a lost, repeated or out-of-order event, or memory growth.
+//! With `--faults` the gateway is SIGKILLed and restarted at random intervals (every 5 to 20 s),
+//! writers retry what was not acknowledged, and subscribers reconnect after their last sequence,
+//! as real clients do; the run ends with the model check: every acknowledged event is stored
+//! exactly once, sequences are gapless, and every subscriber saw every sequence once, in order.
+//!
+//! Run by `cargo test --all-targets` too (without `--bench`): then it is a short smoke run (with
+//! one fault) so it never rots. Exits non-zero on a lost, repeated or out-of-order event, or
+//! memory growth.
 
 #[path = "../tests/binary/mod.rs"]
 mod binary;
@@ -16,7 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use binary::{event, Process};
-use iqchannels_gateway::pb::client::SubscribeRequest;
+use iqchannels_gateway::pb::client::event_gateway_client::EventGatewayClient;
+use iqchannels_gateway::pb::client::{subscribe_request::Start, SubscribeRequest};
 use tokio_stream::StreamExt;
 
 struct Options {
@@ -24,6 +32,7 @@ struct Options {
     subscribers: usize,
     rate: u64,
     store: String,
+    faults: bool,
 }
 
 fn options() -> Options {
@@ -35,13 +44,15 @@ fn options() -> Options {
             subscribers: 200,
             rate: 2000,
             store: "embedded".into(),
+            faults: false,
         }
     } else {
         Options {
-            seconds: 3,
+            seconds: 6,
             subscribers: 20,
             rate: 500,
             store: "embedded".into(),
+            faults: true,
         }
     };
     let mut it = args.iter().skip(1);
@@ -52,6 +63,7 @@ fn options() -> Options {
             "--subscribers" => options.subscribers = value().parse().unwrap_or(options.subscribers),
             "--rate" => options.rate = value().parse().unwrap_or(options.rate),
             "--store" => options.store = value(),
+            "--faults" => options.faults = true,
             _ => {}
         }
     }
@@ -79,60 +91,61 @@ fn main() -> ExitCode {
 async fn run(options: Options) -> ExitCode {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir on the real disk");
     let data = dir.path().to_str().expect("utf-8 path").to_owned();
-    let process = Process::start(&[
+    let args = [
         "--store",
         &options.store,
         "--data-dir",
         &data,
         "--max-subscribers",
         "100000",
-    ]);
+    ];
+    let mut process = Process::start(&args);
+    let addr = process.addr;
     println!(
-        "soak: {} s, {} subscribers, {} events/s, store {} (gateway pid on {})",
-        options.seconds, options.subscribers, options.rate, options.store, process.addr
+        "soak: {} s, {} subscribers, {} events/s, store {}{} (gateway on {addr})",
+        options.seconds,
+        options.subscribers,
+        options.rate,
+        options.store,
+        if options.faults { ", with faults" } else { "" },
     );
 
     let tallies: Vec<Arc<Tally>> = (0..options.subscribers).map(|_| Arc::default()).collect();
-    let channel = process.grpc().await;
     for tally in &tallies {
-        let mut client = channel.clone();
-        let request = SubscribeRequest {
-            start: Some(iqchannels_gateway::pb::client::subscribe_request::Start::Beginning(())),
-            ..SubscribeRequest::default()
-        };
-        let mut stream = client
-            .subscribe(request)
-            .await
-            .expect("subscribe")
-            .into_inner();
-        let tally = tally.clone();
-        tokio::spawn(async move {
-            let mut previous = 0;
-            while let Some(Ok(event)) = stream.next().await {
-                if event.sequence != previous + 1 {
-                    tally.out_of_order.fetch_add(1, Ordering::Relaxed);
-                }
-                previous = event.sequence;
-                tally.received.fetch_add(1, Ordering::Relaxed);
-            }
-        });
+        tokio::spawn(follow(format!("http://{addr}"), tally.clone()));
     }
 
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("an HTTP client");
     let batch = 50u64;
     let mut ticker =
         tokio::time::interval(Duration::from_secs_f64(batch as f64 / options.rate as f64));
     let started = Instant::now();
     let mut sent = 0u64;
+    let mut retries = 0u64;
     let mut samples: Vec<(f64, u64)> = Vec::new();
+    let mut peak_rss = 0u64;
     let mut next_sample = Instant::now();
+    let mut faults = Faults::new(options.faults, options.seconds);
     while started.elapsed() < Duration::from_secs(options.seconds) {
         ticker.tick().await;
+        if faults.due(started.elapsed()) {
+            process.kill();
+            process = Process::start_on(&addr.to_string(), &args);
+            println!(
+                "fault {}: SIGKILL and restart at {:.1} s",
+                faults.done,
+                started.elapsed().as_secs_f64()
+            );
+        }
         let mut body = Vec::new();
         for id in sent..sent + batch {
             body.extend_from_slice(&event(id as i64 + 1));
             body.push(b'\n');
         }
+        // A batch not acknowledged is sent again (same ids: a redelivery is stored once).
         let response = http
             .post(process.url("/v1/events:batch"))
             .header("content-type", "application/x-ndjson")
@@ -141,11 +154,19 @@ async fn run(options: Options) -> ExitCode {
             .await;
         match response {
             Ok(response) if response.status() == 200 => sent += batch,
-            Ok(response) => println!("batch answered {}", response.status()),
-            Err(error) => println!("batch failed: {error}"),
+            Ok(response) => {
+                retries += 1;
+                println!("batch answered {}; sending it again", response.status())
+            }
+            Err(error) => {
+                retries += 1;
+                println!("batch failed ({error}); sending it again")
+            }
         }
         if Instant::now() >= next_sample {
-            samples.push((started.elapsed().as_secs_f64(), process.rss_kib()));
+            let rss = process.rss_kib();
+            peak_rss = peak_rss.max(rss);
+            samples.push((started.elapsed().as_secs_f64(), rss));
             next_sample += Duration::from_secs(1);
         }
     }
@@ -171,6 +192,9 @@ async fn run(options: Options) -> ExitCode {
         received.iter().min().copied().unwrap_or(0),
         received.iter().max().copied().unwrap_or(0),
     );
+    // The model check: the store holds events 1..=sent, each id once, in the order they were
+    // acknowledged (ids were sent in order, so sequence n holds id n).
+    let stored = model_check(&process, sent).await;
 
     // Memory: the first quarter (after warm-up) against the last quarter.
     let quarter = samples.len() / 4;
@@ -180,15 +204,19 @@ async fn run(options: Options) -> ExitCode {
         &samples[quarter.min(samples.len())..(2 * quarter).max(quarter + 1).min(samples.len())],
     );
     let late = average(&samples[samples.len().saturating_sub(quarter.max(1))..]);
-    let growth = if early > 0.0 {
+    let growth = if early > 0.0 && !options.faults {
         (late - early) / early
     } else {
         0.0
     };
 
     println!(
-        "events ingested:          {sent} ({:.0}/s)",
+        "events ingested:          {sent} ({:.0}/s), batches sent again: {retries}",
         sent as f64 / started.elapsed().as_secs_f64()
+    );
+    println!(
+        "faults:                   {} gateway SIGKILLs and restarts",
+        faults.done
     );
     println!("received per subscriber:  min {min}, max {max}");
     println!(
@@ -201,16 +229,142 @@ async fn run(options: Options) -> ExitCode {
     );
     println!("out-of-order deliveries:  {disorder}");
     println!(
-        "gateway RSS:              {:.1} MiB early, {:.1} MiB late ({:+.1}%)",
+        "model check:              {}",
+        match &stored {
+            Ok(()) => "every acknowledged event stored once, gapless, in order".to_owned(),
+            Err(error) => format!("FAILED: {error}"),
+        }
+    );
+    println!(
+        "gateway RSS:              {:.1} MiB early, {:.1} MiB late ({:+.1}%), peak {:.1} MiB",
         early / 1024.0,
         late / 1024.0,
-        growth * 100.0
+        growth * 100.0,
+        peak_rss as f64 / 1024.0
     );
-    let ok = min == sent && max == sent && disorder == 0 && growth < 0.25;
+    let ok = min == sent && max == sent && disorder == 0 && growth < 0.25 && stored.is_ok();
     println!("soak {}", if ok { "passed" } else { "FAILED" });
     if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// When to inject the next fault: at random intervals of 5 to 20 s (one early fault in a short
+/// smoke run).
+struct Faults {
+    enabled: bool,
+    next: Duration,
+    done: u64,
+    state: u64,
+}
+
+impl Faults {
+    fn new(enabled: bool, seconds: u64) -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            | 1;
+        let first = if seconds < 30 {
+            Duration::from_secs(seconds / 2)
+        } else {
+            Duration::from_secs(5)
+        };
+        Self {
+            enabled,
+            next: first,
+            done: 0,
+            state: seed,
+        }
+    }
+
+    fn due(&mut self, elapsed: Duration) -> bool {
+        if !self.enabled || elapsed < self.next {
+            return false;
+        }
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        self.next = elapsed + Duration::from_secs(5 + self.state % 16);
+        self.done += 1;
+        true
+    }
+}
+
+/// One subscriber: from the beginning, reconnecting after errors and resuming after the last
+/// sequence it received, counting what breaks the order.
+async fn follow(server: String, tally: Arc<Tally>) {
+    let mut previous = 0u64;
+    loop {
+        let Ok(mut client) = EventGatewayClient::connect(server.clone()).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let start = if previous == 0 {
+            Start::Beginning(())
+        } else {
+            Start::AfterSequence(previous)
+        };
+        let request = SubscribeRequest {
+            start: Some(start),
+            ..SubscribeRequest::default()
+        };
+        let Ok(response) = client.subscribe(request).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let mut stream = response.into_inner();
+        while let Some(Ok(event)) = stream.next().await {
+            if event.sequence != previous + 1 {
+                tally.out_of_order.fetch_add(1, Ordering::Relaxed);
+            }
+            previous = event.sequence;
+            tally.received.fetch_add(1, Ordering::Relaxed);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Reads the whole log from the beginning: sequence n must hold event id n, for n in 1..=sent,
+/// and nothing after.
+async fn model_check(process: &Process, sent: u64) -> Result<(), String> {
+    let mut client = process.grpc().await;
+    let request = SubscribeRequest {
+        start: Some(Start::Beginning(())),
+        ..SubscribeRequest::default()
+    };
+    let mut stream = client
+        .subscribe(request)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_inner();
+    for sequence in 1..=sent {
+        let event = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .map_err(|_| format!("sequence {sequence} did not arrive"))?
+            .ok_or("the stream ended")?
+            .map_err(|e| e.to_string())?;
+        let id = event
+            .envelope
+            .and_then(|e| e.chat_event)
+            .map(|e| e.id)
+            .unwrap_or_default();
+        if event.sequence != sequence || id != sequence as i64 {
+            return Err(format!(
+                "sequence {} holds id {id}, expected sequence {sequence} with id {sequence}",
+                event.sequence
+            ));
+        }
+    }
+    if let Ok(Some(Ok(extra))) =
+        tokio::time::timeout(Duration::from_millis(500), stream.next()).await
+    {
+        return Err(format!(
+            "an event beyond the acknowledged ones: {}",
+            extra.sequence
+        ));
+    }
+    Ok(())
 }
