@@ -15,7 +15,7 @@ use tower::ServiceExt;
 mod console;
 mod stream;
 
-use crate::auth::{AuthError, GrpcAuth, IngestAuth};
+use crate::auth::{AuthError, GrpcAuth, HeadCheck, IngestAuth};
 use crate::decode::{self, DecodeError, Decoded};
 use crate::gateway::{Gateway, IngestError, Ingested};
 use crate::log::LogError;
@@ -31,6 +31,11 @@ pub struct HttpConfig {
     pub auth: IngestAuth,
     /// Tokens for the read side (`/v1/events:stream`, `/v1/stats`): the gRPC subscribe scope.
     pub subscribe_auth: GrpcAuth,
+    /// Bodies read at once whose sender only a signature over that body can authenticate
+    /// (`--webhook-secret` without `--ingest-token`); more get 429. A budget of their own, so
+    /// that senders nobody has authenticated yet never hold the ingest slots (`--max-in-flight`)
+    /// of those who are.
+    pub max_awaiting_signature: usize,
 }
 
 impl Default for HttpConfig {
@@ -40,6 +45,7 @@ impl Default for HttpConfig {
             body_timeout: std::time::Duration::from_secs(30),
             auth: IngestAuth::default(),
             subscribe_auth: GrpcAuth::default(),
+            max_awaiting_signature: 1024,
         }
     }
 }
@@ -52,6 +58,8 @@ struct AppState(std::sync::Arc<Shared>);
 struct Shared {
     gateway: Gateway,
     config: HttpConfig,
+    /// Slots for bodies read before their sender is authenticated ([`HttpConfig::max_awaiting_signature`]).
+    awaiting_signature: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl std::ops::Deref for AppState {
@@ -98,7 +106,13 @@ pub fn router(gateway: Gateway, config: HttpConfig, grpc: tonic::service::Routes
                 }
             }
         })
-        .with_state(AppState(std::sync::Arc::new(Shared { gateway, config })))
+        .with_state(AppState(std::sync::Arc::new(Shared {
+            awaiting_signature: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                config.max_awaiting_signature.max(1),
+            )),
+            gateway,
+            config,
+        })))
 }
 
 /// What the metrics layer of one ingest route needs; one `Arc`, cloned per request.
@@ -175,27 +189,42 @@ async fn post_event(
     Ok(Json(state.gateway.ingest_json(body).await?))
 }
 
-/// Everything an ingest request goes through before its body is decoded: admission (429 when
-/// too many are in flight), content type (415), body size (413) and time (408), credentials
-/// (401, checked on the raw body). Returns the admission permit (hold it until answered), the
-/// media type and the body.
+/// Everything an ingest request goes through before its body is decoded, cheapest and least
+/// trusting first: credentials that need no body (401: the shared token, the form of signature
+/// headers), content type (415), admission (429), body size (413) and time (408), then the
+/// signature over the raw body (401). A sender that is not authenticated before its body is read
+/// (signatures only) holds a slot of its own budget while the body arrives, and an ingest slot
+/// only once the signature is good. Returns the ingest slot (hold it until answered), the media
+/// type and the body.
 async fn accept(
     state: &AppState,
     request: Request,
     allowed: &[&'static str],
 ) -> Result<(tokio::sync::OwnedSemaphorePermit, &'static str, Bytes), HttpError> {
-    let permit = state.gateway.admit().ok_or(HttpError::Overloaded)?;
-    let media = require_content_type(request.headers(), allowed)?;
     let (parts, body) = request.into_parts();
+    let auth = &state.config.auth;
+    let head = auth
+        .check_head(&parts.headers, parts.uri.query())
+        .map_err(HttpError::Auth)?;
+    let media = require_content_type(&parts.headers, allowed)?;
+    let permit = match head {
+        HeadCheck::Authenticated => state.gateway.admit(),
+        HeadCheck::AwaitingSignature => state.awaiting_signature.clone().try_acquire_owned().ok(),
+    }
+    .ok_or(HttpError::Overloaded)?;
     let read = read_body(&parts.headers, body, state.config.max_body_bytes);
     let body = tokio::time::timeout(state.config.body_timeout, read)
         .await
         .map_err(|_| HttpError::Timeout)??;
-    state
-        .config
-        .auth
-        .check(&parts.headers, parts.uri.query(), &body)
+    auth.check_body(&parts.headers, &body)
         .map_err(HttpError::Auth)?;
+    let permit = match head {
+        HeadCheck::Authenticated => permit,
+        HeadCheck::AwaitingSignature => {
+            drop(permit);
+            state.gateway.admit().ok_or(HttpError::Overloaded)?
+        }
+    };
     Ok((permit, media, body))
 }
 

@@ -129,6 +129,7 @@ pub async fn serve(
         body_timeout: config.request_timeout,
         auth: config.ingest_auth.clone(),
         subscribe_auth: config.grpc_auth.clone(),
+        max_awaiting_signature: config.max_in_flight,
     };
     let app = crate::http::router(gateway.clone(), http, grpc);
     let service = TowerToHyperService::new(app);

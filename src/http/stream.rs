@@ -21,12 +21,12 @@ use crate::wire::EncodedEvent;
 
 /// Query parameters: `type`, `project`, `channel`, `chat`, `client`, `user`, `actor` (repeat them
 /// or separate values with commas); `from=beginning`, `after=SEQ`, `since=RFC3339` or `tail=N`
-/// (the last N events); `token` (when gRPC tokens are configured and a header cannot be sent).
+/// (the last N events); `token` (when gRPC tokens are configured and a header cannot be sent;
+/// read by [`crate::auth::query_token`]).
 #[derive(Debug, Default)]
 struct Params {
     filter: Filter,
     start: Option<StartParam>,
-    token: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -83,7 +83,7 @@ fn parse(query: Option<&str>) -> Result<Params, String> {
                         .map_err(|_| format!("tail: `{value}` is not a count"))?,
                 ))
             }
-            "token" => params.token = Some(value),
+            "token" => {}
             other => return Err(format!("unknown parameter `{other}`")),
         }
     }
@@ -94,14 +94,14 @@ fn form_urlencoded(query: &str) -> Vec<(String, String)> {
     serde_urlencoded::from_str::<Vec<(String, String)>>(query).unwrap_or_default()
 }
 
-/// Checks the subscribe scope: `Authorization: Bearer` or the `token` parameter.
-fn authorize(state: &AppState, headers: &HeaderMap, token: Option<&str>) -> Result<(), HttpError> {
+/// Checks the subscribe scope: `Authorization: Bearer` or the `token` query parameter.
+fn authorize(state: &AppState, headers: &HeaderMap, query: Option<&str>) -> Result<(), HttpError> {
     let auth = &state.config.subscribe_auth;
     if !auth.enabled() {
         return Ok(());
     }
     let mut headers = headers.clone();
-    if let Some(token) = token {
+    if let Some(token) = query.and_then(crate::auth::query_token) {
         if let Ok(value) = format!("Bearer {token}").parse() {
             headers.insert(axum::http::header::AUTHORIZATION, value);
         }
@@ -126,8 +126,8 @@ async fn open(
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, HttpError> {
+    authorize(state, headers, query)?;
     let params = parse(query).map_err(HttpError::BadQuery)?;
-    authorize(state, headers, params.token.as_deref())?;
     let resume = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -212,13 +212,7 @@ pub(super) async fn stats(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let token = query.as_deref().and_then(|q| {
-        form_urlencoded(q)
-            .into_iter()
-            .find(|(k, _)| k == "token")
-            .map(|(_, v)| v)
-    });
-    if let Err(error) = authorize(&state, &headers, token.as_deref()) {
+    if let Err(error) = authorize(&state, &headers, query.as_deref()) {
         return error.into_response();
     }
     Json(state.gateway.stats()).into_response()

@@ -1,0 +1,178 @@
+//! Hostile clients at the connection and request level (issue 12), over real sockets: slow
+//! unauthenticated uploads.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{event_json, TestServer};
+use iqchannels_gateway::auth::{GrpcAuth, IngestAuth};
+use iqchannels_gateway::pb::client::{publish_request, PublishRequest};
+use iqchannels_gateway::server::ServerConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Opens a connection and sends the head of a POST to `/v1/events` announcing a 100-byte body,
+/// plus `body_start` of it; the rest never comes.
+async fn slow_upload(server: &TestServer, extra_headers: &str, body_start: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: 100\r\n{extra_headers}\r\n{body_start}"
+    );
+    stream.write_all(head.as_bytes()).await.expect("send head");
+    stream
+}
+
+/// The status line the server sent on `stream`, within `wait`.
+async fn status_line(stream: &mut TcpStream, wait: Duration) -> String {
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 1024];
+    let read = async {
+        while !answer.windows(2).any(|w| w == b"\r\n") {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buffer[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(wait, read).await;
+    let text = String::from_utf8_lossy(&answer);
+    text.lines().next().unwrap_or("").to_owned()
+}
+
+fn token_auth() -> IngestAuth {
+    IngestAuth::new(Some("t0ken".into()), &[], Duration::from_secs(300)).expect("auth")
+}
+
+#[tokio::test]
+async fn slow_unauthenticated_uploads_do_not_starve_an_authenticated_sender() {
+    let server = TestServer::with_config(ServerConfig {
+        ingest_auth: token_auth(),
+        max_in_flight: 4,
+        ..ServerConfig::default()
+    })
+    .await;
+    // Many more slow unauthenticated uploads than there are ingest slots.
+    let mut slow = Vec::new();
+    for _ in 0..32 {
+        slow.push(slow_upload(&server, "", "{").await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let started = Instant::now();
+    let response = reqwest::Client::new()
+        .post(server.url("/v1/events"))
+        .header("content-type", "application/json")
+        .bearer_auth("t0ken")
+        .body(event_json(1, "chat_closed", 1, "user", 1))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200, "an authenticated sender is served");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "and quickly: {:?}",
+        started.elapsed()
+    );
+    for stream in &mut slow {
+        assert!(
+            status_line(stream, Duration::from_secs(2))
+                .await
+                .starts_with("HTTP/1.1 401"),
+            "each slow unauthenticated upload is refused without waiting for its body"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_unauthenticated_upload_gets_401_before_sending_its_body() {
+    let server = TestServer::with_config(ServerConfig {
+        ingest_auth: token_auth(),
+        ..ServerConfig::default()
+    })
+    .await;
+    for (headers, what) in [
+        ("", "no token"),
+        ("authorization: Bearer nope\r\n", "a wrong token"),
+    ] {
+        let mut stream = slow_upload(&server, headers, "").await;
+        let started = Instant::now();
+        let status = status_line(&mut stream, Duration::from_secs(3)).await;
+        assert!(status.starts_with("HTTP/1.1 401"), "{what}: {status:?}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{what}");
+    }
+    // The query parameter is checked before the body too.
+    let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+    stream
+        .write_all(
+            b"POST /v1/events?token=nope HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+              content-length: 100\r\n\r\n",
+        )
+        .await
+        .expect("send head");
+    let status = status_line(&mut stream, Duration::from_secs(3)).await;
+    assert!(status.starts_with("HTTP/1.1 401"), "{status:?}");
+}
+
+#[tokio::test]
+async fn uploads_awaiting_a_signature_check_do_not_take_the_slots_of_authenticated_publishers() {
+    let secret = format!(
+        "whsec_{}",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            b"0123456789abcdef0123456789abcdef"
+        )
+    );
+    let server = TestServer::with_config(ServerConfig {
+        ingest_auth: IngestAuth::new(None, &[secret], Duration::from_secs(300)).expect("auth"),
+        grpc_auth: GrpcAuth::new(&["publish:writer".into()]).expect("tokens"),
+        max_in_flight: 2,
+        ..ServerConfig::default()
+    })
+    .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    // Well-formed signature headers: only the body can tell the signature is wrong.
+    let signed = format!(
+        "webhook-id: msg_1\r\nwebhook-timestamp: {now}\r\n\
+         webhook-signature: v1,c2lnbmF0dXJlLW9mLTMyLWJ5dGVzLi4uLi4uLi4uLi4=\r\n"
+    );
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(slow_upload(&server, &signed, "{").await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // A token-authenticated gRPC Publish still gets a slot.
+    let mut client = server.grpc().await;
+    let mut request = tonic::Request::new(PublishRequest {
+        event: Some(publish_request::Event::RawJson(
+            event_json(1, "chat_closed", 1, "user", 1).into_bytes(),
+        )),
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer writer".parse().expect("metadata"));
+    let published = tokio::time::timeout(Duration::from_secs(2), client.publish(request))
+        .await
+        .expect("Publish answers in time");
+    assert_eq!(
+        published
+            .expect("Publish is not shed")
+            .into_inner()
+            .sequence,
+        1
+    );
+
+    // An upload without signature headers is refused before its body.
+    let mut unsigned = slow_upload(&server, "", "").await;
+    let status = status_line(&mut unsigned, Duration::from_secs(3)).await;
+    assert!(status.starts_with("HTTP/1.1 401"), "{status:?}");
+    // The budget of uploads awaiting their signature check is bounded on its own.
+    let mut third = slow_upload(&server, &signed, "").await;
+    let status = status_line(&mut third, Duration::from_secs(3)).await;
+    assert!(status.starts_with("HTTP/1.1 429"), "{status:?}");
+}
