@@ -67,6 +67,8 @@ pub struct Metrics {
     syncs: Gauge,
     synced_records: Gauge,
     store_bytes: Gauge,
+    connections: Gauge,
+    connections_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -144,6 +146,18 @@ impl Metrics {
             "Size of the stored events (file or stream)",
             store_bytes.clone(),
         );
+        let connections = Gauge::default();
+        registry.register(
+            "connections",
+            "Open client connections (HTTP/1.1 and HTTP/2, cleartext and TLS)",
+            connections.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed at once because --max-connections were open",
+            connections_refused.clone(),
+        );
         Self {
             registry,
             requests,
@@ -158,7 +172,24 @@ impl Metrics {
             syncs,
             synced_records,
             store_bytes,
+            connections,
+            connections_refused,
         }
+    }
+
+    /// Counts a connection that is being served.
+    pub fn connection_opened(&self) {
+        self.connections.inc();
+    }
+
+    /// Counts a served connection that ended.
+    pub fn connection_closed(&self) {
+        self.connections.dec();
+    }
+
+    /// Counts a connection closed at once over the cap.
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
     }
 
     /// Counts one ingest request and its latency. `result` is one of a fixed set of words.

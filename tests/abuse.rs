@@ -1,5 +1,5 @@
 //! Hostile clients at the connection and request level (issue 12), over real sockets: slow
-//! unauthenticated uploads.
+//! unauthenticated uploads, connections that never speak, more connections than the cap.
 
 mod common;
 
@@ -175,4 +175,134 @@ async fn uploads_awaiting_a_signature_check_do_not_take_the_slots_of_authenticat
     let mut third = slow_upload(&server, &signed, "").await;
     let status = status_line(&mut third, Duration::from_secs(3)).await;
     assert!(status.starts_with("HTTP/1.1 429"), "{status:?}");
+}
+
+/// Reads until the server closes `stream`; `None` if it is still open after `wait`.
+async fn closed_within(stream: &mut TcpStream, wait: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut sink = Vec::new();
+    match tokio::time::timeout(wait, stream.read_to_end(&mut sink)).await {
+        Ok(_) => Some(started.elapsed()),
+        Err(_) => None,
+    }
+}
+
+fn short_timeouts() -> ServerConfig {
+    ServerConfig {
+        request_timeout: Duration::from_millis(500),
+        ..ServerConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn a_connection_that_never_sends_anything_is_closed_after_the_header_timeout() {
+    let server = TestServer::with_config(short_timeouts()).await;
+    let mut silent = TcpStream::connect(server.addr).await.expect("connect");
+    let closed = closed_within(&mut silent, Duration::from_secs(5)).await;
+    let after = closed.expect("the server closes a connection that never speaks");
+    assert!(
+        after >= Duration::from_millis(400),
+        "not before the bound: {after:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_only_part_of_the_http2_preface_is_closed() {
+    let server = TestServer::with_config(short_timeouts()).await;
+    let mut partial = TcpStream::connect(server.addr).await.expect("connect");
+    partial
+        .write_all(b"PRI * HTTP/2.0\r\n")
+        .await
+        .expect("send");
+    assert!(
+        closed_within(&mut partial, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "the server closes a connection stuck in the HTTP/2 preface"
+    );
+}
+
+#[tokio::test]
+async fn a_grpc_connection_idle_after_its_preface_is_kept() {
+    let server = TestServer::with_config(short_timeouts()).await;
+    let mut client = server.grpc().await;
+    // Longer than the bound on the first bytes: the preface was complete, the connection stays.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
+    assert!(health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .is_ok());
+    let missing = common::get_by_sequence(&mut client, 1, false).await;
+    assert_eq!(
+        missing.expect_err("nothing stored").code(),
+        tonic::Code::NotFound,
+        "the first channel still works"
+    );
+}
+
+/// Sends `GET /healthz` on a kept-alive connection; returns the status line.
+async fn health_on(stream: &mut TcpStream) -> String {
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("send");
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 1024];
+    // The answer is small: headers and `{"status":"ok"}`.
+    while !answer.ends_with(b"}") {
+        let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buffer))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buffer[..n]);
+    }
+    let text = String::from_utf8_lossy(&answer);
+    text.lines().next().unwrap_or("").to_owned()
+}
+
+#[tokio::test]
+async fn connections_beyond_the_cap_are_closed_at_once_while_the_first_ones_work() {
+    let server = TestServer::with_config(ServerConfig {
+        max_connections: 2,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut first = TcpStream::connect(server.addr).await.expect("connect");
+    let mut second = TcpStream::connect(server.addr).await.expect("connect");
+    assert!(health_on(&mut first).await.starts_with("HTTP/1.1 200"));
+    assert!(health_on(&mut second).await.starts_with("HTTP/1.1 200"));
+
+    let mut third = TcpStream::connect(server.addr)
+        .await
+        .expect("the kernel accepts");
+    assert!(
+        closed_within(&mut third, Duration::from_secs(2))
+            .await
+            .is_some(),
+        "the connection over the cap is closed at once"
+    );
+    assert!(health_on(&mut first).await.starts_with("HTTP/1.1 200"));
+    assert!(health_on(&mut second).await.starts_with("HTTP/1.1 200"));
+
+    // A slot frees when a connection ends.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let mut next = TcpStream::connect(server.addr).await.expect("connect");
+        let _ = next
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await;
+        if status_line(&mut next, Duration::from_secs(1))
+            .await
+            .starts_with("HTTP/1.1 200")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the freed slot is reused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
