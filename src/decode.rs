@@ -190,6 +190,16 @@ impl DecodeError {
     }
 }
 
+/// The UTF-8 byte-order mark some senders put before the JSON text.
+const BOM: &[u8] = b"\xef\xbb\xbf";
+
+/// `body` without a leading UTF-8 byte-order mark (RFC 8259 lets a parser ignore one; stock
+/// parsers, the gateway's and its consumers', refuse it). The mark is not part of the event:
+/// callers store what this returns.
+pub fn strip_bom(body: &[u8]) -> &[u8] {
+    body.strip_prefix(BOM).unwrap_or(body)
+}
+
 /// Decodes one webhook body tolerantly ([`Policy::Tolerant`]).
 pub fn decode(body: &[u8]) -> Result<Decoded, DecodeError> {
     decode_with(body, Policy::Tolerant)

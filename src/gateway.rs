@@ -137,8 +137,10 @@ impl Gateway {
         self.policy
     }
 
-    /// Stores one webhook JSON body. The body is kept verbatim beside the typed message.
+    /// Stores one webhook JSON body. The body is kept verbatim beside the typed message, without
+    /// a leading byte-order mark ([`decode::strip_bom`]).
     pub async fn ingest_json(&self, body: Bytes) -> Result<Ingested, IngestError> {
+        let body = body.slice_ref(decode::strip_bom(&body));
         let decoded = decode::decode_with(&body, self.policy)?;
         self.note_deviations(&decoded.deviations);
         let record = Self::record(&decoded.envelope, body, &decoded.deviations);

@@ -191,11 +191,11 @@ async fn post_event(
 
 /// Everything an ingest request goes through before its body is decoded, cheapest and least
 /// trusting first: credentials that need no body (401: the shared token, the form of signature
-/// headers), content type (415), admission (429), body size (413) and time (408), then the
-/// signature over the raw body (401). A sender that is not authenticated before its body is read
-/// (signatures only) holds a slot of its own budget while the body arrives, and an ingest slot
-/// only once the signature is good. Returns the ingest slot (hold it until answered), the media
-/// type and the body.
+/// headers), the representation (415: content type, charset, content encoding), admission (429),
+/// body size (413) and time (408), then the signature over the raw body (401). A sender that is
+/// not authenticated before its body is read (signatures only) holds a slot of its own budget
+/// while the body arrives, and an ingest slot only once the signature is good. Returns the
+/// ingest slot (hold it until answered), the media type and the body.
 async fn accept(
     state: &AppState,
     request: Request,
@@ -206,7 +206,7 @@ async fn accept(
     let head = auth
         .check_head(&parts.headers, parts.uri.query())
         .map_err(HttpError::Auth)?;
-    let media = require_content_type(&parts.headers, allowed)?;
+    let media = require_representation(&parts.headers, allowed)?;
     let permit = match head {
         HeadCheck::Authenticated => state.gateway.admit(),
         HeadCheck::AwaitingSignature => state.awaiting_signature.clone().try_acquire_owned().ok(),
@@ -244,6 +244,7 @@ async fn post_batch(
     ];
     let allowed = ["application/json", ndjson[0], ndjson[1], ndjson[2]];
     let (_permit, content_type, body) = accept(&state, request, &allowed).await?;
+    let body = body.slice_ref(decode::strip_bom(&body));
     let policy = state.gateway.decode_policy();
     let items: Vec<Result<(Decoded, Bytes), DecodeError>> = if content_type == "application/json" {
         decode::decode_array(&body, policy)
@@ -338,8 +339,11 @@ fn split_lines(body: &Bytes) -> Vec<Bytes> {
         .collect()
 }
 
-/// The media type without parameters, if it is one of `allowed`.
-fn require_content_type(
+/// Checks how the body is represented: its media type (without parameters) must be one of
+/// `allowed`, its `charset` (if given) UTF-8, and it must not be compressed (`Content-Encoding`
+/// other than `identity`: no sender is known to compress, and a decompressor would make the
+/// work of a request unbounded by its size on the wire). Returns the media type.
+fn require_representation(
     headers: &HeaderMap,
     allowed: &[&'static str],
 ) -> Result<&'static str, HttpError> {
@@ -347,12 +351,48 @@ fn require_content_type(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let media = value.split(';').next().unwrap_or("").trim();
-    allowed
+    let mut parts = value.split(';');
+    let media = parts.next().unwrap_or("").trim();
+    let media = allowed
         .iter()
         .find(|allowed| media.eq_ignore_ascii_case(allowed))
         .copied()
-        .ok_or(HttpError::UnsupportedMediaType(allowed.join(", ")))
+        .ok_or_else(|| HttpError::UnsupportedMediaType(allowed.join(", ")))?;
+    for parameter in parts {
+        let Some((name, charset)) = parameter.split_once('=') else {
+            continue;
+        };
+        let charset = charset.trim().trim_matches('"');
+        let utf8 = charset.eq_ignore_ascii_case("utf-8") || charset.eq_ignore_ascii_case("utf8");
+        if name.trim().eq_ignore_ascii_case("charset") && !utf8 {
+            return Err(HttpError::UnsupportedCharset(shown(charset, 40)));
+        }
+    }
+    for encoding in headers.get_all(header::CONTENT_ENCODING) {
+        let identity = encoding.to_str().is_ok_and(|codings| {
+            codings
+                .split(',')
+                .map(str::trim)
+                .all(|coding| coding.is_empty() || coding.eq_ignore_ascii_case("identity"))
+        });
+        if !identity {
+            return Err(HttpError::UnsupportedEncoding);
+        }
+    }
+    Ok(media)
+}
+
+/// `text` as it may be echoed in an answer: at most `max` bytes (cut at a character boundary,
+/// marked with `…`), so a client cannot make an answer as large as its request.
+fn shown(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, HttpError> {
@@ -395,6 +435,10 @@ enum HttpError {
     TooLarge(usize),
     #[error("unsupported content type; expected one of: {0}")]
     UnsupportedMediaType(String),
+    #[error("unsupported charset `{0}`; send UTF-8 (charset=utf-8, or no charset)")]
+    UnsupportedCharset(String),
+    #[error("unsupported content encoding; send the body uncompressed (identity)")]
+    UnsupportedEncoding,
     #[error("could not read the request body")]
     BodyRead,
     #[error("method not allowed")]
@@ -428,7 +472,9 @@ impl IntoResponse for HttpError {
             Self::Invalid(_) | Self::BodyRead => StatusCode::BAD_REQUEST,
             Self::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::UnsupportedMediaType(_)
+            | Self::UnsupportedCharset(_)
+            | Self::UnsupportedEncoding => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BadQuery(_) => StatusCode::BAD_REQUEST,
             Self::Subscribe(error) => subscribe_status(error),
@@ -446,6 +492,13 @@ impl IntoResponse for HttpError {
         let headers = response.headers_mut();
         if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
             headers.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        if matches!(self, Self::UnsupportedEncoding) {
+            // RFC 7694: the codings the server accepts in a request.
+            headers.insert(
+                header::ACCEPT_ENCODING,
+                header::HeaderValue::from_static("identity"),
+            );
         }
         if status == StatusCode::UNAUTHORIZED {
             headers.insert(

@@ -1,5 +1,6 @@
-//! Answers that say what is wrong (issue 12), over real sockets: query tokens that need
-//! decoding.
+//! Answers that say what is wrong (issue 12), over real sockets: an id of `-0`, a byte-order
+//! mark, compressed bodies and other charsets, conflicting SSE start parameters, and query
+//! tokens that need decoding.
 
 mod common;
 
@@ -8,6 +9,133 @@ use std::time::Duration;
 use common::*;
 use iqchannels_gateway::auth::{GrpcAuth, IngestAuth};
 use iqchannels_gateway::server::ServerConfig;
+
+#[tokio::test]
+async fn an_id_of_minus_zero_is_refused_as_not_a_positive_integer() {
+    let server = TestServer::start().await;
+    for id in ["-0", "-0.0", "\"-0\"", "0"] {
+        let body = format!("{{\"ChatEvent\": {{\"Id\": {id}, \"Type\": \"chat_closed\"}}}}");
+        let (status, json) = server.post_event(body).await;
+        assert_eq!(status, 400, "Id {id}: {json}");
+        assert_eq!(json["path"], "ChatEvent.Id", "Id {id}: {json}");
+        let error = json["error"].as_str().expect("an error");
+        assert!(error.contains("positive integer"), "Id {id}: {error}");
+        assert!(!error.contains("floating"), "Id {id}: {error}");
+    }
+}
+
+const BOM: &[u8] = b"\xef\xbb\xbf";
+
+#[tokio::test]
+async fn a_leading_byte_order_mark_is_skipped_and_not_stored() {
+    let server = TestServer::start().await;
+    let (status, json) = server.post_event([BOM, CHAT_CLOSED].concat()).await;
+    assert_eq!(status, 200, "{json}");
+    let mut client = server.grpc().await;
+    let stored = get_by_sequence(&mut client, 1, true).await.expect("stored");
+    assert_eq!(stored.raw_json, CHAT_CLOSED, "stored without the mark");
+
+    let ndjson = [BOM, event_json(2, "typing", 1, "user", 1).as_bytes()].concat();
+    let (status, json) = server
+        .post("/v1/events:batch", Some("application/x-ndjson"), ndjson)
+        .await;
+    assert_eq!((status, &json["stored"]), (200, &1.into()), "{json}");
+    let array = [
+        BOM,
+        format!("[{}]", event_json(3, "typing", 1, "user", 1)).as_bytes(),
+    ]
+    .concat();
+    let (status, json) = server
+        .post("/v1/events:batch", Some("application/json"), array)
+        .await;
+    assert_eq!((status, &json["stored"]), (200, &1.into()), "{json}");
+
+    // Only one mark, and only at the start.
+    let (status, _) = server.post_event([BOM, BOM, CHAT_CLOSED].concat()).await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
+async fn a_compressed_body_is_refused_with_415() {
+    let server = TestServer::start().await;
+    let http = reqwest::Client::new();
+    for (path, encoding) in [
+        ("/v1/events", "gzip"),
+        ("/v1/events", "deflate"),
+        ("/v1/events:batch", "gzip"),
+        ("/v1/events", "br"),
+    ] {
+        let response = http
+            .post(server.url(path))
+            .header("content-type", "application/json")
+            .header("content-encoding", encoding)
+            .body(b"\x1f\x8b\x08\x00\x00\x00\x00\x00".to_vec())
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 415, "{path} {encoding}");
+        assert_eq!(
+            response.headers()["accept-encoding"],
+            "identity",
+            "says what it takes"
+        );
+        let (_, json) = answer(response).await;
+        assert!(
+            json["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("content encoding")),
+            "{json}"
+        );
+    }
+    let identity = http
+        .post(server.url("/v1/events"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "identity")
+        .body(CHAT_CLOSED)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(identity.status(), 200);
+}
+
+#[tokio::test]
+async fn a_charset_other_than_utf8_is_refused_with_415() {
+    let server = TestServer::start().await;
+    for (content_type, want) in [
+        ("application/json; charset=latin1", 415),
+        ("application/json; charset=iso-8859-1", 415),
+        ("application/json;charset=utf-16", 415),
+        ("application/json; charset=UTF-8", 200),
+        ("application/json; charset=\"utf-8\"", 200),
+        ("application/json;charset=utf-8", 200),
+    ] {
+        let id = if want == 200 { 1 } else { 2 };
+        let (status, json) = server
+            .post(
+                "/v1/events",
+                Some(content_type),
+                event_json(id, "typing", 1, "user", 1),
+            )
+            .await;
+        assert_eq!(status, want, "{content_type}: {json}");
+        if want == 415 {
+            assert!(
+                json["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("charset")),
+                "{json}"
+            );
+        }
+    }
+    let (status, _) = server
+        .post(
+            "/v1/events:batch",
+            Some("application/x-ndjson; charset=windows-1251"),
+            event_json(3, "typing", 1, "user", 1),
+        )
+        .await;
+    assert_eq!(status, 415);
+}
 
 /// Opens an SSE stream with `query` (and `Last-Event-ID` when given); the status and, for an
 /// error, its JSON.
@@ -26,6 +154,47 @@ async fn sse(server: &TestServer, query: &str, last_event_id: Option<&str>) -> (
         .expect("an answer in time")
         .expect("body");
     (status, text)
+}
+
+#[tokio::test]
+async fn sse_refuses_conflicting_or_malformed_start_parameters() {
+    let server = TestServer::start().await;
+    server.store(CHAT_CLOSED).await;
+    for query in [
+        "?from=beginning&after=3",
+        "?tail=2&from=beginning",
+        "?after=1&since=2026-01-01T00:00:00Z",
+        "?after=1&after=2",
+    ] {
+        let (status, text) = sse(&server, query, None).await;
+        assert_eq!(status, 400, "{query}: {text}");
+        assert!(text.contains("one of"), "{query}: {text}");
+    }
+    let (status, text) = sse(&server, "", Some("abc")).await;
+    assert_eq!(status, 400, "Last-Event-ID abc: {text}");
+    assert!(text.contains("Last-Event-ID"), "{text}");
+    // The browser's reconnection: Last-Event-ID with the URL's own start position resumes.
+    let (status, _) = sse(&server, "?from=beginning", Some("1")).await;
+    assert_eq!(status, 200);
+
+    let (status, text) = sse(&server, "?from=now", None).await;
+    assert_eq!(status, 400);
+    assert!(
+        text.contains("from") && text.contains("beginning") && !text.contains("unknown parameter"),
+        "says the value is wrong: {text}"
+    );
+    let long = "x".repeat(8192);
+    let (status, text) = sse(&server, &format!("?{long}=1"), None).await;
+    assert_eq!(status, 400);
+    assert!(text.contains("unknown parameter"), "{text}");
+    assert!(
+        text.len() < 300,
+        "echoes at most a little: {} bytes",
+        text.len()
+    );
+    let (status, text) = sse(&server, &format!("?chat={long}"), None).await;
+    assert_eq!(status, 400);
+    assert!(text.len() < 300, "{} bytes", text.len());
 }
 
 #[tokio::test]

@@ -1196,3 +1196,15 @@ fn paths_lose_their_indices_in_patterns() {
     );
     assert_eq!(path_pattern("ChatEvent.Id"), "ChatEvent.Id");
 }
+
+#[test]
+fn one_leading_byte_order_mark_is_stripped() {
+    assert_eq!(strip_bom(b"\xef\xbb\xbf{}"), b"{}");
+    assert_eq!(
+        strip_bom(b"\xef\xbb\xbf\xef\xbb\xbf{}"),
+        b"\xef\xbb\xbf{}",
+        "one mark only"
+    );
+    assert_eq!(strip_bom(b" \xef\xbb\xbf{}"), b" \xef\xbb\xbf{}");
+    assert_eq!(strip_bom(b"\xef\xbb"), b"\xef\xbb");
+}
