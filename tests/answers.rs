@@ -1,14 +1,19 @@
 //! Answers that say what is wrong (issue 12), over real sockets: an id of `-0`, a byte-order
-//! mark, compressed bodies and other charsets, conflicting SSE start parameters, and query
-//! tokens that need decoding.
+//! mark, compressed bodies and other charsets, gRPC status codes for bodies it cannot read,
+//! invalid timestamps, conflicting SSE start parameters, and query tokens that need decoding.
 
 mod common;
 
 use std::time::Duration;
 
 use common::*;
+use http_body_util::BodyExt;
 use iqchannels_gateway::auth::{GrpcAuth, IngestAuth};
+use iqchannels_gateway::pb::client::{
+    publish_request, subscribe_request::Start, Filter, PublishRequest,
+};
 use iqchannels_gateway::server::ServerConfig;
+use tonic::Code;
 
 #[tokio::test]
 async fn an_id_of_minus_zero_is_refused_as_not_a_positive_integer() {
@@ -135,6 +140,128 @@ async fn a_charset_other_than_utf8_is_refused_with_415() {
         )
         .await;
     assert_eq!(status, 415);
+}
+
+/// Sends `message` (already protobuf bytes) as a gRPC request to `method` over a new HTTP/2
+/// connection; returns the grpc-status and grpc-message, from the headers or the trailers.
+async fn raw_grpc(server: &TestServer, method: &str, message: &[u8]) -> (i32, String) {
+    let stream = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(message);
+    let request = http::Request::post(format!("http://{}{method}", server.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::Full::new(bytes::Bytes::from(frame)))
+        .expect("request");
+    let response = sender.send_request(request).await.expect("response");
+    let headers = response.headers().clone();
+    let collected = response.into_body().collect().await.expect("body");
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let field = |name: &str| {
+        headers
+            .get(name)
+            .or_else(|| trailers.get(name))
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    (
+        field("grpc-status").parse().expect("a grpc-status"),
+        field("grpc-message"),
+    )
+}
+
+#[tokio::test]
+async fn grpc_says_resource_exhausted_for_an_oversize_message_and_invalid_argument_for_garbage() {
+    let server = TestServer::with_config(ServerConfig {
+        max_body_bytes: 64 * 1024,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut client = server.grpc().await;
+    let oversize = client
+        .publish(PublishRequest {
+            event: Some(publish_request::Event::RawJson(vec![b' '; 100 * 1024])),
+        })
+        .await
+        .expect_err("too large");
+    assert_eq!(oversize.code(), Code::ResourceExhausted, "{oversize:?}");
+
+    let publish = "/iqchannels.gateway.v1.EventGateway/Publish";
+    let (code, message) = raw_grpc(&server, publish, b"\xff\xff\xff\xff").await;
+    assert_eq!(code, Code::InvalidArgument as i32, "{message}");
+    let subscribe = "/iqchannels.gateway.v1.EventGateway/Subscribe";
+    let (code, message) = raw_grpc(&server, subscribe, b"\x0a\x05\x0a").await;
+    assert_eq!(code, Code::InvalidArgument as i32, "{message}");
+
+    // An empty message decodes (every field is optional): the handler says what is missing.
+    let (code, message) = raw_grpc(&server, publish, b"").await;
+    assert_eq!(code, Code::InvalidArgument as i32, "{message}");
+    assert!(message.contains("envelope"), "{message}");
+}
+
+#[tokio::test]
+async fn retention_still_answers_out_of_range() {
+    let log = std::sync::Arc::new(iqchannels_gateway::log::memory::MemoryLog::new(Some(2)));
+    let server = TestServer::with_log(log, ServerConfig::default()).await;
+    for id in 1..=5 {
+        server.store(event_json(id, "typing", 1, "user", 1)).await;
+    }
+    let mut client = server.grpc().await;
+    let request = subscription(Filter::default(), Some(Start::AfterSequence(1)));
+    let refused = match client.subscribe(request).await {
+        Err(status) => status,
+        Ok(response) => response
+            .into_inner()
+            .message()
+            .await
+            .expect_err("events removed by retention"),
+    };
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+}
+
+#[tokio::test]
+async fn subscribe_since_an_invalid_timestamp_is_invalid_argument() {
+    let server = TestServer::start().await;
+    let mut client = server.grpc().await;
+    for (seconds, nanos) in [
+        (0, -1),
+        (0, 2_000_000_000),
+        (1_700_000_000, 1_000_000_000),
+        (253_402_300_800, 0),
+    ] {
+        let request = subscription(
+            Filter::default(),
+            Some(Start::SinceTime(prost_types::Timestamp { seconds, nanos })),
+        );
+        let refused = client
+            .subscribe(request)
+            .await
+            .expect_err("an invalid timestamp");
+        assert_eq!(
+            refused.code(),
+            Code::InvalidArgument,
+            "{seconds}s {nanos}ns: {refused:?}"
+        );
+    }
+    let valid = subscription(
+        Filter::default(),
+        Some(Start::SinceTime(prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 999_999_999,
+        })),
+    );
+    assert!(client.subscribe(valid).await.is_ok());
 }
 
 /// Opens an SSE stream with `query` (and `Last-Event-ID` when given); the status and, for an
