@@ -152,49 +152,38 @@ impl Gateway {
     }
 
     /// Stores several decoded webhook bodies (each with its original JSON) with one append (one
-    /// sync). An item that did not decode keeps its error and does not stop the others.
+    /// sync). Answers one result per body, in order.
     pub async fn ingest_batch(
         &self,
-        decoded: Vec<Result<(Decoded, Bytes), DecodeError>>,
-    ) -> Result<Vec<Result<Ingested, DecodeError>>, LogError> {
-        let mut records = Vec::with_capacity(decoded.len());
-        let mut errors = Vec::with_capacity(decoded.len());
-        for item in decoded {
-            match item {
-                Ok((decoded, raw_json)) => {
-                    self.note_deviations(&decoded.deviations);
-                    records.push(Self::record(
-                        &decoded.envelope,
-                        raw_json,
-                        &decoded.deviations,
-                    ));
-                    errors.push(Ok(decoded.deviations));
-                }
-                Err(error) => errors.push(Err(error)),
-            }
+        items: Vec<(Decoded, Bytes)>,
+    ) -> Result<Vec<Ingested>, LogError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
         }
-        let appended = if records.is_empty() {
-            Vec::new()
-        } else {
-            self.log.append(records).await?
-        };
+        let mut records = Vec::with_capacity(items.len());
+        let mut deviations = Vec::with_capacity(items.len());
+        for (decoded, raw_json) in items {
+            self.note_deviations(&decoded.deviations);
+            records.push(Self::record(
+                &decoded.envelope,
+                raw_json,
+                &decoded.deviations,
+            ));
+            deviations.push(decoded.deviations);
+        }
+        let appended = self.log.append(records).await?;
         self.count(&appended);
-        let mut appended = appended.into_iter();
-        errors
+        if appended.len() != deviations.len() {
+            return Err(LogError::Unavailable("log returned too few results".into()));
+        }
+        Ok(appended
             .into_iter()
-            .map(|item| match item {
-                Err(error) => Ok(Err(error)),
-                Ok(deviations) => appended
-                    .next()
-                    .map(|appended| {
-                        Ok(Ingested {
-                            appended,
-                            deviations,
-                        })
-                    })
-                    .ok_or_else(|| LogError::Unavailable("log returned too few results".into())),
+            .zip(deviations)
+            .map(|(appended, deviations)| Ingested {
+                appended,
+                deviations,
             })
-            .collect()
+            .collect())
     }
 
     /// Stores a typed envelope (gRPC Publish); there is no original JSON to keep. It must carry

@@ -16,7 +16,7 @@ mod console;
 mod stream;
 
 use crate::auth::{AuthError, GrpcAuth, HeadCheck, IngestAuth};
-use crate::decode::{self, DecodeError, Decoded};
+use crate::decode::{self, BatchItem, DecodeError};
 use crate::gateway::{Gateway, IngestError, Ingested};
 use crate::log::LogError;
 
@@ -228,6 +228,26 @@ async fn accept(
     Ok((permit, media, body))
 }
 
+/// Rejected items of a batch answered in full; past them a rejected item's result is `null` and
+/// it is only counted (`omitted_errors`). With [`LISTED_DEVIATIONS`] this bounds the answer to a
+/// small multiple of the body (one result per item: `null,` for the 2 bytes of `{\n`) plus a
+/// fixed amount, whatever the body holds.
+const DETAILED_ERRORS: usize = 100;
+
+/// Deviations listed in a batch answer: a stored item's list is given whole while fewer than this
+/// many have been listed before it; later lists are only counted (`omitted_deviations`; every
+/// stored event still carries its own).
+const LISTED_DEVIATIONS: usize = 100;
+
+/// What a batch answer keeps of one item while the valid ones are stored: a few bytes each, so a
+/// body of many tiny items costs little memory.
+enum Slot {
+    /// A valid item: its result is the next one the store answers.
+    Event,
+    /// A rejected item: its error, while fewer than [`DETAILED_ERRORS`] were kept.
+    Rejected(Option<Box<DecodeError>>),
+}
+
 /// `POST /v1/events:batch`: a JSON array of events (`application/json`) or one event per line
 /// (`application/x-ndjson`). Answers 200 with one result per item, in order: a bad item is
 /// answered with its error and does not reject the others. The whole batch is rejected (400)
@@ -246,47 +266,56 @@ async fn post_batch(
     let (_permit, content_type, body) = accept(&state, request, &allowed).await?;
     let body = body.slice_ref(decode::strip_bom(&body));
     let policy = state.gateway.decode_policy();
-    let items: Vec<Result<(Decoded, Bytes), DecodeError>> = if content_type == "application/json" {
-        decode::decode_array(&body, policy)
-            .map_err(HttpError::Invalid)?
-            .into_iter()
-            .map(|item| Ok((item.decoded?, body.slice(item.range))))
-            .collect()
-    } else {
-        split_lines(&body)
-            .into_iter()
-            .map(|line| Ok((decode::decode_with(&line, policy)?, line)))
-            .collect()
+    let mut slots = Vec::new();
+    let mut events = Vec::new();
+    let mut rejected = 0;
+    let each = |item: BatchItem| match item.decoded {
+        Ok(decoded) => {
+            slots.push(Slot::Event);
+            events.push((decoded, body.slice(item.range)));
+        }
+        Err(error) => {
+            rejected += 1;
+            slots.push(Slot::Rejected(
+                (rejected <= DETAILED_ERRORS).then(|| Box::new(error)),
+            ));
+        }
     };
-    let results = state
+    if content_type == "application/json" {
+        decode::decode_array(&body, policy, each).map_err(HttpError::Invalid)?;
+    } else {
+        decode::decode_lines(&body, policy, each);
+    }
+    let ingested = state
         .gateway
-        .ingest_batch(items)
+        .ingest_batch(events)
         .await
         .map_err(HttpError::Storage)?;
-    let mut answer = BatchAnswer {
-        stored: 0,
-        duplicates: 0,
-        rejected: 0,
-        results: Vec::with_capacity(results.len()),
-    };
-    for result in &results {
-        let item = match result {
-            Ok(ingested) => {
-                if ingested.appended.duplicate {
-                    answer.duplicates += 1;
-                } else {
-                    answer.stored += 1;
-                }
-                ItemAnswer::Appended(ingested)
-            }
-            Err(error) => {
-                answer.rejected += 1;
-                ItemAnswer::Rejected(ErrorBody::from(error))
-            }
-        };
-        answer.results.push(item);
+    let mut listed = 0;
+    let mut list_until = ingested.len();
+    let mut omitted_deviations = 0;
+    for (i, item) in ingested.iter().enumerate() {
+        if listed < LISTED_DEVIATIONS {
+            listed += item.deviations.len();
+        } else {
+            list_until = list_until.min(i);
+            omitted_deviations += item.deviations.len();
+        }
     }
-    Ok(Json(answer).into_response())
+    let duplicates = ingested.iter().filter(|i| i.appended.duplicate).count();
+    Ok(Json(BatchAnswer {
+        stored: ingested.len() - duplicates,
+        duplicates,
+        rejected,
+        omitted_errors: rejected.saturating_sub(DETAILED_ERRORS),
+        omitted_deviations,
+        results: Results {
+            slots: &slots,
+            ingested: &ingested,
+            list_until,
+        },
+    })
+    .into_response())
 }
 
 /// The answer to a batch: counts, then one result per item in order.
@@ -295,14 +324,44 @@ struct BatchAnswer<'a> {
     stored: usize,
     duplicates: usize,
     rejected: usize,
-    results: Vec<ItemAnswer<'a>>,
+    #[serde(skip_serializing_if = "is_zero")]
+    omitted_errors: usize,
+    #[serde(skip_serializing_if = "is_zero")]
+    omitted_deviations: usize,
+    results: Results<'a>,
 }
 
-#[derive(serde::Serialize)]
-#[serde(untagged)]
-enum ItemAnswer<'a> {
-    Appended(&'a Ingested),
-    Rejected(ErrorBody<'a>),
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// One result per item, written as they are serialized (never a list of answers in memory):
+/// `{"sequence", "duplicate", "deviations"?}`, `{"error", "path", "line", "column"}` or `null`.
+struct Results<'a> {
+    slots: &'a [Slot],
+    ingested: &'a [Ingested],
+    /// Stored items from this one on are answered without their deviations.
+    list_until: usize,
+}
+
+impl serde::Serialize for Results<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeSeq};
+        let mut seq = serializer.serialize_seq(Some(self.slots.len()))?;
+        let mut ingested = self.ingested.iter().enumerate();
+        for slot in self.slots {
+            match slot {
+                Slot::Event => match ingested.next() {
+                    Some((i, item)) if i < self.list_until => seq.serialize_element(item)?,
+                    Some((_, item)) => seq.serialize_element(&item.appended)?,
+                    None => return Err(S::Error::custom("fewer results than stored items")),
+                },
+                Slot::Rejected(Some(error)) => seq.serialize_element(&ErrorBody::from(&**error))?,
+                Slot::Rejected(None) => seq.serialize_element(&())?,
+            }
+        }
+        seq.end()
+    }
 }
 
 /// A decode error as JSON: `{"error", "path", "line", "column"}` (the last two when known).
@@ -329,14 +388,6 @@ impl<'a> From<&'a DecodeError> for ErrorBody<'a> {
             column,
         }
     }
-}
-
-/// Splits NDJSON into its non-blank lines.
-fn split_lines(body: &Bytes) -> Vec<Bytes> {
-    body.split(|&b| b == b'\n')
-        .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
-        .map(|line| body.slice_ref(line))
-        .collect()
 }
 
 /// Checks how the body is represented: its media type (without parameters) must be one of

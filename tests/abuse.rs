@@ -1,5 +1,6 @@
 //! Hostile clients at the connection and request level (issue 12), over real sockets: slow
-//! unauthenticated uploads, connections that never speak, more connections than the cap.
+//! unauthenticated uploads, connections that never speak, more connections than the cap, batch
+//! answers that would amplify what was sent.
 
 mod common;
 
@@ -305,4 +306,143 @@ async fn connections_beyond_the_cap_are_closed_at_once_while_the_first_ones_work
         assert!(Instant::now() < deadline, "the freed slot is reused");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// POSTs a batch; returns the status, the answer's size and the answer.
+async fn post_batch(
+    server: &TestServer,
+    content_type: &str,
+    body: Vec<u8>,
+) -> (u16, usize, serde_json::Value) {
+    let response = reqwest::Client::new()
+        .post(server.url("/v1/events:batch"))
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .expect("request");
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await.expect("answer");
+    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    (status, bytes.len(), json)
+}
+
+/// Rejected items answered in full before the rest are only counted.
+const DETAILED: usize = 100;
+
+#[tokio::test]
+async fn a_batch_of_a_million_broken_items_gets_an_answer_of_bounded_size() {
+    let server = TestServer::start().await;
+    let limit = ServerConfig::default().max_body_bytes;
+    // As many items as fit the body limit: 2 bytes each.
+    let cases = [
+        ("application/x-ndjson", b"{\n".repeat(limit / 2)),
+        ("application/json", {
+            let mut body = b"[".to_vec();
+            body.extend(b"1,".repeat((limit - 1) / 2 - 1));
+            body.extend_from_slice(b"1]");
+            body
+        }),
+    ];
+    for (content_type, body) in cases {
+        let items = body.len() / 2;
+        let sent = body.len();
+        let (status, size, json) = post_batch(&server, content_type, body).await;
+        assert_eq!(status, 200, "{content_type}");
+        assert!(
+            size <= 3 * sent,
+            "{content_type}: {size} bytes answered to {sent} sent ({}x)",
+            size / sent
+        );
+        assert_eq!(json["rejected"], items, "{content_type}");
+        assert_eq!(json["omitted_errors"], items - DETAILED, "{content_type}");
+        let results = json["results"].as_array().expect("results");
+        assert_eq!(results.len(), items, "one result per item, in order");
+        assert!(
+            results[..DETAILED].iter().all(|r| r["error"].is_string()),
+            "the first items in error in full"
+        );
+        assert!(results[DETAILED..].iter().all(serde_json::Value::is_null));
+    }
+    // Nothing was stored, and the server still serves.
+    assert_eq!(server.log.bounds().next, 1);
+    server
+        .store(event_json(1, "chat_closed", 1, "user", 1))
+        .await;
+}
+
+/// 1-based line and column of byte `offset` in `text`, in bytes.
+fn position(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, offset - line_start + 1)
+}
+
+#[tokio::test]
+async fn batch_errors_give_their_line_and_column_in_the_whole_body() {
+    let good = |id: i64| event_json(id, "chat_closed", 1, "user", 1);
+
+    // NDJSON: the line is the body's line (blank lines count), the column the line's.
+    let server = TestServer::start().await;
+    let deep = format!(
+        "{{\"ChatEvent\": {{\"Id\": 9, \"Type\": \"x\"}}, \"Deep\": {}{}}}",
+        "[".repeat(130),
+        "]".repeat(130)
+    );
+    let ndjson = format!("{}\n\n{{\n{}\n", good(1), deep);
+    let (status, _, json) =
+        post_batch(&server, "application/x-ndjson", ndjson.clone().into()).await;
+    assert_eq!(status, 200, "{json}");
+    let truncated = &json["results"][1];
+    assert_eq!(
+        (truncated["line"].as_u64(), truncated["column"].as_u64()),
+        (Some(3), Some(1)),
+        "{json}"
+    );
+    // The 127th `[` of the line is the first one nested deeper than 127 (the object is one).
+    let at = ndjson.find(&"[".repeat(130)).expect("the deep part") + 126;
+    let (line, column) = position(&ndjson, at);
+    assert_eq!(line, 4);
+    let too_deep = &json["results"][2];
+    assert_eq!(
+        (too_deep["line"].as_u64(), too_deep["column"].as_u64()),
+        (Some(line as u64), Some(column as u64)),
+        "{json}"
+    );
+
+    // A JSON array whose bad item starts in the middle of line 3: an error the parser places
+    // is placed in the body; one it does not (a field the gateway needs) at the item's start.
+    let bad_id = r#"{"ChatEvent": {"Id": "x", "Type": "t"}}"#;
+    let array = format!("[\n  {},\n  {}, {bad_id}\n]", good(2), good(3));
+    let item_start = array.find(bad_id).expect("the bad item");
+    let (line, column) = position(&array, item_start);
+    assert_eq!((line, column), (3, 3 + good(3).len() + 2));
+    let (status, _, json) = post_batch(&server, "application/json", array.clone().into()).await;
+    assert_eq!(status, 200, "{json}");
+    let refused = &json["results"][2];
+    assert_eq!(refused["path"], "ChatEvent.Id", "{json}");
+    assert_eq!(
+        (refused["line"].as_u64(), refused["column"].as_u64()),
+        (Some(line as u64), Some(column as u64)),
+        "{json}"
+    );
+
+    let strict = TestServer::with_config(ServerConfig {
+        decode_policy: iqchannels_gateway::decode::Policy::Strict,
+        ..ServerConfig::default()
+    })
+    .await;
+    let (status, alone) = strict.post_event(bad_id).await;
+    assert_eq!(status, 400);
+    assert_eq!(alone["line"], 1, "{alone}");
+    let within = alone["column"].as_u64().expect("a column") as usize;
+    let (status, _, json) = post_batch(&strict, "application/json", array.into()).await;
+    assert_eq!(status, 200, "{json}");
+    let refused = &json["results"][2];
+    assert_eq!(
+        (refused["line"].as_u64(), refused["column"].as_u64()),
+        (Some(3), Some((column + within - 1) as u64)),
+        "{json}"
+    );
 }
