@@ -1,14 +1,15 @@
 //! Who may do what: the ingest credentials (a shared token and/or Standard Webhooks signatures)
-//! and the gRPC bearer tokens with scopes. Comparisons are constant-time; failures say nothing
-//! about which part was wrong.
+//! and the gRPC bearer tokens with scopes. Tokens are kept as SHA-256 digests and compared in
+//! constant time whatever their length; failures say nothing about which part was wrong.
 
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use http::HeaderMap;
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 /// Why a request is refused. Deliberately vague towards the client.
@@ -33,11 +34,38 @@ pub enum ConfigError {
     BadToken,
 }
 
+/// A secret token, kept as its SHA-256 digest. A presented token is hashed and the two digests
+/// compared in constant time: how long that takes does not depend on where they differ, nor on
+/// the secret's length (comparing the tokens themselves stops at once when the lengths differ).
+#[derive(Clone)]
+struct TokenDigest([u8; 32]);
+
+impl TokenDigest {
+    fn of(token: &[u8]) -> Self {
+        Self(Sha256::digest(token).into())
+    }
+
+    fn matches(&self, presented: &str) -> bool {
+        bool::from(Self::of(presented.as_bytes()).0.ct_eq(&self.0))
+    }
+}
+
+/// What the headers and query string of an ingest request establish before its body is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadCheck {
+    /// The sender is authenticated (the shared token), or no credential is required. A
+    /// signature, when configured, is still checked on the body ([`IngestAuth::check_body`]).
+    Authenticated,
+    /// Only a signature can authenticate the sender, and it is computed over the body: the
+    /// headers are in order (present, timestamp within tolerance), nothing more is known yet.
+    AwaitingSignature,
+}
+
 /// How webhook senders prove who they are. Every configured mechanism must pass.
 #[derive(Clone, Default)]
 pub struct IngestAuth {
     /// Shared token, accepted as `Authorization: Bearer` or `?token=`.
-    token: Option<Vec<u8>>,
+    token: Option<TokenDigest>,
     /// Standard Webhooks keys (several during a rotation); empty = signatures not required.
     keys: Vec<Vec<u8>>,
     /// How far `webhook-timestamp` may be from now.
@@ -73,7 +101,9 @@ impl IngestAuth {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
-            token: token.filter(|t| !t.is_empty()).map(String::into_bytes),
+            token: token
+                .filter(|t| !t.is_empty())
+                .map(|t| TokenDigest::of(t.as_bytes())),
             keys,
             tolerance,
         })
@@ -92,39 +122,57 @@ impl IngestAuth {
         query: Option<&str>,
         body: &[u8],
     ) -> Result<(), AuthError> {
+        self.check_head(headers, query)?;
+        self.check_body(headers, body)
+    }
+
+    /// Checks what can be checked before the body is read: the shared token (`Authorization:
+    /// Bearer` or the `token` query parameter, see [`query_token`]) and the form of the
+    /// signature headers. A request refused here need not be read at all.
+    pub fn check_head(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+    ) -> Result<HeadCheck, AuthError> {
         if let Some(token) = &self.token {
-            let presented = bearer(headers).or_else(|| query.and_then(query_token));
-            let ok =
-                presented.is_some_and(|presented| bool::from(presented.as_bytes().ct_eq(token)));
+            let ok = match bearer(headers) {
+                Some(presented) => token.matches(presented),
+                None => query
+                    .and_then(query_token)
+                    .is_some_and(|presented| token.matches(&presented)),
+            };
             if !ok {
                 return Err(AuthError::Unauthenticated);
             }
         }
-        if !self.keys.is_empty() {
-            self.check_signature(headers, body, now_secs())?;
+        if self.keys.is_empty() {
+            return Ok(HeadCheck::Authenticated);
         }
-        Ok(())
+        let signature = SignatureHeaders::read(headers, self.tolerance, now_secs())?;
+        if signature.presented.is_empty() {
+            return Err(AuthError::Unauthenticated);
+        }
+        Ok(if self.token.is_some() {
+            HeadCheck::Authenticated
+        } else {
+            HeadCheck::AwaitingSignature
+        })
+    }
+
+    /// Checks the signature over the raw body, when signatures are configured.
+    pub fn check_body(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), AuthError> {
+        if self.keys.is_empty() {
+            return Ok(());
+        }
+        self.check_signature(headers, body, now_secs())
     }
 
     fn check_signature(&self, headers: &HeaderMap, body: &[u8], now: i64) -> Result<(), AuthError> {
-        let header = |name: &str| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .ok_or(AuthError::Unauthenticated)
-        };
-        let id = header("webhook-id")?;
-        let timestamp = header("webhook-timestamp")?;
-        let signatures = header("webhook-signature")?;
-        let sent: i64 = timestamp.parse().map_err(|_| AuthError::Unauthenticated)?;
-        if sent.abs_diff(now) > self.tolerance.as_secs() {
-            return Err(AuthError::Unauthenticated);
-        }
-        let presented: Vec<Vec<u8>> = signatures
-            .split(' ')
-            .filter_map(|s| s.strip_prefix("v1,"))
-            .filter_map(|s| BASE64.decode(s).ok())
-            .collect();
+        let SignatureHeaders {
+            id,
+            timestamp,
+            presented,
+        } = SignatureHeaders::read(headers, self.tolerance, now)?;
         for key in &self.keys {
             let Ok(mut mac) = HmacSha256::new_from_slice(key) else {
                 continue;
@@ -146,6 +194,42 @@ impl IngestAuth {
     }
 }
 
+/// The Standard Webhooks headers of a request, checked for presence and timestamp tolerance.
+struct SignatureHeaders<'a> {
+    id: &'a str,
+    timestamp: &'a str,
+    /// The decoded `v1` signatures (others are ignored).
+    presented: Vec<Vec<u8>>,
+}
+
+impl<'a> SignatureHeaders<'a> {
+    fn read(headers: &'a HeaderMap, tolerance: Duration, now: i64) -> Result<Self, AuthError> {
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .ok_or(AuthError::Unauthenticated)
+        };
+        let id = header("webhook-id")?;
+        let timestamp = header("webhook-timestamp")?;
+        let signatures = header("webhook-signature")?;
+        let sent: i64 = timestamp.parse().map_err(|_| AuthError::Unauthenticated)?;
+        if sent.abs_diff(now) > tolerance.as_secs() {
+            return Err(AuthError::Unauthenticated);
+        }
+        let presented = signatures
+            .split(' ')
+            .filter_map(|s| s.strip_prefix("v1,"))
+            .filter_map(|s| BASE64.decode(s).ok())
+            .collect();
+        Ok(Self {
+            id,
+            timestamp,
+            presented,
+        })
+    }
+}
+
 /// What a gRPC token allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
@@ -158,7 +242,7 @@ pub enum Scope {
 /// gRPC bearer tokens and their scopes; empty = no authentication.
 #[derive(Clone, Default)]
 pub struct GrpcAuth {
-    tokens: Vec<(Vec<u8>, Vec<Scope>)>,
+    tokens: Vec<(TokenDigest, Vec<Scope>)>,
 }
 
 impl std::fmt::Debug for GrpcAuth {
@@ -187,7 +271,7 @@ impl GrpcAuth {
                 if token.is_empty() {
                     return Err(ConfigError::BadToken);
                 }
-                Ok((token.as_bytes().to_vec(), scopes))
+                Ok((TokenDigest::of(token.as_bytes()), scopes))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self { tokens })
@@ -207,7 +291,7 @@ impl GrpcAuth {
         // Compare against every token so timing does not tell which one matched.
         let mut found: Option<&Vec<Scope>> = None;
         for (token, scopes) in &self.tokens {
-            if bool::from(presented.as_bytes().ct_eq(token)) {
+            if token.matches(presented) {
                 found = Some(scopes);
             }
         }
@@ -225,10 +309,13 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-fn query_token(query: &str) -> Option<&str> {
-    query
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("token="))
+/// The `token` parameter of a query string, decoded as every form-encoded query is (`%2B` is
+/// `+`, a bare `+` is a space): the one reading of a token from a URL, for ingest and the read
+/// side (`/v1/events:stream`, `/v1/stats`) alike.
+pub fn query_token(query: &str) -> Option<Cow<'_, str>> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == "token")
+        .map(|(_, value)| value)
 }
 
 fn now_secs() -> i64 {

@@ -117,7 +117,30 @@ pub struct DecodeError {
     pub column: Option<usize>,
 }
 
+/// Bytes of an error's message or path given back to the sender at most: a message may quote
+/// the sender's own text (a string value of any length), and every answer stays small.
+pub const MAX_ERROR_TEXT: usize = 200;
+
 impl DecodeError {
+    /// The error with its message and path cut to [`MAX_ERROR_TEXT`] bytes (`…` marks a cut).
+    fn bounded(mut self) -> Self {
+        clip(&mut self.message);
+        clip(&mut self.path);
+        self
+    }
+
+    /// The error placed in a batch body, for an item that starts at `start`: the fault's own
+    /// line and column when the parser knew them (they are within the item), else the item's.
+    fn placed(mut self, lines: &mut Lines<'_>, start: usize) -> Self {
+        let (line, column) = lines.position(start);
+        (self.line, self.column) = match (self.line, self.column) {
+            (Some(1), Some(within)) => (Some(line), Some(column + within - 1)),
+            (Some(within_line), Some(within)) => (Some(line + within_line - 1), Some(within)),
+            _ => (Some(line), Some(column)),
+        };
+        self
+    }
+
     fn at(path: &str, message: impl Into<String>) -> Self {
         Self {
             path: path.to_owned(),
@@ -194,6 +217,64 @@ impl DecodeError {
     }
 }
 
+/// Cuts `text` to [`MAX_ERROR_TEXT`] bytes at a character boundary, marking the cut with `…`.
+fn clip(text: &mut String) {
+    if text.len() > MAX_ERROR_TEXT {
+        let mut end = MAX_ERROR_TEXT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+}
+
+/// 1-based line and column (in bytes, like serde_json) of offsets in one body, asked for in
+/// increasing order: each byte is scanned once however many positions are asked for.
+struct Lines<'a> {
+    body: &'a [u8],
+    /// How far the scan has come, the line it is on and where that line starts.
+    scanned: usize,
+    line: usize,
+    line_start: usize,
+}
+
+impl<'a> Lines<'a> {
+    fn new(body: &'a [u8]) -> Self {
+        Self {
+            body,
+            scanned: 0,
+            line: 1,
+            line_start: 0,
+        }
+    }
+
+    fn position(&mut self, offset: usize) -> (usize, usize) {
+        if offset < self.scanned {
+            *self = Self::new(self.body);
+        }
+        let offset = offset.min(self.body.len());
+        for (i, &byte) in self.body[self.scanned..offset].iter().enumerate() {
+            if byte == b'\n' {
+                self.line += 1;
+                self.line_start = self.scanned + i + 1;
+            }
+        }
+        self.scanned = offset;
+        (self.line, offset - self.line_start + 1)
+    }
+}
+
+/// The UTF-8 byte-order mark some senders put before the JSON text.
+const BOM: &[u8] = b"\xef\xbb\xbf";
+
+/// `body` without a leading UTF-8 byte-order mark (RFC 8259 lets a parser ignore one; stock
+/// parsers, the gateway's and its consumers', refuse it). The mark is not part of the event:
+/// callers store what this returns.
+pub fn strip_bom(body: &[u8]) -> &[u8] {
+    body.strip_prefix(BOM).unwrap_or(body)
+}
+
 /// Decodes one webhook body tolerantly ([`Policy::Tolerant`]).
 pub fn decode(body: &[u8]) -> Result<Decoded, DecodeError> {
     decode_with(body, Policy::Tolerant)
@@ -205,8 +286,12 @@ pub fn decode(body: &[u8]) -> Result<Decoded, DecodeError> {
 /// a `Rels` that is neither an object nor null, invalid UTF-8 anywhere, and arrays or objects
 /// nested deeper than [`MAX_DEPTH`] anywhere (unknown fields included). Any other field that does
 /// not fit its proto type is a [`Deviation`] ([`Policy::Tolerant`]) or refuses the body
-/// ([`Policy::Strict`]).
+/// ([`Policy::Strict`]). Error messages and paths are cut to [`MAX_ERROR_TEXT`] bytes.
 pub fn decode_with(body: &[u8], policy: Policy) -> Result<Decoded, DecodeError> {
+    decode_one(body, policy).map_err(DecodeError::bounded)
+}
+
+fn decode_one(body: &[u8], policy: Policy) -> Result<Decoded, DecodeError> {
     // serde reads a JSON array into a struct positionally; a webhook body is always an object.
     match body.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'{') => {}
@@ -329,26 +414,45 @@ fn too_deep_check(body: &[u8]) -> Result<(), DecodeError> {
 pub struct BatchItem {
     /// The item's exact bytes in the body.
     pub range: std::ops::Range<usize>,
-    /// The item decoded as by [`decode_with`], with the same errors.
+    /// The item decoded as by [`decode_with`], with the same errors, except that an error's
+    /// line and column are in the whole body: the fault's when the parser knew where it is,
+    /// else the item's first byte.
     pub decoded: Result<Decoded, DecodeError>,
 }
 
-/// Decodes a JSON array of webhook bodies. Each item is decoded as [`decode`] would decode its
-/// bytes alone, and a bad item does not stop the others. `Err` only when the body is not a JSON
-/// array (or its syntax breaks between items), with the position of the fault.
+/// Decodes a JSON array of webhook bodies, handing each item to `each` in order. Each item is
+/// decoded as [`decode`] would decode its bytes alone, and a bad item does not stop the others.
+/// `Err` only when the body is not a JSON array (or its syntax breaks between items), with the
+/// position of the fault; items already handed over are then to be dropped.
 ///
 /// Items are decoded during the one pass that finds where each ends. Should anything look
 /// unusual (invalid UTF-8, an item that is not an object or does not decode, broken syntax),
-/// the array is split first and each item decoded after, which explains every fault as before.
-pub fn decode_array(body: &[u8], policy: Policy) -> Result<Vec<BatchItem>, DecodeError> {
-    match std::str::from_utf8(body) {
-        Ok(text) => decode_array_fast(text).map_or_else(|| decode_array_split(body, policy), Ok),
-        Err(_) => decode_array_split(body, policy),
+/// the rest of the array is split first and each item decoded after, which explains every
+/// fault as before. No list of items is built here: a body of many small items costs the
+/// caller what it keeps of each, no more.
+pub fn decode_array(
+    body: &[u8],
+    policy: Policy,
+    mut each: impl FnMut(BatchItem),
+) -> Result<(), DecodeError> {
+    let mut lines = Lines::new(body);
+    let done = match std::str::from_utf8(body) {
+        Ok(text) => decode_array_fast(text, &mut lines, &mut each),
+        Err(_) => Err(0),
+    };
+    match done {
+        Ok(()) => Ok(()),
+        Err(decoded) => decode_array_split(body, policy, decoded, &mut lines, &mut each),
     }
 }
 
-/// The one-pass decode of a well-formed array; `None` where the careful path has to decide.
-fn decode_array_fast(text: &str) -> Option<Vec<BatchItem>> {
+/// The one-pass decode of a well-formed array. `Err(n)` where the careful path has to decide,
+/// after the first `n` items (which were handed over).
+fn decode_array_fast(
+    text: &str,
+    lines: &mut Lines<'_>,
+    each: &mut impl FnMut(BatchItem),
+) -> Result<(), usize> {
     let body = text.as_bytes();
     let skip_whitespace = |mut at: usize| {
         while body.get(at).is_some_and(u8::is_ascii_whitespace) {
@@ -356,57 +460,88 @@ fn decode_array_fast(text: &str) -> Option<Vec<BatchItem>> {
         }
         at
     };
+    let mut handed = 0;
     let mut at = skip_whitespace(0);
     if body.get(at) != Some(&b'[') {
-        return None;
+        return Err(handed);
     }
-    let mut items = Vec::new();
     at = skip_whitespace(at + 1);
+    let ends = |at: usize, handed: usize| {
+        if skip_whitespace(at + 1) == body.len() {
+            Ok(())
+        } else {
+            Err(handed)
+        }
+    };
     if body.get(at) == Some(&b']') {
-        return (skip_whitespace(at + 1) == body.len()).then_some(items);
+        return ends(at, handed);
     }
     loop {
         if body.get(at) != Some(&b'{') {
-            return None;
+            return Err(handed);
         }
         // A stream deserializer reports where the value it read ends; a `{...}` item needs no
         // delimiter after it, so the `,` or `]` that follows is left for this loop.
         let mut stream = serde_json::Deserializer::from_str(&text[at..]).into_iter::<Envelope>();
-        let envelope = stream.next()?.ok()?;
+        let Some(Ok(envelope)) = stream.next() else {
+            return Err(handed);
+        };
         let end = at + stream.byte_offset();
-        items.push(BatchItem {
+        each(BatchItem {
             range: at..end,
-            decoded: checked(&body[at..end], envelope),
+            decoded: checked(&body[at..end], envelope).map_err(|error| error.placed(lines, at)),
         });
+        handed += 1;
         at = skip_whitespace(end);
         match body.get(at) {
             Some(b',') => at = skip_whitespace(at + 1),
-            Some(b']') => return (skip_whitespace(at + 1) == body.len()).then_some(items),
-            _ => return None,
+            Some(b']') => return ends(at, handed),
+            _ => return Err(handed),
         }
     }
 }
 
-/// Splits the array into its items' bytes, then decodes each.
-fn decode_array_split(body: &[u8], policy: Policy) -> Result<Vec<BatchItem>, DecodeError> {
+/// Splits the array into its items' bytes, then decodes each but the first `skip`.
+fn decode_array_split(
+    body: &[u8],
+    policy: Policy,
+    skip: usize,
+    lines: &mut Lines<'_>,
+    each: &mut impl FnMut(BatchItem),
+) -> Result<(), DecodeError> {
     let items: Vec<&serde_json::value::RawValue> =
         serde_json::from_slice(body).map_err(|error| {
             let mut decode = DecodeError::from_json_error(&error);
             decode.message = format!("expected a JSON array of events: {}", decode.message);
-            decode
+            decode.bounded()
         })?;
-    Ok(items
-        .into_iter()
-        .map(|item| {
-            let bytes = item.get().as_bytes();
-            // The raw value borrows from `body`: its offset is where it sits there.
-            let start = bytes.as_ptr() as usize - body.as_ptr() as usize;
-            BatchItem {
-                range: start..start + bytes.len(),
-                decoded: decode_with(bytes, policy),
-            }
-        })
-        .collect())
+    for item in items.into_iter().skip(skip) {
+        let bytes = item.get().as_bytes();
+        // The raw value borrows from `body`: its offset is where it sits there.
+        let start = bytes.as_ptr() as usize - body.as_ptr() as usize;
+        each(BatchItem {
+            range: start..start + bytes.len(),
+            decoded: decode_with(bytes, policy).map_err(|error| error.placed(lines, start)),
+        });
+    }
+    Ok(())
+}
+
+/// Decodes NDJSON (one webhook body per line; blank lines are not items), handing each item to
+/// `each` in order: its range is the whole line, without the newline.
+pub fn decode_lines(body: &[u8], policy: Policy, mut each: impl FnMut(BatchItem)) {
+    let mut lines = Lines::new(body);
+    let mut start = 0;
+    for line in body.split(|&b| b == b'\n') {
+        let range = start..start + line.len();
+        start = range.end + 1;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let decoded =
+            decode_with(line, policy).map_err(|error| error.placed(&mut lines, range.start));
+        each(BatchItem { range, decoded });
+    }
 }
 
 /// Decodes while tracking the field path, for errors that name it (`Rels.Chats[0].Id`).

@@ -147,8 +147,10 @@ impl Gateway {
         self.policy
     }
 
-    /// Stores one webhook JSON body. The body is kept verbatim beside the typed message.
+    /// Stores one webhook JSON body. The body is kept verbatim beside the typed message, without
+    /// a leading byte-order mark ([`decode::strip_bom`]).
     pub async fn ingest_json(&self, body: Bytes) -> Result<Ingested, IngestError> {
+        let body = body.slice_ref(decode::strip_bom(&body));
         let decoded = decode::decode_with(&body, self.policy)?;
         self.note_deviations(&decoded.deviations);
         let (record, envelope) = Self::record(&decoded.envelope, body, &decoded.deviations);
@@ -161,46 +163,33 @@ impl Gateway {
     }
 
     /// Stores several decoded webhook bodies (each with its original JSON) with one append (one
-    /// sync). An item that did not decode keeps its error and does not stop the others.
+    /// sync). Answers one result per body, in order.
     pub async fn ingest_batch(
         &self,
-        decoded: Vec<Result<(Decoded, Bytes), DecodeError>>,
-    ) -> Result<Vec<Result<Ingested, DecodeError>>, LogError> {
-        let mut records = Vec::with_capacity(decoded.len());
-        let mut errors = Vec::with_capacity(decoded.len());
-        for item in decoded {
-            match item {
-                Ok((decoded, raw_json)) => {
-                    self.note_deviations(&decoded.deviations);
-                    let (record, envelope) =
-                        Self::record(&decoded.envelope, raw_json, &decoded.deviations);
-                    records.push(record);
-                    errors.push(Ok((decoded.deviations, envelope)));
-                }
-                Err(error) => errors.push(Err(error)),
-            }
+        items: Vec<(Decoded, Bytes)>,
+    ) -> Result<Vec<Ingested>, LogError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
         }
-        let appended = if records.is_empty() {
-            Vec::new()
-        } else {
-            self.log.append(records).await?
-        };
+        let mut records = Vec::with_capacity(items.len());
+        let mut kept = Vec::with_capacity(items.len());
+        for (decoded, raw_json) in items {
+            self.note_deviations(&decoded.deviations);
+            let (record, envelope) = Self::record(&decoded.envelope, raw_json, &decoded.deviations);
+            records.push(record);
+            kept.push((decoded.deviations, envelope));
+        }
+        let appended = self.log.append(records).await?;
         self.count(&appended);
-        let mut appended = appended.into_iter();
-        let mut results = Vec::with_capacity(errors.len());
-        for item in errors {
-            results.push(match item {
-                Err(error) => Err(error),
-                Ok((deviations, envelope)) => {
-                    let appended = appended.next().ok_or_else(|| {
-                        LogError::Unavailable("log returned too few results".into())
-                    })?;
-                    Ok(Ingested {
-                        conflict: self.conflict(&envelope, &appended).await,
-                        appended,
-                        deviations,
-                    })
-                }
+        if appended.len() != kept.len() {
+            return Err(LogError::Unavailable("log returned too few results".into()));
+        }
+        let mut results = Vec::with_capacity(kept.len());
+        for (appended, (deviations, envelope)) in appended.into_iter().zip(kept) {
+            results.push(Ingested {
+                conflict: self.conflict(&envelope, &appended).await,
+                appended,
+                deviations,
             });
         }
         Ok(results)

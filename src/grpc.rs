@@ -50,10 +50,54 @@ pub fn routes(
     let service = EventGatewayServer::new(Service { gateway, auth })
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(usize::MAX);
-    Ok(tonic::service::Routes::new(service)
+    let mut routes = tonic::service::Routes::new(service)
         .add_service(health)
         .add_service(v1.build_v1()?)
-        .add_service(v1alpha.build_v1alpha()?))
+        .add_service(v1alpha.build_v1alpha()?);
+    let router = std::mem::take(routes.axum_router_mut());
+    *routes.axum_router_mut() = router.layer(tower::util::MapResponseLayer::new(standard_codes));
+    Ok(routes)
+}
+
+/// Gives the codes the gRPC status code guide prescribes to two refusals tonic makes before a
+/// handler runs: a request message over the size limit is RESOURCE_EXHAUSTED (tonic says
+/// OUT_OF_RANGE, which here means "removed by retention"), and one that is not valid protobuf is
+/// INVALID_ARGUMENT (tonic says INTERNAL, which blames the server). Both arrive as trailers-only
+/// responses, recognised by tonic's own messages; everything else passes untouched.
+fn standard_codes<B>(mut response: http::Response<B>) -> http::Response<B> {
+    const TOO_LARGE: &str = "Error, decoded message length too large";
+    const UNDECODABLE: &str = "failed to decode Protobuf message";
+    let Some(status) = Status::from_header_map(response.headers()) else {
+        return response;
+    };
+    let replaced = match status.code() {
+        tonic::Code::OutOfRange if status.message().starts_with(TOO_LARGE) => {
+            let detail = status.message().trim_start_matches(TOO_LARGE);
+            Status::resource_exhausted(format!(
+                "request message too large{detail} (--max-body-bytes)"
+            ))
+        }
+        tonic::Code::Internal if status.message().starts_with(UNDECODABLE) => {
+            Status::invalid_argument(format!(
+                "the request is not a valid protobuf message: {}",
+                status.message()
+            ))
+        }
+        _ => return response,
+    };
+    let headers = response.headers_mut();
+    for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+        headers.remove(name);
+    }
+    // The new message is ASCII we wrote around tonic's; should it still not fit a header,
+    // the code alone is set.
+    if replaced.add_header(headers).is_err() {
+        headers.insert(
+            "grpc-status",
+            http::HeaderValue::from(replaced.code() as i32),
+        );
+    }
+    response
 }
 
 /// Keeps `grpc.health.v1` in step with readiness: SERVING when ready, NOT_SERVING while the store
@@ -118,11 +162,7 @@ impl EventGateway for Service {
             None => Start::Live,
             Some(subscribe_request::Start::Beginning(())) => Start::Beginning,
             Some(subscribe_request::Start::AfterSequence(sequence)) => Start::After(sequence),
-            Some(subscribe_request::Start::SinceTime(at)) => Start::Since(
-                at.seconds
-                    .saturating_mul(1000)
-                    .saturating_add(i64::from(at.nanos / 1_000_000)),
-            ),
+            Some(subscribe_request::Start::SinceTime(at)) => Start::Since(since_ms(&at)?),
         };
         let form = Form {
             raw_json: request.include_raw_json,
@@ -268,6 +308,26 @@ impl Stream for SubscriptionStream {
             }));
         }
     }
+}
+
+/// Milliseconds since the epoch of a valid `google.protobuf.Timestamp`: nanos in
+/// [0, 999,999,999], seconds from 0001-01-01 to 9999-12-31 (its documented range).
+fn since_ms(at: &prost_types::Timestamp) -> Result<i64, Status> {
+    const MIN_SECONDS: i64 = -62_135_596_800;
+    const MAX_SECONDS: i64 = 253_402_300_799;
+    if !(0..1_000_000_000).contains(&at.nanos) {
+        return Err(Status::invalid_argument(format!(
+            "since_time.nanos: {} is not in [0, 999999999]",
+            at.nanos
+        )));
+    }
+    if !(MIN_SECONDS..=MAX_SECONDS).contains(&at.seconds) {
+        return Err(Status::invalid_argument(format!(
+            "since_time.seconds: {} is not between 0001-01-01 and 9999-12-31",
+            at.seconds
+        )));
+    }
+    Ok(at.seconds * 1000 + i64::from(at.nanos / 1_000_000))
 }
 
 fn filter_from(filter: crate::pb::gateway::v1::Filter) -> Filter {

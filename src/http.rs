@@ -15,8 +15,8 @@ use tower::ServiceExt;
 mod console;
 mod stream;
 
-use crate::auth::{AuthError, GrpcAuth, IngestAuth};
-use crate::decode::{self, DecodeError, Decoded};
+use crate::auth::{AuthError, GrpcAuth, HeadCheck, IngestAuth};
+use crate::decode::{self, BatchItem, DecodeError};
 use crate::gateway::{Gateway, IngestError, Ingested};
 use crate::log::LogError;
 
@@ -31,6 +31,11 @@ pub struct HttpConfig {
     pub auth: IngestAuth,
     /// Tokens for the read side (`/v1/events:stream`, `/v1/stats`): the gRPC subscribe scope.
     pub subscribe_auth: GrpcAuth,
+    /// Bodies read at once whose sender only a signature over that body can authenticate
+    /// (`--webhook-secret` without `--ingest-token`); more get 429. A budget of their own, so
+    /// that senders nobody has authenticated yet never hold the ingest slots (`--max-in-flight`)
+    /// of those who are.
+    pub max_awaiting_signature: usize,
 }
 
 impl Default for HttpConfig {
@@ -40,6 +45,7 @@ impl Default for HttpConfig {
             body_timeout: std::time::Duration::from_secs(30),
             auth: IngestAuth::default(),
             subscribe_auth: GrpcAuth::default(),
+            max_awaiting_signature: 1024,
         }
     }
 }
@@ -52,6 +58,8 @@ struct AppState(std::sync::Arc<Shared>);
 struct Shared {
     gateway: Gateway,
     config: HttpConfig,
+    /// Slots for bodies read before their sender is authenticated ([`HttpConfig::max_awaiting_signature`]).
+    awaiting_signature: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl std::ops::Deref for AppState {
@@ -98,7 +106,13 @@ pub fn router(gateway: Gateway, config: HttpConfig, grpc: tonic::service::Routes
                 }
             }
         })
-        .with_state(AppState(std::sync::Arc::new(Shared { gateway, config })))
+        .with_state(AppState(std::sync::Arc::new(Shared {
+            awaiting_signature: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                config.max_awaiting_signature.max(1),
+            )),
+            gateway,
+            config,
+        })))
 }
 
 /// What the metrics layer of one ingest route needs; one `Arc`, cloned per request.
@@ -175,28 +189,63 @@ async fn post_event(
     Ok(Json(state.gateway.ingest_json(body).await?))
 }
 
-/// Everything an ingest request goes through before its body is decoded: admission (429 when
-/// too many are in flight), content type (415), body size (413) and time (408), credentials
-/// (401, checked on the raw body). Returns the admission permit (hold it until answered), the
-/// media type and the body.
+/// Everything an ingest request goes through before its body is decoded, cheapest and least
+/// trusting first: credentials that need no body (401: the shared token, the form of signature
+/// headers), the representation (415: content type, charset, content encoding), admission (429),
+/// body size (413) and time (408), then the signature over the raw body (401). A sender that is
+/// not authenticated before its body is read (signatures only) holds a slot of its own budget
+/// while the body arrives, and an ingest slot only once the signature is good. Returns the
+/// ingest slot (hold it until answered), the media type and the body.
 async fn accept(
     state: &AppState,
     request: Request,
     allowed: &[&'static str],
 ) -> Result<(tokio::sync::OwnedSemaphorePermit, &'static str, Bytes), HttpError> {
-    let permit = state.gateway.admit().ok_or(HttpError::Overloaded)?;
-    let media = require_content_type(request.headers(), allowed)?;
     let (parts, body) = request.into_parts();
+    let auth = &state.config.auth;
+    let head = auth
+        .check_head(&parts.headers, parts.uri.query())
+        .map_err(HttpError::Auth)?;
+    let media = require_representation(&parts.headers, allowed)?;
+    let permit = match head {
+        HeadCheck::Authenticated => state.gateway.admit(),
+        HeadCheck::AwaitingSignature => state.awaiting_signature.clone().try_acquire_owned().ok(),
+    }
+    .ok_or(HttpError::Overloaded)?;
     let read = read_body(&parts.headers, body, state.config.max_body_bytes);
     let body = tokio::time::timeout(state.config.body_timeout, read)
         .await
         .map_err(|_| HttpError::Timeout)??;
-    state
-        .config
-        .auth
-        .check(&parts.headers, parts.uri.query(), &body)
+    auth.check_body(&parts.headers, &body)
         .map_err(HttpError::Auth)?;
+    let permit = match head {
+        HeadCheck::Authenticated => permit,
+        HeadCheck::AwaitingSignature => {
+            drop(permit);
+            state.gateway.admit().ok_or(HttpError::Overloaded)?
+        }
+    };
     Ok((permit, media, body))
+}
+
+/// Rejected items of a batch answered in full; past them a rejected item's result is `null` and
+/// it is only counted (`omitted_errors`). With [`LISTED_DEVIATIONS`] this bounds the answer to a
+/// small multiple of the body (one result per item: `null,` for the 2 bytes of `{\n`) plus a
+/// fixed amount, whatever the body holds.
+const DETAILED_ERRORS: usize = 100;
+
+/// Deviations listed in a batch answer: a stored item's list is given whole while fewer than this
+/// many have been listed before it; later lists are only counted (`omitted_deviations`; every
+/// stored event still carries its own).
+const LISTED_DEVIATIONS: usize = 100;
+
+/// What a batch answer keeps of one item while the valid ones are stored: a few bytes each, so a
+/// body of many tiny items costs little memory.
+enum Slot {
+    /// A valid item: its result is the next one the store answers.
+    Event,
+    /// A rejected item: its error, while fewer than [`DETAILED_ERRORS`] were kept.
+    Rejected(Option<Box<DecodeError>>),
 }
 
 /// `POST /v1/events:batch`: a JSON array of events (`application/json`) or one event per line
@@ -215,48 +264,58 @@ async fn post_batch(
     ];
     let allowed = ["application/json", ndjson[0], ndjson[1], ndjson[2]];
     let (_permit, content_type, body) = accept(&state, request, &allowed).await?;
+    let body = body.slice_ref(decode::strip_bom(&body));
     let policy = state.gateway.decode_policy();
-    let items: Vec<Result<(Decoded, Bytes), DecodeError>> = if content_type == "application/json" {
-        decode::decode_array(&body, policy)
-            .map_err(HttpError::Invalid)?
-            .into_iter()
-            .map(|item| Ok((item.decoded?, body.slice(item.range))))
-            .collect()
-    } else {
-        split_lines(&body)
-            .into_iter()
-            .map(|line| Ok((decode::decode_with(&line, policy)?, line)))
-            .collect()
+    let mut slots = Vec::new();
+    let mut events = Vec::new();
+    let mut rejected = 0;
+    let each = |item: BatchItem| match item.decoded {
+        Ok(decoded) => {
+            slots.push(Slot::Event);
+            events.push((decoded, body.slice(item.range)));
+        }
+        Err(error) => {
+            rejected += 1;
+            slots.push(Slot::Rejected(
+                (rejected <= DETAILED_ERRORS).then(|| Box::new(error)),
+            ));
+        }
     };
-    let results = state
+    if content_type == "application/json" {
+        decode::decode_array(&body, policy, each).map_err(HttpError::Invalid)?;
+    } else {
+        decode::decode_lines(&body, policy, each);
+    }
+    let ingested = state
         .gateway
-        .ingest_batch(items)
+        .ingest_batch(events)
         .await
         .map_err(HttpError::Storage)?;
-    let mut answer = BatchAnswer {
-        stored: 0,
-        duplicates: 0,
-        rejected: 0,
-        results: Vec::with_capacity(results.len()),
-    };
-    for result in &results {
-        let item = match result {
-            Ok(ingested) => {
-                if ingested.appended.duplicate {
-                    answer.duplicates += 1;
-                } else {
-                    answer.stored += 1;
-                }
-                ItemAnswer::Appended(ingested)
-            }
-            Err(error) => {
-                answer.rejected += 1;
-                ItemAnswer::Rejected(ErrorBody::from(error))
-            }
-        };
-        answer.results.push(item);
+    let mut listed = 0;
+    let mut list_until = ingested.len();
+    let mut omitted_deviations = 0;
+    for (i, item) in ingested.iter().enumerate() {
+        if listed < LISTED_DEVIATIONS {
+            listed += item.deviations.len();
+        } else {
+            list_until = list_until.min(i);
+            omitted_deviations += item.deviations.len();
+        }
     }
-    Ok(Json(answer).into_response())
+    let duplicates = ingested.iter().filter(|i| i.appended.duplicate).count();
+    Ok(Json(BatchAnswer {
+        stored: ingested.len() - duplicates,
+        duplicates,
+        rejected,
+        omitted_errors: rejected.saturating_sub(DETAILED_ERRORS),
+        omitted_deviations,
+        results: Results {
+            slots: &slots,
+            ingested: &ingested,
+            list_until,
+        },
+    })
+    .into_response())
 }
 
 /// The answer to a batch: counts, then one result per item in order.
@@ -265,14 +324,44 @@ struct BatchAnswer<'a> {
     stored: usize,
     duplicates: usize,
     rejected: usize,
-    results: Vec<ItemAnswer<'a>>,
+    #[serde(skip_serializing_if = "is_zero")]
+    omitted_errors: usize,
+    #[serde(skip_serializing_if = "is_zero")]
+    omitted_deviations: usize,
+    results: Results<'a>,
 }
 
-#[derive(serde::Serialize)]
-#[serde(untagged)]
-enum ItemAnswer<'a> {
-    Appended(&'a Ingested),
-    Rejected(ErrorBody<'a>),
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// One result per item, written as they are serialized (never a list of answers in memory):
+/// `{"sequence", "duplicate", "deviations"?}`, `{"error", "path", "line", "column"}` or `null`.
+struct Results<'a> {
+    slots: &'a [Slot],
+    ingested: &'a [Ingested],
+    /// Stored items from this one on are answered without their deviations.
+    list_until: usize,
+}
+
+impl serde::Serialize for Results<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeSeq};
+        let mut seq = serializer.serialize_seq(Some(self.slots.len()))?;
+        let mut ingested = self.ingested.iter().enumerate();
+        for slot in self.slots {
+            match slot {
+                Slot::Event => match ingested.next() {
+                    Some((i, item)) if i < self.list_until => seq.serialize_element(item)?,
+                    Some((_, item)) => seq.serialize_element(&item.appended)?,
+                    None => return Err(S::Error::custom("fewer results than stored items")),
+                },
+                Slot::Rejected(Some(error)) => seq.serialize_element(&ErrorBody::from(&**error))?,
+                Slot::Rejected(None) => seq.serialize_element(&())?,
+            }
+        }
+        seq.end()
+    }
 }
 
 /// A decode error as JSON: `{"error", "path", "line", "column"}` (the last two when known).
@@ -301,16 +390,11 @@ impl<'a> From<&'a DecodeError> for ErrorBody<'a> {
     }
 }
 
-/// Splits NDJSON into its non-blank lines.
-fn split_lines(body: &Bytes) -> Vec<Bytes> {
-    body.split(|&b| b == b'\n')
-        .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
-        .map(|line| body.slice_ref(line))
-        .collect()
-}
-
-/// The media type without parameters, if it is one of `allowed`.
-fn require_content_type(
+/// Checks how the body is represented: its media type (without parameters) must be one of
+/// `allowed`, its `charset` (if given) UTF-8, and it must not be compressed (`Content-Encoding`
+/// other than `identity`: no sender is known to compress, and a decompressor would make the
+/// work of a request unbounded by its size on the wire). Returns the media type.
+fn require_representation(
     headers: &HeaderMap,
     allowed: &[&'static str],
 ) -> Result<&'static str, HttpError> {
@@ -318,12 +402,48 @@ fn require_content_type(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let media = value.split(';').next().unwrap_or("").trim();
-    allowed
+    let mut parts = value.split(';');
+    let media = parts.next().unwrap_or("").trim();
+    let media = allowed
         .iter()
         .find(|allowed| media.eq_ignore_ascii_case(allowed))
         .copied()
-        .ok_or(HttpError::UnsupportedMediaType(allowed.join(", ")))
+        .ok_or_else(|| HttpError::UnsupportedMediaType(allowed.join(", ")))?;
+    for parameter in parts {
+        let Some((name, charset)) = parameter.split_once('=') else {
+            continue;
+        };
+        let charset = charset.trim().trim_matches('"');
+        let utf8 = charset.eq_ignore_ascii_case("utf-8") || charset.eq_ignore_ascii_case("utf8");
+        if name.trim().eq_ignore_ascii_case("charset") && !utf8 {
+            return Err(HttpError::UnsupportedCharset(shown(charset, 40)));
+        }
+    }
+    for encoding in headers.get_all(header::CONTENT_ENCODING) {
+        let identity = encoding.to_str().is_ok_and(|codings| {
+            codings
+                .split(',')
+                .map(str::trim)
+                .all(|coding| coding.is_empty() || coding.eq_ignore_ascii_case("identity"))
+        });
+        if !identity {
+            return Err(HttpError::UnsupportedEncoding);
+        }
+    }
+    Ok(media)
+}
+
+/// `text` as it may be echoed in an answer: at most `max` bytes (cut at a character boundary,
+/// marked with `…`), so a client cannot make an answer as large as its request.
+fn shown(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, HttpError> {
@@ -368,6 +488,10 @@ enum HttpError {
     TooLarge(usize),
     #[error("unsupported content type; expected one of: {0}")]
     UnsupportedMediaType(String),
+    #[error("unsupported charset `{0}`; send UTF-8 (charset=utf-8, or no charset)")]
+    UnsupportedCharset(String),
+    #[error("unsupported content encoding; send the body uncompressed (identity)")]
+    UnsupportedEncoding,
     #[error("could not read the request body")]
     BodyRead,
     #[error("method not allowed")]
@@ -401,7 +525,9 @@ impl IntoResponse for HttpError {
             Self::Invalid(_) | Self::BodyRead => StatusCode::BAD_REQUEST,
             Self::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::UnsupportedMediaType(_)
+            | Self::UnsupportedCharset(_)
+            | Self::UnsupportedEncoding => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BadQuery(_) => StatusCode::BAD_REQUEST,
             Self::Subscribe(error) => subscribe_status(error),
@@ -419,6 +545,13 @@ impl IntoResponse for HttpError {
         let headers = response.headers_mut();
         if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
             headers.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        if matches!(self, Self::UnsupportedEncoding) {
+            // RFC 7694: the codings the server accepts in a request.
+            headers.insert(
+                header::ACCEPT_ENCODING,
+                header::HeaderValue::from_static("identity"),
+            );
         }
         if status == StatusCode::UNAUTHORIZED {
             headers.insert(

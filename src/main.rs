@@ -292,9 +292,16 @@ struct LimitArgs {
     /// Open Subscribe streams at once; more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "IQGW_MAX_SUBSCRIBERS", default_value_t = 10_000)]
     max_subscribers: usize,
-    /// Time a client gets to send a request's headers (at most 10s) and then its body (408).
+    /// Time a client gets to send a request's headers (at most 10s) and then its body (408). A
+    /// new connection gets the same header time to send its first request or HTTP/2 preface;
+    /// one that has not is closed.
     #[arg(long, env = "IQGW_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     request_timeout: Duration,
+    /// Open client connections at once; a connection beyond it is closed as soon as it is
+    /// accepted (logged at most every 10s, counted in iqgw_connections_refused_total). Keep it
+    /// below the process's file descriptor limit (`ulimit -n`).
+    #[arg(long, env = "IQGW_MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
     /// Interval of HTTP/2 keepalive pings; a peer that does not answer is disconnected.
     #[arg(long, env = "IQGW_HTTP2_KEEPALIVE", default_value = "30s", value_parser = humantime::parse_duration)]
     http2_keepalive: Duration,
@@ -529,6 +536,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_in_flight: args.limits.max_in_flight,
         request_timeout: args.limits.request_timeout,
         catch_up_bytes: args.catch_up_memory,
+        max_connections: args.limits.max_connections,
         decode_policy: if args.strict_decode {
             iqchannels_gateway::decode::Policy::Strict
         } else {

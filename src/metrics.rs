@@ -72,6 +72,8 @@ pub struct Metrics {
     synced_records: Gauge,
     store_bytes: Gauge,
     store_damaged_reads: Gauge,
+    connections: Gauge,
+    connections_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -162,6 +164,18 @@ impl Metrics {
             "Reads that found the store damaged (records that cannot be read; run `verify`)",
             store_damaged_reads.clone(),
         );
+        let connections = Gauge::default();
+        registry.register(
+            "connections",
+            "Open client connections (HTTP/1.1 and HTTP/2, cleartext and TLS)",
+            connections.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed at once because --max-connections were open",
+            connections_refused.clone(),
+        );
         Self {
             store_damaged_reads,
             registry,
@@ -179,7 +193,24 @@ impl Metrics {
             syncs,
             synced_records,
             store_bytes,
+            connections,
+            connections_refused,
         }
+    }
+
+    /// Counts a connection that is being served.
+    pub fn connection_opened(&self) {
+        self.connections.inc();
+    }
+
+    /// Counts a served connection that ended.
+    pub fn connection_closed(&self) {
+        self.connections.dec();
+    }
+
+    /// Counts a connection closed at once over the cap.
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
     }
 
     /// Counts one ingest request and its latency. `result` is one of a fixed set of words.

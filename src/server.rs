@@ -1,9 +1,15 @@
 //! Serves one bound listener: HTTP/1.1 and HTTP/2 cleartext (gRPC) on the same port, until the
-//! shutdown signal, then drains within a grace period.
+//! shutdown signal, then drains within a grace period. Bounds what a client can hold: open
+//! connections (`max_connections`) and the time a new connection gets to say which protocol it
+//! speaks ([`ServerConfig::header_timeout`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -19,17 +25,97 @@ use crate::log::SharedLog;
 /// How long a client may take for the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The header timeout at most, whatever `request_timeout` is.
+const MAX_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often, at most, refused connections are logged (with how many since the last line).
+const REFUSED_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Bytes one HTTP/2 stream may buffer for sending (h2's default is 400 KiB).
 const STREAM_SEND_BUFFER: usize = 128 << 10;
 
-/// Serves one accepted connection (plain or TLS) until it ends or the drain closes it.
+/// The HTTP/2 connection preface a client sends first.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A connection's reads, watched until they show which protocol the client speaks: a byte that
+/// departs from the HTTP/2 preface (HTTP/1.1, whose headers hyper then times itself), or the
+/// whole preface (HTTP/2, whose idle peers keepalive pings find). Until then hyper-util's
+/// protocol detection waits without a timer, so [`serve_io`] bounds it.
+struct Detecting<I> {
+    io: I,
+    /// Bytes of the preface matched so far.
+    matched: usize,
+    /// Set once the protocol is known.
+    spoke: Arc<AtomicBool>,
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Detecting<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if self.matched < H2_PREFACE.len() {
+            for &byte in &buf.filled()[before..] {
+                if byte != H2_PREFACE[self.matched] {
+                    self.matched = H2_PREFACE.len();
+                    break;
+                }
+                self.matched += 1;
+                if self.matched == H2_PREFACE.len() {
+                    break;
+                }
+            }
+            if self.matched == H2_PREFACE.len() {
+                self.spoke.store(true, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Detecting<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// Serves one accepted connection (plain or TLS) until it ends or the drain closes it. A client
+/// that has not shown which protocol it speaks within `first_bytes` is disconnected.
 async fn serve_io<I, S>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
     service: S,
     watcher: hyper_util::server::graceful::Watcher,
+    first_bytes: Duration,
 ) -> Result<(), BoxError>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -42,8 +128,24 @@ where
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
 {
+    let spoke = Arc::new(AtomicBool::new(false));
+    let io = Detecting {
+        io,
+        matched: 0,
+        spoke: spoke.clone(),
+    };
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    watcher.watch(connection.into_owned()).await
+    let served = watcher.watch(connection.into_owned());
+    tokio::pin!(served);
+    tokio::select! {
+        result = &mut served => return result,
+        _ = tokio::time::sleep(first_bytes) => {}
+    }
+    if !spoke.load(Ordering::Relaxed) {
+        // Dropping the connection closes the socket.
+        return Err("no HTTP/1.1 request or HTTP/2 preface in time".into());
+    }
+    served.await
 }
 
 /// Everything `serve` needs besides the listener.
@@ -61,8 +163,11 @@ pub struct ServerConfig {
     pub max_subscribers: usize,
     /// Ingest requests in flight at most; more are shed with 429 / RESOURCE_EXHAUSTED.
     pub max_in_flight: usize,
-    /// How long a client may take to send a request's headers, and then its body.
+    /// How long a client may take to send a request's headers (at most 10 s, see
+    /// [`Self::header_timeout`]), and then its body.
     pub request_timeout: Duration,
+    /// Open connections at most; a connection accepted beyond it is closed at once.
+    pub max_connections: usize,
     /// What webhook senders must present.
     pub ingest_auth: IngestAuth,
     /// gRPC bearer tokens and scopes.
@@ -85,12 +190,22 @@ impl Default for ServerConfig {
             max_subscribers: 10_000,
             max_in_flight: 1024,
             request_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
             ingest_auth: IngestAuth::default(),
             grpc_auth: GrpcAuth::default(),
             tls: None,
             decode_policy: crate::decode::Policy::Tolerant,
             catch_up_bytes: crate::subscribe::DEFAULT_CATCH_UP_BYTES,
         }
+    }
+}
+
+impl ServerConfig {
+    /// The time a client gets for a request's headers, and a new connection to show which
+    /// protocol it speaks (its first HTTP/1.1 bytes or the whole HTTP/2 preface): the request
+    /// timeout, at most 10 s.
+    pub fn header_timeout(&self) -> Duration {
+        self.request_timeout.min(MAX_HEADER_TIMEOUT)
     }
 }
 
@@ -137,6 +252,7 @@ pub async fn serve(
         body_timeout: config.request_timeout,
         auth: config.ingest_auth.clone(),
         subscribe_auth: config.grpc_auth.clone(),
+        max_awaiting_signature: config.max_in_flight,
     };
     let app = crate::http::router(gateway.clone(), http, grpc);
     let service = TowerToHyperService::new(app);
@@ -144,7 +260,7 @@ pub async fn serve(
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .header_read_timeout(config.request_timeout.min(Duration::from_secs(10)))
+        .header_read_timeout(config.header_timeout())
         .timer(hyper_util::rt::TokioTimer::new());
     builder
         .http2()
@@ -167,6 +283,9 @@ pub async fn serve(
     let scheme = if tls.is_some() { "TLS" } else { "cleartext" };
     tracing::info!(address = %listener.local_addr()?, scheme, "listening (HTTP/1.1 and gRPC)");
     tokio::pin!(shutdown);
+    let connections = Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1)));
+    let mut refused = Refused::default();
+    let first_bytes = config.header_timeout();
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -180,22 +299,34 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
+        let Ok(slot) = connections.clone().try_acquire_owned() else {
+            // Over the cap: closed at once (dropped), rather than left to wait in the backlog
+            // where the client cannot tell a full server from a dead one.
+            drop(stream);
+            gateway.metrics().connection_refused();
+            refused.note(config.max_connections);
+            continue;
+        };
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, %peer, "could not set TCP_NODELAY");
         }
-        let (builder, service, watcher, tls) = (
+        let (builder, service, watcher, tls, gateway) = (
             builder.clone(),
             service.clone(),
             graceful.watcher(),
             tls.clone(),
+            gateway.clone(),
         );
         tokio::spawn(async move {
+            gateway.metrics().connection_opened();
             let served = match tls {
-                None => serve_io(&builder, stream, service, watcher).await,
+                None => serve_io(&builder, stream, service, watcher, first_bytes).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
                     {
-                        Ok(Ok(stream)) => serve_io(&builder, stream, service, watcher).await,
+                        Ok(Ok(stream)) => {
+                            serve_io(&builder, stream, service, watcher, first_bytes).await
+                        }
                         Ok(Err(error)) => Err(error.into()),
                         Err(_) => Err("TLS handshake timed out".into()),
                     }
@@ -204,11 +335,40 @@ pub async fn serve(
             if let Err(error) = served {
                 tracing::debug!(%error, %peer, "connection ended with an error");
             }
+            gateway.metrics().connection_closed();
+            drop(slot);
         });
     }
 
     drain(&gateway, &stop_tx, graceful, config.grace).await;
     Ok(())
+}
+
+/// Connections refused over the cap since the last log line, logged at most once per
+/// [`REFUSED_LOG_INTERVAL`] so that a flood does not become a flood of logs.
+#[derive(Default)]
+struct Refused {
+    since_log: u64,
+    logged_at: Option<Instant>,
+}
+
+impl Refused {
+    fn note(&mut self, max_connections: usize) {
+        self.since_log += 1;
+        if self
+            .logged_at
+            .is_some_and(|at| at.elapsed() < REFUSED_LOG_INTERVAL)
+        {
+            return;
+        }
+        tracing::warn!(
+            refused = self.since_log,
+            max_connections,
+            "connection limit reached: new connections are closed at once (--max-connections)"
+        );
+        self.since_log = 0;
+        self.logged_at = Some(Instant::now());
+    }
 }
 
 async fn drain(

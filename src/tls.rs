@@ -1,6 +1,8 @@
 //! TLS for the shared port (rustls, ring): HTTP/1.1 and gRPC over h2, chosen by ALPN. The
 //! certificate and key are read from PEM files and reloaded on SIGHUP or when the files change,
-//! without dropping connections; a reload that fails keeps the previous certificate.
+//! without dropping connections. The key must match the certificate, at start and on reload; a
+//! reload that fails (a file unreadable, or a pair that does not match, as while one of the two
+//! files is being replaced) keeps the previous pair and logs why.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -85,10 +87,18 @@ fn load(files: &TlsFiles) -> Result<CertifiedKey, TlsError> {
         return Err(pem_error(&files.cert, "no certificate found"));
     }
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| pem_error(&files.key, e))?;
-    let signing = ring::default_provider()
-        .key_provider
-        .load_private_key(key)?;
-    Ok(CertifiedKey::new(chain, signing))
+    // Checks that the key is the certificate's (its public key is the leaf's); without this a
+    // mismatched pair is served, and every handshake fails.
+    CertifiedKey::from_der(chain, key, &ring::default_provider()).map_err(|error| match error {
+        tokio_rustls::rustls::Error::InconsistentKeys(_) => pem_error(
+            &files.key,
+            format!(
+                "the private key does not match the certificate in {}",
+                files.cert.display()
+            ),
+        ),
+        other => other.into(),
+    })
 }
 
 /// A TLS acceptor offering h2 and http/1.1, and the reloadable certificate behind it.

@@ -278,9 +278,15 @@ fn invalid_utf8() -> Vec<Hostile> {
             Expect::Invalid("ChatEvent.Type".into()),
         ));
     }
+    // One leading byte-order mark is skipped (tests/answers.rs); two are not, nor one later on.
     cases.push(single(
-        "a byte-order mark",
-        [&b"\xef\xbb\xbf"[..], CHAT_CLOSED].concat(),
+        "two byte-order marks",
+        [&b"\xef\xbb\xbf\xef\xbb\xbf"[..], CHAT_CLOSED].concat(),
+        Expect::Status(400),
+    ));
+    cases.push(single(
+        "a byte-order mark inside the object",
+        [&b"{\xef\xbb\xbf"[..], &CHAT_CLOSED[1..]].concat(),
         Expect::Status(400),
     ));
     cases.push(single(

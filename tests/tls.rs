@@ -145,3 +145,94 @@ async fn http_and_grpc_share_one_tls_port_and_a_new_certificate_is_picked_up() {
     let (old_ok, _) = curl(&first_ca, &[&format!("{base}/healthz")]);
     assert!(!old_ok, "the old certificate is no longer presented");
 }
+
+/// Writes a new key only (the certificate stays): a pair that does not match.
+fn write_other_key(key: &Path) {
+    let other = rcgen::KeyPair::generate().unwrap();
+    std::fs::write(key, other.serialize_pem()).unwrap();
+}
+
+/// Whether a gRPC health check over TLS, trusting `ca`, succeeds on a new connection.
+async fn grpc_over_tls_works(port: u16, ca: &str) -> bool {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost");
+    let Ok(endpoint) = Channel::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .tls_config(tls)
+    else {
+        return false;
+    };
+    let Ok(Ok(channel)) = tokio::time::timeout(Duration::from_secs(5), endpoint.connect()).await
+    else {
+        return false;
+    };
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_that_does_not_match_its_certificate_is_refused_at_start_and_on_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let tls = TlsFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        poll: Duration::from_millis(100),
+    };
+
+    // At start: the server does not start.
+    write_certificate(&cert, &key);
+    write_other_key(&key);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let started = tokio::time::timeout(
+        Duration::from_secs(5),
+        iqchannels_gateway::server::serve(
+            listener,
+            std::sync::Arc::new(iqchannels_gateway::log::memory::MemoryLog::default()),
+            ServerConfig {
+                tls: Some(tls.clone()),
+                ..ServerConfig::default()
+            },
+            std::future::pending(),
+        ),
+    )
+    .await
+    .expect("serve returns at once");
+    let error = started
+        .expect_err("a mismatched pair is refused")
+        .to_string();
+    assert!(error.contains("does not match"), "{error}");
+
+    // On reload: the previous pair stays.
+    let ca = write_certificate(&cert, &key);
+    let server = TestServer::with_config(ServerConfig {
+        tls: Some(tls),
+        ..ServerConfig::default()
+    })
+    .await;
+    let port = server.addr.port();
+    assert!(grpc_over_tls_works(port, &ca).await);
+    write_other_key(&key);
+    // Several polls of the files: a reload would have happened by now.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        grpc_over_tls_works(port, &ca).await,
+        "the server keeps serving the previous, matching pair"
+    );
+    // A matching pair again is picked up.
+    let next = write_certificate(&cert, &key);
+    let mut switched = false;
+    for _ in 0..50 {
+        if grpc_over_tls_works(port, &next).await {
+            switched = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(switched, "a new matching pair is served");
+}

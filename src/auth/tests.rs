@@ -120,3 +120,79 @@ fn grpc_tokens_carry_scopes() {
     assert!(GrpcAuth::new(&["read:x".into()]).is_err());
     assert!(GrpcAuth::new(&["subscribe".into()]).is_err());
 }
+
+#[test]
+fn the_query_token_is_percent_decoded() {
+    assert_eq!(
+        query_token("a=1&token=p%40ss%2Bw").as_deref(),
+        Some("p@ss+w")
+    );
+    assert_eq!(query_token("token=a+b").as_deref(), Some("a b"));
+    assert_eq!(query_token("tokens=x"), None);
+    let auth = IngestAuth::new(Some("p@ss+w".into()), &[], Duration::from_secs(300)).unwrap();
+    assert_eq!(
+        auth.check_head(&HeaderMap::new(), Some("token=p%40ss%2Bw")),
+        Ok(HeadCheck::Authenticated)
+    );
+    assert_eq!(
+        auth.check_head(&HeaderMap::new(), Some("token=p@ss+w")),
+        Err(AuthError::Unauthenticated),
+        "undecoded, `+` is a space"
+    );
+}
+
+#[test]
+fn tokens_of_any_length_are_compared_by_digest() {
+    let auth = IngestAuth::new(Some("t0ken".into()), &[], Duration::from_secs(300)).unwrap();
+    for presented in ["", "t", "t0ke", "t0ken0", "t0ken-and-much-more", "T0KEN"] {
+        let header = format!("Bearer {presented}");
+        assert_eq!(
+            auth.check_head(&headers(&[("authorization", &header)]), None),
+            Err(AuthError::Unauthenticated),
+            "{presented:?}"
+        );
+    }
+    assert!(
+        !format!("{auth:?}").contains("t0ken"),
+        "the token is not printed"
+    );
+}
+
+#[test]
+fn the_head_check_refuses_missing_or_stale_signature_headers_before_the_body() {
+    let auth = webhook_auth();
+    let now = now_secs();
+    assert_eq!(
+        auth.check_head(&signed(SIGNATURE, now), None),
+        Ok(HeadCheck::AwaitingSignature)
+    );
+    for refused in [
+        HeaderMap::new(),
+        signed(SIGNATURE, now - 600),
+        signed("v2,abc", now),
+        headers(&[("webhook-id", ID)]),
+    ] {
+        assert_eq!(
+            auth.check_head(&refused, None),
+            Err(AuthError::Unauthenticated)
+        );
+    }
+    // With a token as well, the token authenticates before the body; the signature still counts.
+    let both = IngestAuth::new(
+        Some("t0ken".into()),
+        &[SECRET.to_owned()],
+        Duration::from_secs(300),
+    )
+    .unwrap();
+    let mut with_token = signed(SIGNATURE, now);
+    with_token.insert("authorization", HeaderValue::from_static("Bearer t0ken"));
+    assert_eq!(
+        both.check_head(&with_token, None),
+        Ok(HeadCheck::Authenticated)
+    );
+    assert_eq!(
+        both.check_body(&with_token, BODY),
+        Err(AuthError::Unauthenticated),
+        "the test vector's signature is for another timestamp"
+    );
+}

@@ -539,10 +539,29 @@ fn the_error_display_puts_the_path_first() {
     );
 }
 
+/// Every item `decode_array` hands over, or its error.
+fn array_items(body: &[u8], policy: Policy) -> Result<Vec<BatchItem>, DecodeError> {
+    let mut items = Vec::new();
+    decode_array(body, policy, |item| items.push(item)).map(|()| items)
+}
+
+/// The items of the careful path alone: split the array, decode each item alone.
+fn split_items(body: &[u8]) -> Result<Vec<BatchItem>, DecodeError> {
+    let mut items = Vec::new();
+    decode_array_split(
+        body,
+        Policy::Tolerant,
+        0,
+        &mut Lines::new(body),
+        &mut |item| items.push(item),
+    )
+    .map(|()| items)
+}
+
 /// `decode_array` against the plain path: split the array, decode each item alone.
 fn assert_same_as_split(body: &[u8]) {
-    let fast = decode_array(body, Policy::Tolerant);
-    let split = decode_array_split(body, Policy::Tolerant);
+    let fast = array_items(body, Policy::Tolerant);
+    let split = split_items(body);
     match (&fast, &split) {
         (Ok(fast), Ok(split)) => {
             assert_eq!(fast.len(), split.len());
@@ -563,8 +582,13 @@ fn a_batch_decodes_each_item_from_its_exact_bytes() {
     body.extend_from_slice(b" ,\t");
     body.extend_from_slice(MESSAGE_CREATED_FILE);
     body.extend_from_slice(b"]\n");
-    let items = decode_array_fast(std::str::from_utf8(&body).expect("UTF-8"))
-        .expect("a well-formed array takes the one-pass path");
+    let mut items = Vec::new();
+    decode_array_fast(
+        std::str::from_utf8(&body).expect("UTF-8"),
+        &mut Lines::new(&body),
+        &mut |item| items.push(item),
+    )
+    .expect("a well-formed array takes the one-pass path");
     assert_eq!(items.len(), 2);
     let trimmed = |bytes: &[u8]| bytes.trim_ascii().to_vec();
     assert_eq!(body[items[0].range.clone()].to_vec(), trimmed(CHAT_CLOSED));
@@ -616,14 +640,14 @@ fn a_bad_batch_item_gets_the_error_it_would_get_alone() {
         assert_same_as_split(&bytes);
     }
     let items =
-        decode_array(format!("[{good}, {{}}]").as_bytes(), Policy::Tolerant).expect("an array");
+        array_items(format!("[{good}, {{}}]").as_bytes(), Policy::Tolerant).expect("an array");
     assert!(items[0].decoded.is_ok());
     assert_eq!(
         items[1].decoded.as_ref().map_err(|e| e.path.as_str()),
         Err("ChatEvent")
     );
-    let error = decode_array(format!("[{good},]").as_bytes(), Policy::Tolerant)
-        .expect_err("trailing comma");
+    let error =
+        array_items(format!("[{good},]").as_bytes(), Policy::Tolerant).expect_err("trailing comma");
     assert!(error
         .message
         .starts_with("expected a JSON array of events: malformed JSON"));
@@ -1195,4 +1219,46 @@ fn paths_lose_their_indices_in_patterns() {
         "Rels.ChatMessages[].SingleChoices[].title"
     );
     assert_eq!(path_pattern("ChatEvent.Id"), "ChatEvent.Id");
+}
+
+#[test]
+fn one_leading_byte_order_mark_is_stripped() {
+    assert_eq!(strip_bom(b"\xef\xbb\xbf{}"), b"{}");
+    assert_eq!(
+        strip_bom(b"\xef\xbb\xbf\xef\xbb\xbf{}"),
+        b"\xef\xbb\xbf{}",
+        "one mark only"
+    );
+    assert_eq!(strip_bom(b" \xef\xbb\xbf{}"), b" \xef\xbb\xbf{}");
+    assert_eq!(strip_bom(b"\xef\xbb"), b"\xef\xbb");
+}
+
+#[test]
+fn error_text_quoting_the_body_is_cut() {
+    let long = "é".repeat(1000);
+    let body = format!(r#"{{"ChatEvent": {{"Id": "{long}", "Type": "x"}}}}"#);
+    let error = decode_with(body.as_bytes(), Policy::Strict).expect_err("a string id");
+    assert!(
+        error.message.len() <= MAX_ERROR_TEXT + '…'.len_utf8(),
+        "{error}"
+    );
+    assert!(error.message.ends_with('…'), "{error}");
+}
+
+#[test]
+fn ndjson_errors_are_placed_on_the_body_s_lines() {
+    let body = b"{\"ChatEvent\": {\"Id\": 1, \"Type\": \"x\"}}\n\n  {\n{\"ChatEvent\": {}}\r\n";
+    let mut items = Vec::new();
+    decode_lines(body, Policy::Tolerant, |item| items.push(item));
+    assert_eq!(items.len(), 3, "blank lines are not items");
+    assert!(items[0].decoded.is_ok());
+    let truncated = items[1].decoded.as_ref().expect_err("truncated");
+    assert_eq!((truncated.line, truncated.column), (Some(3), Some(3)));
+    assert_eq!(&body[items[1].range.clone()], b"  {");
+    let no_type = items[2].decoded.as_ref().expect_err("no Type");
+    assert_eq!(
+        (no_type.line, no_type.column),
+        (Some(4), Some(1)),
+        "an error the parser does not place is at the item's start"
+    );
 }

@@ -15,22 +15,21 @@ use axum::Json;
 use futures_util::Stream;
 use serde_json::json;
 
-use super::{AppState, HttpError};
+use super::{shown, AppState, HttpError};
 use crate::auth::Scope;
 use crate::subscribe::{Filter, Start, SubscribeError};
 use crate::wire::EncodedEvent;
 
 /// Query parameters: `type`, `project`, `channel`, `chat`, `client`, `user`, `actor` (repeat them
-/// or separate values with commas); `from=beginning`, `after=SEQ`, `since=RFC3339` or `tail=N`
-/// (the last N events); `references=true|false`; `token` (when gRPC tokens are configured and a
-/// header cannot be sent).
+/// or separate values with commas); at most one start position: `from=beginning`, `after=SEQ`,
+/// `since=RFC3339` or `tail=N` (the last N events); `references=true|false`; `token` (when gRPC
+/// tokens are configured and a header cannot be sent; read by [`crate::auth::query_token`]).
 #[derive(Debug, Default)]
 struct Params {
     filter: Filter,
     start: Option<StartParam>,
     /// Add the resolved references to each event's data.
     references: bool,
-    token: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -39,38 +38,64 @@ enum StartParam {
     Tail(u64),
 }
 
+/// Bytes of a parameter's name or value echoed in an error at most.
+const ECHOED: usize = 40;
+
 fn parse(query: Option<&str>) -> Result<Params, String> {
     let mut params = Params::default();
-    let query = query.unwrap_or("");
-    for (key, value) in form_urlencoded(query) {
+    let mut start_key: Option<String> = None;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         let ids = || -> Result<Vec<i64>, String> {
             value
                 .split(',')
                 .filter(|v| !v.is_empty())
                 .map(|v| {
                     v.parse()
-                        .map_err(|_| format!("{key}: `{v}` is not an integer id"))
+                        .map_err(|_| format!("{key}: `{}` is not an integer id", shown(v, ECHOED)))
                 })
                 .collect()
         };
         let words = || value.split(',').map(str::to_owned).collect::<Vec<_>>();
-        match key.as_str() {
-            "type" => params.filter.event_types.extend(words()),
-            "actor" => params.filter.actors.extend(words()),
-            "project" => params.filter.project_ids.extend(ids()?),
-            "channel" => params.filter.channel_ids.extend(ids()?),
-            "chat" => params.filter.chat_ids.extend(ids()?),
-            "client" => params.filter.client_ids.extend(ids()?),
-            "user" => params.filter.user_ids.extend(ids()?),
-            "from" if value == "beginning" => {
-                params.start = Some(StartParam::Start(Start::Beginning))
+        let start = match key.as_ref() {
+            "type" => {
+                params.filter.event_types.extend(words());
+                None
             }
-            "after" => {
-                let after = value
-                    .parse()
-                    .map_err(|_| format!("after: `{value}` is not a sequence"))?;
-                params.start = Some(StartParam::Start(Start::After(after)));
+            "actor" => {
+                params.filter.actors.extend(words());
+                None
             }
+            "project" => {
+                params.filter.project_ids.extend(ids()?);
+                None
+            }
+            "channel" => {
+                params.filter.channel_ids.extend(ids()?);
+                None
+            }
+            "chat" => {
+                params.filter.chat_ids.extend(ids()?);
+                None
+            }
+            "client" => {
+                params.filter.client_ids.extend(ids()?);
+                None
+            }
+            "user" => {
+                params.filter.user_ids.extend(ids()?);
+                None
+            }
+            "from" if value == "beginning" => Some(StartParam::Start(Start::Beginning)),
+            "from" => {
+                return Err(format!(
+                    "from: `{}` is not a start position; expected `from=beginning` (or after=SEQ, \
+                     since=RFC3339, tail=N)",
+                    shown(&value, ECHOED)
+                ))
+            }
+            "after" => Some(StartParam::Start(Start::After(value.parse().map_err(
+                |_| format!("after: `{}` is not a sequence", shown(&value, ECHOED)),
+            )?))),
             "since" => {
                 let time =
                     humantime::parse_rfc3339_weak(&value).map_err(|e| format!("since: {e}"))?;
@@ -78,45 +103,75 @@ fn parse(query: Option<&str>) -> Result<Params, String> {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map(|d| d.as_millis() as i64)
                     .unwrap_or(0);
-                params.start = Some(StartParam::Start(Start::Since(ms)));
+                Some(StartParam::Start(Start::Since(ms)))
             }
-            "tail" => {
-                params.start = Some(StartParam::Tail(
-                    value
-                        .parse()
-                        .map_err(|_| format!("tail: `{value}` is not a count"))?,
-                ))
-            }
+            "tail" => Some(StartParam::Tail(value.parse().map_err(|_| {
+                format!("tail: `{}` is not a count", shown(&value, ECHOED))
+            })?)),
             "references" => {
-                params.references = match value.as_str() {
+                params.references = match value.as_ref() {
                     "true" => true,
                     "false" => false,
                     other => {
                         return Err(format!(
-                            "references: expected `true` or `false`, got `{other}`"
+                            "references: expected `true` or `false`, got `{}`",
+                            shown(other, ECHOED)
                         ))
                     }
-                }
+                };
+                None
             }
-            "token" => params.token = Some(value),
-            other => return Err(format!("unknown parameter `{other}`")),
+            "token" => None,
+            other => {
+                return Err(format!(
+                    "unknown parameter `{}`; expected type, project, channel, chat, client, user, \
+                     actor, from, after, since, tail, references or token",
+                    shown(other, ECHOED)
+                ))
+            }
+        };
+        if let Some(start) = start {
+            if let Some(first) = &start_key {
+                return Err(format!(
+                    "`{first}` and `{key}` both give a start position; give at most one of from, \
+                     after, since, tail"
+                ));
+            }
+            start_key = Some(key.into_owned());
+            params.start = Some(start);
         }
     }
     Ok(params)
 }
 
-fn form_urlencoded(query: &str) -> Vec<(String, String)> {
-    serde_urlencoded::from_str::<Vec<(String, String)>>(query).unwrap_or_default()
+/// The sequence in `Last-Event-ID` (sent by `EventSource` on reconnection), `None` when absent or
+/// empty. It resumes after that sequence, whatever start position the URL gives (the browser
+/// reconnects to the same URL).
+fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, HttpError> {
+    let Some(value) = headers.get("last-event-id") else {
+        return Ok(None);
+    };
+    let text = String::from_utf8_lossy(value.as_bytes());
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| {
+        HttpError::BadQuery(format!(
+            "Last-Event-ID: `{}` is not a sequence",
+            shown(text, ECHOED)
+        ))
+    })
 }
 
-/// Checks the subscribe scope: `Authorization: Bearer` or the `token` parameter.
-fn authorize(state: &AppState, headers: &HeaderMap, token: Option<&str>) -> Result<(), HttpError> {
+/// Checks the subscribe scope: `Authorization: Bearer` or the `token` query parameter.
+fn authorize(state: &AppState, headers: &HeaderMap, query: Option<&str>) -> Result<(), HttpError> {
     let auth = &state.config.subscribe_auth;
     if !auth.enabled() {
         return Ok(());
     }
     let mut headers = headers.clone();
-    if let Some(token) = token {
+    if let Some(token) = query.and_then(crate::auth::query_token) {
         if let Ok(value) = format!("Bearer {token}").parse() {
             headers.insert(axum::http::header::AUTHORIZATION, value);
         }
@@ -141,12 +196,9 @@ async fn open(
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, HttpError> {
+    authorize(state, headers, query)?;
     let params = parse(query).map_err(HttpError::BadQuery)?;
-    authorize(state, headers, params.token.as_deref())?;
-    let resume = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
+    let resume = last_event_id(headers)?;
     let start = match (resume, params.start) {
         (Some(last), _) => Start::After(last),
         (None, Some(StartParam::Start(start))) => start,
@@ -273,13 +325,7 @@ pub(super) async fn stats(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let token = query.as_deref().and_then(|q| {
-        form_urlencoded(q)
-            .into_iter()
-            .find(|(k, _)| k == "token")
-            .map(|(_, v)| v)
-    });
-    if let Err(error) = authorize(&state, &headers, token.as_deref()) {
+    if let Err(error) = authorize(&state, &headers, query.as_deref()) {
         return error.into_response();
     }
     Json(state.gateway.stats()).into_response()
@@ -316,5 +362,9 @@ mod tests {
         assert!(!parse(None).unwrap().references);
         let error = parse(Some("references=yes")).unwrap_err();
         assert!(error.starts_with("references: "), "{error}");
+        assert!(parse(Some("from=beginning&tail=2")).is_err());
+        assert!(parse(Some("token=abc&from=beginning")).is_ok());
+        let long = format!("{}=1", "k".repeat(8192));
+        assert!(parse(Some(&long)).unwrap_err().len() < 200);
     }
 }
