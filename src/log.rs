@@ -70,14 +70,16 @@ pub struct LogStats {
 /// Why the log could not do what was asked.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LogError {
-    /// The requested sequence was removed by retention.
+    /// The requested sequence was removed (by retention; on JetStream also by hand).
     #[error(
-        "sequence {requested} is no longer retained; the oldest retained sequence is {oldest}"
+        "sequence {requested} is no longer retained; the oldest retained sequence after it is \
+         {oldest}"
     )]
     Truncated {
         /// What was asked for.
         requested: u64,
-        /// The oldest sequence still stored.
+        /// The oldest sequence still stored after `requested`, where reading can go on: with
+        /// retention, the oldest of all. Always greater than `requested`.
         oldest: u64,
     },
     /// The storage failed (disk, network); nothing was acknowledged. Callers answer "retry".
@@ -96,8 +98,10 @@ pub trait EventLog: Send + Sync + 'static {
     /// only once the stored records are durable; results are in the order of `records`.
     async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>, LogError>;
 
-    /// Up to `limit` records with sequence `>= from`, in order; empty at the end of the log.
-    /// [`LogError::Truncated`] when `from` is older than the oldest retained record.
+    /// Up to `limit` records from `from` on, consecutive: the first is `from` itself, and a page
+    /// ends before any sequence that is missing. Empty at the end of the log.
+    /// [`LogError::Truncated`] when `from` is no longer stored (older than the oldest retained
+    /// record, or removed); never a later record in its place.
     async fn read(&self, from: u64, limit: usize) -> Result<Vec<Record>, LogError>;
 
     /// The sequence under which `event_id` is stored.

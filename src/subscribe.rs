@@ -157,6 +157,12 @@ pub struct Subscription {
     pending: VecDeque<Arc<EncodedEvent>>,
     /// Reading from the log (true) or from the live tail (false).
     catching_up: bool,
+    /// `Some(next sequence when it began)` while a subscription that asked for the oldest
+    /// retained events (the beginning, or a time) has read nothing yet: events retention removed
+    /// before it began (a replica may learn of that late) are not a gap for it, so it starts at
+    /// the new oldest. A removal of anything stored after it began, or any later truncation, is
+    /// reported.
+    from_oldest: Option<u64>,
     /// This subscription's entry in the registry: its position, for lag metrics.
     registered: Registered,
 }
@@ -199,6 +205,7 @@ impl Subscription {
             next,
             pending: VecDeque::new(),
             catching_up: true,
+            from_oldest: matches!(start, Start::Beginning | Start::Since(_)).then_some(bounds.next),
             registered,
         })
     }
@@ -301,7 +308,18 @@ impl Subscription {
 
     /// Reads one page from the log; at the end of the log, switches to the live tail.
     async fn catch_up_page(&mut self) -> Result<(), SubscribeError> {
-        let records = self.log.read(self.next, CATCH_UP_PAGE).await?;
+        let records = match self.log.read(self.next, CATCH_UP_PAGE).await {
+            Err(LogError::Truncated { oldest, .. })
+                if self
+                    .from_oldest
+                    .is_some_and(|began| self.next < oldest && oldest <= began) =>
+            {
+                self.advance_to(oldest);
+                return Ok(());
+            }
+            records => records?,
+        };
+        self.from_oldest = None;
         if records.is_empty() {
             self.catching_up = false;
             return Ok(());

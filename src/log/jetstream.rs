@@ -9,7 +9,11 @@
 //!   event is retained, not just for the window.
 //! - Tail: an ordered push consumer follows the stream (appends of every replica) into a bounded
 //!   cache of recent records and the committed watch; the hub reads from that cache.
-//! - Reads further back: direct gets by sequence, a page at a time.
+//! - Reads further back: direct gets by sequence, a page at a time. A page ends before a
+//!   sequence that is not found; a read that starts at one asks the stream leader (a replica
+//!   may lag) and otherwise reports [`LogError::Truncated`] with the next sequence retained, so
+//!   a record removed by retention (`max_age`) or by hand is never skipped silently, whatever
+//!   the cached oldest sequence (refreshed every 2 s) says.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -148,11 +152,7 @@ impl JetStreamLog {
         let stream = open_stream(&context, &config).await?;
         let info = stream.get_info().await.map_err(unavailable)?;
         let next = info.state.last_sequence + 1;
-        let first = if info.state.messages == 0 {
-            next
-        } else {
-            info.state.first_sequence
-        };
+        let first = first_retained(&info.state);
         let shared = Arc::new(Shared {
             syncs: AtomicU64::new(0),
             synced_records: AtomicU64::new(0),
@@ -219,18 +219,77 @@ impl JetStreamLog {
 
     fn cached(&self, from: u64, limit: usize) -> Option<Vec<Record>> {
         let recent = self.shared.recent.lock().unwrap_or_else(|p| p.into_inner());
-        let oldest = recent.front()?.sequence;
-        if from < oldest {
-            return None;
-        }
-        Some(
-            recent
-                .iter()
-                .skip_while(|r| r.sequence < from)
-                .take(limit)
-                .cloned()
-                .collect(),
-        )
+        from_cache(&recent, from, limit)
+    }
+
+    /// Subjects of every event in the stream (`<prefix>.*`).
+    fn all_subjects(&self) -> String {
+        format!("{}.*", self.config.subject_prefix)
+    }
+
+    /// The record at `from` when a direct get did not find it, asked of the stream leader (a
+    /// direct get may be answered by a replica that is behind). If the leader has no such record
+    /// either, it was removed (retention, or deleted by hand): the error says where reading can
+    /// go on, the first record after it.
+    async fn read_at_leader(&self, from: u64) -> Result<Record, LogError> {
+        let found = self
+            .stream
+            .get_first_raw_message_by_subject(self.all_subjects(), from)
+            .await;
+        let info = self.stream.get_info().await.map_err(unavailable)?;
+        self.shared
+            .first
+            .fetch_max(first_retained(&info.state), Ordering::AcqRel);
+        let oldest = match found {
+            Ok(message) if message.sequence == from => return Ok(record_of(message)),
+            Ok(message) => message.sequence,
+            Err(error) if error.kind() == stream::RawMessageErrorKind::NoMessageFound => {
+                info.state.last_sequence + 1
+            }
+            Err(error) => return Err(unavailable(error)),
+        };
+        Err(LogError::Truncated {
+            requested: from,
+            oldest: oldest.max(from + 1),
+        })
+    }
+}
+
+/// The cached records from `from` on, up to `limit` and up to the first gap (a record removed
+/// before the tail saw it); `None` when the cache does not hold `from` (older than the cache, or
+/// in a gap), so that the stream is asked. `Some` and empty past the newest cached record.
+fn from_cache(recent: &VecDeque<Record>, from: u64, limit: usize) -> Option<Vec<Record>> {
+    let start = recent.partition_point(|r| r.sequence < from);
+    match recent.get(start) {
+        Some(record) if record.sequence == from => {}
+        None if !recent.is_empty() => return Some(Vec::new()),
+        _ => return None,
+    }
+    Some(
+        recent
+            .range(start..)
+            .zip(from..)
+            .take_while(|(record, sequence)| record.sequence == *sequence)
+            .take(limit)
+            .map(|(record, _)| record.clone())
+            .collect(),
+    )
+}
+
+/// The oldest sequence the stream retains (`last + 1` when it is empty).
+fn first_retained(state: &stream::State) -> u64 {
+    if state.messages == 0 {
+        state.last_sequence + 1
+    } else {
+        state.first_sequence
+    }
+}
+
+fn record_of(message: jetstream::message::StreamMessage) -> Record {
+    Record {
+        sequence: message.sequence,
+        received_at_ms: received_at(Some(&message.headers), message.time.unix_timestamp_nanos()),
+        payload: message.payload,
     }
 }
 
@@ -418,12 +477,9 @@ async fn refresh_first(stream: stream::Stream, shared: std::sync::Weak<Shared>) 
             return;
         };
         if let Ok(info) = stream.get_info().await {
-            let first = if info.state.messages == 0 {
-                info.state.last_sequence + 1
-            } else {
-                info.state.first_sequence
-            };
-            shared.first.store(first, Ordering::Release);
+            shared
+                .first
+                .fetch_max(first_retained(&info.state), Ordering::AcqRel);
             shared
                 .next
                 .fetch_max(info.state.last_sequence + 1, Ordering::AcqRel);
@@ -487,18 +543,13 @@ impl EventLog for JetStreamLog {
             .next
             .load(Ordering::Acquire)
             .min(from.saturating_add(limit as u64));
-        let records: Vec<Option<Record>> = futures_util::stream::iter(from..end)
+        if from >= end {
+            return Ok(Vec::new());
+        }
+        let fetched: Vec<Option<Record>> = futures_util::stream::iter(from..end)
             .map(|sequence| async move {
                 match self.stream.direct_get(sequence).await {
-                    Ok(message) => Ok(Some(Record {
-                        sequence,
-                        received_at_ms: received_at(
-                            Some(&message.headers),
-                            message.time.unix_timestamp_nanos(),
-                        ),
-                        payload: message.payload,
-                    })),
-                    // Deleted (retention or by hand): not part of the log any more.
+                    Ok(message) => Ok(Some(record_of(message))),
                     Err(error)
                         if error.kind() == jetstream::stream::DirectGetErrorKind::NotFound =>
                     {
@@ -510,19 +561,11 @@ impl EventLog for JetStreamLog {
             .buffered(READ_CONCURRENCY)
             .try_collect()
             .await?;
-        let records: Vec<Record> = records.into_iter().flatten().collect();
-        if records.is_empty() && from < end {
-            // Everything asked for is gone: retention moved the head past it.
-            let info = self.stream.get_info().await.map_err(unavailable)?;
-            if from < info.state.first_sequence {
-                self.shared
-                    .first
-                    .store(info.state.first_sequence, Ordering::Release);
-                return Err(LogError::Truncated {
-                    requested: from,
-                    oldest: info.state.first_sequence,
-                });
-            }
+        // The page ends before the first record not found: the next read starts there and is
+        // told whether it was removed. A later record is never returned as if it followed.
+        let mut records: Vec<Record> = fetched.into_iter().map_while(|r| r).collect();
+        if records.is_empty() {
+            records.push(self.read_at_leader(from).await?);
         }
         Ok(records)
     }
@@ -592,6 +635,7 @@ impl EventLog for JetStreamLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     #[test]
     fn credentials_in_server_urls_are_redacted() {
@@ -599,6 +643,29 @@ mod tests {
             redact("nats://u:p@h:4222,nats://h2:4222"),
             "nats://***@h:4222,nats://h2:4222"
         );
+    }
+
+    #[test]
+    fn the_cache_serves_a_read_only_from_the_sequence_asked_and_up_to_a_gap() {
+        let cache: VecDeque<Record> = [3, 4, 5, 7, 8]
+            .into_iter()
+            .map(|sequence| Record {
+                sequence,
+                received_at_ms: 0,
+                payload: Bytes::new(),
+            })
+            .collect();
+        let read = |from, limit| {
+            from_cache(&cache, from, limit)
+                .map(|records| records.iter().map(|r| r.sequence).collect::<Vec<_>>())
+        };
+        assert_eq!(read(4, 10), Some(vec![4, 5]), "stops before the gap");
+        assert_eq!(read(3, 2), Some(vec![3, 4]));
+        assert_eq!(read(7, 10), Some(vec![7, 8]));
+        assert_eq!(read(6, 10), None, "in the gap: ask the stream");
+        assert_eq!(read(2, 10), None, "older than the cache: ask the stream");
+        assert_eq!(read(9, 10), Some(vec![]), "past the newest record");
+        assert!(from_cache(&VecDeque::new(), 1, 10).is_none());
     }
 
     #[test]

@@ -271,7 +271,19 @@ pub const SHARED_NATS: &str = "127.0.0.1:4222";
 /// A JetStream store on a stream no other test uses (deleted when the returned guard drops), or
 /// `None` (skipped loudly; a failure under CI) when nats-server is not running.
 pub async fn jetstream_log() -> Option<(SharedLog, StreamGuard)> {
-    use iqchannels_gateway::log::jetstream::{JetStreamLog, NatsConfig};
+    use iqchannels_gateway::log::jetstream::JetStreamLog;
+    let (config, guard) = jetstream_config()?;
+    let log = JetStreamLog::connect(config)
+        .await
+        .expect("the JetStream store connects");
+    Some((Arc::new(log), guard))
+}
+
+/// The configuration of a JetStream store on the machine's nats-server, with a stream name and
+/// subject prefix no other test uses (the stream is deleted when the guard drops), or `None`
+/// (skipped loudly; a failure under CI) when nats-server is not running.
+pub fn jetstream_config() -> Option<(iqchannels_gateway::log::jetstream::NatsConfig, StreamGuard)> {
+    use iqchannels_gateway::log::jetstream::NatsConfig;
     let up = std::net::TcpStream::connect_timeout(
         &SHARED_NATS.parse().expect("address"),
         Duration::from_secs(1),
@@ -280,26 +292,40 @@ pub async fn jetstream_log() -> Option<(SharedLog, StreamGuard)> {
     if !require(&format!("nats-server with JetStream on {SHARED_NATS}"), up) {
         return None;
     }
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let tag = format!(
-        "{}_{}",
+        "{}_{}_{}",
         std::process::id(),
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() % 1_000_000_000_000)
-            .unwrap_or(0)
+            .unwrap_or(0),
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
     let mut config = NatsConfig::new(format!("nats://{SHARED_NATS}"));
     config.stream = format!("IQGW_TEST_{tag}");
     config.subject_prefix = format!("iqgw.test.{tag}");
     let guard = StreamGuard(config.stream.clone());
-    let log = JetStreamLog::connect(config)
+    Some((config, guard))
+}
+
+/// A JetStream context on the machine's nats-server, to shape or damage a test's stream.
+pub async fn nats_admin() -> async_nats::jetstream::Context {
+    let client = async_nats::connect(SHARED_NATS)
         .await
-        .expect("the JetStream store connects");
-    Some((Arc::new(log), guard))
+        .expect("connects to nats-server");
+    async_nats::jetstream::new(client)
 }
 
 /// Deletes its JetStream stream on drop (best effort).
 pub struct StreamGuard(String);
+
+impl StreamGuard {
+    /// The stream's name.
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+}
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {

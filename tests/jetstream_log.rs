@@ -1,0 +1,166 @@
+//! The JetStream store against the machine's nats-server, each test on a stream of its own:
+//! reads under retention never skip silently, streams that would break a guarantee are refused,
+//! a batch is answered per record, and a time means the gateway's receive time.
+
+mod common;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::{jetstream_config, nats_admin, subscription, TestServer};
+use iqchannels_gateway::log::jetstream::JetStreamLog;
+use iqchannels_gateway::log::{EventLog, LogError, NewRecord, Record};
+use iqchannels_gateway::pb::client::subscribe_request::Start;
+use iqchannels_gateway::pb::client::Filter;
+use iqchannels_gateway::server::ServerConfig;
+
+fn record(id: i64, received_at_ms: i64) -> NewRecord {
+    NewRecord {
+        event_id: Some(id),
+        received_at_ms,
+        payload: Bytes::from(format!("event {id}")),
+    }
+}
+
+/// Waits until the log's tail has seen `sequence`.
+async fn tailed(log: &JetStreamLog, sequence: u64) {
+    let mut committed = log.committed();
+    tokio::time::timeout(common::WAIT, committed.wait_for(|&c| c >= sequence))
+        .await
+        .expect("the tail sees the appends")
+        .expect("the log is open");
+}
+
+fn sequences(records: &[Record]) -> Vec<u64> {
+    records.iter().map(|r| r.sequence).collect()
+}
+
+/// What a read returned, as the sequences read or the truncation reported.
+fn outcome(result: Result<Vec<Record>, LogError>) -> Result<Vec<u64>, (u64, u64)> {
+    match result {
+        Ok(records) => Ok(sequences(&records)),
+        Err(LogError::Truncated { requested, oldest }) => Err((requested, oldest)),
+        Err(other) => panic!("unexpected error: {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_from_a_removed_sequence_is_truncated_and_never_starts_later() {
+    let Some((config, guard)) = jetstream_config() else {
+        return;
+    };
+    // One replica that tailed every event (its cache holds them), one that connected after
+    // they were stored (nothing cached, its oldest sequence goes stale), one connected after
+    // the removal.
+    let tailing = JetStreamLog::connect(config.clone()).await.unwrap();
+    let _ = tailing
+        .append((1..=10).map(|id| record(id, id)).collect())
+        .await;
+    tailed(&tailing, 10).await;
+    let stale = JetStreamLog::connect(config.clone()).await.unwrap();
+    assert_eq!(stale.bounds().first, 1);
+
+    let admin = nats_admin().await;
+    let stream = admin.get_stream(guard.name()).await.unwrap();
+    stream.purge().sequence(4).await.expect("purge 1..=3");
+    assert!(stream.delete_message(7).await.expect("delete 7"));
+    let fresh = JetStreamLog::connect(config.clone()).await.unwrap();
+
+    for (name, log) in [("stale", &stale), ("fresh", &fresh)] {
+        assert_eq!(
+            outcome(log.read(1, 10).await),
+            Err((1, 4)),
+            "{name}: read(1)"
+        );
+        assert_eq!(
+            outcome(log.read(3, 10).await),
+            Err((3, 4)),
+            "{name}: read(3)"
+        );
+        assert_eq!(outcome(log.read(4, 10).await), Ok(vec![4, 5, 6]), "{name}");
+        assert_eq!(
+            outcome(log.read(7, 10).await),
+            Err((7, 8)),
+            "{name}: read(7)"
+        );
+        assert_eq!(outcome(log.read(8, 10).await), Ok(vec![8, 9, 10]), "{name}");
+        assert_eq!(log.bounds().first, 4, "{name}: the oldest is learnt");
+    }
+    // The replica that cached the events may still serve them from memory for a moment (no
+    // gap: they were stored), or report the removal; it never starts later than asked.
+    for from in [1, 4, 7] {
+        match outcome(tailing.read(from, 10).await) {
+            Ok(read) => assert_eq!(
+                read,
+                (from..=10).collect::<Vec<_>>(),
+                "tailing: read({from})"
+            ),
+            Err((requested, oldest)) => assert!(requested == from && oldest > from),
+        }
+    }
+}
+
+/// The first answer of a Subscribe: the RPC's own status, or the stream's first item.
+async fn first_answer(
+    server: &TestServer,
+    start: Start,
+) -> Result<iqchannels_gateway::pb::client::Event, tonic::Status> {
+    let mut client = server.grpc().await;
+    let request = subscription(Filter::default(), Some(start));
+    let mut stream = client.subscribe(request).await?.into_inner();
+    tokio::time::timeout(common::WAIT, stream.message())
+        .await
+        .expect("an answer in time")?
+        .ok_or_else(|| tonic::Status::internal("the stream ended"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribing_after_a_removed_sequence_is_out_of_range_on_a_replica_that_learns_late() {
+    let Some((config, guard)) = jetstream_config() else {
+        return;
+    };
+    let writer = TestServer::with_log(
+        Arc::new(JetStreamLog::connect(config.clone()).await.unwrap()),
+        ServerConfig::default(),
+    )
+    .await;
+    for id in 1..=10 {
+        writer
+            .store(common::event_json(id, "chat_closed", 13, "user", 1))
+            .await;
+    }
+    // A replica connected now knows 1 as the oldest until it refreshes (every 2 s).
+    let replica = TestServer::with_log(
+        Arc::new(JetStreamLog::connect(config.clone()).await.unwrap()),
+        ServerConfig::default(),
+    )
+    .await;
+    let admin = nats_admin().await;
+    let stream = admin.get_stream(guard.name()).await.unwrap();
+    stream.purge().sequence(4).await.expect("purge 1..=3");
+
+    for after in [0, 2] {
+        match first_answer(&replica, Start::AfterSequence(after)).await {
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+                assert!(
+                    status.message().contains('4'),
+                    "names the oldest: {status:?}"
+                );
+            }
+            Ok(event) => panic!(
+                "after {after}: expected OUT_OF_RANGE, got event {}",
+                event.sequence
+            ),
+        }
+    }
+    // The beginning is the oldest event left.
+    let event = first_answer(&replica, Start::Beginning(()))
+        .await
+        .expect("the beginning is served");
+    assert_eq!(event.sequence, 4);
+    let event = first_answer(&replica, Start::AfterSequence(3))
+        .await
+        .expect("resuming right before the oldest is no gap");
+    assert_eq!(event.sequence, 4);
+}
