@@ -275,11 +275,14 @@ struct NatsArgs {
         default_value = "iqchannels.events"
     )]
     nats_subject_prefix: String,
-    /// Stream replicas when the gateway creates the stream (1, 3 or 5 on a cluster).
+    /// Stream replicas (1, 3 or 5 on a cluster); an existing stream must have as many. With 1,
+    /// an acknowledged event survives a crash of the NATS machine only if that node has
+    /// `sync_interval: always` in its JetStream configuration (see README).
     #[arg(long, env = "IQGW_NATS_REPLICAS", default_value_t = 1)]
     nats_replicas: usize,
-    /// JetStream duplicate window when the gateway creates the stream, e.g. `1h`. Redeliveries
-    /// after it are still stored once (one message per subject), see README.
+    /// JetStream duplicate window, e.g. `1h` (at most --retention-max-age); an existing stream
+    /// must have it. Redeliveries after it are still stored once (one message per subject), see
+    /// README.
     #[arg(long, env = "IQGW_NATS_DUPLICATE_WINDOW", default_value = "1h", value_parser = humantime::parse_duration)]
     nats_duplicate_window: Duration,
     /// How long to wait for JetStream's ack before answering 503.

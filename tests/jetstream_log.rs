@@ -5,6 +5,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::{jetstream_config, nats_admin, subscription, TestServer};
@@ -163,4 +164,87 @@ async fn subscribing_after_a_removed_sequence_is_out_of_range_on_a_replica_that_
         .await
         .expect("resuming right before the oldest is no gap");
     assert_eq!(event.sequence, 4);
+}
+
+/// The error of connecting to a stream that exists with `shape`, with the gateway's `config`.
+async fn refusal(
+    config: iqchannels_gateway::log::jetstream::NatsConfig,
+    shape: async_nats::jetstream::stream::Config,
+) -> String {
+    nats_admin()
+        .await
+        .create_stream(shape)
+        .await
+        .expect("the stream is created");
+    match JetStreamLog::connect(config).await {
+        Err(error) => error.to_string(),
+        Ok(_) => panic!("the gateway accepted an unusable stream"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_stream_that_would_break_a_promise_is_refused_naming_each_difference() {
+    use async_nats::jetstream::stream::{Config, StorageType};
+    type Shape = fn(Config) -> Config;
+    let day = Duration::from_secs(24 * 3600);
+    // (what differs, the existing stream from the one the gateway would create, the gateway's
+    // --retention-max-age, what the refusal must name)
+    let cases: [(&str, Shape, Duration, &[&str]); 3] = [
+        (
+            "memory storage",
+            |c| Config {
+                storage: StorageType::Memory,
+                ..c
+            },
+            Duration::ZERO,
+            &["storage is memory, must be file"],
+        ),
+        (
+            "message and byte limits",
+            |c| Config {
+                max_messages: 1000,
+                max_bytes: 1 << 20,
+                ..c
+            },
+            Duration::ZERO,
+            &[
+                "max_msgs is 1000, must be unlimited",
+                "max_bytes is 1048576, must be unlimited",
+            ],
+        ),
+        (
+            "another max age",
+            |c| Config {
+                max_age: Duration::from_secs(2 * 3600),
+                ..c
+            },
+            day,
+            &["max_age is 2h, must be 1day as configured (--retention-max-age)"],
+        ),
+    ];
+    for (case, shape, max_age, named) in cases {
+        let Some((mut config, _guard)) = jetstream_config() else {
+            return;
+        };
+        let existing = shape(config.stream_config());
+        config.max_age = max_age;
+        let error = refusal(config, existing).await;
+        for named in named {
+            assert!(error.contains(named), "{case}: {named:?} not in {error}");
+        }
+    }
+    // Replicas and the duplicate window are compared with the flags too.
+    let Some((mut config, _guard)) = jetstream_config() else {
+        return;
+    };
+    let existing = config.stream_config();
+    config.replicas = 3;
+    config.duplicate_window = Duration::from_secs(600);
+    let error = refusal(config, existing).await;
+    for named in [
+        "replicas is 1, must be 3 as configured (--nats-replicas)",
+        "duplicate_window is 1h, must be 10m as configured",
+    ] {
+        assert!(error.contains(named), "{named:?} not in {error}");
+    }
 }

@@ -27,85 +27,16 @@ use tokio::sync::watch;
 
 use super::{Appended, Bounds, EventLog, LogError, LogStats, NewRecord, Record};
 
+mod config;
+
+pub use config::NatsConfig;
+
 /// Header carrying the gateway's receive time (ms since the Unix epoch).
 const RECEIVED_AT: &str = "Iqgw-Received-At";
 /// Recent records kept for the hub and for subscribers close to the head.
 const CACHE: usize = 8192;
 /// Direct gets in flight at once during a catch-up read.
 const READ_CONCURRENCY: usize = 32;
-
-/// How to reach and shape the stream.
-#[derive(Debug, Clone)]
-pub struct NatsConfig {
-    /// Server URL(s), comma separated: `nats://host:4222`.
-    pub url: String,
-    /// Stream name.
-    pub stream: String,
-    /// Subject prefix; events go to `<prefix>.<event id>`.
-    pub subject_prefix: String,
-    /// Stream replicas (when the stream is created).
-    pub replicas: usize,
-    /// JetStream duplicate window (when the stream is created).
-    pub duplicate_window: Duration,
-    /// Retention by age (when the stream is created); zero keeps everything.
-    pub max_age: Duration,
-    /// How long to wait for a JetStream ack before answering 503.
-    pub ack_timeout: Duration,
-    /// Credentials file (`.creds`), user/password, or token.
-    pub credentials_file: Option<std::path::PathBuf>,
-    /// User name.
-    pub user: Option<String>,
-    /// Password for `user`.
-    pub password: Option<String>,
-    /// Token.
-    pub token: Option<String>,
-    /// CA certificate (PEM) for TLS to NATS.
-    pub tls_ca: Option<std::path::PathBuf>,
-    /// Client certificate and key (PEM) for mutual TLS.
-    pub tls_client: Option<(std::path::PathBuf, std::path::PathBuf)>,
-    /// Require TLS.
-    pub require_tls: bool,
-}
-
-impl NatsConfig {
-    /// Defaults for a server URL.
-    pub fn new(url: impl Into<String>) -> Self {
-        Self {
-            url: url.into(),
-            stream: "IQCHANNELS_EVENTS".into(),
-            subject_prefix: "iqchannels.events".into(),
-            replicas: 1,
-            duplicate_window: Duration::from_secs(3600),
-            max_age: Duration::ZERO,
-            ack_timeout: Duration::from_secs(5),
-            credentials_file: None,
-            user: None,
-            password: None,
-            token: None,
-            tls_ca: None,
-            tls_client: None,
-            require_tls: false,
-        }
-    }
-
-    /// The stream configuration the gateway creates, and checks an existing stream against.
-    pub fn stream_config(&self) -> stream::Config {
-        stream::Config {
-            name: self.stream.clone(),
-            subjects: vec![format!("{}.*", self.subject_prefix)],
-            retention: stream::RetentionPolicy::Limits,
-            storage: stream::StorageType::File,
-            num_replicas: self.replicas,
-            duplicate_window: self.duplicate_window,
-            max_age: self.max_age,
-            max_messages_per_subject: 1,
-            discard: stream::DiscardPolicy::New,
-            discard_new_per_subject: true,
-            allow_direct: true,
-            ..stream::Config::default()
-        }
-    }
-}
 
 /// The JetStream-backed log.
 pub struct JetStreamLog {
@@ -150,6 +81,14 @@ impl JetStreamLog {
         let mut context = jetstream::new(client.clone());
         context.set_timeout(config.ack_timeout);
         let stream = open_stream(&context, &config).await?;
+        let replicas = stream.cached_info().config.num_replicas;
+        tracing::warn!(
+            stream = %config.stream,
+            replicas,
+            server_version = %client.server_info().version,
+            "{}",
+            config::durability_warning(replicas, &client.server_info().version)
+        );
         let info = stream.get_info().await.map_err(unavailable)?;
         let next = info.state.last_sequence + 1;
         let first = first_retained(&info.state);
@@ -351,10 +290,11 @@ async fn open_stream(
         }
     };
     let existing = &stream.info().await.map_err(unavailable)?.config;
-    let problems = incompatibilities(existing, &wanted);
+    let problems = config::incompatibilities(existing, &wanted);
     if !problems.is_empty() {
         return Err(LogError::Unavailable(format!(
-            "stream {} is not usable by the gateway: {}",
+            "stream {} is not usable by the gateway: {}. Change the stream (`nats stream edit`) \
+             or the gateway's flags so that they agree",
             config.stream,
             problems.join("; ")
         )));
@@ -365,35 +305,6 @@ async fn open_stream(
 fn is_stream_not_found(kind: &jetstream::context::GetStreamErrorKind) -> bool {
     matches!(kind, jetstream::context::GetStreamErrorKind::JetStream(error)
         if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
-}
-
-/// What in an existing stream's configuration would break the gateway's guarantees.
-fn incompatibilities(existing: &stream::Config, wanted: &stream::Config) -> Vec<String> {
-    let mut problems = Vec::new();
-    let subject = &wanted.subjects[0];
-    if !existing.subjects.iter().any(|s| s == subject) {
-        problems.push(format!(
-            "subjects {:?} do not include {subject}",
-            existing.subjects
-        ));
-    }
-    if existing.retention != stream::RetentionPolicy::Limits {
-        problems.push(
-            "retention must be limits (work-queue/interest streams delete delivered events)".into(),
-        );
-    }
-    if existing.max_messages_per_subject != 1
-        || !existing.discard_new_per_subject
-        || existing.discard != stream::DiscardPolicy::New
-    {
-        problems.push(
-            "needs max_msgs_per_subject=1 with discard new per subject (permanent dedup)".into(),
-        );
-    }
-    if !existing.allow_direct {
-        problems.push("needs allow_direct (reads by sequence)".into());
-    }
-    problems
 }
 
 /// Follows the stream from `next` with an ordered consumer (it recreates itself after reconnects
@@ -666,23 +577,5 @@ mod tests {
         assert_eq!(read(2, 10), None, "older than the cache: ask the stream");
         assert_eq!(read(9, 10), Some(vec![]), "past the newest record");
         assert!(from_cache(&VecDeque::new(), 1, 10).is_none());
-    }
-
-    #[test]
-    fn the_created_stream_passes_its_own_compatibility_check() {
-        let config = NatsConfig::new("nats://127.0.0.1:4222").stream_config();
-        assert!(incompatibilities(&config, &config).is_empty());
-    }
-
-    #[test]
-    fn a_work_queue_stream_without_per_subject_limits_is_refused() {
-        let wanted = NatsConfig::new("nats://127.0.0.1:4222").stream_config();
-        let existing = stream::Config {
-            retention: stream::RetentionPolicy::WorkQueue,
-            max_messages_per_subject: -1,
-            ..wanted.clone()
-        };
-        let problems = incompatibilities(&existing, &wanted);
-        assert_eq!(problems.len(), 2, "{problems:?}");
     }
 }
