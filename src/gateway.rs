@@ -150,13 +150,15 @@ impl Gateway {
     }
 
     /// Stores several decoded webhook bodies (each with its original JSON) with one append (one
-    /// sync). An item that did not decode keeps its error and does not stop the others.
+    /// sync). One result per item, in order: an item that did not decode keeps its error, and
+    /// one the store did not take (JetStream stores each on its own) its storage error; neither
+    /// stops the others.
     pub async fn ingest_batch(
         &self,
         decoded: Vec<Result<(Decoded, Bytes), DecodeError>>,
-    ) -> Result<Vec<Result<Ingested, DecodeError>>, LogError> {
+    ) -> Vec<Result<Ingested, IngestError>> {
         let mut records = Vec::with_capacity(decoded.len());
-        let mut errors = Vec::with_capacity(decoded.len());
+        let mut items = Vec::with_capacity(decoded.len());
         for item in decoded {
             match item {
                 Ok((decoded, raw_json)) => {
@@ -166,31 +168,29 @@ impl Gateway {
                         raw_json,
                         &decoded.deviations,
                     ));
-                    errors.push(Ok(decoded.deviations));
+                    items.push(Ok(decoded.deviations));
                 }
-                Err(error) => errors.push(Err(error)),
+                Err(error) => items.push(Err(error)),
             }
         }
         let appended = if records.is_empty() {
             Vec::new()
         } else {
-            self.log.append(records).await?
+            self.log.append(records).await
         };
         self.count(&appended);
         let mut appended = appended.into_iter();
-        errors
+        items
             .into_iter()
-            .map(|item| match item {
-                Err(error) => Ok(Err(error)),
-                Ok(deviations) => appended
-                    .next()
-                    .map(|appended| {
-                        Ok(Ingested {
-                            appended,
-                            deviations,
-                        })
-                    })
-                    .ok_or_else(|| LogError::Unavailable("log returned too few results".into())),
+            .map(|item| {
+                let deviations = item?;
+                let appended = appended.next().unwrap_or_else(|| {
+                    Err(LogError::Unavailable("log returned too few results".into()))
+                })?;
+                Ok(Ingested {
+                    appended,
+                    deviations,
+                })
             })
             .collect()
     }
@@ -221,18 +221,26 @@ impl Gateway {
     }
 
     async fn append_one(&self, record: NewRecord) -> Result<Appended, IngestError> {
-        let appended = self.log.append(vec![record]).await?;
+        let appended = self.log.append(vec![record]).await;
         self.count(&appended);
         appended
             .into_iter()
             .next()
-            .ok_or_else(|| LogError::Unavailable("log returned no result".into()).into())
+            .unwrap_or_else(|| Err(LogError::Unavailable("log returned no result".into())))
+            .map_err(IngestError::from)
     }
 
-    fn count(&self, appended: &[Appended]) {
-        let duplicates = appended.iter().filter(|a| a.duplicate).count() as u64;
-        self.metrics
-            .observe_appended(appended.len() as u64 - duplicates, duplicates);
+    /// Counts the stored records and the duplicates among the results of an append.
+    fn count(&self, appended: &[Result<Appended, LogError>]) {
+        let (mut stored, mut duplicates) = (0, 0);
+        for appended in appended.iter().flatten() {
+            if appended.duplicate {
+                duplicates += 1;
+            } else {
+                stored += 1;
+            }
+        }
+        self.metrics.observe_appended(stored, duplicates);
     }
 
     fn record(envelope: &Envelope, raw_json: Bytes, deviations: &[Deviation]) -> NewRecord {

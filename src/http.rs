@@ -201,8 +201,10 @@ async fn accept(
 
 /// `POST /v1/events:batch`: a JSON array of events (`application/json`) or one event per line
 /// (`application/x-ndjson`). Answers 200 with one result per item, in order: a bad item is
-/// answered with its error and does not reject the others. The whole batch is rejected (400)
-/// only when it cannot be split into items; 503 when storage fails (nothing acknowledged).
+/// answered with its error, and an item the store did not take (JetStream may store part of a
+/// batch) with `"retry": true`; neither rejects the others. The whole batch is rejected (400)
+/// only when it cannot be split into items, and answered 503 only when storage failed and
+/// nothing was stored.
 async fn post_batch(
     State(state): State<AppState>,
     request: Request,
@@ -228,15 +230,22 @@ async fn post_batch(
             .map(|line| Ok((decode::decode_with(&line, policy)?, line)))
             .collect()
     };
-    let results = state
-        .gateway
-        .ingest_batch(items)
-        .await
-        .map_err(HttpError::Storage)?;
+    let results = state.gateway.ingest_batch(items).await;
+    let storage_error = results.iter().find_map(|result| match result {
+        Err(IngestError::Unavailable(error)) => Some(error),
+        _ => None,
+    });
+    if let Some(error) = storage_error {
+        if !results.iter().any(Result::is_ok) {
+            // Nothing stored: the sender retries the whole batch.
+            return Err(HttpError::Storage(error.clone()));
+        }
+    }
     let mut answer = BatchAnswer {
         stored: 0,
         duplicates: 0,
         rejected: 0,
+        unavailable: 0,
         results: Vec::with_capacity(results.len()),
     };
     for result in &results {
@@ -249,14 +258,27 @@ async fn post_batch(
                 }
                 ItemAnswer::Appended(ingested)
             }
-            Err(error) => {
+            Err(IngestError::Invalid(error)) => {
                 answer.rejected += 1;
                 ItemAnswer::Rejected(ErrorBody::from(error))
+            }
+            Err(IngestError::Unavailable(error)) => {
+                answer.unavailable += 1;
+                ItemAnswer::Unavailable {
+                    error: error.to_string(),
+                    retry: true,
+                }
             }
         };
         answer.results.push(item);
     }
-    Ok(Json(answer).into_response())
+    let mut response = Json(answer).into_response();
+    if storage_error.is_some() {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    Ok(response)
 }
 
 /// The answer to a batch: counts, then one result per item in order.
@@ -265,7 +287,14 @@ struct BatchAnswer<'a> {
     stored: usize,
     duplicates: usize,
     rejected: usize,
+    /// Items not stored because storage failed (only when some were); send them again.
+    #[serde(skip_serializing_if = "is_zero")]
+    unavailable: usize,
     results: Vec<ItemAnswer<'a>>,
+}
+
+fn is_zero(count: &usize) -> bool {
+    *count == 0
 }
 
 #[derive(serde::Serialize)]
@@ -273,6 +302,11 @@ struct BatchAnswer<'a> {
 enum ItemAnswer<'a> {
     Appended(&'a Ingested),
     Rejected(ErrorBody<'a>),
+    /// Not stored (storage failed for this item while others were stored): send it again.
+    Unavailable {
+        error: String,
+        retry: bool,
+    },
 }
 
 /// A decode error as JSON: `{"error", "path", "line", "column"}` (the last two when known).

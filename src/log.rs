@@ -94,9 +94,17 @@ pub enum LogError {
 #[async_trait]
 pub trait EventLog: Send + Sync + 'static {
     /// Appends records in order, storing each `event_id` once (also within the batch; a record
-    /// without one is always stored). Returns
-    /// only once the stored records are durable; results are in the order of `records`.
-    async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>, LogError>;
+    /// without one is always stored). Returns one result per record, in the order of `records`,
+    /// only once the stored records are durable. The embedded and memory stores store all or
+    /// none (one transaction); JetStream stores each record on its own, so some may be stored and
+    /// others not (a record with an error was not acknowledged: the sender retries it).
+    async fn append(&self, records: Vec<NewRecord>) -> Vec<Result<Appended, LogError>>;
+
+    /// [`EventLog::append`] for callers that need every record stored (tests, tools): the
+    /// results, or the first error (on JetStream, records before it may be stored).
+    async fn append_all(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>, LogError> {
+        self.append(records).await.into_iter().collect()
+    }
 
     /// Up to `limit` records from `from` on, consecutive: the first is `from` itself, and a page
     /// ends before any sequence that is missing. Empty at the end of the log.
@@ -129,3 +137,14 @@ pub trait EventLog: Send + Sync + 'static {
 
 /// A shared log.
 pub type SharedLog = Arc<dyn EventLog>;
+
+/// The per-record results of a store that stores all records of an append or none.
+fn all_or_none(
+    result: Result<Vec<Appended>, LogError>,
+    count: usize,
+) -> Vec<Result<Appended, LogError>> {
+    match result {
+        Ok(appended) => appended.into_iter().map(Ok).collect(),
+        Err(error) => vec![Err(error); count],
+    }
+}

@@ -242,7 +242,7 @@ fn subscribe_reports_an_event_it_cannot_decode_and_goes_on() {
             .encode_to_vec()
             .into(),
         });
-        log.append(records.to_vec()).await.unwrap();
+        log.append_all(records.to_vec()).await.unwrap();
     });
     drop(runtime);
     let data_dir = dir.path().to_str().unwrap();

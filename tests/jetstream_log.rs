@@ -248,3 +248,71 @@ async fn an_existing_stream_that_would_break_a_promise_is_refused_naming_each_di
         assert!(error.contains(named), "{named:?} not in {error}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_the_stream_stores_in_part_is_answered_per_item_instead_of_503() {
+    let Some((config, guard)) = jetstream_config() else {
+        return;
+    };
+    let server = TestServer::with_log(
+        Arc::new(JetStreamLog::connect(config).await.unwrap()),
+        ServerConfig::default(),
+    )
+    .await;
+    // From now on the stream refuses messages over 4 KiB: big events fail, small ones are stored.
+    let admin = nats_admin().await;
+    let mut shape = admin
+        .get_stream(guard.name())
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    shape.max_message_size = 4096;
+    admin
+        .update_stream(shape)
+        .await
+        .expect("the stream takes a message size limit");
+    let small = |id| common::event_json(id, "chat_closed", 13, "user", 1);
+    let big = |id| {
+        let mut body: serde_json::Value = serde_json::from_str(&small(id)).unwrap();
+        body["Padding"] = "x".repeat(8192).into();
+        body.to_string()
+    };
+
+    let batch = format!("[{},{},{}]", small(1), big(2), small(3));
+    let (status, answer) = server
+        .post("/v1/events:batch", Some("application/json"), batch)
+        .await;
+    assert_eq!(status, 200, "two items were stored: {answer}");
+    assert_eq!(
+        (
+            &answer["stored"],
+            &answer["unavailable"],
+            &answer["rejected"]
+        ),
+        (&2.into(), &1.into(), &0.into()),
+        "{answer}"
+    );
+    let results = answer["results"].as_array().expect("results");
+    assert_eq!(results[0]["sequence"], 1, "{answer}");
+    assert_eq!(results[1]["retry"], true, "{answer}");
+    let error = results[1]["error"].as_str().expect("an error");
+    assert!(error.starts_with("storage unavailable"), "{error}");
+    assert_eq!(results[2]["sequence"], 2, "{answer}");
+    // What the answer says was stored is, and nothing else.
+    let mut client = server.grpc().await;
+    for (id, sequence) in [(1, 1), (3, 2)] {
+        let event = common::get_by_event_id(&mut client, id).await.unwrap();
+        assert_eq!(event.sequence, sequence);
+    }
+    let missing = common::get_by_event_id(&mut client, 2).await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+
+    // Nothing stored: 503, the sender retries the whole batch.
+    let batch = format!("[{},{}]", big(4), big(5));
+    let (status, answer) = server
+        .post("/v1/events:batch", Some("application/json"), batch)
+        .await;
+    assert_eq!(status, 503, "{answer}");
+}

@@ -420,22 +420,24 @@ fn received_at(headers: Option<&async_nats::HeaderMap>, published_nanos: i128) -
 
 #[async_trait]
 impl EventLog for JetStreamLog {
-    async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>, LogError> {
+    async fn append(&self, records: Vec<NewRecord>) -> Vec<Result<Appended, LogError>> {
         if self.client.connection_state() != async_nats::connection::State::Connected {
-            return Err(LogError::Unavailable("not connected to NATS".into()));
+            let error = LogError::Unavailable("not connected to NATS".into());
+            return vec![Err(error); records.len()];
         }
-        // Published in order, acks awaited together: one round trip for the batch.
+        // Published in order, acks awaited together: one round trip for the batch. Each record
+        // is stored or not on its own (NATS may go away, or the stream refuse one, mid-batch).
         let results =
             futures_util::future::join_all(records.into_iter().map(|r| self.publish(r))).await;
-        let appended: Vec<Appended> = results.into_iter().collect::<Result<_, _>>()?;
-        if let Some(last) = appended.iter().map(|a| a.sequence).max() {
+        let stored = results.iter().filter_map(|r| r.as_ref().ok());
+        if let Some(last) = stored.clone().map(|a| a.sequence).max() {
             self.shared.next.fetch_max(last + 1, Ordering::AcqRel);
+            self.shared.syncs.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .synced_records
+                .fetch_add(stored.count() as u64, Ordering::Relaxed);
         }
-        self.shared.syncs.fetch_add(1, Ordering::Relaxed);
-        self.shared
-            .synced_records
-            .fetch_add(appended.len() as u64, Ordering::Relaxed);
-        Ok(appended)
+        results
     }
 
     async fn read(&self, from: u64, limit: usize) -> Result<Vec<Record>, LogError> {

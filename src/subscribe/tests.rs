@@ -164,7 +164,7 @@ impl Fixture {
             })
             .collect();
         self.log
-            .append(records)
+            .append_all(records)
             .await
             .expect("memory log appends")
             .into_iter()
