@@ -4,9 +4,51 @@
 use std::time::Duration;
 
 use async_nats::jetstream::stream;
+use async_nats::ServerAddr;
 
 /// nats-server's duplicate window when a stream is created without one.
 const SERVER_DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// The servers of a list such as `--store`'s: URLs separated by commas (spaces around them
+/// allowed), each `nats://HOST:PORT` or `tls://HOST:PORT`, servers of one cluster (the client
+/// connects to any and fails over). The error names the entry that is not one.
+pub fn parse_servers(list: &str) -> Result<Vec<ServerAddr>, String> {
+    list.split(',')
+        .map(str::trim)
+        .map(|entry| {
+            if entry.is_empty() {
+                return Err(format!(
+                    "the NATS server list `{}` has an empty entry",
+                    redact(list)
+                ));
+            }
+            if !(entry.starts_with("nats://") || entry.starts_with("tls://")) {
+                return Err(format!(
+                    "NATS server `{}`: expected nats://HOST:PORT or tls://HOST:PORT",
+                    redact(entry)
+                ));
+            }
+            entry.parse::<ServerAddr>().map_err(|error| {
+                let reason = error.to_string();
+                let reason = reason.trim_start_matches("NATS server URL is invalid: ");
+                format!("NATS server `{}` is invalid: {reason}", redact(entry))
+            })
+        })
+        .collect()
+}
+
+/// The server URLs without any `user:password@` part, for logs and errors.
+pub(super) fn redact(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+            }
+            _ => url.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
 
 /// How to reach and shape the stream.
 #[derive(Debug, Clone)]
@@ -292,6 +334,39 @@ mod tests {
 
     fn wanted() -> stream::Config {
         NatsConfig::new("nats://127.0.0.1:4222").stream_config()
+    }
+
+    #[test]
+    fn credentials_in_server_urls_are_redacted() {
+        assert_eq!(
+            redact("nats://u:p@h:4222,nats://h2:4222"),
+            "nats://***@h:4222,nats://h2:4222"
+        );
+    }
+
+    #[test]
+    fn a_server_list_takes_commas_with_spaces_and_names_a_bad_entry() {
+        let servers = parse_servers("nats://a:4222, nats://b:4222 ,tls://c:4223").unwrap();
+        let hosts: Vec<(String, u16)> = servers
+            .iter()
+            .map(|s| (s.host().to_owned(), s.port()))
+            .collect();
+        assert_eq!(
+            hosts,
+            [("a".into(), 4222), ("b".into(), 4222), ("c".into(), 4223)]
+        );
+        let error = parse_servers("nats://a:4222, nats://u:p@b:42x2").unwrap_err();
+        assert_eq!(
+            error,
+            "NATS server `nats://***@b:42x2` is invalid: invalid port number"
+        );
+        let error = parse_servers("nats://a:4222,b:4222").unwrap_err();
+        assert!(
+            error.contains("`b:4222`: expected nats://HOST:PORT"),
+            "{error}"
+        );
+        let error = parse_servers("nats://a:4222,").unwrap_err();
+        assert!(error.contains("empty entry"), "{error}");
     }
 
     #[test]
