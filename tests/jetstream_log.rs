@@ -316,3 +316,28 @@ async fn a_batch_the_stream_stores_in_part_is_answered_per_item_instead_of_503()
         .await;
     assert_eq!(status, 503, "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_time_means_the_gateways_receive_time_not_the_nats_publish_time() {
+    let Some((config, guard)) = jetstream_config() else {
+        return;
+    };
+    let log = JetStreamLog::connect(config).await.unwrap();
+    // Received at 1, 2, 3 and 4 s after the epoch; published by NATS now.
+    let _ = log
+        .append((1..=4).map(|id| record(id, id * 1000)).collect())
+        .await;
+    for (at_ms, sequence) in [(0, 1), (1000, 1), (2500, 3), (4000, 4), (4001, 5)] {
+        assert_eq!(
+            log.seek_time(at_ms).await.unwrap(),
+            sequence,
+            "received at or after {at_ms} ms"
+        );
+    }
+    // A start that retention removed meanwhile (the cached oldest is still 1) is the oldest left.
+    let admin = nats_admin().await;
+    let stream = admin.get_stream(guard.name()).await.unwrap();
+    stream.purge().sequence(3).await.expect("purge 1..=2");
+    assert_eq!(log.seek_time(0).await.unwrap(), 3);
+    assert_eq!(log.seek_time(3500).await.unwrap(), 4);
+}

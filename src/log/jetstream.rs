@@ -14,6 +14,8 @@
 //!   may lag) and otherwise reports [`LogError::Truncated`] with the next sequence retained, so
 //!   a record removed by retention (`max_age`) or by hand is never skipped silently, whatever
 //!   the cached oldest sequence (refreshed every 2 s) says.
+//! - Seek by time: a binary search on the gateway's receive time (the `Iqgw-Received-At` header),
+//!   as in the embedded store, not on NATS's publish time.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -172,26 +174,57 @@ impl JetStreamLog {
     /// either, it was removed (retention, or deleted by hand): the error says where reading can
     /// go on, the first record after it.
     async fn read_at_leader(&self, from: u64) -> Result<Record, LogError> {
-        let found = self
-            .stream
-            .get_first_raw_message_by_subject(self.all_subjects(), from)
-            .await;
-        let info = self.stream.get_info().await.map_err(unavailable)?;
-        self.shared
-            .first
-            .fetch_max(first_retained(&info.state), Ordering::AcqRel);
-        let oldest = match found {
-            Ok(message) if message.sequence == from => return Ok(record_of(message)),
-            Ok(message) => message.sequence,
-            Err(error) if error.kind() == stream::RawMessageErrorKind::NoMessageFound => {
-                info.state.last_sequence + 1
-            }
+        match self.stream.get_raw_message(from).await {
+            Ok(message) => return Ok(record_of(message)),
+            Err(error) if error.kind() == stream::RawMessageErrorKind::NoMessageFound => {}
             Err(error) => return Err(unavailable(error)),
+        }
+        let info = self.stream.get_info().await.map_err(unavailable)?;
+        let first = first_retained(&info.state);
+        self.shared.first.fetch_max(first, Ordering::AcqRel);
+        let oldest = if from < first {
+            first
+        } else {
+            // Deleted by hand: reading goes on after the gap.
+            self.next_record(from)
+                .await?
+                .map_or(info.state.last_sequence + 1, |record| record.sequence)
         };
         Err(LogError::Truncated {
             requested: from,
             oldest: oldest.max(from + 1),
         })
+    }
+
+    /// The first record at or after `sequence`, from the leader. A lookup filtered by subject:
+    /// only for gaps, where a lookup by sequence finds nothing.
+    async fn next_record(&self, sequence: u64) -> Result<Option<Record>, LogError> {
+        match self
+            .stream
+            .get_first_raw_message_by_subject(self.all_subjects(), sequence)
+            .await
+        {
+            Ok(message) => Ok(Some(record_of(message))),
+            Err(error) if error.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(error) => Err(unavailable(error)),
+        }
+    }
+
+    /// The record at `sequence` or, when that one is gone, the next one; `None` unless it is
+    /// before `end`.
+    async fn record_at_or_after(
+        &self,
+        sequence: u64,
+        end: u64,
+    ) -> Result<Option<Record>, LogError> {
+        let record = match self.stream.direct_get(sequence).await {
+            Ok(message) => Some(record_of(message)),
+            Err(error) if error.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
+                self.next_record(sequence).await?
+            }
+            Err(error) => return Err(unavailable(error)),
+        };
+        Ok(record.filter(|record| record.sequence < end))
     }
 }
 
@@ -486,27 +519,23 @@ impl EventLog for JetStreamLog {
     }
 
     async fn seek_time(&self, at_ms: i64) -> Result<u64, LogError> {
-        let start_time =
-            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_ms) * 1_000_000)
-                .map_err(|e| unavailable(format!("time out of range: {e}")))?;
-        let mut consumer = self
-            .stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time },
-                ..Default::default()
-            })
-            .await
-            .map_err(unavailable)?;
-        let info = consumer.info().await.map_err(unavailable)?;
-        if info.num_pending == 0 {
-            return Ok(self.shared.next.load(Ordering::Acquire));
+        // The gateway's receive time (the RECEIVED_AT header), as in every store, not NATS's
+        // publish time. Receive times follow the sequence, up to the disorder of publishes from
+        // several replicas (README): a binary search over the sequences, a direct get each step.
+        let Bounds { first, next } = self.bounds();
+        let (mut low, mut high) = (first, next);
+        while low < high {
+            let mid = low + (high - low) / 2;
+            match self.record_at_or_after(mid, high).await? {
+                Some(record) if record.received_at_ms < at_ms => low = record.sequence + 1,
+                _ => high = mid,
+            }
         }
-        let mut batch = consumer.messages().await.map_err(unavailable)?;
-        match batch.next().await {
-            Some(Ok(message)) => Ok(message.info().map_err(unavailable)?.stream_sequence),
-            Some(Err(error)) => Err(unavailable(error)),
-            None => Ok(self.shared.next.load(Ordering::Acquire)),
-        }
+        // `low` may have been removed since: the record retained there or after it.
+        Ok(self
+            .record_at_or_after(low, next)
+            .await?
+            .map_or(next, |record| record.sequence))
     }
 
     fn bounds(&self) -> Bounds {
