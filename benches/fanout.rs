@@ -478,7 +478,7 @@ async fn feed(
                 payload: pool[i as usize % pool.len()].clone(),
             })
             .collect();
-        if let Err(error) = log.append(records).await {
+        if let Err(error) = log.append_all(records).await {
             eprintln!("append failed: {error}");
             return;
         }
@@ -593,7 +593,9 @@ impl Bench {
                             payload: self.payloads[i as usize % self.payloads.len()].clone(),
                         })
                         .collect();
-                    log.append(records).await.expect("the memory log appends");
+                    log.append_all(records)
+                        .await
+                        .expect("the memory log appends");
                     next = end;
                 }
             });
@@ -723,7 +725,9 @@ impl Bench {
                     payload: self.payloads[i % self.payloads.len()].clone(),
                 };
                 let started = Instant::now();
-                log.append(vec![record]).await.expect("the store appends");
+                log.append_all(vec![record])
+                    .await
+                    .expect("the store appends");
                 record_us(&mut histogram, started.elapsed());
             }
             log.close().await;

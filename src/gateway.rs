@@ -163,13 +163,14 @@ impl Gateway {
     }
 
     /// Stores several decoded webhook bodies (each with its original JSON) with one append (one
-    /// sync). Answers one result per body, in order.
+    /// sync). One result per item, in order: an item the store did not take (JetStream stores
+    /// each on its own) has its storage error, and does not stop the others.
     pub async fn ingest_batch(
         &self,
         items: Vec<(Decoded, Bytes)>,
-    ) -> Result<Vec<Ingested>, LogError> {
+    ) -> Vec<Result<Ingested, LogError>> {
         if items.is_empty() {
-            return Ok(Vec::new());
+            return Vec::new();
         }
         let mut records = Vec::with_capacity(items.len());
         let mut kept = Vec::with_capacity(items.len());
@@ -179,20 +180,24 @@ impl Gateway {
             records.push(record);
             kept.push((decoded.deviations, envelope));
         }
-        let appended = self.log.append(records).await?;
+        let appended = self.log.append(records).await;
         self.count(&appended);
-        if appended.len() != kept.len() {
-            return Err(LogError::Unavailable("log returned too few results".into()));
-        }
+        let mut appended = appended.into_iter();
         let mut results = Vec::with_capacity(kept.len());
-        for (appended, (deviations, envelope)) in appended.into_iter().zip(kept) {
-            results.push(Ingested {
-                conflict: self.conflict(&envelope, &appended).await,
-                appended,
-                deviations,
+        for (deviations, envelope) in kept {
+            let appended = appended.next().unwrap_or_else(|| {
+                Err(LogError::Unavailable("log returned too few results".into()))
+            });
+            results.push(match appended {
+                Ok(appended) => Ok(Ingested {
+                    conflict: self.conflict(&envelope, &appended).await,
+                    appended,
+                    deviations,
+                }),
+                Err(error) => Err(error),
             });
         }
-        Ok(results)
+        results
     }
 
     /// Stores a typed envelope (gRPC Publish); there is no original JSON to keep. It must carry
@@ -255,18 +260,26 @@ impl Gateway {
     }
 
     async fn append_one(&self, record: NewRecord) -> Result<Appended, IngestError> {
-        let appended = self.log.append(vec![record]).await?;
+        let appended = self.log.append(vec![record]).await;
         self.count(&appended);
         appended
             .into_iter()
             .next()
-            .ok_or_else(|| LogError::Unavailable("log returned no result".into()).into())
+            .unwrap_or_else(|| Err(LogError::Unavailable("log returned no result".into())))
+            .map_err(IngestError::from)
     }
 
-    fn count(&self, appended: &[Appended]) {
-        let duplicates = appended.iter().filter(|a| a.duplicate).count() as u64;
-        self.metrics
-            .observe_appended(appended.len() as u64 - duplicates, duplicates);
+    /// Counts the stored records and the duplicates among the results of an append.
+    fn count(&self, appended: &[Result<Appended, LogError>]) {
+        let (mut stored, mut duplicates) = (0, 0);
+        for appended in appended.iter().flatten() {
+            if appended.duplicate {
+                duplicates += 1;
+            } else {
+                stored += 1;
+            }
+        }
+        self.metrics.observe_appended(stored, duplicates);
     }
 
     /// The log record of an event, and its typed envelope's bytes.

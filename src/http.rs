@@ -250,8 +250,10 @@ enum Slot {
 
 /// `POST /v1/events:batch`: a JSON array of events (`application/json`) or one event per line
 /// (`application/x-ndjson`). Answers 200 with one result per item, in order: a bad item is
-/// answered with its error and does not reject the others. The whole batch is rejected (400)
-/// only when it cannot be split into items; 503 when storage fails (nothing acknowledged).
+/// answered with its error, and an item the store did not take (JetStream may store part of a
+/// batch) with `"retry": true`; neither rejects the others. The whole batch is rejected (400)
+/// only when it cannot be split into items, and answered 503 only when storage failed and
+/// nothing was stored.
 async fn post_batch(
     State(state): State<AppState>,
     request: Request,
@@ -286,15 +288,20 @@ async fn post_batch(
     } else {
         decode::decode_lines(&body, policy, each);
     }
-    let ingested = state
-        .gateway
-        .ingest_batch(events)
-        .await
-        .map_err(HttpError::Storage)?;
+    // One result per stored item: JetStream stores each on its own, so some may fail while
+    // others are stored (answered per item); nothing stored at all is a 503 (retry the batch).
+    let ingested = state.gateway.ingest_batch(events).await;
+    let unavailable = ingested.iter().filter(|item| item.is_err()).count();
+    if unavailable > 0 && unavailable == ingested.len() {
+        if let Some(error) = ingested.iter().find_map(|item| item.as_ref().err()) {
+            return Err(HttpError::Storage(error.clone()));
+        }
+    }
     let mut listed = 0;
     let mut list_until = ingested.len();
     let mut omitted_deviations = 0;
     for (i, item) in ingested.iter().enumerate() {
+        let Ok(item) = item else { continue };
         if listed < LISTED_DEVIATIONS {
             listed += item.deviations.len();
         } else {
@@ -302,11 +309,15 @@ async fn post_batch(
             omitted_deviations += item.deviations.len();
         }
     }
-    let duplicates = ingested.iter().filter(|i| i.appended.duplicate).count();
-    Ok(Json(BatchAnswer {
-        stored: ingested.len() - duplicates,
+    let duplicates = ingested
+        .iter()
+        .filter(|i| i.as_ref().is_ok_and(|i| i.appended.duplicate))
+        .count();
+    let mut response = Json(BatchAnswer {
+        stored: ingested.len() - unavailable - duplicates,
         duplicates,
         rejected,
+        unavailable,
         omitted_errors: rejected.saturating_sub(DETAILED_ERRORS),
         omitted_deviations,
         results: Results {
@@ -315,7 +326,13 @@ async fn post_batch(
             list_until,
         },
     })
-    .into_response())
+    .into_response();
+    if unavailable > 0 {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    Ok(response)
 }
 
 /// The answer to a batch: counts, then one result per item in order.
@@ -324,6 +341,9 @@ struct BatchAnswer<'a> {
     stored: usize,
     duplicates: usize,
     rejected: usize,
+    /// Items not stored because storage failed (only when some were); send them again.
+    #[serde(skip_serializing_if = "is_zero")]
+    unavailable: usize,
     #[serde(skip_serializing_if = "is_zero")]
     omitted_errors: usize,
     #[serde(skip_serializing_if = "is_zero")]
@@ -336,12 +356,20 @@ fn is_zero(n: &usize) -> bool {
 }
 
 /// One result per item, written as they are serialized (never a list of answers in memory):
-/// `{"sequence", "duplicate", "deviations"?}`, `{"error", "path", "line", "column"}` or `null`.
+/// `{"sequence", "duplicate", "deviations"?}`, `{"error", "retry": true}` (not stored: storage
+/// failed for it while others were stored), `{"error", "path", "line", "column"}` or `null`.
 struct Results<'a> {
     slots: &'a [Slot],
-    ingested: &'a [Ingested],
+    ingested: &'a [Result<Ingested, LogError>],
     /// Stored items from this one on are answered without their deviations.
     list_until: usize,
+}
+
+/// An item storage did not take.
+#[derive(serde::Serialize)]
+struct Unstored {
+    error: String,
+    retry: bool,
 }
 
 impl serde::Serialize for Results<'_> {
@@ -352,8 +380,12 @@ impl serde::Serialize for Results<'_> {
         for slot in self.slots {
             match slot {
                 Slot::Event => match ingested.next() {
-                    Some((i, item)) if i < self.list_until => seq.serialize_element(item)?,
-                    Some((_, item)) => seq.serialize_element(&item.appended)?,
+                    Some((i, Ok(item))) if i < self.list_until => seq.serialize_element(item)?,
+                    Some((_, Ok(item))) => seq.serialize_element(&item.appended)?,
+                    Some((_, Err(error))) => seq.serialize_element(&Unstored {
+                        error: error.to_string(),
+                        retry: true,
+                    })?,
                     None => return Err(S::Error::custom("fewer results than stored items")),
                 },
                 Slot::Rejected(Some(error)) => seq.serialize_element(&ErrorBody::from(&**error))?,

@@ -114,8 +114,11 @@ mod tests {
 
     #[async_trait::async_trait]
     impl EventLog for Broken {
-        async fn append(&self, _: Vec<NewRecord>) -> Result<Vec<Appended>, LogError> {
-            Err(LogError::Unavailable("broken".into()))
+        async fn append(&self, records: Vec<NewRecord>) -> Vec<Result<Appended, LogError>> {
+            records
+                .iter()
+                .map(|_| Err(LogError::Unavailable("broken".into())))
+                .collect()
         }
         async fn read(&self, _: u64, _: usize) -> Result<Vec<Record>, LogError> {
             Err(LogError::Unavailable("broken".into()))

@@ -72,14 +72,16 @@ pub struct LogStats {
 /// Why the log could not do what was asked.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LogError {
-    /// The requested sequence was removed by retention.
+    /// The requested sequence was removed (by retention; on JetStream also by hand).
     #[error(
-        "sequence {requested} is no longer retained; the oldest retained sequence is {oldest}"
+        "sequence {requested} is no longer retained; the oldest retained sequence after it is \
+         {oldest}"
     )]
     Truncated {
         /// What was asked for.
         requested: u64,
-        /// The oldest sequence still stored.
+        /// The oldest sequence still stored after `requested`, where reading can go on: with
+        /// retention, the oldest of all. Always greater than `requested`.
         oldest: u64,
     },
     /// The storage failed (disk, network); nothing was acknowledged. Callers answer "retry".
@@ -105,12 +107,22 @@ pub enum LogError {
 #[async_trait]
 pub trait EventLog: Send + Sync + 'static {
     /// Appends records in order, storing each `event_id` once (also within the batch; a record
-    /// without one is always stored). Returns
-    /// only once the stored records are durable; results are in the order of `records`.
-    async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>, LogError>;
+    /// without one is always stored). Returns one result per record, in the order of `records`,
+    /// only once the stored records are durable. The embedded and memory stores store all or
+    /// none (one transaction); JetStream stores each record on its own, so some may be stored and
+    /// others not (a record with an error was not acknowledged: the sender retries it).
+    async fn append(&self, records: Vec<NewRecord>) -> Vec<Result<Appended, LogError>>;
 
-    /// Up to `limit` records with sequence `>= from`, in order; empty at the end of the log.
-    /// [`LogError::Truncated`] when `from` is older than the oldest retained record.
+    /// [`EventLog::append`] for callers that need every record stored (tests, tools): the
+    /// results, or the first error (on JetStream, records before it may be stored).
+    async fn append_all(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>, LogError> {
+        self.append(records).await.into_iter().collect()
+    }
+
+    /// Up to `limit` records from `from` on, consecutive: the first is `from` itself, and a page
+    /// ends before any sequence that is missing. Empty at the end of the log.
+    /// [`LogError::Truncated`] when `from` is no longer stored (older than the oldest retained
+    /// record, or removed); never a later record in its place.
     async fn read(&self, from: u64, limit: usize) -> Result<Vec<Record>, LogError>;
 
     /// The sequence under which `event_id` is stored.
@@ -138,3 +150,14 @@ pub trait EventLog: Send + Sync + 'static {
 
 /// A shared log.
 pub type SharedLog = Arc<dyn EventLog>;
+
+/// The per-record results of a store that stores all records of an append or none.
+fn all_or_none(
+    result: Result<Vec<Appended>, LogError>,
+    count: usize,
+) -> Vec<Result<Appended, LogError>> {
+    match result {
+        Ok(appended) => appended.into_iter().map(Ok).collect(),
+        Err(error) => vec![Err(error); count],
+    }
+}

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use iqchannels_gateway::auth::{GrpcAuth, IngestAuth};
 use iqchannels_gateway::client;
 use iqchannels_gateway::log::embedded::{EmbeddedLog, Retention};
-use iqchannels_gateway::log::jetstream::{JetStreamLog, NatsConfig};
+use iqchannels_gateway::log::jetstream::{parse_servers, JetStreamLog, NatsConfig};
 use iqchannels_gateway::log::{memory::MemoryLog, SharedLog};
 use iqchannels_gateway::pb::client::{get_event_request, subscribe_request, Filter};
 use iqchannels_gateway::server::{self, ServerConfig};
@@ -193,8 +193,11 @@ struct ServeArgs {
     #[arg(long, env = "IQGW_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
     /// Where events are stored: `embedded` (durable, in --data-dir), `memory` (lost on exit; for
-    /// tests and benchmarks) or `nats://HOST:PORT[,nats://...]` (a NATS JetStream stream shared
-    /// by several gateway replicas; see the --nats-* flags).
+    /// tests and benchmarks) or `nats://HOST:PORT` (a NATS JetStream stream shared by several
+    /// gateway replicas; see the --nats-* flags). For a NATS cluster, list its servers separated
+    /// by commas, spaces allowed (quote them in a shell):
+    /// `nats://nats-1:4222,nats://nats-2:4222,nats://nats-3:4222`; the gateway connects to any
+    /// and fails over to the others. `tls://HOST:PORT` entries connect with TLS.
     #[arg(long, env = "IQGW_STORE", default_value = "embedded", value_parser = parse_store)]
     store: Store,
     /// Directory of the embedded store.
@@ -320,11 +323,14 @@ struct NatsArgs {
         default_value = "iqchannels.events"
     )]
     nats_subject_prefix: String,
-    /// Stream replicas when the gateway creates the stream (1, 3 or 5 on a cluster).
+    /// Stream replicas (1, 3 or 5 on a cluster); an existing stream must have as many. With 1,
+    /// an acknowledged event survives a crash of the NATS machine only if that node has
+    /// `sync_interval: always` in its JetStream configuration (see README).
     #[arg(long, env = "IQGW_NATS_REPLICAS", default_value_t = 1)]
     nats_replicas: usize,
-    /// JetStream duplicate window when the gateway creates the stream, e.g. `1h`. Redeliveries
-    /// after it are still stored once (one message per subject), see README.
+    /// JetStream duplicate window, e.g. `1h` (at most --retention-max-age); an existing stream
+    /// must have it. Redeliveries after it are still stored once (one message per subject), see
+    /// README.
     #[arg(long, env = "IQGW_NATS_DUPLICATE_WINDOW", default_value = "1h", value_parser = humantime::parse_duration)]
     nats_duplicate_window: Duration,
     /// How long to wait for JetStream's ack before answering 503.
@@ -367,14 +373,16 @@ enum Store {
 }
 
 fn parse_store(value: &str) -> Result<Store, String> {
-    match value {
+    match value.trim() {
         "embedded" => Ok(Store::Embedded),
         "memory" => Ok(Store::Memory),
-        url if url.starts_with("nats://") || url.starts_with("tls://") => {
-            Ok(Store::Nats(url.to_owned()))
+        list if list.starts_with("nats://") || list.starts_with("tls://") => {
+            parse_servers(list)?;
+            Ok(Store::Nats(list.to_owned()))
         }
         other => Err(format!(
-            "`{other}`: expected `embedded`, `memory` or `nats://HOST:PORT`"
+            "`{other}`: expected `embedded`, `memory`, `nats://HOST:PORT` or a comma-separated \
+             list of NATS servers"
         )),
     }
 }

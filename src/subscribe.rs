@@ -232,6 +232,12 @@ pub struct Subscription {
     catching_up: bool,
     /// The mean size of the events of the last page read, to size the next one in bytes.
     event_bytes: usize,
+    /// `Some(next sequence when it began)` while a subscription that asked for the oldest
+    /// retained events (the beginning, or a time) has read nothing yet: events retention removed
+    /// before it began (a replica may learn of that late) are not a gap for it, so it starts at
+    /// the new oldest. A removal of anything stored after it began, or any later truncation, is
+    /// reported.
+    from_oldest: Option<u64>,
     /// This subscription's entry in the registry: its position, for lag metrics.
     registered: Registered,
 }
@@ -283,6 +289,7 @@ impl Subscription {
             pending: VecDeque::new(),
             catching_up: true,
             event_bytes: FIRST_GUESS_BYTES,
+            from_oldest: matches!(start, Start::Beginning | Start::Since(_)).then_some(bounds.next),
             registered,
         })
     }
@@ -398,7 +405,18 @@ impl Subscription {
     async fn catch_up_page(&mut self) -> Result<(), SubscribeError> {
         let limit = (self.registered.registry.page_bytes() / self.event_bytes.max(1))
             .clamp(1, CATCH_UP_PAGE);
-        let records = self.log.read(self.next, limit).await?;
+        let records = match self.log.read(self.next, limit).await {
+            Err(LogError::Truncated { oldest, .. })
+                if self
+                    .from_oldest
+                    .is_some_and(|began| self.next < oldest && oldest <= began) =>
+            {
+                self.advance_to(oldest);
+                return Ok(());
+            }
+            records => records?,
+        };
+        self.from_oldest = None;
         if records.is_empty() {
             self.set_catching_up(false);
             return Ok(());

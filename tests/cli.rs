@@ -347,7 +347,7 @@ fn subscribe_reports_an_event_it_cannot_decode_and_goes_on() {
             .encode_to_vec()
             .into(),
         });
-        log.append(records.to_vec()).await.unwrap();
+        log.append_all(records.to_vec()).await.unwrap();
     });
     drop(runtime);
     let data_dir = dir.path().to_str().unwrap();
@@ -369,7 +369,7 @@ fn subscribe_reports_an_event_it_cannot_decode_and_goes_on() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let log = EmbeddedLog::open(dir.path(), Retention::default()).unwrap();
-        log.append(vec![NewRecord {
+        log.append_all(vec![NewRecord {
             event_id: Some(3),
             received_at_ms: 1,
             payload: bytes::Bytes::from_static(b"\xff\xff\xff"),

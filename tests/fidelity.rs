@@ -4,7 +4,6 @@
 //! the event, and a body nested past the protobuf limit is cut so every stream reads past it.
 
 mod common;
-mod nats;
 
 use std::sync::Arc;
 
@@ -302,7 +301,7 @@ async fn typing_odd_fields_and_a_poison_body_all_reach_subscribers_on_the_embedd
 
 #[tokio::test]
 async fn typing_odd_fields_and_a_poison_body_all_reach_subscribers_on_jetstream() {
-    let Some((log, _stream)) = nats::jetstream_log().await else {
+    let Some((log, _stream)) = common::jetstream_log().await else {
         return;
     };
     scenario(log).await;

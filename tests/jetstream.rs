@@ -359,3 +359,39 @@ async fn a_nats_restart_during_ingest_answers_503_then_continues_without_gap_or_
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cluster_form_of_store_a_comma_separated_server_list_starts_and_stores() {
+    if !require(
+        "NATS with JetStream on 127.0.0.1:4222",
+        reachable(SHARED_NATS),
+    ) {
+        return;
+    }
+    let stream = TestStream::new(SHARED_NATS);
+    // As README shows it, with a space after the comma, and one server that is down: the
+    // gateway connects to the other.
+    let store = format!("nats://127.0.0.1:{}, nats://{SHARED_NATS}", free_port());
+    let process = Process::start(&stream.args(&store));
+    let http = reqwest::Client::new();
+    assert_eq!(post(&http, &process, 1).await, Some(1));
+    assert_eq!(post(&http, &process, 2).await, Some(2));
+}
+
+#[test]
+fn a_malformed_server_list_is_refused_naming_the_bad_entry() {
+    let output = Command::new(env!("CARGO_BIN_EXE_iqchannels-gateway"))
+        .args([
+            "serve",
+            "--store",
+            "nats://127.0.0.1:4222, nats://127.0.0.1:42x2",
+        ])
+        .output()
+        .expect("the gateway binary runs");
+    assert!(!output.status.success(), "the gateway started");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("NATS server `nats://127.0.0.1:42x2` is invalid: invalid port number"),
+        "{stderr}"
+    );
+}

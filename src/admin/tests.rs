@@ -32,7 +32,7 @@ async fn store(dir: &Path) {
             }
         })
         .collect();
-    log.append(records).await.unwrap();
+    log.append_all(records).await.unwrap();
     log.close().await;
 }
 

@@ -320,13 +320,14 @@ fn read_bounds(db: &Database) -> Result<StoredBounds, LogError> {
 
 #[async_trait]
 impl EventLog for EmbeddedLog {
-    async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>, LogError> {
+    async fn append(&self, records: Vec<NewRecord>) -> Vec<Result<Appended, LogError>> {
+        let count = records.len();
         let (reply, answer) = oneshot::channel();
-        self.requests
-            .send(AppendRequest { records, reply })
-            .await
-            .map_err(|_| LogError::Closed)?;
-        answer.await.map_err(|_| LogError::Closed)?
+        let all = match self.requests.send(AppendRequest { records, reply }).await {
+            Ok(()) => answer.await.unwrap_or(Err(LogError::Closed)),
+            Err(_) => Err(LogError::Closed),
+        };
+        super::all_or_none(all, count)
     }
 
     async fn read(&self, from: u64, limit: usize) -> Result<Vec<Record>, LogError> {

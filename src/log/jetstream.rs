@@ -9,7 +9,13 @@
 //!   event is retained, not just for the window.
 //! - Tail: an ordered push consumer follows the stream (appends of every replica) into a bounded
 //!   cache of recent records and the committed watch; the hub reads from that cache.
-//! - Reads further back: direct gets by sequence, a page at a time.
+//! - Reads further back: direct gets by sequence, a page at a time. A page ends before a
+//!   sequence that is not found; a read that starts at one asks the stream leader (a replica
+//!   may lag) and otherwise reports [`LogError::Truncated`] with the next sequence retained, so
+//!   a record removed by retention (`max_age`) or by hand is never skipped silently, whatever
+//!   the cached oldest sequence (refreshed every 2 s) says.
+//! - Seek by time: a binary search on the gateway's receive time (the `Iqgw-Received-At` header),
+//!   as in the embedded store, not on NATS's publish time.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,85 +29,16 @@ use tokio::sync::watch;
 
 use super::{Appended, Bounds, EventLog, LogError, LogStats, NewRecord, Record};
 
+mod config;
+
+pub use config::{parse_servers, NatsConfig};
+
 /// Header carrying the gateway's receive time (ms since the Unix epoch).
 const RECEIVED_AT: &str = "Iqgw-Received-At";
 /// Recent records kept for the hub and for subscribers close to the head.
 const CACHE: usize = 8192;
 /// Direct gets in flight at once during a catch-up read.
 const READ_CONCURRENCY: usize = 32;
-
-/// How to reach and shape the stream.
-#[derive(Debug, Clone)]
-pub struct NatsConfig {
-    /// Server URL(s), comma separated: `nats://host:4222`.
-    pub url: String,
-    /// Stream name.
-    pub stream: String,
-    /// Subject prefix; events go to `<prefix>.<event id>`.
-    pub subject_prefix: String,
-    /// Stream replicas (when the stream is created).
-    pub replicas: usize,
-    /// JetStream duplicate window (when the stream is created).
-    pub duplicate_window: Duration,
-    /// Retention by age (when the stream is created); zero keeps everything.
-    pub max_age: Duration,
-    /// How long to wait for a JetStream ack before answering 503.
-    pub ack_timeout: Duration,
-    /// Credentials file (`.creds`), user/password, or token.
-    pub credentials_file: Option<std::path::PathBuf>,
-    /// User name.
-    pub user: Option<String>,
-    /// Password for `user`.
-    pub password: Option<String>,
-    /// Token.
-    pub token: Option<String>,
-    /// CA certificate (PEM) for TLS to NATS.
-    pub tls_ca: Option<std::path::PathBuf>,
-    /// Client certificate and key (PEM) for mutual TLS.
-    pub tls_client: Option<(std::path::PathBuf, std::path::PathBuf)>,
-    /// Require TLS.
-    pub require_tls: bool,
-}
-
-impl NatsConfig {
-    /// Defaults for a server URL.
-    pub fn new(url: impl Into<String>) -> Self {
-        Self {
-            url: url.into(),
-            stream: "IQCHANNELS_EVENTS".into(),
-            subject_prefix: "iqchannels.events".into(),
-            replicas: 1,
-            duplicate_window: Duration::from_secs(3600),
-            max_age: Duration::ZERO,
-            ack_timeout: Duration::from_secs(5),
-            credentials_file: None,
-            user: None,
-            password: None,
-            token: None,
-            tls_ca: None,
-            tls_client: None,
-            require_tls: false,
-        }
-    }
-
-    /// The stream configuration the gateway creates, and checks an existing stream against.
-    pub fn stream_config(&self) -> stream::Config {
-        stream::Config {
-            name: self.stream.clone(),
-            subjects: vec![format!("{}.*", self.subject_prefix)],
-            retention: stream::RetentionPolicy::Limits,
-            storage: stream::StorageType::File,
-            num_replicas: self.replicas,
-            duplicate_window: self.duplicate_window,
-            max_age: self.max_age,
-            max_messages_per_subject: 1,
-            discard: stream::DiscardPolicy::New,
-            discard_new_per_subject: true,
-            allow_direct: true,
-            ..stream::Config::default()
-        }
-    }
-}
 
 /// The JetStream-backed log.
 pub struct JetStreamLog {
@@ -133,26 +70,31 @@ impl JetStreamLog {
     /// Connects (retrying in the background if NATS is down at start), creates the stream if it
     /// is missing or checks that an existing one is compatible, and starts the tail.
     pub async fn connect(config: NatsConfig) -> Result<Self, LogError> {
+        let servers = config::parse_servers(&config.url).map_err(LogError::Unavailable)?;
         let client = connect_options(&config)
             .await?
-            .connect(config.url.as_str())
+            .connect(servers)
             .await
             .map_err(|e| {
                 unavailable(format!(
                     "cannot connect to NATS at {}: {e}",
-                    redact(&config.url)
+                    config::redact(&config.url)
                 ))
             })?;
         let mut context = jetstream::new(client.clone());
         context.set_timeout(config.ack_timeout);
         let stream = open_stream(&context, &config).await?;
+        let replicas = stream.cached_info().config.num_replicas;
+        tracing::warn!(
+            stream = %config.stream,
+            replicas,
+            server_version = %client.server_info().version,
+            "{}",
+            config::durability_warning(replicas, &client.server_info().version)
+        );
         let info = stream.get_info().await.map_err(unavailable)?;
         let next = info.state.last_sequence + 1;
-        let first = if info.state.messages == 0 {
-            next
-        } else {
-            info.state.first_sequence
-        };
+        let first = first_retained(&info.state);
         let shared = Arc::new(Shared {
             syncs: AtomicU64::new(0),
             synced_records: AtomicU64::new(0),
@@ -219,18 +161,108 @@ impl JetStreamLog {
 
     fn cached(&self, from: u64, limit: usize) -> Option<Vec<Record>> {
         let recent = self.shared.recent.lock().unwrap_or_else(|p| p.into_inner());
-        let oldest = recent.front()?.sequence;
-        if from < oldest {
-            return None;
+        from_cache(&recent, from, limit)
+    }
+
+    /// Subjects of every event in the stream (`<prefix>.*`).
+    fn all_subjects(&self) -> String {
+        format!("{}.*", self.config.subject_prefix)
+    }
+
+    /// The record at `from` when a direct get did not find it, asked of the stream leader (a
+    /// direct get may be answered by a replica that is behind). If the leader has no such record
+    /// either, it was removed (retention, or deleted by hand): the error says where reading can
+    /// go on, the first record after it.
+    async fn read_at_leader(&self, from: u64) -> Result<Record, LogError> {
+        match self.stream.get_raw_message(from).await {
+            Ok(message) => return Ok(record_of(message)),
+            Err(error) if error.kind() == stream::RawMessageErrorKind::NoMessageFound => {}
+            Err(error) => return Err(unavailable(error)),
         }
-        Some(
-            recent
-                .iter()
-                .skip_while(|r| r.sequence < from)
-                .take(limit)
-                .cloned()
-                .collect(),
-        )
+        let info = self.stream.get_info().await.map_err(unavailable)?;
+        let first = first_retained(&info.state);
+        self.shared.first.fetch_max(first, Ordering::AcqRel);
+        let oldest = if from < first {
+            first
+        } else {
+            // Deleted by hand: reading goes on after the gap.
+            self.next_record(from)
+                .await?
+                .map_or(info.state.last_sequence + 1, |record| record.sequence)
+        };
+        Err(LogError::Truncated {
+            requested: from,
+            oldest: oldest.max(from + 1),
+        })
+    }
+
+    /// The first record at or after `sequence`, from the leader. A lookup filtered by subject:
+    /// only for gaps, where a lookup by sequence finds nothing.
+    async fn next_record(&self, sequence: u64) -> Result<Option<Record>, LogError> {
+        match self
+            .stream
+            .get_first_raw_message_by_subject(self.all_subjects(), sequence)
+            .await
+        {
+            Ok(message) => Ok(Some(record_of(message))),
+            Err(error) if error.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(error) => Err(unavailable(error)),
+        }
+    }
+
+    /// The record at `sequence` or, when that one is gone, the next one; `None` unless it is
+    /// before `end`.
+    async fn record_at_or_after(
+        &self,
+        sequence: u64,
+        end: u64,
+    ) -> Result<Option<Record>, LogError> {
+        let record = match self.stream.direct_get(sequence).await {
+            Ok(message) => Some(record_of(message)),
+            Err(error) if error.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
+                self.next_record(sequence).await?
+            }
+            Err(error) => return Err(unavailable(error)),
+        };
+        Ok(record.filter(|record| record.sequence < end))
+    }
+}
+
+/// The cached records from `from` on, up to `limit` and up to the first gap (a record removed
+/// before the tail saw it); `None` when the cache does not hold `from` (older than the cache, or
+/// in a gap), so that the stream is asked. `Some` and empty past the newest cached record.
+fn from_cache(recent: &VecDeque<Record>, from: u64, limit: usize) -> Option<Vec<Record>> {
+    let start = recent.partition_point(|r| r.sequence < from);
+    match recent.get(start) {
+        Some(record) if record.sequence == from => {}
+        None if !recent.is_empty() => return Some(Vec::new()),
+        _ => return None,
+    }
+    Some(
+        recent
+            .range(start..)
+            .zip(from..)
+            .take_while(|(record, sequence)| record.sequence == *sequence)
+            .take(limit)
+            .map(|(record, _)| record.clone())
+            .collect(),
+    )
+}
+
+/// The oldest sequence the stream retains (`last + 1` when it is empty).
+fn first_retained(state: &stream::State) -> u64 {
+    if state.messages == 0 {
+        state.last_sequence + 1
+    } else {
+        state.first_sequence
+    }
+}
+
+fn record_of(message: jetstream::message::StreamMessage) -> Record {
+    Record {
+        sequence: message.sequence,
+        received_at_ms: received_at(Some(&message.headers), message.time.unix_timestamp_nanos()),
+        payload: message.payload,
     }
 }
 
@@ -292,10 +324,11 @@ async fn open_stream(
         }
     };
     let existing = &stream.info().await.map_err(unavailable)?.config;
-    let problems = incompatibilities(existing, &wanted);
+    let problems = config::incompatibilities(existing, &wanted);
     if !problems.is_empty() {
         return Err(LogError::Unavailable(format!(
-            "stream {} is not usable by the gateway: {}",
+            "stream {} is not usable by the gateway: {}. Change the stream (`nats stream edit`) \
+             or the gateway's flags so that they agree",
             config.stream,
             problems.join("; ")
         )));
@@ -306,35 +339,6 @@ async fn open_stream(
 fn is_stream_not_found(kind: &jetstream::context::GetStreamErrorKind) -> bool {
     matches!(kind, jetstream::context::GetStreamErrorKind::JetStream(error)
         if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
-}
-
-/// What in an existing stream's configuration would break the gateway's guarantees.
-fn incompatibilities(existing: &stream::Config, wanted: &stream::Config) -> Vec<String> {
-    let mut problems = Vec::new();
-    let subject = &wanted.subjects[0];
-    if !existing.subjects.iter().any(|s| s == subject) {
-        problems.push(format!(
-            "subjects {:?} do not include {subject}",
-            existing.subjects
-        ));
-    }
-    if existing.retention != stream::RetentionPolicy::Limits {
-        problems.push(
-            "retention must be limits (work-queue/interest streams delete delivered events)".into(),
-        );
-    }
-    if existing.max_messages_per_subject != 1
-        || !existing.discard_new_per_subject
-        || existing.discard != stream::DiscardPolicy::New
-    {
-        problems.push(
-            "needs max_msgs_per_subject=1 with discard new per subject (permanent dedup)".into(),
-        );
-    }
-    if !existing.allow_direct {
-        problems.push("needs allow_direct (reads by sequence)".into());
-    }
-    problems
 }
 
 /// Follows the stream from `next` with an ordered consumer (it recreates itself after reconnects
@@ -418,30 +422,14 @@ async fn refresh_first(stream: stream::Stream, shared: std::sync::Weak<Shared>) 
             return;
         };
         if let Ok(info) = stream.get_info().await {
-            let first = if info.state.messages == 0 {
-                info.state.last_sequence + 1
-            } else {
-                info.state.first_sequence
-            };
-            shared.first.store(first, Ordering::Release);
+            shared
+                .first
+                .fetch_max(first_retained(&info.state), Ordering::AcqRel);
             shared
                 .next
                 .fetch_max(info.state.last_sequence + 1, Ordering::AcqRel);
         }
     }
-}
-
-/// The server URLs without any `user:password@` part, for logs and errors.
-fn redact(urls: &str) -> String {
-    urls.split(',')
-        .map(|url| match (url.find("://"), url.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                format!("{}://***@{}", &url[..scheme], &url[at + 1..])
-            }
-            _ => url.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 fn received_at(headers: Option<&async_nats::HeaderMap>, published_nanos: i128) -> i64 {
@@ -453,22 +441,24 @@ fn received_at(headers: Option<&async_nats::HeaderMap>, published_nanos: i128) -
 
 #[async_trait]
 impl EventLog for JetStreamLog {
-    async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>, LogError> {
+    async fn append(&self, records: Vec<NewRecord>) -> Vec<Result<Appended, LogError>> {
         if self.client.connection_state() != async_nats::connection::State::Connected {
-            return Err(LogError::Unavailable("not connected to NATS".into()));
+            let error = LogError::Unavailable("not connected to NATS".into());
+            return vec![Err(error); records.len()];
         }
-        // Published in order, acks awaited together: one round trip for the batch.
+        // Published in order, acks awaited together: one round trip for the batch. Each record
+        // is stored or not on its own (NATS may go away, or the stream refuse one, mid-batch).
         let results =
             futures_util::future::join_all(records.into_iter().map(|r| self.publish(r))).await;
-        let appended: Vec<Appended> = results.into_iter().collect::<Result<_, _>>()?;
-        if let Some(last) = appended.iter().map(|a| a.sequence).max() {
+        let stored = results.iter().filter_map(|r| r.as_ref().ok());
+        if let Some(last) = stored.clone().map(|a| a.sequence).max() {
             self.shared.next.fetch_max(last + 1, Ordering::AcqRel);
+            self.shared.syncs.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .synced_records
+                .fetch_add(stored.count() as u64, Ordering::Relaxed);
         }
-        self.shared.syncs.fetch_add(1, Ordering::Relaxed);
-        self.shared
-            .synced_records
-            .fetch_add(appended.len() as u64, Ordering::Relaxed);
-        Ok(appended)
+        results
     }
 
     async fn read(&self, from: u64, limit: usize) -> Result<Vec<Record>, LogError> {
@@ -487,18 +477,13 @@ impl EventLog for JetStreamLog {
             .next
             .load(Ordering::Acquire)
             .min(from.saturating_add(limit as u64));
-        let records: Vec<Option<Record>> = futures_util::stream::iter(from..end)
+        if from >= end {
+            return Ok(Vec::new());
+        }
+        let fetched: Vec<Option<Record>> = futures_util::stream::iter(from..end)
             .map(|sequence| async move {
                 match self.stream.direct_get(sequence).await {
-                    Ok(message) => Ok(Some(Record {
-                        sequence,
-                        received_at_ms: received_at(
-                            Some(&message.headers),
-                            message.time.unix_timestamp_nanos(),
-                        ),
-                        payload: message.payload,
-                    })),
-                    // Deleted (retention or by hand): not part of the log any more.
+                    Ok(message) => Ok(Some(record_of(message))),
                     Err(error)
                         if error.kind() == jetstream::stream::DirectGetErrorKind::NotFound =>
                     {
@@ -510,19 +495,11 @@ impl EventLog for JetStreamLog {
             .buffered(READ_CONCURRENCY)
             .try_collect()
             .await?;
-        let records: Vec<Record> = records.into_iter().flatten().collect();
-        if records.is_empty() && from < end {
-            // Everything asked for is gone: retention moved the head past it.
-            let info = self.stream.get_info().await.map_err(unavailable)?;
-            if from < info.state.first_sequence {
-                self.shared
-                    .first
-                    .store(info.state.first_sequence, Ordering::Release);
-                return Err(LogError::Truncated {
-                    requested: from,
-                    oldest: info.state.first_sequence,
-                });
-            }
+        // The page ends before the first record not found: the next read starts there and is
+        // told whether it was removed. A later record is never returned as if it followed.
+        let mut records: Vec<Record> = fetched.into_iter().map_while(|r| r).collect();
+        if records.is_empty() {
+            records.push(self.read_at_leader(from).await?);
         }
         Ok(records)
     }
@@ -542,27 +519,23 @@ impl EventLog for JetStreamLog {
     }
 
     async fn seek_time(&self, at_ms: i64) -> Result<u64, LogError> {
-        let start_time =
-            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_ms) * 1_000_000)
-                .map_err(|e| unavailable(format!("time out of range: {e}")))?;
-        let mut consumer = self
-            .stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time },
-                ..Default::default()
-            })
-            .await
-            .map_err(unavailable)?;
-        let info = consumer.info().await.map_err(unavailable)?;
-        if info.num_pending == 0 {
-            return Ok(self.shared.next.load(Ordering::Acquire));
+        // The gateway's receive time (the RECEIVED_AT header), as in every store, not NATS's
+        // publish time. Receive times follow the sequence, up to the disorder of publishes from
+        // several replicas (README): a binary search over the sequences, a direct get each step.
+        let Bounds { first, next } = self.bounds();
+        let (mut low, mut high) = (first, next);
+        while low < high {
+            let mid = low + (high - low) / 2;
+            match self.record_at_or_after(mid, high).await? {
+                Some(record) if record.received_at_ms < at_ms => low = record.sequence + 1,
+                _ => high = mid,
+            }
         }
-        let mut batch = consumer.messages().await.map_err(unavailable)?;
-        match batch.next().await {
-            Some(Ok(message)) => Ok(message.info().map_err(unavailable)?.stream_sequence),
-            Some(Err(error)) => Err(unavailable(error)),
-            None => Ok(self.shared.next.load(Ordering::Acquire)),
-        }
+        // `low` may have been removed since: the record retained there or after it.
+        Ok(self
+            .record_at_or_after(low, next)
+            .await?
+            .map_or(next, |record| record.sequence))
     }
 
     fn bounds(&self) -> Bounds {
@@ -593,30 +566,28 @@ impl EventLog for JetStreamLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     #[test]
-    fn credentials_in_server_urls_are_redacted() {
-        assert_eq!(
-            redact("nats://u:p@h:4222,nats://h2:4222"),
-            "nats://***@h:4222,nats://h2:4222"
-        );
-    }
-
-    #[test]
-    fn the_created_stream_passes_its_own_compatibility_check() {
-        let config = NatsConfig::new("nats://127.0.0.1:4222").stream_config();
-        assert!(incompatibilities(&config, &config).is_empty());
-    }
-
-    #[test]
-    fn a_work_queue_stream_without_per_subject_limits_is_refused() {
-        let wanted = NatsConfig::new("nats://127.0.0.1:4222").stream_config();
-        let existing = stream::Config {
-            retention: stream::RetentionPolicy::WorkQueue,
-            max_messages_per_subject: -1,
-            ..wanted.clone()
+    fn the_cache_serves_a_read_only_from_the_sequence_asked_and_up_to_a_gap() {
+        let cache: VecDeque<Record> = [3, 4, 5, 7, 8]
+            .into_iter()
+            .map(|sequence| Record {
+                sequence,
+                received_at_ms: 0,
+                payload: Bytes::new(),
+            })
+            .collect();
+        let read = |from, limit| {
+            from_cache(&cache, from, limit)
+                .map(|records| records.iter().map(|r| r.sequence).collect::<Vec<_>>())
         };
-        let problems = incompatibilities(&existing, &wanted);
-        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(read(4, 10), Some(vec![4, 5]), "stops before the gap");
+        assert_eq!(read(3, 2), Some(vec![3, 4]));
+        assert_eq!(read(7, 10), Some(vec![7, 8]));
+        assert_eq!(read(6, 10), None, "in the gap: ask the stream");
+        assert_eq!(read(2, 10), None, "older than the cache: ask the stream");
+        assert_eq!(read(9, 10), Some(vec![]), "past the newest record");
+        assert!(from_cache(&VecDeque::new(), 1, 10).is_none());
     }
 }

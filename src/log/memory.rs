@@ -59,7 +59,7 @@ impl Default for MemoryLog {
 
 #[async_trait]
 impl EventLog for MemoryLog {
-    async fn append(&self, records: Vec<NewRecord>) -> Result<Vec<Appended>, LogError> {
+    async fn append(&self, records: Vec<NewRecord>) -> Vec<Result<Appended, LogError>> {
         let mut inner = self.lock();
         let mut results = Vec::with_capacity(records.len());
         for record in records {
@@ -97,7 +97,7 @@ impl EventLog for MemoryLog {
         let last = inner.first + inner.records.len() as u64 - 1;
         drop(inner);
         self.committed.send_replace(last);
-        Ok(results)
+        results.into_iter().map(Ok).collect()
     }
 
     async fn read(&self, from: u64, limit: usize) -> Result<Vec<Record>, LogError> {
@@ -162,7 +162,7 @@ mod tests {
     async fn duplicates_within_and_across_appends_keep_the_first_sequence() {
         let log = MemoryLog::default();
         let first = log
-            .append(vec![record(10, 1), record(11, 2), record(10, 3)])
+            .append_all(vec![record(10, 1), record(11, 2), record(10, 3)])
             .await
             .unwrap();
         assert_eq!(
@@ -182,7 +182,7 @@ mod tests {
                 },
             ]
         );
-        let again = log.append(vec![record(11, 4)]).await.unwrap();
+        let again = log.append_all(vec![record(11, 4)]).await.unwrap();
         assert_eq!(
             again,
             vec![Appended {
@@ -197,7 +197,7 @@ mod tests {
     #[tokio::test]
     async fn retention_reports_truncation_instead_of_skipping() {
         let log = MemoryLog::new(Some(2));
-        log.append((1..=5).map(|i| record(i, i)).collect())
+        log.append_all((1..=5).map(|i| record(i, i)).collect())
             .await
             .unwrap();
         assert_eq!(log.bounds(), Bounds { first: 4, next: 6 });

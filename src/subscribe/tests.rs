@@ -165,7 +165,7 @@ impl Fixture {
             })
             .collect();
         self.log
-            .append(records)
+            .append_all(records)
             .await
             .expect("memory log appends")
             .into_iter()
@@ -431,6 +431,38 @@ async fn after_a_sequence_older_than_retention_is_an_explicit_truncation() {
         .await
         .unwrap();
     assert_eq!(take(&mut beginning, 1).await, vec![(4, 4)]);
+}
+
+#[tokio::test]
+async fn from_the_beginning_starts_at_the_oldest_left_when_retention_runs_before_the_first_read() {
+    let fixture = Fixture::new(Some(4), 16);
+    fixture.append(1..=3).await;
+    // Positioned at 1; retention then removes 1 and 2, which were stored before it began.
+    let mut beginning = fixture
+        .subscribe(Filter::default(), Start::Beginning)
+        .await
+        .unwrap();
+    fixture.append(4..=6).await;
+    assert_eq!(
+        take(&mut beginning, 4).await,
+        vec![(3, 3), (4, 4), (5, 5), (6, 6)]
+    );
+}
+
+#[tokio::test]
+async fn from_the_beginning_is_told_when_retention_removed_events_stored_after_it_began() {
+    let fixture = Fixture::new(Some(2), 16);
+    let mut beginning = fixture
+        .subscribe(Filter::default(), Start::Beginning)
+        .await
+        .unwrap();
+    fixture.append(1..=5).await; // 1..=3 removed, all stored after it began
+    match tokio::time::timeout(Duration::from_secs(10), beginning.next()).await {
+        Ok(Err(SubscribeError::Log(LogError::Truncated { requested, oldest }))) => {
+            assert_eq!((requested, oldest), (1, 4));
+        }
+        other => panic!("expected Truncated, got {other:?}"),
+    }
 }
 
 #[tokio::test]

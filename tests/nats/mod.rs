@@ -88,30 +88,3 @@ fn rand_suffix() -> u64 {
     );
     hasher.finish() % 1_000_000_000
 }
-
-impl TestStream {
-    /// A JetStream store, in this process, on this stream of the shared server.
-    pub async fn log(&self) -> iqchannels_gateway::log::SharedLog {
-        use iqchannels_gateway::log::jetstream::{JetStreamLog, NatsConfig};
-        let mut config = NatsConfig::new(format!("nats://{}", self.server));
-        config.stream = self.name.clone();
-        config.subject_prefix = self.prefix.clone();
-        let log = JetStreamLog::connect(config)
-            .await
-            .expect("the JetStream store connects");
-        std::sync::Arc::new(log)
-    }
-}
-
-/// A JetStream store on a stream of the shared server that no other test uses (deleted when the
-/// returned stream drops), or `None` (skipped loudly; a failure under CI) without nats-server.
-pub async fn jetstream_log() -> Option<(iqchannels_gateway::log::SharedLog, TestStream)> {
-    if !require(
-        &format!("nats-server with JetStream on {SHARED_NATS}"),
-        reachable(SHARED_NATS),
-    ) {
-        return None;
-    }
-    let stream = TestStream::new(SHARED_NATS);
-    Some((stream.log().await, stream))
-}

@@ -18,7 +18,7 @@ async fn records_ids_and_sequences_survive_a_reopen() {
     {
         let log = EmbeddedLog::open(dir.path(), Retention::default()).unwrap();
         let appended = log
-            .append(vec![record(10, 1), record(11, 2)])
+            .append_all(vec![record(10, 1), record(11, 2)])
             .await
             .unwrap();
         assert_eq!(
@@ -34,7 +34,7 @@ async fn records_ids_and_sequences_survive_a_reopen() {
     let log = EmbeddedLog::open(dir.path(), Retention::default()).unwrap();
     assert_eq!(log.bounds(), Bounds { first: 1, next: 3 });
     assert_eq!(
-        log.append(vec![record(11, 3), record(12, 4)])
+        log.append_all(vec![record(11, 3), record(12, 4)])
             .await
             .unwrap(),
         vec![
@@ -66,7 +66,7 @@ async fn concurrent_duplicates_are_stored_once() {
     let tasks: Vec<_> = (0..64)
         .map(|i| {
             let log = log.clone();
-            tokio::spawn(async move { log.append(vec![record(i % 8, i)]).await })
+            tokio::spawn(async move { log.append_all(vec![record(i % 8, i)]).await })
         })
         .collect();
     let mut stored = 0;
@@ -89,7 +89,7 @@ async fn retention_by_count_truncates_explicitly_and_sequences_never_go_back() {
     };
     {
         let log = EmbeddedLog::open(dir.path(), retention.clone()).unwrap();
-        log.append((1..=5).map(|i| record(i, i)).collect())
+        log.append_all((1..=5).map(|i| record(i, i)).collect())
             .await
             .unwrap();
         assert_eq!(log.bounds(), Bounds { first: 3, next: 6 });
@@ -107,7 +107,10 @@ async fn retention_by_count_truncates_explicitly_and_sequences_never_go_back() {
     }
     let log = EmbeddedLog::open(dir.path(), retention).unwrap();
     assert_eq!(log.bounds(), Bounds { first: 3, next: 6 });
-    assert_eq!(log.append(vec![record(6, 6)]).await.unwrap()[0].sequence, 6);
+    assert_eq!(
+        log.append_all(vec![record(6, 6)]).await.unwrap()[0].sequence,
+        6
+    );
 }
 
 #[tokio::test]
@@ -119,7 +122,7 @@ async fn retention_by_bytes_and_age() {
     };
     let log = EmbeddedLog::open(&dir.path().join("bytes"), by_bytes).unwrap();
     // Each value: 16 header bytes + "payload N" (9 bytes) = 25 bytes; 4 fit in 100.
-    log.append((1..=6).map(|i| record(i, i)).collect())
+    log.append_all((1..=6).map(|i| record(i, i)).collect())
         .await
         .unwrap();
     assert_eq!(log.bounds(), Bounds { first: 3, next: 7 });
@@ -133,7 +136,7 @@ async fn retention_by_bytes_and_age() {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64;
-    log.append(vec![record(1, now - 120_000), record(2, now)])
+    log.append_all(vec![record(1, now - 120_000), record(2, now)])
         .await
         .unwrap();
     assert_eq!(log.bounds(), Bounds { first: 2, next: 3 });
@@ -143,7 +146,7 @@ async fn retention_by_bytes_and_age() {
 async fn seek_time_finds_the_first_event_at_or_after() {
     let dir = tempfile::tempdir().unwrap();
     let log = EmbeddedLog::open(dir.path(), Retention::default()).unwrap();
-    log.append(vec![record(1, 100), record(2, 200), record(3, 300)])
+    log.append_all(vec![record(1, 100), record(2, 200), record(3, 300)])
         .await
         .unwrap();
     assert_eq!(log.seek_time(0).await.unwrap(), 1);
@@ -151,7 +154,7 @@ async fn seek_time_finds_the_first_event_at_or_after() {
     assert_eq!(log.seek_time(201).await.unwrap(), 3);
     assert_eq!(log.seek_time(1000).await.unwrap(), 4);
     // Received times are kept non-decreasing even if a clock steps back.
-    log.append(vec![record(4, 50)]).await.unwrap();
+    log.append_all(vec![record(4, 50)]).await.unwrap();
     assert_eq!(log.read(4, 1).await.unwrap()[0].received_at_ms, 300);
 }
 
@@ -160,7 +163,9 @@ async fn a_damaged_file_is_refused_with_a_clear_error_and_never_served() {
     let dir = tempfile::tempdir().unwrap();
     {
         let log = EmbeddedLog::open(dir.path(), Retention::default()).unwrap();
-        log.append(vec![record(1, 1), record(2, 2)]).await.unwrap();
+        log.append_all(vec![record(1, 1), record(2, 2)])
+            .await
+            .unwrap();
         log.close().await;
     }
     // Damage that is not a crash-torn commit (those are rolled back by redb's recovery, see the
@@ -183,10 +188,10 @@ async fn a_damaged_file_is_refused_with_a_clear_error_and_never_served() {
 async fn a_commit_that_reached_the_disk_but_failed_is_neither_overwritten_nor_lost() {
     let dir = tempfile::tempdir().unwrap();
     let log = EmbeddedLog::open(dir.path(), Retention::default()).unwrap();
-    log.append(vec![record(10, 1)]).await.unwrap();
+    log.append_all(vec![record(10, 1)]).await.unwrap();
     // Event 11's commit reaches the disk, then reports an error: the sender is told 503.
     log.fail_next_sync_after_writing();
-    let failed = log.append(vec![record(11, 2)]).await;
+    let failed = log.append_all(vec![record(11, 2)]).await;
     assert!(
         matches!(failed, Err(LogError::Unavailable(_))),
         "{failed:?}"
@@ -194,7 +199,7 @@ async fn a_commit_that_reached_the_disk_but_failed_is_neither_overwritten_nor_lo
     // The writer reopens the file (and probes) until a write succeeds again.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     let retried = loop {
-        match log.append(vec![record(11, 3)]).await {
+        match log.append_all(vec![record(11, 3)]).await {
             Ok(appended) => break appended,
             Err(_) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await
@@ -210,7 +215,7 @@ async fn a_commit_that_reached_the_disk_but_failed_is_neither_overwritten_nor_lo
         }],
         "the retry finds the event the failed commit stored"
     );
-    let next = log.append(vec![record(12, 4)]).await.unwrap();
+    let next = log.append_all(vec![record(12, 4)]).await.unwrap();
     assert_eq!(next[0].sequence, 3, "sequence 2 is not reused");
     let records = log.read(1, 10).await.unwrap();
     let payloads: Vec<_> = records.iter().map(|r| r.payload.clone()).collect();
@@ -231,12 +236,12 @@ async fn received_times_never_go_back_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     {
         let log = EmbeddedLog::open(dir.path(), Retention::default()).unwrap();
-        log.append(vec![record(1, 5_000)]).await.unwrap();
+        log.append_all(vec![record(1, 5_000)]).await.unwrap();
         log.close().await;
     }
     // The clock stepped back while the gateway was down.
     let log = EmbeddedLog::open(dir.path(), Retention::default()).unwrap();
-    log.append(vec![record(2, 1_000)]).await.unwrap();
+    log.append_all(vec![record(2, 1_000)]).await.unwrap();
     let records = log.read(1, 10).await.unwrap();
     assert_eq!(records[1].received_at_ms, 5_000);
     assert_eq!(log.seek_time(5_000).await.unwrap(), 1);

@@ -1,0 +1,454 @@
+//! What the JetStream store is configured with, the stream it creates, why it refuses an existing
+//! stream, and what durability it can promise.
+
+use std::time::Duration;
+
+use async_nats::jetstream::stream;
+use async_nats::ServerAddr;
+
+/// nats-server's duplicate window when a stream is created without one.
+const SERVER_DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// The servers of a list such as `--store`'s: URLs separated by commas (spaces around them
+/// allowed), each `nats://HOST:PORT` or `tls://HOST:PORT`, servers of one cluster (the client
+/// connects to any and fails over). The error names the entry that is not one.
+pub fn parse_servers(list: &str) -> Result<Vec<ServerAddr>, String> {
+    list.split(',')
+        .map(str::trim)
+        .map(|entry| {
+            if entry.is_empty() {
+                return Err(format!(
+                    "the NATS server list `{}` has an empty entry",
+                    redact(list)
+                ));
+            }
+            if !(entry.starts_with("nats://") || entry.starts_with("tls://")) {
+                return Err(format!(
+                    "NATS server `{}`: expected nats://HOST:PORT or tls://HOST:PORT",
+                    redact(entry)
+                ));
+            }
+            entry.parse::<ServerAddr>().map_err(|error| {
+                let reason = error.to_string();
+                let reason = reason.trim_start_matches("NATS server URL is invalid: ");
+                format!("NATS server `{}` is invalid: {reason}", redact(entry))
+            })
+        })
+        .collect()
+}
+
+/// The server URLs without any `user:password@` part, for logs and errors.
+pub(super) fn redact(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+            }
+            _ => url.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// How to reach and shape the stream.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// Server URL(s), comma separated: `nats://host:4222`.
+    pub url: String,
+    /// Stream name.
+    pub stream: String,
+    /// Subject prefix; events go to `<prefix>.<event id>`.
+    pub subject_prefix: String,
+    /// Stream replicas (`--nats-replicas`); an existing stream must have as many.
+    pub replicas: usize,
+    /// JetStream duplicate window (`--nats-duplicate-window`); an existing stream must have it.
+    pub duplicate_window: Duration,
+    /// Retention by age (`--retention-max-age`); zero keeps everything. An existing stream must
+    /// have it.
+    pub max_age: Duration,
+    /// How long to wait for a JetStream ack before answering 503.
+    pub ack_timeout: Duration,
+    /// Credentials file (`.creds`), user/password, or token.
+    pub credentials_file: Option<std::path::PathBuf>,
+    /// User name.
+    pub user: Option<String>,
+    /// Password for `user`.
+    pub password: Option<String>,
+    /// Token.
+    pub token: Option<String>,
+    /// CA certificate (PEM) for TLS to NATS.
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub tls_client: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Require TLS.
+    pub require_tls: bool,
+}
+
+impl NatsConfig {
+    /// Defaults for a server URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            stream: "IQCHANNELS_EVENTS".into(),
+            subject_prefix: "iqchannels.events".into(),
+            replicas: 1,
+            duplicate_window: Duration::from_secs(3600),
+            max_age: Duration::ZERO,
+            ack_timeout: Duration::from_secs(5),
+            credentials_file: None,
+            user: None,
+            password: None,
+            token: None,
+            tls_ca: None,
+            tls_client: None,
+            require_tls: false,
+        }
+    }
+
+    /// The stream configuration the gateway creates, and checks an existing stream against.
+    pub fn stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.stream.clone(),
+            subjects: vec![format!("{}.*", self.subject_prefix)],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            num_replicas: self.replicas,
+            duplicate_window: self.effective_duplicate_window(),
+            max_age: self.max_age,
+            max_messages_per_subject: 1,
+            discard: stream::DiscardPolicy::New,
+            discard_new_per_subject: true,
+            allow_direct: true,
+            ..stream::Config::default()
+        }
+    }
+
+    /// The duplicate window the stream gets: nats-server refuses one longer than `max_age`, and
+    /// takes zero as its default (2 minutes).
+    fn effective_duplicate_window(&self) -> Duration {
+        let window = if self.duplicate_window.is_zero() {
+            SERVER_DEFAULT_DUPLICATE_WINDOW
+        } else {
+            self.duplicate_window
+        };
+        if self.max_age.is_zero() {
+            window
+        } else {
+            window.min(self.max_age)
+        }
+    }
+}
+
+/// What in an existing stream's configuration differs from what the gateway needs (`wanted`,
+/// from [`NatsConfig::stream_config`]): each difference named with both values and why it
+/// matters. Empty when the stream is usable.
+pub fn incompatibilities(existing: &stream::Config, wanted: &stream::Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut differ = |what: &str, has: String, needs: String, why: &str| {
+        problems.push(format!("{what} is {has}, must be {needs} ({why})"));
+    };
+    if existing.subjects != wanted.subjects {
+        differ(
+            "subjects",
+            format!("{:?}", existing.subjects),
+            format!("{:?}", wanted.subjects),
+            "events go to <prefix>.<id>; other subjects would put foreign messages in the log",
+        );
+    }
+    if existing.storage != stream::StorageType::File {
+        differ(
+            "storage",
+            format!("{:?}", existing.storage).to_lowercase(),
+            "file".into(),
+            "a memory stream loses every acknowledged event when nats-server stops",
+        );
+    }
+    if existing.retention != stream::RetentionPolicy::Limits {
+        differ(
+            "retention",
+            format!("{:?}", existing.retention).to_lowercase(),
+            "limits".into(),
+            "work-queue and interest streams delete delivered events",
+        );
+    }
+    let unlimited = "unlimited (-1)";
+    for (what, value) in [
+        ("max_msgs", existing.max_messages),
+        ("max_bytes", existing.max_bytes),
+        ("max_msg_size", i64::from(existing.max_message_size)),
+    ] {
+        if value > 0 {
+            differ(
+                what,
+                value.to_string(),
+                unlimited.into(),
+                "with discard new, JetStream refuses events past a limit, and every retry too; \
+                 retention on NATS is by age only",
+            );
+        }
+    }
+    if existing.max_messages_per_subject != 1 {
+        differ(
+            "max_msgs_per_subject",
+            existing.max_messages_per_subject.to_string(),
+            "1".into(),
+            "one message per event id keeps dedup past the duplicate window",
+        );
+    }
+    if existing.discard != stream::DiscardPolicy::New || !existing.discard_new_per_subject {
+        differ(
+            "discard",
+            format!(
+                "{:?} (per subject: {})",
+                existing.discard, existing.discard_new_per_subject
+            )
+            .to_lowercase(),
+            "new, per subject".into(),
+            "a redelivery must be refused, never replace the stored event",
+        );
+    }
+    if !existing.allow_direct {
+        differ(
+            "allow_direct",
+            "false".into(),
+            "true".into(),
+            "reads by sequence",
+        );
+    }
+    for (what, set, why) in [
+        (
+            "no_ack",
+            existing.no_ack,
+            "the gateway answers only after JetStream's ack",
+        ),
+        ("sealed", existing.sealed, "a sealed stream takes no events"),
+        (
+            "mirror",
+            existing.mirror.is_some(),
+            "a mirror takes no publishes",
+        ),
+    ] {
+        if set {
+            differ(what, "set".into(), "unset".into(), why);
+        }
+    }
+    if existing.persist_mode == Some(stream::PersistenceMode::Async) {
+        differ(
+            "persist_mode",
+            "async".into(),
+            "default".into(),
+            "async acknowledges before the event is stored",
+        );
+    }
+    if existing.num_replicas != wanted.num_replicas {
+        differ(
+            "replicas",
+            existing.num_replicas.to_string(),
+            format!("{} as configured (--nats-replicas)", wanted.num_replicas),
+            "the gateway promises what it is configured for",
+        );
+    }
+    if existing.max_age != wanted.max_age {
+        differ(
+            "max_age",
+            age(existing.max_age),
+            format!(
+                "{} as configured (--retention-max-age)",
+                age(wanted.max_age)
+            ),
+            "retention must be what the gateway is configured for",
+        );
+    }
+    if existing.duplicate_window != wanted.duplicate_window {
+        differ(
+            "duplicate_window",
+            humantime::format_duration(existing.duplicate_window).to_string(),
+            format!(
+                "{} as configured (--nats-duplicate-window, at most the max age)",
+                humantime::format_duration(wanted.duplicate_window)
+            ),
+            "dedup must be what the gateway is configured for",
+        );
+    }
+    problems
+}
+
+fn age(max_age: Duration) -> String {
+    if max_age.is_zero() {
+        "0 (keep everything)".into()
+    } else {
+        humantime::format_duration(max_age).to_string()
+    }
+}
+
+/// What an acknowledgement from JetStream really guarantees for a stream of `replicas`, on a
+/// server of `version`: logged as a warning at start, because the gateway cannot check the
+/// setting that decides it.
+pub fn durability_warning(replicas: usize, version: &str) -> String {
+    let stored = if replicas <= 1 {
+        "an acknowledged event is on one NATS node. That node fsyncs only every `sync_interval` \
+         (2 minutes by default), so a crash of its machine or a power cut loses acknowledged \
+         events unless its JetStream configuration has `sync_interval: always` \
+         (`jetstream { store_dir: ..., sync_interval: always }`); a replicated stream \
+         (--nats-replicas 3 on a cluster) also survives losing a node"
+            .to_owned()
+    } else {
+        format!(
+            "an acknowledged event is on a majority of the stream's {replicas} NATS nodes, each \
+             of which fsyncs only every `sync_interval` (2 minutes by default): a crash of a \
+             majority at once (a power cut) loses acknowledged events unless every node has \
+             `sync_interval: always` in its JetStream configuration"
+        )
+    };
+    let old = if server_lacks_sync_interval(version) {
+        format!(
+            "; nats-server {version} has no `sync_interval` setting (added in 2.10) and cannot \
+             fsync every write"
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "JetStream durability: {stored}{old}. The gateway cannot check the server's setting: \
+         neither the server's INFO nor the JetStream account info carries it, only the \
+         monitoring endpoint (/varz) and the system account do (Jepsen's NATS 2.12.1 analysis, \
+         nats-server issue 7564)"
+    )
+}
+
+/// Whether a server version predates `sync_interval` (nats-server 2.10).
+fn server_lacks_sync_interval(version: &str) -> bool {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .map(|part| part.parse::<u64>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) < (2, 10),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wanted() -> stream::Config {
+        NatsConfig::new("nats://127.0.0.1:4222").stream_config()
+    }
+
+    #[test]
+    fn credentials_in_server_urls_are_redacted() {
+        assert_eq!(
+            redact("nats://u:p@h:4222,nats://h2:4222"),
+            "nats://***@h:4222,nats://h2:4222"
+        );
+    }
+
+    #[test]
+    fn a_server_list_takes_commas_with_spaces_and_names_a_bad_entry() {
+        let servers = parse_servers("nats://a:4222, nats://b:4222 ,tls://c:4223").unwrap();
+        let hosts: Vec<(String, u16)> = servers
+            .iter()
+            .map(|s| (s.host().to_owned(), s.port()))
+            .collect();
+        assert_eq!(
+            hosts,
+            [("a".into(), 4222), ("b".into(), 4222), ("c".into(), 4223)]
+        );
+        let error = parse_servers("nats://a:4222, nats://u:p@b:42x2").unwrap_err();
+        assert_eq!(
+            error,
+            "NATS server `nats://***@b:42x2` is invalid: invalid port number"
+        );
+        let error = parse_servers("nats://a:4222,b:4222").unwrap_err();
+        assert!(
+            error.contains("`b:4222`: expected nats://HOST:PORT"),
+            "{error}"
+        );
+        let error = parse_servers("nats://a:4222,").unwrap_err();
+        assert!(error.contains("empty entry"), "{error}");
+    }
+
+    #[test]
+    fn the_created_stream_passes_its_own_compatibility_check() {
+        let config = wanted();
+        assert!(incompatibilities(&config, &config).is_empty());
+    }
+
+    #[test]
+    fn a_work_queue_stream_without_per_subject_limits_is_refused() {
+        let existing = stream::Config {
+            retention: stream::RetentionPolicy::WorkQueue,
+            max_messages_per_subject: -1,
+            ..wanted()
+        };
+        let problems = incompatibilities(&existing, &wanted());
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].starts_with("retention is workqueue, must be limits"));
+        assert!(problems[1].starts_with("max_msgs_per_subject is -1, must be 1"));
+    }
+
+    #[test]
+    fn every_difference_is_named() {
+        let existing = stream::Config {
+            subjects: vec!["other.>".into()],
+            storage: stream::StorageType::Memory,
+            max_messages: 1000,
+            max_bytes: 1 << 20,
+            max_message_size: 4096,
+            discard: stream::DiscardPolicy::Old,
+            allow_direct: false,
+            no_ack: true,
+            sealed: true,
+            persist_mode: Some(stream::PersistenceMode::Async),
+            num_replicas: 3,
+            max_age: Duration::from_secs(3600),
+            duplicate_window: Duration::from_secs(60),
+            ..wanted()
+        };
+        let problems = incompatibilities(&existing, &wanted()).join("\n");
+        for named in [
+            "subjects is [\"other.>\"]",
+            "storage is memory, must be file",
+            "max_msgs is 1000",
+            "max_bytes is 1048576",
+            "max_msg_size is 4096",
+            "discard is old",
+            "allow_direct is false",
+            "no_ack is set",
+            "sealed is set",
+            "persist_mode is async",
+            "replicas is 3, must be 1 as configured",
+            "max_age is 1h, must be 0 (keep everything) as configured",
+            "duplicate_window is 1m, must be 1h as configured",
+        ] {
+            assert!(problems.contains(named), "{named:?} not in:\n{problems}");
+        }
+    }
+
+    #[test]
+    fn the_duplicate_window_is_at_most_the_max_age() {
+        let config = NatsConfig {
+            max_age: Duration::from_secs(600),
+            ..NatsConfig::new("nats://127.0.0.1:4222")
+        };
+        assert_eq!(
+            config.stream_config().duplicate_window,
+            Duration::from_secs(600)
+        );
+    }
+
+    #[test]
+    fn the_durability_warning_says_what_one_replica_needs() {
+        let one = durability_warning(1, "2.11.0");
+        assert!(one.contains("sync_interval: always"), "{one}");
+        assert!(one.contains("cannot check"), "{one}");
+        assert!(!one.contains("added in 2.10"), "{one}");
+        let old = durability_warning(3, "2.9.10");
+        assert!(old.contains("majority of the stream's 3"), "{old}");
+        assert!(
+            old.contains("nats-server 2.9.10 has no `sync_interval`"),
+            "{old}"
+        );
+    }
+}

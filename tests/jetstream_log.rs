@@ -1,0 +1,343 @@
+//! The JetStream store against the machine's nats-server, each test on a stream of its own:
+//! reads under retention never skip silently, streams that would break a guarantee are refused,
+//! a batch is answered per record, and a time means the gateway's receive time.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{jetstream_config, nats_admin, subscription, TestServer};
+use iqchannels_gateway::log::jetstream::JetStreamLog;
+use iqchannels_gateway::log::{EventLog, LogError, NewRecord, Record};
+use iqchannels_gateway::pb::client::subscribe_request::Start;
+use iqchannels_gateway::pb::client::Filter;
+use iqchannels_gateway::server::ServerConfig;
+
+fn record(id: i64, received_at_ms: i64) -> NewRecord {
+    NewRecord {
+        event_id: Some(id),
+        received_at_ms,
+        payload: Bytes::from(format!("event {id}")),
+    }
+}
+
+/// Waits until the log's tail has seen `sequence`.
+async fn tailed(log: &JetStreamLog, sequence: u64) {
+    let mut committed = log.committed();
+    tokio::time::timeout(common::WAIT, committed.wait_for(|&c| c >= sequence))
+        .await
+        .expect("the tail sees the appends")
+        .expect("the log is open");
+}
+
+fn sequences(records: &[Record]) -> Vec<u64> {
+    records.iter().map(|r| r.sequence).collect()
+}
+
+/// What a read returned, as the sequences read or the truncation reported.
+fn outcome(result: Result<Vec<Record>, LogError>) -> Result<Vec<u64>, (u64, u64)> {
+    match result {
+        Ok(records) => Ok(sequences(&records)),
+        Err(LogError::Truncated { requested, oldest }) => Err((requested, oldest)),
+        Err(other) => panic!("unexpected error: {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_from_a_removed_sequence_is_truncated_and_never_starts_later() {
+    let Some((config, guard)) = jetstream_config() else {
+        return;
+    };
+    // One replica that tailed every event (its cache holds them), one that connected after
+    // they were stored (nothing cached, its oldest sequence goes stale), one connected after
+    // the removal.
+    let tailing = JetStreamLog::connect(config.clone()).await.unwrap();
+    let _ = tailing
+        .append((1..=10).map(|id| record(id, id)).collect())
+        .await;
+    tailed(&tailing, 10).await;
+    let stale = JetStreamLog::connect(config.clone()).await.unwrap();
+    assert_eq!(stale.bounds().first, 1);
+
+    let admin = nats_admin().await;
+    let stream = admin.get_stream(guard.name()).await.unwrap();
+    stream.purge().sequence(4).await.expect("purge 1..=3");
+    assert!(stream.delete_message(7).await.expect("delete 7"));
+    let fresh = JetStreamLog::connect(config.clone()).await.unwrap();
+
+    for (name, log) in [("stale", &stale), ("fresh", &fresh)] {
+        assert_eq!(
+            outcome(log.read(1, 10).await),
+            Err((1, 4)),
+            "{name}: read(1)"
+        );
+        assert_eq!(
+            outcome(log.read(3, 10).await),
+            Err((3, 4)),
+            "{name}: read(3)"
+        );
+        assert_eq!(outcome(log.read(4, 10).await), Ok(vec![4, 5, 6]), "{name}");
+        assert_eq!(
+            outcome(log.read(7, 10).await),
+            Err((7, 8)),
+            "{name}: read(7)"
+        );
+        assert_eq!(outcome(log.read(8, 10).await), Ok(vec![8, 9, 10]), "{name}");
+        assert_eq!(log.bounds().first, 4, "{name}: the oldest is learnt");
+    }
+    // The replica that cached the events may still serve them from memory for a moment (no
+    // gap: they were stored), or report the removal; it never starts later than asked.
+    for from in [1, 4, 7] {
+        match outcome(tailing.read(from, 10).await) {
+            Ok(read) => assert_eq!(
+                read,
+                (from..=10).collect::<Vec<_>>(),
+                "tailing: read({from})"
+            ),
+            Err((requested, oldest)) => assert!(requested == from && oldest > from),
+        }
+    }
+}
+
+/// The first answer of a Subscribe: the RPC's own status, or the stream's first item.
+async fn first_answer(
+    server: &TestServer,
+    start: Start,
+) -> Result<iqchannels_gateway::pb::client::Event, tonic::Status> {
+    let mut client = server.grpc().await;
+    let request = subscription(Filter::default(), Some(start));
+    let mut stream = client.subscribe(request).await?.into_inner();
+    tokio::time::timeout(common::WAIT, stream.message())
+        .await
+        .expect("an answer in time")?
+        .ok_or_else(|| tonic::Status::internal("the stream ended"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribing_after_a_removed_sequence_is_out_of_range_on_a_replica_that_learns_late() {
+    let Some((config, guard)) = jetstream_config() else {
+        return;
+    };
+    let writer = TestServer::with_log(
+        Arc::new(JetStreamLog::connect(config.clone()).await.unwrap()),
+        ServerConfig::default(),
+    )
+    .await;
+    for id in 1..=10 {
+        writer
+            .store(common::event_json(id, "chat_closed", 13, "user", 1))
+            .await;
+    }
+    // A replica connected now knows 1 as the oldest until it refreshes (every 2 s).
+    let replica = TestServer::with_log(
+        Arc::new(JetStreamLog::connect(config.clone()).await.unwrap()),
+        ServerConfig::default(),
+    )
+    .await;
+    let admin = nats_admin().await;
+    let stream = admin.get_stream(guard.name()).await.unwrap();
+    stream.purge().sequence(4).await.expect("purge 1..=3");
+
+    for after in [0, 2] {
+        match first_answer(&replica, Start::AfterSequence(after)).await {
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+                assert!(
+                    status.message().contains('4'),
+                    "names the oldest: {status:?}"
+                );
+            }
+            Ok(event) => panic!(
+                "after {after}: expected OUT_OF_RANGE, got event {}",
+                event.sequence
+            ),
+        }
+    }
+    // The beginning is the oldest event left.
+    let event = first_answer(&replica, Start::Beginning(()))
+        .await
+        .expect("the beginning is served");
+    assert_eq!(event.sequence, 4);
+    let event = first_answer(&replica, Start::AfterSequence(3))
+        .await
+        .expect("resuming right before the oldest is no gap");
+    assert_eq!(event.sequence, 4);
+}
+
+/// The error of connecting to a stream that exists with `shape`, with the gateway's `config`.
+async fn refusal(
+    config: iqchannels_gateway::log::jetstream::NatsConfig,
+    shape: async_nats::jetstream::stream::Config,
+) -> String {
+    nats_admin()
+        .await
+        .create_stream(shape)
+        .await
+        .expect("the stream is created");
+    match JetStreamLog::connect(config).await {
+        Err(error) => error.to_string(),
+        Ok(_) => panic!("the gateway accepted an unusable stream"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_stream_that_would_break_a_promise_is_refused_naming_each_difference() {
+    use async_nats::jetstream::stream::{Config, StorageType};
+    type Shape = fn(Config) -> Config;
+    let day = Duration::from_secs(24 * 3600);
+    // (what differs, the existing stream from the one the gateway would create, the gateway's
+    // --retention-max-age, what the refusal must name)
+    let cases: [(&str, Shape, Duration, &[&str]); 3] = [
+        (
+            "memory storage",
+            |c| Config {
+                storage: StorageType::Memory,
+                ..c
+            },
+            Duration::ZERO,
+            &["storage is memory, must be file"],
+        ),
+        (
+            "message and byte limits",
+            |c| Config {
+                max_messages: 1000,
+                max_bytes: 1 << 20,
+                ..c
+            },
+            Duration::ZERO,
+            &[
+                "max_msgs is 1000, must be unlimited",
+                "max_bytes is 1048576, must be unlimited",
+            ],
+        ),
+        (
+            "another max age",
+            |c| Config {
+                max_age: Duration::from_secs(2 * 3600),
+                ..c
+            },
+            day,
+            &["max_age is 2h, must be 1day as configured (--retention-max-age)"],
+        ),
+    ];
+    for (case, shape, max_age, named) in cases {
+        let Some((mut config, _guard)) = jetstream_config() else {
+            return;
+        };
+        let existing = shape(config.stream_config());
+        config.max_age = max_age;
+        let error = refusal(config, existing).await;
+        for named in named {
+            assert!(error.contains(named), "{case}: {named:?} not in {error}");
+        }
+    }
+    // Replicas and the duplicate window are compared with the flags too.
+    let Some((mut config, _guard)) = jetstream_config() else {
+        return;
+    };
+    let existing = config.stream_config();
+    config.replicas = 3;
+    config.duplicate_window = Duration::from_secs(600);
+    let error = refusal(config, existing).await;
+    for named in [
+        "replicas is 1, must be 3 as configured (--nats-replicas)",
+        "duplicate_window is 1h, must be 10m as configured",
+    ] {
+        assert!(error.contains(named), "{named:?} not in {error}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_the_stream_stores_in_part_is_answered_per_item_instead_of_503() {
+    let Some((config, guard)) = jetstream_config() else {
+        return;
+    };
+    let server = TestServer::with_log(
+        Arc::new(JetStreamLog::connect(config).await.unwrap()),
+        ServerConfig::default(),
+    )
+    .await;
+    // From now on the stream refuses messages over 4 KiB: big events fail, small ones are stored.
+    let admin = nats_admin().await;
+    let mut shape = admin
+        .get_stream(guard.name())
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    shape.max_message_size = 4096;
+    admin
+        .update_stream(shape)
+        .await
+        .expect("the stream takes a message size limit");
+    let small = |id| common::event_json(id, "chat_closed", 13, "user", 1);
+    let big = |id| {
+        let mut body: serde_json::Value = serde_json::from_str(&small(id)).unwrap();
+        body["Padding"] = "x".repeat(8192).into();
+        body.to_string()
+    };
+
+    let batch = format!("[{},{},{}]", small(1), big(2), small(3));
+    let (status, answer) = server
+        .post("/v1/events:batch", Some("application/json"), batch)
+        .await;
+    assert_eq!(status, 200, "two items were stored: {answer}");
+    assert_eq!(
+        (
+            &answer["stored"],
+            &answer["unavailable"],
+            &answer["rejected"]
+        ),
+        (&2.into(), &1.into(), &0.into()),
+        "{answer}"
+    );
+    let results = answer["results"].as_array().expect("results");
+    assert_eq!(results[0]["sequence"], 1, "{answer}");
+    assert_eq!(results[1]["retry"], true, "{answer}");
+    let error = results[1]["error"].as_str().expect("an error");
+    assert!(error.starts_with("storage unavailable"), "{error}");
+    assert_eq!(results[2]["sequence"], 2, "{answer}");
+    // What the answer says was stored is, and nothing else.
+    let mut client = server.grpc().await;
+    for (id, sequence) in [(1, 1), (3, 2)] {
+        let event = common::get_by_event_id(&mut client, id).await.unwrap();
+        assert_eq!(event.sequence, sequence);
+    }
+    let missing = common::get_by_event_id(&mut client, 2).await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+
+    // Nothing stored: 503, the sender retries the whole batch.
+    let batch = format!("[{},{}]", big(4), big(5));
+    let (status, answer) = server
+        .post("/v1/events:batch", Some("application/json"), batch)
+        .await;
+    assert_eq!(status, 503, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_time_means_the_gateways_receive_time_not_the_nats_publish_time() {
+    let Some((config, guard)) = jetstream_config() else {
+        return;
+    };
+    let log = JetStreamLog::connect(config).await.unwrap();
+    // Received at 1, 2, 3 and 4 s after the epoch; published by NATS now.
+    let _ = log
+        .append((1..=4).map(|id| record(id, id * 1000)).collect())
+        .await;
+    for (at_ms, sequence) in [(0, 1), (1000, 1), (2500, 3), (4000, 4), (4001, 5)] {
+        assert_eq!(
+            log.seek_time(at_ms).await.unwrap(),
+            sequence,
+            "received at or after {at_ms} ms"
+        );
+    }
+    // A start that retention removed meanwhile (the cached oldest is still 1) is the oldest left.
+    let admin = nats_admin().await;
+    let stream = admin.get_stream(guard.name()).await.unwrap();
+    stream.purge().sequence(3).await.expect("purge 1..=2");
+    assert_eq!(log.seek_time(0).await.unwrap(), 3);
+    assert_eq!(log.seek_time(3500).await.unwrap(), 4);
+}
