@@ -578,3 +578,31 @@ proptest! {
         check(Store::JetStream, ops)?;
     }
 }
+
+/// Shrunk cases the model found, kept as regression tests.
+mod found {
+    use super::*;
+
+    fn replay(store: Store, ops: &[Op]) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        if let Err(error) = runtime.block_on(run(store, ops)) {
+            panic!("{error}");
+        }
+    }
+
+    /// JetStream answered NOT_FOUND for an event right after its ack: reads were bounded by the
+    /// tail's position (and its cache), which may lag the ack.
+    #[test]
+    fn a_read_right_after_an_ack_finds_the_event_on_jetstream() {
+        for _ in 0..20 {
+            replay(
+                Store::JetStream,
+                &[Op::Publish(Body::Plain(6, 2)), Op::Post(Body::Plain(2, 0))],
+            );
+        }
+    }
+}

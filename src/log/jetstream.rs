@@ -470,7 +470,11 @@ impl EventLog for JetStreamLog {
             });
         }
         if let Some(records) = self.cached(from, limit) {
-            return Ok(records);
+            // An empty page from the cache means the end of the log only if nothing was
+            // acknowledged past it: an append bumps `next` before the tail caches the record.
+            if !records.is_empty() || from >= self.shared.next.load(Ordering::Acquire) {
+                return Ok(records);
+            }
         }
         let end = self
             .shared
