@@ -13,6 +13,14 @@ use std::time::Duration;
 use iqchannels_gateway::pb::client::event_gateway_client::EventGatewayClient;
 use tonic::transport::Channel;
 
+/// The gateway binary: the one cargo built, or `IQGW_TEST_BINARY` (a long run keeps its own copy
+/// while the tree is rebuilt).
+fn gateway_binary() -> std::path::PathBuf {
+    std::env::var_os("IQGW_TEST_BINARY")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_iqchannels-gateway").into())
+}
+
 /// A running gateway process.
 pub struct Process {
     child: Child,
@@ -29,7 +37,7 @@ impl Process {
 
     /// Like [`Process::start`], on a given address (to restart on the same port).
     pub fn start_on(listen: &str, args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_iqchannels-gateway"))
+        let mut child = Command::new(gateway_binary())
             .arg("serve")
             .args(["--listen", listen, "--log-format", "json"])
             .args(args)
