@@ -47,11 +47,21 @@ impl Process {
             .expect("the gateway binary starts");
         let stderr = child.stderr.take().expect("stderr is piped");
         let (tx, rx) = mpsc::channel();
+        // Until the address arrives, the lines are kept: a gateway that exits says why.
+        let early = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen = early.clone();
         std::thread::spawn(move || {
+            let mut started = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let parsed: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
                 if let Some(address) = parsed["fields"]["address"].as_str() {
+                    started = true;
                     let _ = tx.send(address.to_owned());
+                }
+                if !started {
+                    if let Ok(mut seen) = seen.lock() {
+                        seen.push(line.clone());
+                    }
                 }
                 if std::env::var_os("GATEWAY_LOG").is_some() {
                     eprintln!("gateway: {line}");
@@ -60,7 +70,10 @@ impl Process {
         });
         let address = rx
             .recv_timeout(Duration::from_secs(60))
-            .expect("the gateway logs its address");
+            .unwrap_or_else(|error| {
+                let lines = early.lock().map(|l| l.join("\n")).unwrap_or_default();
+                panic!("the gateway did not log its address ({error}); it said:\n{lines}")
+            });
         Self {
             child,
             addr: address.parse().expect("a socket address"),
