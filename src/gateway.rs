@@ -213,9 +213,10 @@ impl Gateway {
         })
     }
 
-    /// Whether a duplicate's typed content differs from the event stored under its id (a
-    /// redelivery is the same event; another event under a reused id is a sender bug worth
-    /// seeing). Counted, and the id logged once. A lookup that fails says "no conflict".
+    /// Whether a duplicate's typed content differs from the event stored under its id, both typed
+    /// by this build (a redelivery is the same event; another event under a reused id is a
+    /// sender bug worth seeing). Counted, and the id logged once. A lookup that fails says "no
+    /// conflict".
     async fn conflict(&self, envelope: &Bytes, appended: &Appended) -> bool {
         if !appended.duplicate {
             return false;
@@ -230,7 +231,7 @@ impl Gateway {
         let Some(stored) = stored else {
             return false;
         };
-        let conflict = stored.envelope != *envelope;
+        let conflict = stored.envelope != *envelope && !Self::retyped_is(&stored, envelope);
         if conflict {
             if let Some(event_id) = self
                 .metrics
@@ -245,6 +246,15 @@ impl Gateway {
             }
         }
         conflict
+    }
+
+    /// Whether the stored event's original body, typed by this build's protos, is `envelope`.
+    /// An event stored by an earlier release lacks the fields its protos did not have yet, so a
+    /// redelivery after an upgrade differs from it in bytes and is still the same event.
+    fn retyped_is(stored: &StoredEvent, envelope: &Bytes) -> bool {
+        !stored.raw_json.is_empty()
+            && decode::decode_with(&stored.raw_json, Policy::Tolerant)
+                .is_ok_and(|decoded| decoded.envelope.encode_to_vec() == envelope.as_ref())
     }
 
     /// Counts deviations, and logs each field pattern the first time it deviates (the pattern

@@ -356,6 +356,8 @@ fn log_status(error: LogError) -> Status {
         LogError::Unavailable(_) | LogError::Closed => Status::unavailable(error.to_string()),
         // Not retryable: reconnecting would meet the same damaged record.
         LogError::Damaged { .. } => Status::data_loss(error.to_string()),
+        // Only at open; never retryable.
+        LogError::NewerFormat { .. } => Status::failed_precondition(error.to_string()),
     }
 }
 

@@ -101,6 +101,21 @@ pub enum LogError {
         /// What failed.
         detail: String,
     },
+    /// The store was written by a newer release, in a format this build does not know; it is
+    /// left untouched.
+    #[error(
+        "{path} is in store format {found}, written by a newer release of the gateway; this \
+         release reads formats up to {supported}: run the newer release (or restore a backup \
+         made before the upgrade)"
+    )]
+    NewerFormat {
+        /// The store's file.
+        path: String,
+        /// The format it has.
+        found: u64,
+        /// The newest format this build reads.
+        supported: u64,
+    },
 }
 
 /// The seam between ingest/subscribe and storage.

@@ -9,7 +9,8 @@
 //! Layout: table `events` (sequence -> received_at_ms ‖ event_id ‖ payload), table `ids`
 //! (event id -> sequence, the dedup index, removed together with its event by retention), table
 //! `meta` (`next`: the next sequence, so sequences never go back even when retention empties the
-//! log).
+//! log; `bytes`: the size of the stored events; `format`: the layout's version, [`FORMAT`],
+//! checked before anything is written, see `open.rs`).
 //!
 //! Group commit: one writer task takes every append request waiting in its queue and commits them
 //! in one transaction (one fsync). A lone request is committed at once: the writer never waits
@@ -29,6 +30,11 @@ use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefi
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Appended, Bounds, EventLog, LogError, LogStats, NewRecord, Record};
+pub use open::FORMAT;
+use open::{open_database, Access};
+
+mod open;
+mod storage;
 
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const IDS: TableDefinition<i64, u64> = TableDefinition::new("ids");
@@ -94,40 +100,6 @@ struct Shared {
     damaged_reads: AtomicU64,
 }
 
-/// The file under the database: redb's own file backend, with a fault tests can arm (a commit
-/// that reached the disk but was reported as failed).
-#[derive(Debug)]
-struct Storage {
-    file: redb::backends::FileBackend,
-    fault: Arc<AtomicBool>,
-}
-
-impl redb::StorageBackend for Storage {
-    fn len(&self) -> Result<u64, std::io::Error> {
-        self.file.len()
-    }
-
-    fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, std::io::Error> {
-        self.file.read(offset, len)
-    }
-
-    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
-        self.file.set_len(len)
-    }
-
-    fn sync_data(&self, eventual: bool) -> Result<(), std::io::Error> {
-        self.file.sync_data(eventual)?;
-        if self.fault.swap(false, Ordering::AcqRel) {
-            return Err(std::io::Error::other("injected fault: synced, then failed"));
-        }
-        Ok(())
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
-        self.file.write(offset, data)
-    }
-}
-
 struct AppendRequest {
     records: Vec<NewRecord>,
     reply: oneshot::Sender<Result<Vec<Appended>, LogError>>,
@@ -154,7 +126,7 @@ impl EmbeddedLog {
             .map_err(|e| unavailable(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join("events.redb");
         let fault = Arc::new(AtomicBool::new(false));
-        let db = open_database(&path, cache_bytes, &fault)?;
+        let db = open_database(&path, cache_bytes, &fault, Access::ReadWrite)?;
         let StoredBounds {
             first,
             next,
@@ -230,50 +202,6 @@ impl Shared {
             .clone();
         db.ok_or_else(|| LogError::Unavailable("the embedded store is being reopened".into()))
     }
-}
-
-fn open_database(
-    path: &Path,
-    cache_bytes: usize,
-    fault: &Arc<AtomicBool>,
-) -> Result<Database, LogError> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
-    let file = redb::backends::FileBackend::new(file)
-        .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
-    let storage = Storage {
-        file,
-        fault: fault.clone(),
-    };
-    // redb asserts (panics) on some kinds of damage its crash recovery does not cover, such as
-    // bytes appended past its layout; refuse to start with a clear error instead of crashing.
-    let created = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        redb::Builder::new()
-            .set_cache_size(cache_bytes)
-            .create_with_backend(storage)
-    }))
-    .map_err(|_| {
-        unavailable(format!(
-            "{} is damaged beyond crash recovery; restore it from a backup",
-            path.display()
-        ))
-    })?;
-    let db = created.map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
-    let init = || -> Result<(), redb::Error> {
-        let txn = db.begin_write()?;
-        txn.open_table(EVENTS)?;
-        txn.open_table(IDS)?;
-        txn.open_table(META)?;
-        txn.commit()?;
-        Ok(())
-    };
-    init().map_err(unavailable)?;
-    Ok(db)
 }
 
 /// What the file says of the log's range.
@@ -565,7 +493,7 @@ async fn reopen(shared: &Shared) {
         shared.fault.clone(),
     );
     let opened = tokio::task::spawn_blocking(move || {
-        let db = open_database(&path, cache_bytes, &fault)?;
+        let db = open_database(&path, cache_bytes, &fault, Access::ReadWrite)?;
         let bounds = read_bounds(&db)?;
         Ok::<_, LogError>((db, bounds))
     })
@@ -607,7 +535,8 @@ pub enum Scanned {
 
 /// Reads every retained record of the store in `dir`, one at a time, for `verify` and `export`:
 /// a damaged page costs the records on it, not the scan. The gateway must not be running on it
-/// (redb allows one process per file). Returns the retained range `first..next`.
+/// (redb allows one process per file). The file is never changed (neither repaired nor
+/// upgraded), and one of a newer format is refused. Returns the retained range `first..next`.
 pub fn scan(
     dir: &Path,
     mut visit: impl FnMut(u64, Scanned) -> Result<(), LogError>,
@@ -620,6 +549,7 @@ pub fn scan(
         &path,
         DEFAULT_CACHE_BYTES,
         &Arc::new(AtomicBool::new(false)),
+        Access::ReadOnly,
     )?;
     let StoredBounds { first, next, .. } = read_bounds(&db)?;
     // Quiet the default panic message while redb trips over damaged pages; each is reported.

@@ -247,3 +247,138 @@ async fn received_times_never_go_back_across_a_restart() {
     assert_eq!(log.seek_time(5_000).await.unwrap(), 1);
     assert_eq!(log.seek_time(5_001).await.unwrap(), 3);
 }
+
+/// The store in `dir` with its `format` key set to `format`, or removed (`None`: what every
+/// release before format versions wrote), written with redb directly. With `crashed_copy`, the
+/// file is also copied there while still open, as a crash would leave it (redb repairs such a
+/// file when it opens it, which writes to it).
+fn set_format(dir: &Path, format: Option<u64>, crashed_copy: Option<&Path>) {
+    let db = Database::open(dir.join("events.redb")).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut meta = txn.open_table(META).unwrap();
+        match format {
+            Some(format) => meta.insert("format", format).unwrap(),
+            None => meta.remove("format").unwrap(),
+        };
+    }
+    txn.commit().unwrap();
+    if let Some(copy) = crashed_copy {
+        std::fs::create_dir_all(copy).unwrap();
+        std::fs::copy(dir.join("events.redb"), copy.join("events.redb")).unwrap();
+    }
+}
+
+/// The `format` key of the store in `dir`, read with redb directly.
+fn stored_format(dir: &Path) -> Option<u64> {
+    let db = Database::open(dir.join("events.redb")).unwrap();
+    let txn = db.begin_read().unwrap();
+    let meta = txn.open_table(META).unwrap();
+    let format = meta.get("format").unwrap().map(|v| v.value());
+    format
+}
+
+async fn store_with_two_records(dir: &Path) {
+    let log = EmbeddedLog::open(dir, Retention::default()).unwrap();
+    log.append_all(vec![record(1, 1), record(2, 2)])
+        .await
+        .unwrap();
+    log.close().await;
+}
+
+#[tokio::test]
+async fn a_new_store_records_the_current_format() {
+    let dir = tempfile::tempdir().unwrap();
+    store_with_two_records(dir.path()).await;
+    assert_eq!(stored_format(dir.path()), Some(FORMAT));
+}
+
+#[tokio::test]
+async fn a_format_1_store_opens_with_its_records_and_ids_and_is_upgraded_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    store_with_two_records(dir.path()).await;
+    set_format(dir.path(), None, None);
+    let log = EmbeddedLog::open(dir.path(), Retention::default()).unwrap();
+    assert_eq!(log.bounds(), Bounds { first: 1, next: 3 });
+    assert_eq!(
+        log.read(1, 10).await.unwrap()[1].payload,
+        Bytes::from("payload 2")
+    );
+    assert_eq!(log.find_event(2).await.unwrap(), Some(2));
+    log.close().await;
+    assert_eq!(stored_format(dir.path()), Some(FORMAT));
+}
+
+#[tokio::test]
+async fn a_newer_format_is_refused_naming_both_and_the_file_is_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let (clean, crashed) = (dir.path().join("clean"), dir.path().join("crashed"));
+    store_with_two_records(&clean).await;
+    set_format(&clean, Some(FORMAT + 1), Some(&crashed));
+    for dir in [clean, crashed] {
+        refused_untouched(&dir);
+    }
+}
+
+fn refused_untouched(dir: &Path) {
+    let path = dir.join("events.redb");
+    let before = std::fs::read(&path).unwrap();
+    let refused = |error: LogError| {
+        assert!(
+            matches!(error, LogError::NewerFormat { found, supported, .. }
+                if found == FORMAT + 1 && supported == FORMAT),
+            "{error:?}"
+        );
+        let message = error.to_string();
+        assert!(
+            message.contains(&format!("format {}", FORMAT + 1))
+                && message.contains(&format!("up to {FORMAT}"))
+                && message.contains("newer release"),
+            "{message}"
+        );
+    };
+    match EmbeddedLog::open(dir, Retention::default()) {
+        Err(error) => refused(error),
+        Ok(_) => panic!("a newer format must not be opened"),
+    }
+    match scan(dir, |_, _| Ok(())) {
+        Err(error) => refused(error),
+        Ok(_) => panic!("a newer format must not be scanned"),
+    }
+    assert!(
+        std::fs::read(&path).unwrap() == before,
+        "{} changed",
+        dir.display()
+    );
+}
+
+#[tokio::test]
+async fn a_scan_reads_a_format_1_store_without_changing_it_even_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let (clean, crashed) = (dir.path().join("clean"), dir.path().join("crashed"));
+    store_with_two_records(&clean).await;
+    set_format(&clean, None, Some(&crashed));
+    for dir in [clean, crashed] {
+        let path = dir.join("events.redb");
+        let before = std::fs::read(&path).unwrap();
+        let mut seen = Vec::new();
+        let bounds = scan(&dir, |sequence, scanned| {
+            if let Scanned::Record(record) = scanned {
+                seen.push((sequence, record.payload));
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(bounds, Bounds { first: 1, next: 3 });
+        assert_eq!(
+            seen,
+            vec![(1, Bytes::from("payload 1")), (2, Bytes::from("payload 2"))]
+        );
+        assert!(
+            std::fs::read(&path).unwrap() == before,
+            "the scan changed {}",
+            dir.display()
+        );
+        assert_eq!(stored_format(&dir), None);
+    }
+}

@@ -1,0 +1,132 @@
+//! Opening the embedded store's file: its format version (checked before anything is written,
+//! upgraded and recorded in the transaction that creates the tables), and damage found at open.
+
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use redb::Database;
+
+use super::storage::Storage;
+use super::{panic_text, unavailable, EVENTS, IDS, META};
+use crate::log::LogError;
+
+/// The `meta` key holding the store's format version; a file without it is format 1.
+const FORMAT_KEY: &str = "format";
+
+/// The store format this build writes, and the newest it opens.
+///
+/// - 1: every release before the format was recorded (no `format` key).
+/// - 2: the same tables and values, with the key.
+///
+/// A file of a newer format is refused and left untouched. Bump it when the layout of the
+/// tables or of their values changes in a way an older release would misread, and add the step
+/// from the previous format where [`open_database`] upgrades.
+pub const FORMAT: u64 = 2;
+
+/// Whether the file may be changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Access {
+    /// The gateway's own store: upgraded and written.
+    ReadWrite,
+    /// An offline scan (`verify`, `export`): redb's own writes at open (recovery, the tables'
+    /// creation) stay in memory, so the file is never changed.
+    ReadOnly,
+}
+
+/// Opens (or creates) the store file at `path`. Nothing is written to it until its format is
+/// known to be one this build reads; then (for [`Access::ReadWrite`]) it is upgraded and the
+/// current format recorded, in the transaction that creates the tables.
+pub(super) fn open_database(
+    path: &Path,
+    cache_bytes: usize,
+    fault: &Arc<AtomicBool>,
+    access: Access,
+) -> Result<Database, LogError> {
+    let cannot_open =
+        |e: &dyn std::fmt::Display| unavailable(format!("cannot open {}: {e}", path.display()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(access == Access::ReadWrite)
+        .create(access == Access::ReadWrite)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| cannot_open(&e))?;
+    let (storage, hold) = Storage::held(file, fault.clone()).map_err(|e| cannot_open(&e))?;
+    // redb asserts (panics) on some kinds of damage its crash recovery does not cover, such as
+    // bytes appended past its layout; refuse to start with a clear error instead of crashing.
+    let created = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create_with_backend(storage)
+    }))
+    .map_err(|_| {
+        unavailable(format!(
+            "{} is damaged beyond crash recovery; restore it from a backup",
+            path.display()
+        ))
+    })?;
+    let db = created.map_err(|e| cannot_open(&e))?;
+    let found = stored_format(&db, path)?;
+    if let Some(found) = found.filter(|&found| found > FORMAT) {
+        // Dropped while held: what redb wrote at open never reaches the file.
+        return Err(LogError::NewerFormat {
+            path: path.display().to_string(),
+            found,
+            supported: FORMAT,
+        });
+    }
+    if access == Access::ReadWrite {
+        hold.release().map_err(|e| cannot_open(&e))?;
+    }
+    let init = || -> Result<(), redb::Error> {
+        let txn = db.begin_write()?;
+        txn.open_table(EVENTS)?;
+        txn.open_table(IDS)?;
+        let mut meta = txn.open_table(META)?;
+        // Upgrades, oldest first. From 1 to 2 nothing changes but the key: the tables, their
+        // keys and the values' header are the same, and a payload written before `StoredEvent`
+        // fields 4 (deviations) and 5 (references) existed reads them as empty, which is what
+        // they were. A later format adds its step here.
+        if let Some(found) = found.filter(|&found| found < FORMAT) {
+            if access == Access::ReadWrite {
+                tracing::info!(
+                    path = %path.display(),
+                    from = found,
+                    to = FORMAT,
+                    "embedded store format upgraded"
+                );
+            }
+        }
+        meta.insert(FORMAT_KEY, FORMAT)?;
+        drop(meta);
+        txn.commit()?;
+        Ok(())
+    };
+    init().map_err(unavailable)?;
+    Ok(db)
+}
+
+/// The format the file says it has: `None` for a new file (no tables yet), 1 for a file written
+/// before the format was recorded.
+fn stored_format(db: &Database, path: &Path) -> Result<Option<u64>, LogError> {
+    let read = || -> Result<Option<u64>, redb::Error> {
+        let txn = db.begin_read()?;
+        let meta = match txn.open_table(META) {
+            Ok(meta) => meta,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(error) => return Err(error.into()),
+        };
+        Ok(Some(meta.get(FORMAT_KEY)?.map_or(1, |v| v.value())))
+    };
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read))
+        .map_err(|panic| LogError::Damaged {
+            from: 0,
+            detail: format!(
+                "{}: the page that holds its format does not parse: {}",
+                path.display(),
+                panic_text(panic)
+            ),
+        })?
+        .map_err(unavailable)
+}
