@@ -10,6 +10,13 @@
 //! as real clients do; the run ends with the model check: every acknowledged event is stored
 //! exactly once, sequences are gapless, and every subscriber saw every sequence once, in order.
 //!
+//! With `--store nats` the gateway stores on a nats-server of the soak's own (JetStream with
+//! `sync_interval: always`, the nats-server `.ci/run` installs under `target/tools`, else the
+//! one on PATH), and each fault is, at random, a SIGKILL and restart of the gateway or of
+//! nats-server (same port, same data). Events may then be stored out of id order (a publish lost
+//! with the connection is sent again after later ones), so the model check is: the stored ids are
+//! exactly the acknowledged ones, once each, at gapless sequences.
+//!
 //! Run by `cargo test --all-targets` too (without `--bench`): then it is a short smoke run (with
 //! one fault) so it never rots. Exits non-zero on a lost, repeated or out-of-order event, or
 //! memory growth.
@@ -17,7 +24,8 @@
 #[path = "../tests/binary/mod.rs"]
 mod binary;
 
-use std::process::ExitCode;
+use std::collections::HashSet;
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -91,13 +99,32 @@ fn main() -> ExitCode {
 async fn run(options: Options) -> ExitCode {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir on the real disk");
     let data = dir.path().to_str().expect("utf-8 path").to_owned();
+    let mut nats = if options.store == "nats" {
+        match Nats::start(dir.path()) {
+            Ok(nats) => Some(nats),
+            Err(error) => {
+                println!("soak FAILED: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    let store = match &nats {
+        Some(nats) => format!("nats://127.0.0.1:{}", nats.port),
+        None => options.store.clone(),
+    };
     let args = [
         "--store",
-        &options.store,
+        &store,
         "--data-dir",
         &data,
         "--max-subscribers",
         "100000",
+        "--nats-stream",
+        "IQGW_SOAK",
+        "--nats-ack-timeout",
+        "2s",
     ];
     let mut process = Process::start(&args);
     let addr = process.addr;
@@ -129,16 +156,37 @@ async fn run(options: Options) -> ExitCode {
     let mut peak_rss = 0u64;
     let mut next_sample = Instant::now();
     let mut faults = Faults::new(options.faults, options.seconds);
-    while started.elapsed() < Duration::from_secs(options.seconds) {
+    let mut nats_restarts = 0u64;
+    // A batch not acknowledged is sent again until it is, even past the end: the model check
+    // expects exactly the acknowledged ids.
+    let mut unacknowledged = false;
+    while started.elapsed() < Duration::from_secs(options.seconds) || unacknowledged {
         ticker.tick().await;
-        if faults.due(started.elapsed()) {
-            process.kill();
-            process = Process::start_on(&addr.to_string(), &args);
-            println!(
-                "fault {}: SIGKILL and restart at {:.1} s",
-                faults.done,
-                started.elapsed().as_secs_f64()
-            );
+        let in_time = started.elapsed() < Duration::from_secs(options.seconds);
+        if in_time && faults.due(started.elapsed()) {
+            match nats.as_mut() {
+                Some(nats) if faults.coin() => {
+                    if let Err(error) = nats.restart() {
+                        println!("soak FAILED: {error}");
+                        return ExitCode::FAILURE;
+                    }
+                    nats_restarts += 1;
+                    println!(
+                        "fault {}: nats-server SIGKILL and restart at {:.1} s",
+                        faults.done,
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                _ => {
+                    process.kill();
+                    process = Process::start_on(&addr.to_string(), &args);
+                    println!(
+                        "fault {}: gateway SIGKILL and restart at {:.1} s",
+                        faults.done,
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+            }
         }
         let mut body = Vec::new();
         for id in sent..sent + batch {
@@ -153,12 +201,27 @@ async fn run(options: Options) -> ExitCode {
             .send()
             .await;
         match response {
-            Ok(response) if response.status() == 200 => sent += batch,
+            Ok(response) if response.status() == 200 => {
+                // On NATS a batch may be stored in part (`unavailable` items): send it again.
+                let answer: serde_json::Value = response.json().await.unwrap_or_default();
+                let stored = answer["stored"].as_u64().unwrap_or(0)
+                    + answer["duplicates"].as_u64().unwrap_or(0);
+                if stored == batch {
+                    sent += batch;
+                    unacknowledged = false;
+                } else {
+                    retries += 1;
+                    unacknowledged = true;
+                    println!("batch stored {stored} of {batch}; sending it again");
+                }
+            }
             Ok(response) => {
+                unacknowledged = true;
                 retries += 1;
                 println!("batch answered {}; sending it again", response.status())
             }
             Err(error) => {
+                unacknowledged = true;
                 retries += 1;
                 println!("batch failed ({error}); sending it again")
             }
@@ -194,7 +257,7 @@ async fn run(options: Options) -> ExitCode {
     );
     // The model check: the store holds events 1..=sent, each id once, in the order they were
     // acknowledged (ids were sent in order, so sequence n holds id n).
-    let stored = model_check(&process, sent).await;
+    let stored = model_check(&process, sent, nats.is_none()).await;
 
     // Memory: the first quarter (after warm-up) against the last quarter.
     let quarter = samples.len() / 4;
@@ -215,8 +278,9 @@ async fn run(options: Options) -> ExitCode {
         sent as f64 / started.elapsed().as_secs_f64()
     );
     println!(
-        "faults:                   {} gateway SIGKILLs and restarts",
-        faults.done
+        "faults:                   {} gateway SIGKILLs and restarts, {nats_restarts} of \
+         nats-server",
+        faults.done - nats_restarts
     );
     println!("received per subscriber:  min {min}, max {max}");
     println!(
@@ -280,6 +344,14 @@ impl Faults {
         }
     }
 
+    /// A fair coin from the same generator.
+    fn coin(&mut self) -> bool {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        self.state % 2 == 0
+    }
+
     fn due(&mut self, elapsed: Duration) -> bool {
         if !self.enabled || elapsed < self.next {
             return false;
@@ -327,9 +399,10 @@ async fn follow(server: String, tally: Arc<Tally>) {
     }
 }
 
-/// Reads the whole log from the beginning: sequence n must hold event id n, for n in 1..=sent,
-/// and nothing after.
-async fn model_check(process: &Process, sent: u64) -> Result<(), String> {
+/// Reads the whole log from the beginning: sequences 1..=sent, gapless, holding the ids
+/// 1..=sent once each (in id order too when `in_order`: one writer on the embedded store), and
+/// nothing after.
+async fn model_check(process: &Process, sent: u64, in_order: bool) -> Result<(), String> {
     let mut client = process.grpc().await;
     let request = SubscribeRequest {
         start: Some(Start::Beginning(())),
@@ -340,6 +413,7 @@ async fn model_check(process: &Process, sent: u64) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?
         .into_inner();
+    let mut ids = HashSet::new();
     for sequence in 1..=sent {
         let event = tokio::time::timeout(Duration::from_secs(10), stream.next())
             .await
@@ -351,10 +425,18 @@ async fn model_check(process: &Process, sent: u64) -> Result<(), String> {
             .and_then(|e| e.chat_event)
             .map(|e| e.id)
             .unwrap_or_default();
-        if event.sequence != sequence || id != sequence as i64 {
+        if event.sequence != sequence {
             return Err(format!(
-                "sequence {} holds id {id}, expected sequence {sequence} with id {sequence}",
+                "sequence {} where {sequence} was due",
                 event.sequence
+            ));
+        }
+        if in_order && id != sequence as i64 {
+            return Err(format!("sequence {sequence} holds id {id}"));
+        }
+        if !(1..=sent as i64).contains(&id) || !ids.insert(id) {
+            return Err(format!(
+                "sequence {sequence} holds id {id}: not acknowledged, or twice"
             ));
         }
     }
@@ -367,4 +449,86 @@ async fn model_check(process: &Process, sent: u64) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The soak's own nats-server with JetStream, restarted on the same port and data.
+struct Nats {
+    binary: std::path::PathBuf,
+    config: std::path::PathBuf,
+    port: u16,
+    child: Child,
+}
+
+impl Nats {
+    fn start(dir: &std::path::Path) -> Result<Self, String> {
+        let installed = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("target/tools/nats-server/bin/nats-server");
+        let (binary, sync) = if installed.exists() {
+            (installed, ", sync_interval: always")
+        } else {
+            println!(
+                "WARNING: {} is missing (.ci/run installs it); the nats-server on PATH may be too \
+                 old for `sync_interval: always`, so a SIGKILL of it may lose acknowledged events",
+                installed.display()
+            );
+            ("nats-server".into(), "")
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("no free port: {e}"))?
+            .port();
+        let config = dir.join("nats.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\"{sync} }}\n",
+                dir.join("nats").display()
+            ),
+        )
+        .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
+        let child = Self::spawn(&binary, &config, port)?;
+        Ok(Self {
+            binary,
+            config,
+            port,
+            child,
+        })
+    }
+
+    fn spawn(
+        binary: &std::path::Path,
+        config: &std::path::Path,
+        port: u16,
+    ) -> Result<Child, String> {
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        for _ in 0..200 {
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+                return Ok(child);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!("nats-server did not listen on {addr}"))
+    }
+
+    /// SIGKILL and start again.
+    fn restart(&mut self) -> Result<(), String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(&self.binary, &self.config, self.port)?;
+        Ok(())
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -5,106 +5,21 @@
 mod binary;
 mod nats;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use binary::{event, Process};
 use iqchannels_gateway::pb::client::{subscribe_request::Start, SubscribeRequest};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("a free port")
-        .local_addr()
-        .expect("its address")
-        .port()
-}
-
-/// A nats-server node of the cluster; killed on drop.
-struct Node(Child);
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use nats::cluster::Cluster;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_comma_separated_server_list_reaches_a_three_node_cluster_with_an_r3_stream() {
-    let has_server = Command::new("nats-server")
-        .arg("--version")
-        .output()
-        .is_ok();
-    if !nats::require("the nats-server binary", has_server) {
+    let Some(cluster) = Cluster::start().await else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let clients: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let mut nodes = Vec::new();
-    for i in 0..3 {
-        let others: Vec<String> = (0..3)
-            .filter(|&j| j != i)
-            .map(|j| format!("nats-route://127.0.0.1:{}", routes[j]))
-            .collect();
-        let config = format!(
-            "server_name: n{i}\nlisten: 127.0.0.1:{}\njetstream {{ store_dir: \"{}\" }}\n\
-             cluster {{ name: iqgw, listen: 127.0.0.1:{}, routes: [{}] }}\n",
-            clients[i],
-            dir.path().join(format!("n{i}")).display(),
-            routes[i],
-            others.join(", ")
-        );
-        let file = dir.path().join(format!("n{i}.conf"));
-        std::fs::write(&file, config).expect("config written");
-        let child = Command::new("nats-server")
-            .arg("-c")
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server starts");
-        nodes.push(Node(child));
-    }
-    // Wait until the cluster has a JetStream meta leader: an R3 stream can be created.
-    let admin = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            if let Ok(client) = async_nats::connect(format!("127.0.0.1:{}", clients[0])).await {
-                return client;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
-    .await
-    .expect("the cluster accepts connections");
-    let js = async_nats::jetstream::new(admin);
-    let ready = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let created = js
-                .get_or_create_stream(async_nats::jetstream::stream::Config {
-                    name: "IQGW_PROBE".into(),
-                    subjects: vec!["iqgw.probe".into()],
-                    num_replicas: 3,
-                    ..Default::default()
-                })
-                .await;
-            if created.is_ok() {
-                let _ = js.delete_stream("IQGW_PROBE").await;
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    })
-    .await;
-    assert!(
-        ready.is_ok(),
-        "the cluster elected no JetStream leader in time"
-    );
-
-    let store = format!(
-        "nats://127.0.0.1:{},nats://127.0.0.1:{}, nats://127.0.0.1:{}",
-        clients[0], clients[1], clients[2]
-    );
+    };
+    let js = cluster.admin().await;
+    // `nats://a,nats://b, nats://c`, as README writes it.
+    let store = cluster.store_url();
+    assert!(store.contains(", "), "{store}");
     let gateway = Process::start(&[
         "--store",
         &store,
@@ -153,5 +68,5 @@ async fn a_comma_separated_server_list_reaches_a_three_node_cluster_with_an_r3_s
             .expect("not ended");
         assert_eq!(event.sequence, sequence);
     }
-    drop(nodes);
+    drop(cluster);
 }

@@ -395,3 +395,80 @@ fn a_malformed_server_list_is_refused_naming_the_bad_entry() {
         "{stderr}"
     );
 }
+
+/// A nats-server that freezes (SIGSTOP: its connections stay open, nothing answers) while events
+/// keep arriving: the gateway must notice (pings) and say it is not ready, answer 503 rather
+/// than hang, and recover once the server answers again. With async-nats 0.46 every publish
+/// restarted the ping timer, so a gateway under steady ingest never noticed a frozen server
+/// and could not fail over to another node of a cluster (found by tests/cluster_faults.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_nats_server_is_noticed_under_steady_ingest_and_recovered_from() {
+    let has_server = Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !require("the nats-server binary", has_server) {
+        return;
+    }
+    let nats = PrivateNats::start(free_port(), tempfile::tempdir().unwrap())
+        .expect("private nats-server starts");
+    let store = format!("nats://127.0.0.1:{}", nats.port);
+    let process = Arc::new(Process::start(&[
+        "--store",
+        &store,
+        "--nats-ack-timeout",
+        "1s",
+    ]));
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    assert!(post(&http, &process, 1).await.is_some(), "stored before");
+
+    // Steady ingest: a publish at least every 100 ms.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (http, process, stop) = (http.clone(), process.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut id = 2;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = post(&http, &process, id).await;
+                id += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // SAFETY: kill(2) on the child this test spawned.
+    unsafe { libc::kill(nats.child.id() as libc::pid_t, libc::SIGSTOP) };
+    let frozen = std::time::Instant::now();
+    let mut noticed = None;
+    while frozen.elapsed() < Duration::from_secs(30) {
+        let ready = http.get(process.url("/readyz")).send().await.unwrap();
+        if ready.status() == 503 {
+            noticed = Some(frozen.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(nats.child.id() as libc::pid_t, libc::SIGCONT) };
+    let noticed = noticed.expect("the gateway noticed the frozen server within 30 s");
+    assert!(
+        noticed < Duration::from_secs(15),
+        "noticed after {noticed:?}"
+    );
+
+    let mut recovered = false;
+    for _ in 0..150 {
+        let ready = http.get(process.url("/readyz")).send().await.unwrap();
+        if ready.status() == 200 && post(&http, &process, 1_000_000).await.is_some() {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    assert!(recovered, "ready and storing again once the server answers");
+}

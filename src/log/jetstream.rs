@@ -37,6 +37,8 @@ pub use config::{parse_servers, NatsConfig};
 const RECEIVED_AT: &str = "Iqgw-Received-At";
 /// Recent records kept for the hub and for subscribers close to the head.
 const CACHE: usize = 8192;
+/// How often the connection to NATS is checked (see `connect_options`).
+const PING_INTERVAL: Duration = Duration::from_secs(2);
 /// Direct gets in flight at once during a catch-up read.
 const READ_CONCURRENCY: usize = 32;
 
@@ -271,6 +273,10 @@ async fn connect_options(config: &NatsConfig) -> Result<async_nats::ConnectOptio
         .name("iqchannels-gateway")
         .retry_on_initial_connect()
         .max_reconnects(None)
+        // A server that stops answering (frozen, or cut off without a FIN) is left after three
+        // unanswered pings, about 6 s, for another server of the list; the default (a ping a
+        // minute) would hold every append on it for minutes.
+        .ping_interval(PING_INTERVAL)
         .event_callback(|event| async move {
             match event {
                 async_nats::Event::Disconnected => {

@@ -255,24 +255,13 @@ pub async fn get_by_event_id(
         .map(tonic::Response::into_inner)
 }
 
-/// Skips (loudly) outside CI, fails under CI, when a prerequisite is missing.
-pub fn require(what: &str, ok: bool) -> bool {
-    if !ok {
-        let message = format!("{what} is not available: this test did not run");
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{message}");
-        }
-        eprintln!("\n!!!!! SKIPPED: {message} !!!!!\n");
-    }
-    ok
-}
-
-/// The machine's nats-server with JetStream.
-pub const SHARED_NATS: &str = "127.0.0.1:4222";
+#[path = "../nats/mod.rs"]
+mod nats;
+pub use nats::{require, TestStream, SHARED_NATS};
 
 /// A JetStream store on a stream no other test uses (deleted when the returned guard drops), or
 /// `None` (skipped loudly; a failure under CI) when nats-server is not running.
-pub async fn jetstream_log() -> Option<(SharedLog, StreamGuard)> {
+pub async fn jetstream_log() -> Option<(SharedLog, TestStream)> {
     use iqchannels_gateway::log::jetstream::JetStreamLog;
     let (config, guard) = jetstream_config()?;
     let log = JetStreamLog::connect(config)
@@ -284,30 +273,18 @@ pub async fn jetstream_log() -> Option<(SharedLog, StreamGuard)> {
 /// The configuration of a JetStream store on the machine's nats-server, with a stream name and
 /// subject prefix no other test uses (the stream is deleted when the guard drops), or `None`
 /// (skipped loudly; a failure under CI) when nats-server is not running.
-pub fn jetstream_config() -> Option<(iqchannels_gateway::log::jetstream::NatsConfig, StreamGuard)> {
+pub fn jetstream_config() -> Option<(iqchannels_gateway::log::jetstream::NatsConfig, TestStream)> {
     use iqchannels_gateway::log::jetstream::NatsConfig;
-    let up = std::net::TcpStream::connect_timeout(
-        &SHARED_NATS.parse().expect("address"),
-        Duration::from_secs(1),
-    )
-    .is_ok();
-    if !require(&format!("nats-server with JetStream on {SHARED_NATS}"), up) {
+    if !require(
+        &format!("nats-server with JetStream on {SHARED_NATS}"),
+        nats::reachable(SHARED_NATS),
+    ) {
         return None;
     }
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let tag = format!(
-        "{}_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() % 1_000_000_000_000)
-            .unwrap_or(0),
-        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    );
+    let guard = TestStream::new(SHARED_NATS);
     let mut config = NatsConfig::new(format!("nats://{SHARED_NATS}"));
-    config.stream = format!("IQGW_TEST_{tag}");
-    config.subject_prefix = format!("iqgw.test.{tag}");
-    let guard = StreamGuard(config.stream.clone());
+    config.stream = guard.name().to_owned();
+    config.subject_prefix = guard.prefix().to_owned();
     Some((config, guard))
 }
 
@@ -317,36 +294,6 @@ pub async fn nats_admin() -> async_nats::jetstream::Context {
         .await
         .expect("connects to nats-server");
     async_nats::jetstream::new(client)
-}
-
-/// Deletes its JetStream stream on drop (best effort).
-pub struct StreamGuard(String);
-
-impl StreamGuard {
-    /// The stream's name.
-    pub fn name(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        let name = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            runtime.block_on(async {
-                let client = async_nats::connect(SHARED_NATS).await.ok()?;
-                async_nats::jetstream::new(client)
-                    .delete_stream(&name)
-                    .await
-                    .ok()
-            })
-        })
-        .join();
-    }
 }
 
 /// Reads Server-Sent Events frames until `count` events arrived; returns `(id, data)` pairs.

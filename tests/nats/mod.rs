@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // Each test binary uses a different part of this module.
 
+pub mod cluster;
+
 use std::time::Duration;
 
 /// The nats-server with JetStream that CI (and `.ci/run`) starts.
@@ -11,7 +13,7 @@ pub const SHARED_NATS: &str = "127.0.0.1:4222";
 /// Skips (loudly) outside CI, fails under CI, when a prerequisite is missing.
 pub fn require(what: &str, ok: bool) -> bool {
     if !ok {
-        let message = format!("{what} is not available: a JetStream test did not run");
+        let message = format!("{what} is not available: this test did not run");
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!("{message}");
         }
@@ -41,6 +43,16 @@ impl TestStream {
             prefix: format!("iqgw.test.{tag}"),
             server: server.to_owned(),
         }
+    }
+
+    /// The stream's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The subject prefix of its events.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     pub fn args<'a>(&'a self, store: &'a str) -> Vec<&'a str> {
