@@ -9,9 +9,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use iqchannels_gateway::auth::{GrpcAuth, IngestAuth};
 use iqchannels_gateway::client;
-use iqchannels_gateway::log::embedded::{EmbeddedLog, Retention};
+use iqchannels_gateway::log::embedded::EmbeddedLog;
 use iqchannels_gateway::log::jetstream::{parse_servers, JetStreamLog, NatsConfig};
-use iqchannels_gateway::log::{memory::MemoryLog, SharedLog};
+use iqchannels_gateway::log::{memory::MemoryLog, Retention, SharedLog};
 use iqchannels_gateway::pb::client::{get_event_request, subscribe_request, Filter};
 use iqchannels_gateway::server::{self, ServerConfig};
 use iqchannels_gateway::tls::TlsFiles;
@@ -209,7 +209,8 @@ struct ServeArgs {
     /// Retention: keep at most this many events (default: all).
     #[arg(long, env = "IQGW_RETENTION_MAX_EVENTS")]
     retention_max_events: Option<u64>,
-    /// Retention: drop events older than this, e.g. `7d`, `12h` (default: keep).
+    /// Retention: drop events received longer ago than this, e.g. `7d`, `12h` (default: keep).
+    /// Checked every second, also while nothing is written; on NATS it is the stream's max_age.
     #[arg(long, env = "IQGW_RETENTION_MAX_AGE", value_parser = humantime::parse_duration)]
     retention_max_age: Option<Duration>,
     /// Retention: keep at most this many bytes of events (default: no limit).
@@ -527,7 +528,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             retention,
             args.store_cache_bytes,
         )?),
-        Store::Memory => Arc::new(MemoryLog::new(retention.max_events.map(|n| n as usize))),
+        Store::Memory => Arc::new(MemoryLog::with_retention(retention.clone())),
         Store::Nats(url) => {
             Arc::new(JetStreamLog::connect(nats_config(url, &args.nats, &retention)?).await?)
         }
