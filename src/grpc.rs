@@ -357,7 +357,9 @@ fn log_status(error: LogError) -> Status {
         // Not retryable: reconnecting would meet the same damaged record.
         LogError::Damaged { .. } => Status::data_loss(error.to_string()),
         // Only at open; never retryable.
-        LogError::NewerFormat { .. } => Status::failed_precondition(error.to_string()),
+        LogError::NewerFormat { .. } | LogError::Misconfigured(_) => {
+            Status::failed_precondition(error.to_string())
+        }
     }
 }
 

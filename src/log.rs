@@ -137,6 +137,10 @@ pub enum LogError {
         /// What failed.
         detail: String,
     },
+    /// The store cannot be used as configured (a file named by a flag is missing, the store
+    /// refuses the gateway's credentials or TLS): found at start; retrying will not help.
+    #[error("{0}")]
+    Misconfigured(String),
     /// The store was written by a newer release, in a format this build does not know; it is
     /// left untouched.
     #[error(

@@ -337,7 +337,7 @@ struct NatsArgs {
     /// How long to wait for JetStream's ack before answering 503.
     #[arg(long, env = "IQGW_NATS_ACK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     nats_ack_timeout: Duration,
-    /// NATS credentials file (JWT + nkey seed).
+    /// NATS credentials file (JWT + nkey seed); read at start (missing: the gateway exits).
     #[arg(long, env = "IQGW_NATS_CREDS")]
     nats_creds: Option<PathBuf>,
     /// NATS user name (with --nats-password).
@@ -349,16 +349,19 @@ struct NatsArgs {
     /// NATS token.
     #[arg(long, env = "IQGW_NATS_TOKEN", hide_env_values = true)]
     nats_token: Option<String>,
-    /// CA certificate (PEM) to verify the NATS server.
+    /// CA certificate (PEM) to verify the NATS server; implies TLS (as --nats-require-tls). Read
+    /// at start: a missing or unusable file stops the gateway, naming it.
     #[arg(long, env = "IQGW_NATS_TLS_CA")]
     nats_tls_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for mutual TLS to NATS (with --nats-tls-key).
+    /// Client certificate (PEM) for mutual TLS to NATS (with --nats-tls-key); implies TLS. Read
+    /// at start, like the key.
     #[arg(long, env = "IQGW_NATS_TLS_CERT", requires = "nats_tls_key")]
     nats_tls_cert: Option<PathBuf>,
     /// Client key (PEM) for mutual TLS to NATS.
     #[arg(long, env = "IQGW_NATS_TLS_KEY", requires = "nats_tls_cert")]
     nats_tls_key: Option<PathBuf>,
-    /// Refuse to talk to NATS without TLS.
+    /// Refuse to talk to NATS without TLS: a server that does not offer it stops the gateway at
+    /// start.
     #[arg(long, env = "IQGW_NATS_REQUIRE_TLS")]
     nats_require_tls: bool,
 }

@@ -26,7 +26,12 @@ pub struct Process {
     child: Child,
     /// The address it serves HTTP and gRPC on.
     pub addr: SocketAddr,
+    /// Its log lines so far (the first [`KEPT_LINES`]).
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
+
+/// Log lines a [`Process`] keeps for [`Process::logged`].
+const KEPT_LINES: usize = 10_000;
 
 impl Process {
     /// Starts `serve` with `args` (plus `--listen 127.0.0.1:0 --log-format json`) and waits for
@@ -47,19 +52,18 @@ impl Process {
             .expect("the gateway binary starts");
         let stderr = child.stderr.take().expect("stderr is piped");
         let (tx, rx) = mpsc::channel();
-        // Until the address arrives, the lines are kept: a gateway that exits says why.
+        // The lines are kept: a gateway that exits before listening says why, and tests look
+        // for what it logged.
         let early = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
         let seen = early.clone();
         std::thread::spawn(move || {
-            let mut started = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let parsed: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
                 if let Some(address) = parsed["fields"]["address"].as_str() {
-                    started = true;
                     let _ = tx.send(address.to_owned());
                 }
-                if !started {
-                    if let Ok(mut seen) = seen.lock() {
+                if let Ok(mut seen) = seen.lock() {
+                    if seen.len() < KEPT_LINES {
                         seen.push(line.clone());
                     }
                 }
@@ -77,7 +81,13 @@ impl Process {
         Self {
             child,
             addr: address.parse().expect("a socket address"),
+            log: early,
         }
+    }
+
+    /// What it has logged so far (JSON lines).
+    pub fn logged(&self) -> Vec<String> {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
     /// The gateway on a data dir (embedded store).
@@ -196,4 +206,58 @@ pub fn spawn_writers(
             })
         })
         .collect()
+}
+
+/// Runs `serve` with `args` and `envs` (JSON logs, port 0) to its exit, for a start that must
+/// fail: panics if it has not exited within `timeout` (what it said so far in the message).
+pub fn serve_to_exit(
+    args: &[&str],
+    envs: &[(&str, &str)],
+    timeout: Duration,
+) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(gateway_binary())
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the gateway binary starts");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let said = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let said = said.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(mut said) = said.lock() {
+                    if said.len() < 1 << 20 {
+                        said.push_str(&line);
+                        said.push('\n');
+                    }
+                }
+            }
+        })
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let said = said.lock().map(|s| s.clone()).unwrap_or_default();
+            let tail: String = said.lines().rev().take(5).collect::<Vec<_>>().join("\n");
+            panic!(
+                "`serve {}` did not exit within {timeout:?}; last lines:\n{tail}",
+                args.join(" ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = reader.join();
+    let said = said.lock().map(|s| s.clone()).unwrap_or_default();
+    (status, said)
 }
