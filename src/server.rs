@@ -17,7 +17,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::auth::{GrpcAuth, IngestAuth};
+use crate::auth::{GrpcAuth, IngestAuth, MetricsAuth};
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::http::HttpConfig;
 use crate::log::SharedLog;
@@ -172,6 +172,8 @@ pub struct ServerConfig {
     pub ingest_auth: IngestAuth,
     /// gRPC bearer tokens and scopes.
     pub grpc_auth: GrpcAuth,
+    /// The token `/metrics` needs; none: open.
+    pub metrics_auth: MetricsAuth,
     /// Serve TLS with these files instead of cleartext.
     pub tls: Option<crate::tls::TlsFiles>,
     /// Tolerant (default) or strict decoding of webhook bodies.
@@ -193,6 +195,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             ingest_auth: IngestAuth::default(),
             grpc_auth: GrpcAuth::default(),
+            metrics_auth: MetricsAuth::default(),
             tls: None,
             decode_policy: crate::decode::Policy::Tolerant,
             catch_up_bytes: crate::subscribe::DEFAULT_CATCH_UP_BYTES,
@@ -252,6 +255,7 @@ pub async fn serve(
         body_timeout: config.request_timeout,
         auth: config.ingest_auth.clone(),
         subscribe_auth: config.grpc_auth.clone(),
+        metrics_auth: config.metrics_auth.clone(),
         max_awaiting_signature: config.max_in_flight,
     };
     let app = crate::http::router(gateway.clone(), http, grpc);

@@ -15,7 +15,7 @@ use tonic::transport::Channel;
 
 /// The gateway binary: the one cargo built, or `IQGW_TEST_BINARY` (a long run keeps its own copy
 /// while the tree is rebuilt).
-fn gateway_binary() -> std::path::PathBuf {
+pub fn gateway_binary() -> std::path::PathBuf {
     std::env::var_os("IQGW_TEST_BINARY")
         .map(Into::into)
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_iqchannels-gateway").into())
@@ -42,10 +42,16 @@ impl Process {
 
     /// Like [`Process::start`], on a given address (to restart on the same port).
     pub fn start_on(listen: &str, args: &[&str]) -> Self {
+        Self::start_with(listen, args, &[])
+    }
+
+    /// Like [`Process::start_on`], with environment variables (`IQGW_*`, `IQGW_LOG`) set.
+    pub fn start_with(listen: &str, args: &[&str], envs: &[(&str, &str)]) -> Self {
         let mut child = Command::new(gateway_binary())
             .arg("serve")
             .args(["--listen", listen, "--log-format", "json"])
             .args(args)
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -208,16 +214,23 @@ pub fn spawn_writers(
         .collect()
 }
 
-/// Runs `serve` with `args` and `envs` (JSON logs, port 0) to its exit, for a start that must
-/// fail: panics if it has not exited within `timeout` (what it said so far in the message).
+/// Runs `serve` with `args` and `envs` (JSON logs; port 0 unless `args` has a `--listen`) to its
+/// exit, for a start that must fail: panics if it has not exited within `timeout` (what it said
+/// so far in the message).
 pub fn serve_to_exit(
     args: &[&str],
     envs: &[(&str, &str)],
     timeout: Duration,
 ) -> (std::process::ExitStatus, String) {
+    let listen: &[&str] = if args.contains(&"--listen") {
+        &[]
+    } else {
+        &["--listen", "127.0.0.1:0"]
+    };
     let mut child = Command::new(gateway_binary())
         .arg("serve")
-        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(listen)
+        .args(["--log-format", "json"])
         .args(args)
         .envs(envs.iter().copied())
         .stdin(Stdio::null())
