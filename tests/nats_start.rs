@@ -84,6 +84,11 @@ fn requiring_tls_from_a_plaintext_nats_exits_with_a_clear_message() {
         ),
         &["TLS is required", "does the server offer TLS?"],
     );
+    let tls_url = format!("tls://127.0.0.1:{}", server.port);
+    refused(
+        serve_to_exit(&["--store", &tls_url], &[], EXIT_WITHIN),
+        &["TLS is required", "does the server offer TLS?"],
+    );
 }
 
 #[test]

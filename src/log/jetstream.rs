@@ -312,12 +312,21 @@ fn refusal(error: &async_nats::ConnectError, config: &NatsConfig) -> Option<Stri
         // TLS asked for from a server that does not offer it: the handshake meets plain NATS
         // protocol bytes, which rustls reports as invalid data (an unreachable server is a
         // refused or reset connection, a timeout, or a DNS failure instead).
-        Kind::Io if config.tls_required() && is_invalid_data(error) => Some(format!(
-            "TLS is required (--nats-require-tls, or a --nats-tls-* file) and the TLS handshake \
-             failed ({error}): does the server offer TLS?"
+        Kind::Io if wants_tls(config) && is_invalid_data(error) => Some(format!(
+            "TLS is required (--nats-require-tls, a --nats-tls-* file or a tls:// server) and \
+             the TLS handshake failed ({error}): does the server offer TLS?"
         )),
         _ => None,
     }
+}
+
+/// Whether the gateway asks for TLS: by a flag, a TLS file, or a `tls://` server URL.
+fn wants_tls(config: &NatsConfig) -> bool {
+    config.tls_required()
+        || config
+            .url
+            .split(',')
+            .any(|url| url.trim().starts_with("tls://"))
 }
 
 fn is_invalid_data(error: &async_nats::ConnectError) -> bool {
