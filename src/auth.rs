@@ -303,6 +303,42 @@ impl GrpcAuth {
     }
 }
 
+/// The token a scraper must present for `/metrics` (`Authorization: Bearer`); none = open.
+#[derive(Clone, Default)]
+pub struct MetricsAuth {
+    token: Option<TokenDigest>,
+}
+
+impl std::fmt::Debug for MetricsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsAuth")
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+impl MetricsAuth {
+    /// From `--metrics-token`; unset or empty leaves `/metrics` open.
+    pub fn new(token: Option<String>) -> Self {
+        Self {
+            token: token
+                .filter(|t| !t.is_empty())
+                .map(|t| TokenDigest::of(t.as_bytes())),
+        }
+    }
+
+    /// Checks the bearer token of a `/metrics` request.
+    pub fn check(&self, headers: &HeaderMap) -> Result<(), AuthError> {
+        match &self.token {
+            None => Ok(()),
+            Some(token) => match bearer(headers) {
+                Some(presented) if token.matches(presented) => Ok(()),
+                _ => Err(AuthError::Unauthenticated),
+            },
+        }
+    }
+}
+
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;

@@ -368,6 +368,11 @@ impl Gateway {
         *self.shutdown.borrow()
     }
 
+    /// The shutdown signal: true once streams must end.
+    pub fn shutdown(&self) -> watch::Receiver<bool> {
+        self.shutdown.clone()
+    }
+
     /// Marks the gateway as draining (readiness and health go down first).
     pub fn start_draining(&self) {
         self.accepting.store(false, Ordering::Relaxed);

@@ -23,6 +23,8 @@ use crate::pb::gateway::v1::{
 use crate::subscribe::{Filter, Start, SubscribeError, Subscription};
 use crate::wire::{EncodedEvent, Form, WireEvent};
 
+mod health;
+
 /// The tonic routes for everything gRPC the gateway serves on its port.
 pub fn routes(
     gateway: Gateway,
@@ -45,7 +47,7 @@ pub fn routes(
         v1.register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET);
     v1alpha =
         v1alpha.register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET);
-    let (reporter, health) = tonic_health::server::health_reporter();
+    let (reporter, health) = health::service(gateway.shutdown());
     tokio::spawn(report_health(gateway.clone(), reporter));
     let service = EventGatewayServer::new(Service { gateway, auth })
         .max_decoding_message_size(max_message_bytes)
@@ -357,7 +359,9 @@ fn log_status(error: LogError) -> Status {
         // Not retryable: reconnecting would meet the same damaged record.
         LogError::Damaged { .. } => Status::data_loss(error.to_string()),
         // Only at open; never retryable.
-        LogError::NewerFormat { .. } => Status::failed_precondition(error.to_string()),
+        LogError::NewerFormat { .. } | LogError::Misconfigured(_) => {
+            Status::failed_precondition(error.to_string())
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use tower::ServiceExt;
 mod console;
 mod stream;
 
-use crate::auth::{AuthError, GrpcAuth, HeadCheck, IngestAuth};
+use crate::auth::{AuthError, GrpcAuth, HeadCheck, IngestAuth, MetricsAuth};
 use crate::decode::{self, BatchItem, DecodeError};
 use crate::gateway::{Gateway, IngestError, Ingested};
 use crate::log::LogError;
@@ -31,6 +31,8 @@ pub struct HttpConfig {
     pub auth: IngestAuth,
     /// Tokens for the read side (`/v1/events:stream`, `/v1/stats`): the gRPC subscribe scope.
     pub subscribe_auth: GrpcAuth,
+    /// The token `/metrics` needs (`--metrics-token`); none: open.
+    pub metrics_auth: MetricsAuth,
     /// Bodies read at once whose sender only a signature over that body can authenticate
     /// (`--webhook-secret` without `--ingest-token`); more get 429. A budget of their own, so
     /// that senders nobody has authenticated yet never hold the ingest slots (`--max-in-flight`)
@@ -45,6 +47,7 @@ impl Default for HttpConfig {
             body_timeout: std::time::Duration::from_secs(30),
             auth: IngestAuth::default(),
             subscribe_auth: GrpcAuth::default(),
+            metrics_auth: MetricsAuth::default(),
             max_awaiting_signature: 1024,
         }
     }
@@ -153,7 +156,10 @@ async fn observe(
     response
 }
 
-async fn metrics(State(state): State<AppState>) -> Response {
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(error) = state.config.metrics_auth.check(&headers) {
+        return HttpError::Auth(error).into_response();
+    }
     let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
     (
         [(header::CONTENT_TYPE, content_type)],

@@ -10,10 +10,46 @@ pub mod jetstream;
 pub mod memory;
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::watch;
+
+/// How often a store with retention by age looks for expired events, so that they go on a quiet
+/// gateway too, not only when a new event is written (JetStream expires them itself).
+pub const RETENTION_SWEEP: Duration = Duration::from_secs(1);
+
+/// What a store keeps; every limit is optional and all set ones apply. The embedded and memory
+/// stores apply all three (the oldest events go first); JetStream only the age (its stream's
+/// `max_age`).
+#[derive(Debug, Clone, Default)]
+pub struct Retention {
+    /// Keep at most this many events.
+    pub max_events: Option<u64>,
+    /// Keep events received within this age (by the gateway's receive time).
+    pub max_age: Option<Duration>,
+    /// Keep at most this many bytes of stored events.
+    pub max_bytes: Option<u64>,
+}
+
+impl Retention {
+    /// Whether any limit is set.
+    pub fn limits(&self) -> bool {
+        self.max_events.is_some() || self.max_age.is_some() || self.max_bytes.is_some()
+    }
+
+    /// The receive time (ms since the Unix epoch) below which an event has expired now, when
+    /// retention is by age.
+    pub fn oldest_allowed_ms(&self) -> Option<i64> {
+        self.max_age.map(|age| {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            now.saturating_sub(age.as_millis().min(i64::MAX as u128) as i64)
+        })
+    }
+}
 
 /// One event to append.
 #[derive(Debug, Clone)]
@@ -101,6 +137,10 @@ pub enum LogError {
         /// What failed.
         detail: String,
     },
+    /// The store cannot be used as configured (a file named by a flag is missing, the store
+    /// refuses the gateway's credentials or TLS): found at start; retrying will not help.
+    #[error("{0}")]
+    Misconfigured(String),
     /// The store was written by a newer release, in a format this build does not know; it is
     /// left untouched.
     #[error(

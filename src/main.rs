@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use clap::builder::BoolishValueParser;
 use clap::{Parser, Subcommand, ValueEnum};
-use iqchannels_gateway::auth::{GrpcAuth, IngestAuth};
+use iqchannels_gateway::auth::{GrpcAuth, IngestAuth, MetricsAuth};
 use iqchannels_gateway::client;
-use iqchannels_gateway::log::embedded::{EmbeddedLog, Retention};
+use iqchannels_gateway::log::embedded::EmbeddedLog;
 use iqchannels_gateway::log::jetstream::{parse_servers, JetStreamLog, NatsConfig};
-use iqchannels_gateway::log::{memory::MemoryLog, SharedLog};
+use iqchannels_gateway::log::{memory::MemoryLog, Retention, SharedLog};
 use iqchannels_gateway::pb::client::{get_event_request, subscribe_request, Filter};
 use iqchannels_gateway::server::{self, ServerConfig};
 use iqchannels_gateway::tls::TlsFiles;
@@ -151,7 +152,7 @@ struct SubscribeArgs {
     /// Also receive the entities each event points at (chat, message, file, client, user,
     /// channel, project, rating), resolved from Rels by the gateway; `--output json` prints them
     /// under `references`.
-    #[arg(long, env = "IQGW_REFERENCES")]
+    #[arg(long, env = "IQGW_REFERENCES", value_parser = BoolishValueParser::new())]
     references: bool,
 }
 
@@ -183,15 +184,17 @@ struct GetArgs {
     output: OutputFormat,
     /// Also receive the entities the event points at, resolved from Rels by the gateway;
     /// `--output json` prints them under `references`.
-    #[arg(long, env = "IQGW_REFERENCES")]
+    #[arg(long, env = "IQGW_REFERENCES", value_parser = BoolishValueParser::new())]
     references: bool,
 }
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// Address to listen on; HTTP/1.1 and gRPC (HTTP/2 cleartext) share it.
+    /// Address to listen on, `HOST:PORT` (a name such as `localhost:8080` is resolved, and the
+    /// first of its addresses that can be bound is used); HTTP/1.1 and gRPC (HTTP/2 cleartext)
+    /// share it.
     #[arg(long, env = "IQGW_LISTEN", default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
+    listen: String,
     /// Where events are stored: `embedded` (durable, in --data-dir), `memory` (lost on exit; for
     /// tests and benchmarks) or `nats://HOST:PORT` (a NATS JetStream stream shared by several
     /// gateway replicas; see the --nats-* flags). For a NATS cluster, list its servers separated
@@ -209,7 +212,8 @@ struct ServeArgs {
     /// Retention: keep at most this many events (default: all).
     #[arg(long, env = "IQGW_RETENTION_MAX_EVENTS")]
     retention_max_events: Option<u64>,
-    /// Retention: drop events older than this, e.g. `7d`, `12h` (default: keep).
+    /// Retention: drop events received longer ago than this, e.g. `7d`, `12h` (default: keep).
+    /// Checked every second, also while nothing is written; on NATS it is the stream's max_age.
     #[arg(long, env = "IQGW_RETENTION_MAX_AGE", value_parser = humantime::parse_duration)]
     retention_max_age: Option<Duration>,
     /// Retention: keep at most this many bytes of events (default: no limit).
@@ -241,7 +245,7 @@ struct ServeArgs {
     /// Refuse (400 / INVALID_ARGUMENT, naming the field path) any body with a field that does not
     /// fit its proto type. Default: such a field is coerced when that loses nothing, else left
     /// unset (the raw JSON keeps it), and reported as a deviation on the event.
-    #[arg(long, env = "IQGW_STRICT_DECODE")]
+    #[arg(long, env = "IQGW_STRICT_DECODE", value_parser = BoolishValueParser::new())]
     strict_decode: bool,
 }
 
@@ -280,8 +284,12 @@ struct SecurityArgs {
     /// TLS private key (PEM) for the shared port; with --tls-cert.
     #[arg(long, env = "IQGW_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Token Prometheus must present to read `/metrics` (`Authorization: Bearer TOKEN`). Unset:
+    /// `/metrics` is open to anyone who can reach the port.
+    #[arg(long, env = "IQGW_METRICS_TOKEN", hide_env_values = true)]
+    metrics_token: Option<String>,
     /// Allow listening on a non-loopback address without ingest and gRPC authentication.
-    #[arg(long, env = "IQGW_ALLOW_UNAUTHENTICATED")]
+    #[arg(long, env = "IQGW_ALLOW_UNAUTHENTICATED", value_parser = BoolishValueParser::new())]
     allow_unauthenticated: bool,
 }
 
@@ -336,7 +344,7 @@ struct NatsArgs {
     /// How long to wait for JetStream's ack before answering 503.
     #[arg(long, env = "IQGW_NATS_ACK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     nats_ack_timeout: Duration,
-    /// NATS credentials file (JWT + nkey seed).
+    /// NATS credentials file (JWT + nkey seed); read at start (missing: the gateway exits).
     #[arg(long, env = "IQGW_NATS_CREDS")]
     nats_creds: Option<PathBuf>,
     /// NATS user name (with --nats-password).
@@ -348,17 +356,20 @@ struct NatsArgs {
     /// NATS token.
     #[arg(long, env = "IQGW_NATS_TOKEN", hide_env_values = true)]
     nats_token: Option<String>,
-    /// CA certificate (PEM) to verify the NATS server.
+    /// CA certificate (PEM) to verify the NATS server; implies TLS (as --nats-require-tls). Read
+    /// at start: a missing or unusable file stops the gateway, naming it.
     #[arg(long, env = "IQGW_NATS_TLS_CA")]
     nats_tls_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for mutual TLS to NATS (with --nats-tls-key).
+    /// Client certificate (PEM) for mutual TLS to NATS (with --nats-tls-key); implies TLS. Read
+    /// at start, like the key.
     #[arg(long, env = "IQGW_NATS_TLS_CERT", requires = "nats_tls_key")]
     nats_tls_cert: Option<PathBuf>,
     /// Client key (PEM) for mutual TLS to NATS.
     #[arg(long, env = "IQGW_NATS_TLS_KEY", requires = "nats_tls_cert")]
     nats_tls_key: Option<PathBuf>,
-    /// Refuse to talk to NATS without TLS.
-    #[arg(long, env = "IQGW_NATS_REQUIRE_TLS")]
+    /// Refuse to talk to NATS without TLS: a server that does not offer it stops the gateway at
+    /// start.
+    #[arg(long, env = "IQGW_NATS_REQUIRE_TLS", value_parser = BoolishValueParser::new())]
     nats_require_tls: bool,
 }
 
@@ -508,8 +519,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         security.webhook_tolerance,
     )?;
     let grpc_auth = GrpcAuth::new(&security.grpc_tokens)?;
+    let addresses: Vec<SocketAddr> = tokio::net::lookup_host(args.listen.as_str())
+        .await
+        .with_context(|| format!("cannot resolve --listen {} (HOST:PORT)", args.listen))?
+        .collect();
     let open = !ingest_auth.enabled() || !grpc_auth.enabled();
-    if open && !args.listen.ip().is_loopback() && !security.allow_unauthenticated {
+    let loopback = addresses.iter().all(|address| address.ip().is_loopback());
+    if open && !loopback && !security.allow_unauthenticated {
         anyhow::bail!(
             "refusing to listen on {} without authentication: set --ingest-token or --webhook-secret, \
              and --grpc-token, or pass --allow-unauthenticated",
@@ -527,12 +543,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             retention,
             args.store_cache_bytes,
         )?),
-        Store::Memory => Arc::new(MemoryLog::new(retention.max_events.map(|n| n as usize))),
+        Store::Memory => Arc::new(MemoryLog::with_retention(retention.clone())),
         Store::Nats(url) => {
             Arc::new(JetStreamLog::connect(nats_config(url, &args.nats, &retention)?).await?)
         }
     };
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listener = tokio::net::TcpListener::bind(addresses.as_slice())
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let config = ServerConfig {
@@ -552,6 +568,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         ingest_auth,
         grpc_auth,
+        metrics_auth: MetricsAuth::new(args.security.metrics_token.clone()),
         tls: args
             .security
             .tls_cert
@@ -595,8 +612,12 @@ fn nats_config(url: String, args: &NatsArgs, retention: &Retention) -> anyhow::R
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("IQGW_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal, never in a file or a log collector.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

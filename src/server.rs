@@ -17,7 +17,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::auth::{GrpcAuth, IngestAuth};
+use crate::auth::{GrpcAuth, IngestAuth, MetricsAuth};
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::http::HttpConfig;
 use crate::log::SharedLog;
@@ -172,6 +172,8 @@ pub struct ServerConfig {
     pub ingest_auth: IngestAuth,
     /// gRPC bearer tokens and scopes.
     pub grpc_auth: GrpcAuth,
+    /// The token `/metrics` needs; none: open.
+    pub metrics_auth: MetricsAuth,
     /// Serve TLS with these files instead of cleartext.
     pub tls: Option<crate::tls::TlsFiles>,
     /// Tolerant (default) or strict decoding of webhook bodies.
@@ -193,6 +195,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             ingest_auth: IngestAuth::default(),
             grpc_auth: GrpcAuth::default(),
+            metrics_auth: MetricsAuth::default(),
             tls: None,
             decode_policy: crate::decode::Policy::Tolerant,
             catch_up_bytes: crate::subscribe::DEFAULT_CATCH_UP_BYTES,
@@ -252,6 +255,7 @@ pub async fn serve(
         body_timeout: config.request_timeout,
         auth: config.ingest_auth.clone(),
         subscribe_auth: config.grpc_auth.clone(),
+        metrics_auth: config.metrics_auth.clone(),
         max_awaiting_signature: config.max_in_flight,
     };
     let app = crate::http::router(gateway.clone(), http, grpc);
@@ -340,6 +344,9 @@ pub async fn serve(
         });
     }
 
+    // Closed before draining: a new connection is refused at once (the client tries another
+    // replica) instead of waiting in the backlog until the process exits.
+    drop(listener);
     drain(&gateway, &stop_tx, graceful, config.grace).await;
     Ok(())
 }
@@ -393,31 +400,44 @@ async fn drain(
     }
 }
 
-/// Resolves when the process gets SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(%error, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
+/// Resolves when the process gets SIGINT or SIGTERM. The handlers are installed here, when it is
+/// called, not when the future is first polled: from then on a signal drains instead of killing
+/// the process, even one that arrives before the accept loop first waits on it.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let interrupt = signal(SignalKind::interrupt());
+        let terminate = signal(SignalKind::terminate());
+        async move {
+            tokio::select! {
+                () = received(interrupt, "SIGINT") => {},
+                () = received(terminate, "SIGTERM") => {},
             }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        async {
+            if let Err(error) = tokio::signal::ctrl_c().await {
+                tracing::error!(%error, "cannot listen for Ctrl-C");
                 std::future::pending::<()>().await;
             }
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = terminate => {},
+    }
+}
+
+/// Resolves when `signal` arrives; never, if its handler could not be installed.
+#[cfg(unix)]
+async fn received(signal: std::io::Result<tokio::signal::unix::Signal>, name: &'static str) {
+    match signal {
+        Ok(mut signal) => {
+            signal.recv().await;
+        }
+        Err(error) => {
+            tracing::error!(%error, signal = name, "cannot listen for the signal");
+            std::future::pending::<()>().await;
+        }
     }
 }
 

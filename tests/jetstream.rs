@@ -3,15 +3,17 @@
 
 mod binary;
 mod nats;
+mod private_nats;
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use binary::{event, Process};
 use iqchannels_gateway::pb::client::{subscribe_request::Start, SubscribeRequest};
 use nats::{reachable, require, TestStream, SHARED_NATS};
+use private_nats::{free_port, PrivateNats};
 use tokio_stream::StreamExt;
 
 async fn post(http: &reqwest::Client, process: &Process, id: i64) -> Option<u64> {
@@ -207,63 +209,9 @@ async fn a_redelivery_after_the_duplicate_window_is_still_stored_once() {
     );
 }
 
-/// A nats-server of the test's own, so it can be restarted.
-struct PrivateNats {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl PrivateNats {
-    fn start(port: u16, dir: tempfile::TempDir) -> Option<Self> {
-        let child = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        let addr = format!("127.0.0.1:{port}");
-        for _ in 0..100 {
-            if reachable(&addr) {
-                return Some(Self { child, port, dir });
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
-    }
-
-    fn stop(mut self) -> (u16, tempfile::TempDir) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let port = self.port;
-        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
-        (port, dir)
-    }
-}
-
-impl Drop for PrivateNats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_nats_restart_during_ingest_answers_503_then_continues_without_gap_or_repeat() {
-    let has_server = Command::new("nats-server")
-        .arg("--version")
-        .output()
-        .is_ok();
-    if !require("the nats-server binary", has_server) {
+    if !require("the nats-server binary", private_nats::installed()) {
         return;
     }
     let nats = PrivateNats::start(free_port(), tempfile::tempdir().unwrap())
@@ -439,8 +387,7 @@ async fn a_frozen_nats_server_is_noticed_under_steady_ingest_and_recovered_from(
         })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    // SAFETY: kill(2) on the child this test spawned.
-    unsafe { libc::kill(nats.child.id() as libc::pid_t, libc::SIGSTOP) };
+    nats.signal(libc::SIGSTOP);
     let frozen = std::time::Instant::now();
     let mut noticed = None;
     while frozen.elapsed() < Duration::from_secs(30) {
@@ -451,8 +398,7 @@ async fn a_frozen_nats_server_is_noticed_under_steady_ingest_and_recovered_from(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // SAFETY: as above.
-    unsafe { libc::kill(nats.child.id() as libc::pid_t, libc::SIGCONT) };
+    nats.signal(libc::SIGCONT);
     let noticed = noticed.expect("the gateway noticed the frozen server within 30 s");
     assert!(
         noticed < Duration::from_secs(15),

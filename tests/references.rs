@@ -5,7 +5,6 @@
 
 mod binary;
 mod common;
-mod nats;
 
 use std::net::SocketAddr;
 
@@ -351,14 +350,14 @@ async fn references_reach_grpc_get_event_and_sse_as_one_encoding_on_the_embedded
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn references_reach_grpc_get_event_and_sse_as_one_encoding_on_jetstream() {
-    if !nats::require(
+    if !common::nats::require(
         "NATS with JetStream on 127.0.0.1:4222",
-        nats::reachable(nats::SHARED_NATS),
+        common::nats::reachable(common::SHARED_NATS),
     ) {
         return;
     }
-    let stream = nats::TestStream::new(nats::SHARED_NATS);
-    let store = format!("nats://{}", nats::SHARED_NATS);
+    let stream = common::TestStream::new(common::SHARED_NATS);
+    let store = format!("nats://{}", common::SHARED_NATS);
     let process = binary::Process::start(&stream.args(&store));
     references_reach_grpc_get_event_and_sse_as_one_encoding(process.addr).await;
 }

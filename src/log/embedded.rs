@@ -14,7 +14,9 @@
 //!
 //! Group commit: one writer task takes every append request waiting in its queue and commits them
 //! in one transaction (one fsync). A lone request is committed at once: the writer never waits
-//! for more work to arrive.
+//! for more work to arrive. Retention runs in those transactions and, with a maximum age, also on
+//! a timer ([`RETENTION_SWEEP`]) while no events arrive: a transaction of its own once the oldest
+//! record has expired, so a quiet gateway removes expired events too.
 
 // redb::Error is large (160 bytes); it only travels on the rare failure path, unboxed like redb returns it.
 #![allow(clippy::result_large_err)]
@@ -22,14 +24,15 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{Appended, Bounds, EventLog, LogError, LogStats, NewRecord, Record};
+pub use super::Retention;
+use super::{Appended, Bounds, EventLog, LogError, LogStats, NewRecord, Record, RETENTION_SWEEP};
 pub use open::FORMAT;
 use open::{open_database, Access};
 
@@ -50,17 +53,6 @@ const MAX_GROUP: usize = 8192;
 pub const DEFAULT_CACHE_BYTES: usize = 64 * 1024 * 1024;
 /// Append requests waiting for the writer; when full, appenders wait for room.
 const QUEUE: usize = 4096;
-
-/// What the embedded store keeps; every limit is optional and all set ones apply.
-#[derive(Debug, Clone, Default)]
-pub struct Retention {
-    /// Keep at most this many events.
-    pub max_events: Option<u64>,
-    /// Keep events received within this age.
-    pub max_age: Option<Duration>,
-    /// Keep at most this many bytes of stored events (payload and header).
-    pub max_bytes: Option<u64>,
-}
 
 /// Statistics of the writer, for metrics and logs.
 #[derive(Debug, Default)]
@@ -86,6 +78,9 @@ struct Shared {
     /// The open database; `None` between closing and reopening it after an I/O error.
     db: RwLock<Option<Arc<Database>>>,
     first: AtomicU64,
+    /// The received time of the oldest record (`i64::MAX` when empty): the retention timer
+    /// starts a transaction only once it has expired.
+    first_time: AtomicI64,
     next: AtomicU64,
     /// The received time of the newest record: the next one is stamped no earlier, so received
     /// times stay non-decreasing in sequence order (for `seek_time`) across restarts and clock
@@ -129,6 +124,7 @@ impl EmbeddedLog {
         let db = open_database(&path, cache_bytes, &fault, Access::ReadWrite)?;
         let StoredBounds {
             first,
+            first_time,
             next,
             last_time,
         } = read_bounds(&db)?;
@@ -137,6 +133,7 @@ impl EmbeddedLog {
             cache_bytes,
             db: RwLock::new(Some(Arc::new(db))),
             first: AtomicU64::new(first),
+            first_time: AtomicI64::new(first_time),
             next: AtomicU64::new(next),
             last_time: AtomicI64::new(last_time),
             committed: watch::channel(next - 1).0,
@@ -207,6 +204,8 @@ impl Shared {
 /// What the file says of the log's range.
 struct StoredBounds {
     first: u64,
+    /// The received time of the oldest record (`i64::MAX` when empty).
+    first_time: i64,
     next: u64,
     /// The received time of the newest record (0 when empty).
     last_time: i64,
@@ -227,9 +226,12 @@ fn read_bounds(db: &Database) -> Result<StoredBounds, LogError> {
             .map(|v| v.value())
             .unwrap_or(1)
             .max(last.map_or(1, |l| l + 1));
-        let first = events.first()?.map(|(k, _)| k.value()).unwrap_or(next);
+        let oldest = events.first()?;
+        let first = oldest.as_ref().map_or(next, |(k, _)| k.value());
+        let first_time = oldest.map_or(i64::MAX, |(_, v)| header(v.value()).0);
         Ok(StoredBounds {
             first,
+            first_time,
             next,
             last_time,
         })
@@ -395,9 +397,17 @@ async fn writer(
     mut queue: mpsc::Receiver<AppendRequest>,
     retention: Retention,
 ) {
+    let mut sweep = tokio::time::interval(RETENTION_SWEEP);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let first = if shared.healthy.load(Ordering::Acquire) {
-            queue.recv().await
+            tokio::select! {
+                request = queue.recv() => request,
+                _ = sweep.tick(), if retention.max_age.is_some() => {
+                    expire(&shared, &retention).await;
+                    continue;
+                }
+            }
         } else {
             match tokio::time::timeout(Duration::from_secs(1), queue.recv()).await {
                 Ok(request) => request,
@@ -449,6 +459,9 @@ async fn writer(
         };
         shared.last_time.store(outcome.last_time, Ordering::Release);
         shared.first.store(outcome.first, Ordering::Release);
+        shared
+            .first_time
+            .store(outcome.first_time, Ordering::Release);
         shared.next.store(outcome.next, Ordering::Release);
         shared.stats.syncs.fetch_add(1, Ordering::Relaxed);
         shared
@@ -458,7 +471,7 @@ async fn writer(
         if !shared.healthy.swap(true, Ordering::AcqRel) {
             tracing::info!("embedded store writable again");
         }
-        tracing::trace!(
+        tracing::debug!(
             records = count,
             requests = group.len(),
             "group commit synced"
@@ -468,6 +481,43 @@ async fn writer(
             // The requester may have gone (client disconnected); the event is stored anyway.
             let _ = request.reply.send(Ok(results));
         }
+    }
+}
+
+/// Removes expired records in a transaction of their own, when the oldest one has expired (on a
+/// quiet gateway no append would remove them). A failure is handled like a failed append.
+async fn expire(shared: &Shared, retention: &Retention) {
+    let expired = retention
+        .oldest_allowed_ms()
+        .is_some_and(|oldest| shared.first_time.load(Ordering::Acquire) < oldest);
+    if !expired {
+        return;
+    }
+    let db = match shared.database() {
+        Ok(db) => db,
+        Err(error) => return fail(shared, Vec::new(), &error).await,
+    };
+    let next = shared.next.load(Ordering::Acquire);
+    let last_time = shared.last_time.load(Ordering::Acquire);
+    let retention = retention.clone();
+    let outcome =
+        tokio::task::spawn_blocking(move || commit(&db, next, last_time, Vec::new(), &retention))
+            .await
+            .map_err(unavailable)
+            .and_then(|outcome| outcome);
+    match outcome {
+        Ok(outcome) => {
+            let before = shared.first.swap(outcome.first, Ordering::AcqRel);
+            shared
+                .first_time
+                .store(outcome.first_time, Ordering::Release);
+            tracing::debug!(
+                removed = outcome.first.saturating_sub(before),
+                first = outcome.first,
+                "retention removed expired events"
+            );
+        }
+        Err(error) => fail(shared, Vec::new(), &error).await,
     }
 }
 
@@ -505,6 +555,9 @@ async fn reopen(shared: &Shared) {
             // id is answered as the duplicate it is).
             let before = shared.next.load(Ordering::Acquire);
             shared.first.store(bounds.first, Ordering::Release);
+            shared
+                .first_time
+                .store(bounds.first_time, Ordering::Release);
             shared.next.store(bounds.next, Ordering::Release);
             shared
                 .last_time
@@ -615,6 +668,8 @@ async fn probe(shared: &Shared) {
 struct CommitOutcome {
     results: Vec<Vec<Appended>>,
     first: u64,
+    /// The received time of the oldest record left (`i64::MAX` when empty).
+    first_time: i64,
     next: u64,
     last_time: i64,
 }
@@ -679,15 +734,15 @@ fn commit(
         meta.insert(NEXT, next)?;
         meta.insert(BYTES, bytes)?;
         drop(meta);
-        let first = txn
+        let (first, first_time) = txn
             .open_table(EVENTS)?
             .first()?
-            .map(|(k, _)| k.value())
-            .unwrap_or(next);
+            .map_or((next, i64::MAX), |(k, v)| (k.value(), header(v.value()).0));
         txn.commit()?;
         Ok(CommitOutcome {
             results,
             first,
+            first_time,
             next,
             last_time,
         })
@@ -702,19 +757,10 @@ fn apply_retention(
     retention: &Retention,
     mut bytes: u64,
 ) -> Result<u64, redb::Error> {
-    if retention.max_events.is_none()
-        && retention.max_age.is_none()
-        && retention.max_bytes.is_none()
-    {
+    if !retention.limits() {
         return Ok(bytes);
     }
-    let oldest_allowed = retention.max_age.map(|age| {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        now - age.as_millis() as i64
-    });
+    let oldest_allowed = retention.oldest_allowed_ms();
     let mut count = events.len()?;
     loop {
         let (time, id, size) = match events.first()? {

@@ -14,6 +14,9 @@
 //!   may lag) and otherwise reports [`LogError::Truncated`] with the next sequence retained, so
 //!   a record removed by retention (`max_age`) or by hand is never skipped silently, whatever
 //!   the cached oldest sequence (refreshed every 2 s) says.
+//! - At start, the files the flags name are read before connecting, and a server that refuses
+//!   the gateway (credentials, TLS) stops it with [`LogError::Misconfigured`]; only a server that
+//!   cannot be reached is retried (and logged as that). Once connected, reconnects never end.
 //! - Seek by time: a binary search on the gateway's receive time (the `Iqgw-Received-At` header),
 //!   as in the embedded store, not on NATS's publish time.
 
@@ -69,20 +72,13 @@ fn unavailable(error: impl std::fmt::Display) -> LogError {
 }
 
 impl JetStreamLog {
-    /// Connects (retrying in the background if NATS is down at start), creates the stream if it
-    /// is missing or checks that an existing one is compatible, and starts the tail.
+    /// Connects (retrying while NATS cannot be reached, refusing credentials or TLS that NATS
+    /// refuses), creates the stream if it is missing or checks that an existing one is
+    /// compatible, and starts the tail.
     pub async fn connect(config: NatsConfig) -> Result<Self, LogError> {
-        let servers = config::parse_servers(&config.url).map_err(LogError::Unavailable)?;
-        let client = connect_options(&config)
-            .await?
-            .connect(servers)
-            .await
-            .map_err(|e| {
-                unavailable(format!(
-                    "cannot connect to NATS at {}: {e}",
-                    config::redact(&config.url)
-                ))
-            })?;
+        let servers = config::parse_servers(&config.url).map_err(LogError::Misconfigured)?;
+        config.check_files().map_err(LogError::Misconfigured)?;
+        let client = connect_at_start(&config, servers).await?;
         let mut context = jetstream::new(client.clone());
         context.set_timeout(config.ack_timeout);
         let stream = open_stream(&context, &config).await?;
@@ -268,10 +264,89 @@ fn record_of(message: jetstream::message::StreamMessage) -> Record {
     }
 }
 
+/// The first connection. A server that cannot be reached (down, starting, a network fault) is
+/// retried with a growing delay, each attempt logged as that; a refusal that retrying cannot
+/// change (the server refuses the credentials, TLS fails or the server does not offer it) is an
+/// error naming what to fix.
+async fn connect_at_start(
+    config: &NatsConfig,
+    servers: Vec<async_nats::ServerAddr>,
+) -> Result<async_nats::Client, LogError> {
+    let where_ = config::redact(&config.url);
+    let mut delay = Duration::from_millis(250);
+    loop {
+        let error = match connect_options(config)
+            .await?
+            .connect(servers.clone())
+            .await
+        {
+            Ok(client) => return Ok(client),
+            Err(error) => error,
+        };
+        if let Some(refusal) = refusal(&error, config) {
+            return Err(LogError::Misconfigured(format!(
+                "cannot use NATS at {where_}: {refusal}"
+            )));
+        }
+        tracing::warn!(
+            servers = %where_,
+            %error,
+            retry_in_ms = delay.as_millis() as u64,
+            "NATS is unreachable at start; retrying"
+        );
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// What to fix when a connection error is a refusal rather than an unreachable server.
+fn refusal(error: &async_nats::ConnectError, config: &NatsConfig) -> Option<String> {
+    use async_nats::ConnectErrorKind as Kind;
+    match error.kind() {
+        Kind::AuthorizationViolation | Kind::Authentication => Some(format!(
+            "the server refused the credentials ({error}): check --nats-token, --nats-user and \
+             --nats-password, or --nats-creds"
+        )),
+        Kind::Tls => Some(format!(
+            "TLS failed ({error}): check --nats-tls-ca, --nats-tls-cert and --nats-tls-key"
+        )),
+        Kind::ServerParse => Some(error.to_string()),
+        // TLS asked for from a server that does not offer it: the handshake meets plain NATS
+        // protocol bytes, which rustls reports as invalid data (an unreachable server is a
+        // refused or reset connection, a timeout, or a DNS failure instead).
+        Kind::Io if wants_tls(config) && is_invalid_data(error) => Some(format!(
+            "TLS is required (--nats-require-tls, a --nats-tls-* file or a tls:// server) and \
+             the TLS handshake failed ({error}): does the server offer TLS?"
+        )),
+        _ => None,
+    }
+}
+
+/// Whether the gateway asks for TLS: by a flag, a TLS file, or a `tls://` server URL.
+fn wants_tls(config: &NatsConfig) -> bool {
+    config.tls_required()
+        || config
+            .url
+            .split(',')
+            .any(|url| url.trim().starts_with("tls://"))
+}
+
+fn is_invalid_data(error: &async_nats::ConnectError) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::InvalidData {
+                return true;
+            }
+        }
+        source = cause.source();
+    }
+    false
+}
+
 async fn connect_options(config: &NatsConfig) -> Result<async_nats::ConnectOptions, LogError> {
     let mut options = async_nats::ConnectOptions::new()
         .name("iqchannels-gateway")
-        .retry_on_initial_connect()
         .max_reconnects(None)
         // A server that stops answering (frozen, or cut off without a FIN) is left after three
         // unanswered pings, about 6 s, for another server of the list; the default (a ping a
@@ -287,10 +362,9 @@ async fn connect_options(config: &NatsConfig) -> Result<async_nats::ConnectOptio
             }
         });
     if let Some(path) = &config.credentials_file {
-        options = options
-            .credentials_file(path)
-            .await
-            .map_err(|e| unavailable(format!("NATS credentials: {e}")))?;
+        options = options.credentials_file(path).await.map_err(|e| {
+            LogError::Misconfigured(format!("--nats-creds {}: {e}", path.display()))
+        })?;
     }
     if let (Some(user), Some(password)) = (&config.user, &config.password) {
         options = options.user_and_password(user.clone(), password.clone());
@@ -304,7 +378,7 @@ async fn connect_options(config: &NatsConfig) -> Result<async_nats::ConnectOptio
     if let Some((cert, key)) = &config.tls_client {
         options = options.add_client_certificate(cert.clone(), key.clone());
     }
-    Ok(options.require_tls(config.require_tls))
+    Ok(options.require_tls(config.tls_required()))
 }
 
 /// Gets the stream, creating it if missing; refuses one whose shape would break the guarantees.

@@ -2,20 +2,21 @@
 //! (`--store memory`).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use super::{Appended, Bounds, EventLog, LogError, NewRecord, Record};
+use super::{Appended, Bounds, EventLog, LogError, NewRecord, Record, Retention, RETENTION_SWEEP};
 
 /// Records in a deque, ids in a map; one mutex, held only for the in-memory work.
 pub struct MemoryLog {
-    inner: Mutex<Inner>,
+    /// Shared with the retention sweeper (which holds it weakly and ends when the log is dropped).
+    inner: Arc<Mutex<Inner>>,
     /// Highest stored sequence; subscribers and the hub wait on it.
     committed: watch::Sender<u64>,
-    /// Records kept at most (the oldest are dropped first); `None` keeps everything.
-    max_records: Option<usize>,
+    /// What is kept; the oldest records go first.
+    retention: Retention,
 }
 
 struct Inner {
@@ -25,29 +26,86 @@ struct Inner {
     event_ids: VecDeque<Option<i64>>,
     first: u64,
     ids: HashMap<i64, u64>,
+    /// Total payload bytes of `records`, for retention by bytes.
+    bytes: u64,
+}
+
+impl Inner {
+    /// Removes the oldest records while a limit of `retention` is exceeded.
+    fn apply(&mut self, retention: &Retention) {
+        let oldest_allowed = retention.oldest_allowed_ms();
+        while let Some(front) = self.records.front() {
+            let too_many = retention
+                .max_events
+                .is_some_and(|max| self.records.len() as u64 > max);
+            let too_big = retention.max_bytes.is_some_and(|max| self.bytes > max);
+            let too_old = oldest_allowed.is_some_and(|oldest| front.received_at_ms < oldest);
+            if !(too_many || too_big || too_old) {
+                break;
+            }
+            self.bytes -= front.payload.len() as u64;
+            self.records.pop_front();
+            if let Some(Some(id)) = self.event_ids.pop_front() {
+                self.ids.remove(&id);
+            }
+            self.first += 1;
+        }
+    }
 }
 
 impl MemoryLog {
     /// An empty log keeping at most `max_records` (all when `None`).
     pub fn new(max_records: Option<usize>) -> Self {
+        Self::with_retention(Retention {
+            max_events: max_records.map(|n| n as u64),
+            ..Retention::default()
+        })
+    }
+
+    /// An empty log with these limits. With retention by age, and inside a Tokio runtime, a task
+    /// removes expired records every [`RETENTION_SWEEP`] (also when nothing is appended); it ends
+    /// when the log is dropped.
+    pub fn with_retention(retention: Retention) -> Self {
+        let inner = Arc::new(Mutex::new(Inner {
+            records: VecDeque::new(),
+            event_ids: VecDeque::new(),
+            first: 1,
+            ids: HashMap::new(),
+            bytes: 0,
+        }));
+        if retention.max_age.is_some() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(sweep(Arc::downgrade(&inner), retention.clone()));
+            }
+        }
         Self {
-            inner: Mutex::new(Inner {
-                records: VecDeque::new(),
-                event_ids: VecDeque::new(),
-                first: 1,
-                ids: HashMap::new(),
-            }),
+            inner,
             committed: watch::channel(0).0,
-            max_records,
+            retention,
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A panic while holding the lock cannot leave Inner half-updated in a way that matters
-        // more than losing the process; keep serving.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.inner)
+    }
+}
+
+fn lock(inner: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
+    // A panic while holding the lock cannot leave Inner half-updated in a way that matters more
+    // than losing the process; keep serving.
+    inner
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Removes expired records on a timer until the log is dropped.
+async fn sweep(inner: Weak<Mutex<Inner>>, retention: Retention) {
+    let mut interval = tokio::time::interval(RETENTION_SWEEP);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        lock(&inner).apply(&retention);
     }
 }
 
@@ -75,6 +133,7 @@ impl EventLog for MemoryLog {
                 inner.ids.insert(id, sequence);
             }
             inner.event_ids.push_back(record.event_id);
+            inner.bytes += record.payload.len() as u64;
             inner.records.push_back(Record {
                 sequence,
                 received_at_ms: record.received_at_ms,
@@ -85,15 +144,7 @@ impl EventLog for MemoryLog {
                 duplicate: false,
             });
         }
-        if let Some(max) = self.max_records {
-            while inner.records.len() > max {
-                inner.records.pop_front();
-                if let Some(Some(id)) = inner.event_ids.pop_front() {
-                    inner.ids.remove(&id);
-                }
-                inner.first += 1;
-            }
-        }
+        inner.apply(&self.retention);
         let last = inner.first + inner.records.len() as u64 - 1;
         drop(inner);
         self.committed.send_replace(last);
@@ -216,5 +267,34 @@ mod tests {
         assert_eq!(log.find_event(1).await.unwrap(), None);
         assert_eq!(log.seek_time(5).await.unwrap(), 5);
         assert_eq!(log.seek_time(100).await.unwrap(), 6);
+    }
+
+    #[tokio::test]
+    async fn retention_by_bytes_and_by_age_applies_on_append() {
+        let by_bytes = MemoryLog::with_retention(Retention {
+            max_bytes: Some(20),
+            ..Retention::default()
+        });
+        // Each payload is 8 bytes ("event N"): two fit in 20.
+        by_bytes
+            .append_all((1..=5).map(|i| record(i, i)).collect())
+            .await
+            .unwrap();
+        assert_eq!(by_bytes.bounds(), Bounds { first: 4, next: 6 });
+
+        let by_age = MemoryLog::with_retention(Retention {
+            max_age: Some(std::time::Duration::from_secs(60)),
+            ..Retention::default()
+        });
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        by_age
+            .append_all(vec![record(1, 0), record(2, now)])
+            .await
+            .unwrap();
+        assert_eq!(by_age.bounds(), Bounds { first: 2, next: 3 });
+        assert_eq!(by_age.find_event(1).await.unwrap(), None);
     }
 }

@@ -15,7 +15,7 @@ use tonic::transport::Channel;
 
 /// The gateway binary: the one cargo built, or `IQGW_TEST_BINARY` (a long run keeps its own copy
 /// while the tree is rebuilt).
-fn gateway_binary() -> std::path::PathBuf {
+pub fn gateway_binary() -> std::path::PathBuf {
     std::env::var_os("IQGW_TEST_BINARY")
         .map(Into::into)
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_iqchannels-gateway").into())
@@ -26,7 +26,12 @@ pub struct Process {
     child: Child,
     /// The address it serves HTTP and gRPC on.
     pub addr: SocketAddr,
+    /// Its log lines so far (the first [`KEPT_LINES`]).
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
+
+/// Log lines a [`Process`] keeps for [`Process::logged`].
+const KEPT_LINES: usize = 10_000;
 
 impl Process {
     /// Starts `serve` with `args` (plus `--listen 127.0.0.1:0 --log-format json`) and waits for
@@ -37,29 +42,34 @@ impl Process {
 
     /// Like [`Process::start`], on a given address (to restart on the same port).
     pub fn start_on(listen: &str, args: &[&str]) -> Self {
+        Self::start_with(listen, args, &[])
+    }
+
+    /// Like [`Process::start_on`], with environment variables (`IQGW_*`, `IQGW_LOG`) set.
+    pub fn start_with(listen: &str, args: &[&str], envs: &[(&str, &str)]) -> Self {
         let mut child = Command::new(gateway_binary())
             .arg("serve")
             .args(["--listen", listen, "--log-format", "json"])
             .args(args)
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("the gateway binary starts");
         let stderr = child.stderr.take().expect("stderr is piped");
         let (tx, rx) = mpsc::channel();
-        // Until the address arrives, the lines are kept: a gateway that exits says why.
+        // The lines are kept: a gateway that exits before listening says why, and tests look
+        // for what it logged.
         let early = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
         let seen = early.clone();
         std::thread::spawn(move || {
-            let mut started = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let parsed: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
                 if let Some(address) = parsed["fields"]["address"].as_str() {
-                    started = true;
                     let _ = tx.send(address.to_owned());
                 }
-                if !started {
-                    if let Ok(mut seen) = seen.lock() {
+                if let Ok(mut seen) = seen.lock() {
+                    if seen.len() < KEPT_LINES {
                         seen.push(line.clone());
                     }
                 }
@@ -77,7 +87,13 @@ impl Process {
         Self {
             child,
             addr: address.parse().expect("a socket address"),
+            log: early,
         }
+    }
+
+    /// What it has logged so far (JSON lines).
+    pub fn logged(&self) -> Vec<String> {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
     /// The gateway on a data dir (embedded store).
@@ -196,4 +212,65 @@ pub fn spawn_writers(
             })
         })
         .collect()
+}
+
+/// Runs `serve` with `args` and `envs` (JSON logs; port 0 unless `args` has a `--listen`) to its
+/// exit, for a start that must fail: panics if it has not exited within `timeout` (what it said
+/// so far in the message).
+pub fn serve_to_exit(
+    args: &[&str],
+    envs: &[(&str, &str)],
+    timeout: Duration,
+) -> (std::process::ExitStatus, String) {
+    let listen: &[&str] = if args.contains(&"--listen") {
+        &[]
+    } else {
+        &["--listen", "127.0.0.1:0"]
+    };
+    let mut child = Command::new(gateway_binary())
+        .arg("serve")
+        .args(listen)
+        .args(["--log-format", "json"])
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the gateway binary starts");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let said = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let said = said.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(mut said) = said.lock() {
+                    if said.len() < 1 << 20 {
+                        said.push_str(&line);
+                        said.push('\n');
+                    }
+                }
+            }
+        })
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let said = said.lock().map(|s| s.clone()).unwrap_or_default();
+            let tail: String = said.lines().rev().take(5).collect::<Vec<_>>().join("\n");
+            panic!(
+                "`serve {}` did not exit within {timeout:?}; last lines:\n{tail}",
+                args.join(" ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = reader.join();
+    let said = said.lock().map(|s| s.clone()).unwrap_or_default();
+    (status, said)
 }

@@ -256,7 +256,7 @@ pub async fn get_by_event_id(
 }
 
 #[path = "../nats/mod.rs"]
-mod nats;
+pub mod nats;
 pub use nats::{require, TestStream, SHARED_NATS};
 
 /// A JetStream store on a stream no other test uses (deleted when the returned guard drops), or

@@ -1,4 +1,5 @@
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
@@ -140,6 +141,47 @@ async fn retention_by_bytes_and_age() {
         .await
         .unwrap();
     assert_eq!(log.bounds(), Bounds { first: 2, next: 3 });
+}
+
+#[tokio::test]
+async fn expired_events_are_removed_on_a_timer_without_new_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let by_age = Retention {
+        max_age: Some(Duration::from_millis(500)),
+        ..Retention::default()
+    };
+    let log = EmbeddedLog::open(dir.path(), by_age).unwrap();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    log.append_all(vec![record(1, now), record(2, now)])
+        .await
+        .unwrap();
+    assert_eq!(log.bounds(), Bounds { first: 1, next: 3 });
+    for _ in 0..50 {
+        if log.bounds().first == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        log.bounds(),
+        Bounds { first: 3, next: 3 },
+        "removed with no append"
+    );
+    assert!(matches!(
+        log.read(1, 10).await,
+        Err(LogError::Truncated {
+            requested: 1,
+            oldest: 3
+        })
+    ));
+    assert_eq!(log.find_event(1).await.unwrap(), None);
+    log.close().await;
+    // The removal was committed: the file says so after a reopen.
+    let log = EmbeddedLog::open(dir.path(), Retention::default()).unwrap();
+    assert_eq!(log.bounds(), Bounds { first: 3, next: 3 });
 }
 
 #[tokio::test]

@@ -3,8 +3,12 @@
 
 use std::time::Duration;
 
+use std::path::Path;
+
 use async_nats::jetstream::stream;
 use async_nats::ServerAddr;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// nats-server's duplicate window when a stream is created without one.
 const SERVER_DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
@@ -76,11 +80,11 @@ pub struct NatsConfig {
     pub password: Option<String>,
     /// Token.
     pub token: Option<String>,
-    /// CA certificate (PEM) for TLS to NATS.
+    /// CA certificate (PEM) for TLS to NATS; implies TLS.
     pub tls_ca: Option<std::path::PathBuf>,
-    /// Client certificate and key (PEM) for mutual TLS.
+    /// Client certificate and key (PEM) for mutual TLS; implies TLS.
     pub tls_client: Option<(std::path::PathBuf, std::path::PathBuf)>,
-    /// Require TLS.
+    /// Require TLS (also implied by `tls_ca` and `tls_client`).
     pub require_tls: bool,
 }
 
@@ -103,6 +107,48 @@ impl NatsConfig {
             tls_client: None,
             require_tls: false,
         }
+    }
+
+    /// Whether the connection to NATS must be TLS: asked for, or implied by a CA or client
+    /// certificate (as NATS's own clients do): a TLS file given and a cleartext connection made
+    /// would be a silent downgrade.
+    pub fn tls_required(&self) -> bool {
+        self.require_tls || self.tls_ca.is_some() || self.tls_client.is_some()
+    }
+
+    /// Reads every file the flags name (credentials, CA, client certificate and key), before any
+    /// connection: one that is missing or holds nothing usable is an error naming its flag and
+    /// path, instead of a file the client would read only if the server asked for TLS.
+    pub fn check_files(&self) -> Result<(), String> {
+        let read = |flag: &str, path: &Path| {
+            std::fs::read(path).map_err(|error| format!("{flag} {}: {error}", path.display()))
+        };
+        let certificates = |flag: &str, path: &Path| {
+            let pem = read(flag, path)?;
+            let found = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|error| format!("{flag} {}: {error}", path.display()))?;
+            if found.is_empty() {
+                return Err(format!(
+                    "{flag} {}: no PEM certificate in it",
+                    path.display()
+                ));
+            }
+            Ok(())
+        };
+        if let Some(path) = &self.credentials_file {
+            read("--nats-creds", path)?;
+        }
+        if let Some(path) = &self.tls_ca {
+            certificates("--nats-tls-ca", path)?;
+        }
+        if let Some((cert, key)) = &self.tls_client {
+            certificates("--nats-tls-cert", cert)?;
+            let pem = read("--nats-tls-key", key)?;
+            PrivateKeyDer::from_pem_slice(&pem)
+                .map_err(|error| format!("--nats-tls-key {}: {error}", key.display()))?;
+        }
+        Ok(())
     }
 
     /// The stream configuration the gateway creates, and checks an existing stream against.
