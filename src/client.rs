@@ -22,9 +22,9 @@ use crate::pb::client::{
 /// Why a client command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The server address or TLS settings are unusable, or it cannot be reached (with every
-    /// cause: tonic's own message is only "transport error").
-    #[error("connection: {}", causes(.0))]
+    /// The server address or TLS settings are unusable, or it cannot be reached (the causes,
+    /// such as a refused certificate, are its sources).
+    #[error("connection: {0}")]
     Connect(#[from] tonic::transport::Error),
     /// The server refused or failed the call.
     #[error("{}: {}", .0.code(), .0.message())]
@@ -118,17 +118,6 @@ impl Connection {
         let channel = endpoint.connect().await?;
         Ok(InterceptedService::new(channel, Authorization(token)))
     }
-}
-
-/// An error and its sources, `: `-separated.
-fn causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    text
 }
 
 /// The largest event the client reads.
