@@ -11,7 +11,8 @@
 //!   gateway. `verify` and `export` first stop the running gateways (README: "stop the gateway").
 //! - A stream (`subscribe` without `--exit-after`, gRPC `Subscribe`, `curl -N`, the example
 //!   consumer) runs for [`STREAM_SECS`]: it passes if it is still running then, or exited 0;
-//!   started from the beginning, it must have printed something.
+//!   started from the beginning, it must have printed something (it gets up to
+//!   [`STREAM_PATIENCE_SECS`] for that, and for the output README shows).
 //! - Anything else must exit 0 within [`COMMAND_SECS`].
 //! - Comment lines right after a command that start with `# {`, `# id: ` or `# data: ` show its
 //!   output: each must match a line it printed (`...` stands for any text).
@@ -32,6 +33,9 @@ use std::time::{Duration, Instant};
 
 /// How long a stream runs before it is stopped.
 const STREAM_SECS: u64 = 3;
+/// How long a stream may take to print what it must (from the beginning; the output README
+/// shows) before it is stopped and fails.
+const STREAM_PATIENCE_SECS: u64 = 20;
 /// How long any other command may take.
 const COMMAND_SECS: u64 = 60;
 
@@ -248,10 +252,17 @@ impl Running {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
 
-    fn output(receiver: &mpsc::Receiver<String>) -> Vec<String> {
-        receiver.try_iter().collect()
+/// The rest of a stopped command's output: until its pipe closes (at most 5 s, should
+/// something it started in the background keep the pipe open).
+fn drain(receiver: &mpsc::Receiver<String>) -> Vec<String> {
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut lines = Vec::new();
+    while let Ok(line) = receiver.recv_timeout(end.saturating_duration_since(Instant::now())) {
+        lines.push(line);
     }
+    lines
 }
 
 impl Drop for Running {
@@ -389,25 +400,41 @@ impl Walk {
         match kind(&example.command) {
             Kind::Serve => self.serve(example, &command),
             Kind::Stream => {
+                let from_beginning = ["--from-beginning", "\"beginning\"", "from=beginning"]
+                    .iter()
+                    .any(|start| example.command.contains(start));
                 let mut running = self.spawn(&command);
-                let code = running.wait(Duration::from_secs(STREAM_SECS));
-                if code.is_none() {
-                    running.stop();
-                }
-                let out = Running::output(&running.stdout);
-                let err = Running::output(&running.stderr);
+                let started = Instant::now();
+                let mut out = Vec::new();
+                // It runs STREAM_SECS, longer (up to STREAM_PATIENCE_SECS) while what it must
+                // print has not come yet: a loaded machine must not fail the walk.
+                let code = loop {
+                    if let Some(code) = running.wait(Duration::from_millis(100)) {
+                        break Some(code);
+                    }
+                    out.extend(running.stdout.try_iter());
+                    let printed =
+                        (!from_beginning || !out.is_empty()) && check_shown(example, &out).is_ok();
+                    let elapsed = started.elapsed();
+                    if (printed && elapsed >= Duration::from_secs(STREAM_SECS))
+                        || elapsed >= Duration::from_secs(STREAM_PATIENCE_SECS)
+                    {
+                        running.stop();
+                        break None;
+                    }
+                };
+                out.extend(drain(&running.stdout));
+                let err = drain(&running.stderr);
                 match code {
                     Some(code) if code != 0 => {
                         return Err(format!("exited with {code}\n{}", err.join("\n")))
                     }
                     _ => {}
                 }
-                let from_beginning = ["--from-beginning", "\"beginning\"", "from=beginning"]
-                    .iter()
-                    .any(|start| example.command.contains(start));
                 if from_beginning && out.is_empty() {
                     return Err(format!(
-                        "started from the beginning, it printed nothing in {STREAM_SECS} s\n{}",
+                        "started from the beginning, it printed nothing in \
+                         {STREAM_PATIENCE_SECS} s\n{}",
                         err.join("\n")
                     ));
                 }
@@ -416,8 +443,11 @@ impl Walk {
             Kind::Once => {
                 let mut running = self.spawn(&command);
                 let code = running.wait(Duration::from_secs(COMMAND_SECS));
-                let out = Running::output(&running.stdout);
-                let err = Running::output(&running.stderr);
+                if code.is_none() {
+                    running.stop();
+                }
+                let out = drain(&running.stdout);
+                let err = drain(&running.stderr);
                 match code {
                     Some(0) => check_shown(example, &out),
                     Some(code) => Err(format!(
