@@ -8,8 +8,10 @@ use bytes::Bytes;
 use owo_colors::{OwoColorize, Stream as ColorStream};
 use prost::Message;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
+
+mod tls;
 
 use crate::pb::client::event_gateway_client::EventGatewayClient;
 use crate::pb::client::{
@@ -20,7 +22,8 @@ use crate::pb::client::{
 /// Why a client command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The server address or TLS settings are unusable, or it cannot be reached.
+    /// The server address or TLS settings are unusable, or it cannot be reached (the causes,
+    /// such as a refused certificate, are its sources).
     #[error("connection: {0}")]
     Connect(#[from] tonic::transport::Error),
     /// The server refused or failed the call.
@@ -93,11 +96,18 @@ impl Connection {
         let mut endpoint =
             Endpoint::from_shared(self.server.clone())?.connect_timeout(Duration::from_secs(5));
         if self.server.starts_with("https://") {
-            let mut tls = ClientTlsConfig::new();
-            if let Some(path) = &self.ca_cert {
-                tls = tls.ca_certificate(Certificate::from_pem(std::fs::read(path)?));
-            }
-            endpoint = endpoint.tls_config(tls)?;
+            endpoint = match &self.ca_cert {
+                Some(path) => {
+                    let pem = std::fs::read(path).map_err(|e| {
+                        std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+                    })?;
+                    let verifier = tls::verifier(&pem).map_err(|why| {
+                        ClientError::Usage(format!("--ca-cert {}: {why}", path.display()))
+                    })?;
+                    endpoint.tls_config_with_verifier(ClientTlsConfig::new(), verifier)?
+                }
+                None => endpoint.tls_config(ClientTlsConfig::new())?,
+            };
         }
         let token = match &self.token {
             Some(token) => Some(format!("Bearer {token}").parse().map_err(|_| {
@@ -451,8 +461,23 @@ pub struct PublishSummary {
     pub stored: u64,
     /// Events the gateway already had.
     pub duplicates: u64,
-    /// `(where, why)` for every rejected event.
+    /// `(where, why)` for every rejected event: one the gateway refused (invalid, or over its
+    /// size limit); the events after it are still sent.
     pub rejected: Vec<(String, String)>,
+    /// Set when sending stopped early, on an error that is not about one event (the gateway
+    /// unreachable, a token refused, ...): the events from there on were not sent.
+    pub stopped: Option<Stopped>,
+}
+
+/// Where `publish` stopped, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stopped {
+    /// The first event not sent (or not known to be stored).
+    pub at: String,
+    /// How many events were not sent, that one included.
+    pub unsent: u64,
+    /// The error.
+    pub reason: String,
 }
 
 /// Splits one input into events: a JSON array, one JSON object, or NDJSON.
@@ -521,25 +546,43 @@ pub async fn publish(
     };
     let mut client = connection.connect().await?;
     let mut summary = PublishSummary::default();
-    for (place, body) in events {
+    let total = events.len() as u64;
+    for (i, (place, body)) in events.into_iter().enumerate() {
         let request = PublishRequest {
             event: Some(publish_request::Event::RawJson(body.to_vec())),
         };
         match client.publish(request).await {
             Ok(answer) if answer.get_ref().duplicate => summary.duplicates += 1,
             Ok(_) => summary.stored += 1,
-            Err(status) if status.code() == Code::InvalidArgument => {
+            Err(status) if refuses_the_event(&status) => {
                 summary.rejected.push((place, status.message().to_owned()));
             }
             Err(status) => {
                 progress.abandon();
-                return Err(status.into());
+                summary.stopped = Some(Stopped {
+                    at: place,
+                    unsent: total - i as u64,
+                    reason: ClientError::from(status).to_string(),
+                });
+                return Ok(summary);
             }
         }
         progress.inc(1);
     }
     progress.finish_and_clear();
     Ok(summary)
+}
+
+/// Whether the gateway refused this one event, not every event: it is invalid, or over the
+/// gateway's size limit (RESOURCE_EXHAUSTED "request message too large"; OUT_OF_RANGE "decoded
+/// message length too large" from a server that keeps tonic's code). Busy (RESOURCE_EXHAUSTED
+/// "too many requests in flight") is not about the event.
+fn refuses_the_event(status: &Status) -> bool {
+    match status.code() {
+        Code::InvalidArgument => true,
+        Code::ResourceExhausted | Code::OutOfRange => status.message().contains("too large"),
+        _ => false,
+    }
 }
 
 /// `get`: one event by sequence or event id, printed in `output`, with the entities it points

@@ -488,7 +488,13 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     for (place, reason) in &summary.rejected {
         println!("rejected {place}: {reason}");
     }
-    if !summary.rejected.is_empty() {
+    if let Some(stopped) = &summary.stopped {
+        println!(
+            "stopped at {}: {}; {} not sent",
+            stopped.at, stopped.reason, stopped.unsent
+        );
+    }
+    if !summary.rejected.is_empty() || summary.stopped.is_some() {
         std::process::exit(1);
     }
     Ok(())

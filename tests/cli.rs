@@ -387,3 +387,329 @@ fn subscribe_reports_an_event_it_cannot_decode_and_goes_on() {
     assert!(err.contains("cursor: 2"), "{err}");
     assert!(!err.contains("reconnecting"), "{err}");
 }
+
+/// Sends `signal` to a child process.
+fn send_signal(child: &std::process::Child, signal: libc::c_int) {
+    // SAFETY: kill(2) on our own child with a valid signal number.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, signal);
+    }
+}
+
+/// Waits (at most 20 s) for a child to exit; its exit code (`-signal` when a signal ended it)
+/// and stderr.
+fn exit_of(mut child: std::process::Child) -> (i32, String) {
+    use std::os::unix::process::ExitStatusExt;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the subscriber did not exit");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        std::io::Read::read_to_string(&mut stderr, &mut err).unwrap();
+    }
+    let code = status
+        .code()
+        .unwrap_or_else(|| -status.signal().unwrap_or(0));
+    (code, err)
+}
+
+/// `GET /v1/stats` of the gateway.
+fn stats(process: &Process) -> serde_json::Value {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        ::reqwest::get(process.url("/v1/stats"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    })
+}
+
+/// Waits until the gateway has exactly `count` subscribers.
+fn wait_for_subscribers(process: &Process, count: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while stats(process)["subscribers"].as_array().map(Vec::len) != Some(count) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway never had {count} subscribers: {}",
+            stats(process)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn subscribe_prints_its_cursor_and_exits_0_on_sigterm_and_sigint_never_before_where_it_started() {
+    let process = Process::start(&["--store", "memory"]);
+    let ndjson: Vec<u8> = (1..=41)
+        .flat_map(|id| {
+            let mut line = event(id);
+            line.push(b'\n');
+            line
+        })
+        .collect();
+    let (code, out, _) = run(&process, &["publish", "-"], Some(&ndjson));
+    assert_eq!(
+        (code, out.lines().next()),
+        (0, Some("stored 41, duplicates 0, rejected 0"))
+    );
+    for (signal, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT")] {
+        // Nothing arrives after 41: the cursor is still 41, not `none`.
+        let subscriber = cli(&process, &["subscribe", "--after", "41"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for_subscribers(&process, 1);
+        send_signal(&subscriber, signal);
+        let (code, err) = exit_of(subscriber);
+        assert_eq!(code, 0, "{name}: {err}");
+        assert_eq!(err, "cursor: 41\n", "{name}");
+
+        // One event arrives: the cursor is its sequence.
+        let mut subscriber = cli(&process, &["subscribe", "--after", "40"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(subscriber.stdout.take().unwrap()).lines();
+        assert!(lines.next().unwrap().unwrap().starts_with("#41 "));
+        send_signal(&subscriber, signal);
+        let (code, err) = exit_of(subscriber);
+        assert_eq!(code, 0, "{name}: {err}");
+        assert_eq!(err, "cursor: 41\n", "{name}");
+        wait_for_subscribers(&process, 0);
+    }
+
+    // Interrupted while reconnecting to a gateway that is gone: the same.
+    let listen = process.addr.to_string();
+    let subscriber = cli(&process, &["subscribe", "--after", "41"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_subscribers(&process, 1);
+    drop(process);
+    // Long enough for it to notice and report the lost stream, even on a loaded machine.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    send_signal(&subscriber, libc::SIGTERM);
+    let (code, err) = exit_of(subscriber);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("reconnecting"), "{err}");
+    assert!(err.ends_with("cursor: 41\n"), "{listen}: {err}");
+}
+
+/// An event of `bytes` bytes or more (a long message text in `Rels`).
+fn large_event(id: i64, bytes: usize) -> Vec<u8> {
+    let mut value: serde_json::Value = serde_json::from_slice(&event(id)).unwrap();
+    value["Rels"]["ChatMessages"] = serde_json::json!([{
+        "Id": 1, "ChatId": 21, "Author": "client", "Payload": "text", "Text": "x".repeat(bytes)
+    }]);
+    serde_json::to_vec(&value).unwrap()
+}
+
+#[test]
+fn publish_counts_an_oversized_event_as_a_rejection_sends_the_rest_and_prints_the_summary() {
+    // The gateway's default limit (--max-body-bytes) is 1 MiB; the gRPC message is refused.
+    let process = Process::start(&["--store", "memory"]);
+    let dir = tempfile::tempdir().unwrap();
+    let ndjson = dir.path().join("events.ndjson");
+    let mut lines = event(501);
+    lines.push(b'\n');
+    lines.extend(large_event(502, 2 << 20));
+    lines.push(b'\n');
+    lines.extend(event(503));
+    std::fs::write(&ndjson, lines).unwrap();
+    let ndjson = ndjson.to_str().unwrap();
+    let (code, out, err) = run(
+        &process,
+        &["publish", FIXTURES[0], ndjson, FIXTURES[1]],
+        None,
+    );
+    assert_eq!(code, 1, "a rejected event makes publish fail: {out}{err}");
+    let mut lines = out.lines();
+    assert_eq!(
+        lines.next(),
+        Some("stored 4, duplicates 0, rejected 1"),
+        "{out}{err}"
+    );
+    let rejection = lines.next().unwrap_or_default();
+    assert!(
+        rejection.starts_with(&format!("rejected {ndjson}#2: ")) && rejection.contains("too large"),
+        "{out}"
+    );
+    assert_eq!(lines.next(), None, "{out}");
+    for id in ["501", "503", "608"] {
+        let (code, _, err) = run(&process, &["get", "--event-id", id], None);
+        assert_eq!(
+            code, 0,
+            "event {id} was sent after the oversized one: {err}"
+        );
+    }
+    assert_eq!(stats(&process)["last_sequence"], 4);
+
+    // An error that is not about one event (here, a token without the publish scope) stops
+    // publish, still with the summary and what was not sent.
+    let process = Process::start(&["--store", "memory", "--grpc-token", "subscribe:reader"]);
+    let (code, out, err) = run(
+        &process,
+        &["publish", "--token", "reader", FIXTURES[0], FIXTURES[1]],
+        None,
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    let mut lines = out.lines();
+    assert_eq!(
+        lines.next(),
+        Some("stored 0, duplicates 0, rejected 0"),
+        "{out}"
+    );
+    let stopped = lines.next().unwrap_or_default();
+    assert!(
+        stopped.starts_with(&format!("stopped at {}#1: ", FIXTURES[0]))
+            && stopped.contains("permission")
+            && stopped.ends_with("; 2 not sent"),
+        "{out}"
+    );
+}
+
+/// A self-signed certificate for `names`, marked CA:TRUE as `openssl req -x509` makes it, valid
+/// from `from` to `until`; writes `NAME.pem` and `NAME.key` in `dir`, returns the certificate's
+/// path.
+fn self_signed(
+    dir: &std::path::Path,
+    name: &str,
+    names: &[&str],
+    (from, until): (i32, i32),
+) -> std::path::PathBuf {
+    let mut params =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, names[0]);
+    params.not_before = rcgen::date_time_ymd(from, 1, 1);
+    params.not_after = rcgen::date_time_ymd(until, 1, 1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let path = dir.join(format!("{name}.pem"));
+    std::fs::write(&path, cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    path
+}
+
+/// The gateway over TLS with `NAME.pem`/`NAME.key` of `dir`.
+fn tls_gateway(dir: &std::path::Path, name: &str) -> Process {
+    let path = |ext: &str| {
+        dir.join(format!("{name}.{ext}"))
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    Process::start(&[
+        "--store",
+        "memory",
+        "--tls-cert",
+        &path("pem"),
+        "--tls-key",
+        &path("key"),
+    ])
+}
+
+/// `publish` of the first fixture to `server` with `--ca-cert ca`.
+fn publish_over_tls(server: &str, ca: &std::path::Path) -> (i32, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_iqchannels-gateway"));
+    command
+        .args(["publish", "--server", server, "--ca-cert"])
+        .arg(ca)
+        .arg(FIXTURES[0]);
+    run_command(command, None)
+}
+
+#[test]
+fn the_cli_trusts_the_self_signed_ca_true_certificate_given_as_ca_cert_and_no_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["localhost", "127.0.0.1"];
+    let served = self_signed(dir.path(), "served", &names, (2020, 2200));
+    let gateway = tls_gateway(dir.path(), "served");
+    let port = gateway.addr.port();
+
+    // The very certificate the server presents: trusted, by DNS name and by IP address.
+    for server in [
+        format!("https://localhost:{port}"),
+        format!("https://127.0.0.1:{port}"),
+    ] {
+        let (code, out, err) = publish_over_tls(&server, &served);
+        assert_eq!(code, 0, "{server}: {out}{err}");
+        assert!(
+            out.starts_with("stored 1") || out.starts_with("stored 0, duplicates 1"),
+            "{out}"
+        );
+    }
+    // IQGW_CA_CERT does the same, for subscribe too.
+    let mut command = Command::new(env!("CARGO_BIN_EXE_iqchannels-gateway"));
+    command
+        .args(["subscribe", "--from-beginning", "--exit-after", "1"])
+        .env("IQGW_SERVER", format!("https://localhost:{port}"))
+        .env("IQGW_CA_CERT", &served);
+    let (code, out, err) = run_command(command, None);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("#1 "), "{out}");
+
+    // Another self-signed certificate for the same names: refused.
+    let other = self_signed(dir.path(), "other", &names, (2020, 2200));
+    let (code, out, err) = publish_over_tls(&format!("https://localhost:{port}"), &other);
+    assert_ne!(code, 0, "{out}");
+    assert!(err.contains("certificate"), "{err}");
+
+    // The given certificate, but for another name, or expired: refused.
+    for (name, names, dates, why) in [
+        (
+            "elsewhere",
+            &["elsewhere.invalid"][..],
+            (2020, 2200),
+            "name",
+        ),
+        ("expired", &names[..], (2020, 2021), "expired"),
+    ] {
+        let pinned = self_signed(dir.path(), name, names, dates);
+        let gateway = tls_gateway(dir.path(), name);
+        let server = format!("https://localhost:{}", gateway.addr.port());
+        let (code, out, err) = publish_over_tls(&server, &pinned);
+        assert_ne!(code, 0, "{name}: {out}");
+        assert!(err.to_lowercase().contains(why), "{name}: {err}");
+    }
+
+    // A certificate issued by the given CA: trusted the usual way.
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    std::fs::write(dir.path().join("leaf.pem"), leaf.pem()).unwrap();
+    std::fs::write(dir.path().join("leaf.key"), leaf_key.serialize_pem()).unwrap();
+    let gateway = tls_gateway(dir.path(), "leaf");
+    let server = format!("https://localhost:{}", gateway.addr.port());
+    let (code, out, err) = publish_over_tls(&server, &dir.path().join("ca.pem"));
+    assert_eq!(code, 0, "{out}{err}");
+}

@@ -62,6 +62,10 @@ def parse_args():
                    help="start after this sequence; 0: from the oldest retained event")
     p.add_argument("--token", default=os.environ.get("IQGW_TOKEN"),
                    help="bearer token with the subscribe scope (env IQGW_TOKEN)")
+    p.add_argument("--ca-cert", default=os.environ.get("IQGW_CA_CERT"),
+                   help="PEM file of the CA (or the self-signed certificate itself) that an https "
+                        "gateway's certificate must chain to (env IQGW_CA_CERT); default: the "
+                        "system's roots")
     p.add_argument("--exit-after", type=int, help="exit (status 0) after printing this many events")
     args = p.parse_args()
     args.types = [t for value in args.types for t in value.split(",") if t]
@@ -69,10 +73,16 @@ def parse_args():
     return args
 
 
-def open_channel(server):
-    """A channel to `http://host:port` (cleartext) or `https://host:port` (TLS)."""
+def open_channel(server, ca_cert=None):
+    """A channel to `http://host:port` (cleartext) or `https://host:port` (TLS, verified with the
+    certificates of the PEM file `ca_cert`, else the system's roots)."""
     if server.startswith("https://"):
-        return grpc.secure_channel(server[len("https://"):], grpc.ssl_channel_credentials())
+        roots = None
+        if ca_cert:
+            with open(ca_cert, "rb") as f:
+                roots = f.read()
+        credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+        return grpc.secure_channel(server[len("https://"):], credentials)
     return grpc.insecure_channel(server.removeprefix("http://"))
 
 
@@ -123,7 +133,7 @@ def main():
     args = parse_args()
     # Subscribe through a raw deserializer: the bytes of each event are decoded in the loop, so
     # one event that does not decode is reported and passed instead of failing the stream.
-    subscribe = open_channel(args.server).unary_stream(
+    subscribe = open_channel(args.server, args.ca_cert).unary_stream(
         "/iqchannels.gateway.v1.EventGateway/Subscribe",
         request_serializer=gateway_pb2.SubscribeRequest.SerializeToString,
         response_deserializer=lambda data: data,
