@@ -551,7 +551,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         )?),
         Store::Memory => Arc::new(MemoryLog::with_retention(retention.clone())),
         Store::Nats(url) => {
-            Arc::new(JetStreamLog::connect(nats_config(url, &args.nats, &retention)?).await?)
+            Arc::new(JetStreamLog::connect(nats_config(url, &args, &retention)?).await?)
         }
     };
     let listener = tokio::net::TcpListener::bind(addresses.as_slice())
@@ -590,7 +590,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn nats_config(url: String, args: &NatsArgs, retention: &Retention) -> anyhow::Result<NatsConfig> {
+fn nats_config(
+    url: String,
+    serve: &ServeArgs,
+    retention: &Retention,
+) -> anyhow::Result<NatsConfig> {
+    let args = &serve.nats;
     if retention.max_events.is_some() || retention.max_bytes.is_some() {
         anyhow::bail!(
             "with a NATS store, retention is by age only (--retention-max-age): count and byte limits \
@@ -611,6 +616,7 @@ fn nats_config(url: String, args: &NatsArgs, retention: &Retention) -> anyhow::R
         tls_ca: args.nats_tls_ca.clone(),
         tls_client: args.nats_tls_cert.clone().zip(args.nats_tls_key.clone()),
         require_tls: args.nats_require_tls,
+        max_body_bytes: serve.max_body_bytes,
         ..NatsConfig::new(url)
     })
 }

@@ -418,3 +418,49 @@ async fn a_frozen_nats_server_is_noticed_under_steady_ingest_and_recovered_from(
     writer.await.unwrap();
     assert!(recovered, "ready and storing again once the server answers");
 }
+
+/// An event whose stored form (its body, its typed form, its references) is over the NATS
+/// server's `max_payload` cannot be stored: it is answered 503 (the sender keeps it and retries)
+/// with what to change, and the start warns when `--max-body-bytes` allows such events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_over_the_nats_max_payload_is_answered_503_saying_what_to_change() {
+    if !require(
+        "NATS with JetStream on 127.0.0.1:4222",
+        reachable(SHARED_NATS),
+    ) {
+        return;
+    }
+    let stream = TestStream::new(SHARED_NATS);
+    let store = format!("nats://{SHARED_NATS}");
+    let process = Process::start(&stream.args(&store));
+    let warned = process
+        .logged()
+        .iter()
+        .any(|line| line.contains("max_payload is 1048576 bytes") && line.contains("WARN"));
+    assert!(warned, "the start warns: {:#?}", process.logged());
+
+    let fixture = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/fixtures/message_created_file.json"
+    ));
+    let mut body: serde_json::Value = serde_json::from_str(fixture).unwrap();
+    // 600 KB of text: under --max-body-bytes (1 MiB), over max_payload once stored.
+    body["Rels"]["ChatMessages"][0]["Text"] = "я".repeat(300_000).into();
+    let http = reqwest::Client::new();
+    let response = http
+        .post(process.url("/v1/events"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let answer: serde_json::Value = response.json().await.unwrap();
+    let error = answer["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("max_payload") && error.contains("--max-body-bytes"),
+        "{answer}"
+    );
+    // The gateway is fine otherwise.
+    assert_eq!(post(&http, &process, 7).await, Some(1));
+}

@@ -34,7 +34,7 @@ use super::{Appended, Bounds, EventLog, LogError, LogStats, NewRecord, Record};
 
 mod config;
 
-pub use config::{parse_servers, NatsConfig};
+pub use config::{largest_record, parse_servers, NatsConfig};
 
 /// Header carrying the gateway's receive time (ms since the Unix epoch).
 const RECEIVED_AT: &str = "Iqgw-Received-At";
@@ -90,6 +90,13 @@ impl JetStreamLog {
             "{}",
             config::durability_warning(replicas, &client.server_info().version)
         );
+        let max_payload = client.server_info().max_payload;
+        if largest_record(config.max_body_bytes) > max_payload {
+            tracing::warn!(
+                "{}: a larger event is answered 503 (the sender retries it) until then",
+                config::max_payload_advice(max_payload, config.max_body_bytes)
+            );
+        }
         let info = stream.get_info().await.map_err(unavailable)?;
         let next = info.state.last_sequence + 1;
         let first = first_retained(&info.state);
@@ -135,7 +142,7 @@ impl JetStreamLog {
             .context
             .send_publish(subject.clone(), message)
             .await
-            .map_err(unavailable)?;
+            .map_err(|error| self.publish_error(error))?;
         match ack.await {
             Ok(ack) => Ok(Appended {
                 sequence: ack.sequence,
@@ -155,6 +162,20 @@ impl JetStreamLog {
             }
             Err(error) => Err(unavailable(error)),
         }
+    }
+
+    /// A publish that did not leave: over the server's `max_payload` is said plainly, with what
+    /// to change (the event stays with its sender, which retries it after a 503).
+    fn publish_error(&self, error: jetstream::context::PublishError) -> LogError {
+        if error.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded {
+            let advice = config::max_payload_advice(
+                self.client.server_info().max_payload,
+                self.config.max_body_bytes,
+            );
+            tracing::warn!("an event was not stored: {error}; {advice}");
+            return LogError::Unavailable(format!("{error}; {advice}"));
+        }
+        unavailable(error)
     }
 
     fn cached(&self, from: u64, limit: usize) -> Option<Vec<Record>> {

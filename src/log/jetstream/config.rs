@@ -54,6 +54,22 @@ pub(super) fn redact(urls: &str) -> String {
         .join(",")
 }
 
+/// The largest stored form of an event of `body` bytes: the body verbatim, its typed envelope
+/// (at most about as large), its references and deviations, and the message headers.
+pub fn largest_record(body: usize) -> usize {
+    body.saturating_mul(2).saturating_add(64 * 1024)
+}
+
+/// What to tell the operator when a record is over the server's `max_payload`.
+pub fn max_payload_advice(max_payload: usize, body: usize) -> String {
+    format!(
+        "the NATS server's max_payload is {max_payload} bytes; an event's stored form (its body \
+         and its typed form) can reach {} bytes with --max-body-bytes {body}: set `max_payload` \
+         to at least that on every NATS server (README), or lower --max-body-bytes",
+        largest_record(body)
+    )
+}
+
 /// How to reach and shape the stream.
 #[derive(Debug, Clone)]
 pub struct NatsConfig {
@@ -86,6 +102,9 @@ pub struct NatsConfig {
     pub tls_client: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// Require TLS (also implied by `tls_ca` and `tls_client`).
     pub require_tls: bool,
+    /// The largest body the gateway accepts (`--max-body-bytes`): at start, compared with the
+    /// server's `max_payload`, which bounds what can be stored.
+    pub max_body_bytes: usize,
 }
 
 impl NatsConfig {
@@ -106,6 +125,7 @@ impl NatsConfig {
             tls_ca: None,
             tls_client: None,
             require_tls: false,
+            max_body_bytes: 1024 * 1024,
         }
     }
 
