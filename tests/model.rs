@@ -605,4 +605,85 @@ mod found {
             );
         }
     }
+
+    /// Found by a 14,000-case run on the memory store (2026-11-30, case 9,588; TESTING.md), on a
+    /// machine loaded with a whole `.ci/run` at the same time: at step 19, after several
+    /// restarts, subscriber 0 was answered OUT_OF_RANGE ("sequence 1 is no longer retained")
+    /// where the model still retained what it was to read. Not explained yet: replayed here it
+    /// passes, and a 14,000-case run of the memory store alone passed. Kept so that the case runs
+    /// on every change.
+    #[test]
+    fn out_of_range_after_restarts_on_the_memory_store() {
+        for _ in 0..5 {
+            replay(Store::Memory, &case_out_of_range_after_restarts());
+        }
+    }
+}
+
+/// The case of `found::out_of_range_after_restarts_on_the_memory_store`, as proptest printed it.
+#[allow(dead_code)]
+fn case_out_of_range_after_restarts() -> Vec<Op> {
+    vec![
+        Op::Subscribe {
+            start: 3,
+            types: vec![1],
+        },
+        Op::Batch(vec![
+            Body::Transitive,
+            Body::Tolerated(5, 2),
+            Body::Transitive,
+        ]),
+        Op::Read { sub: 1, n: 5 },
+        Op::Post(Body::Plain(8, 2)),
+        Op::Publish(Body::Plain(7, 2)),
+        Op::Read { sub: 1, n: 4 },
+        Op::Subscribe {
+            start: 2,
+            types: vec![2],
+        },
+        Op::Read { sub: 2, n: 4 },
+        Op::Read { sub: 2, n: 5 },
+        Op::Batch(vec![
+            Body::Plain(3, 0),
+            Body::Plain(4, 1),
+            Body::Plain(5, 1),
+        ]),
+        Op::Batch(vec![
+            Body::Plain(7, 2),
+            Body::Tolerated(3, 2),
+            Body::Transitive,
+            Body::Transitive,
+        ]),
+        Op::Batch(vec![Body::Plain(2, 1), Body::Plain(8, 2)]),
+        Op::Subscribe {
+            start: 3,
+            types: vec![],
+        },
+        Op::Post(Body::Tolerated(9, 1)),
+        Op::Restart,
+        Op::Batch(vec![Body::Plain(2, 0), Body::Plain(1, 0)]),
+        Op::Restart,
+        Op::Post(Body::Transitive),
+        Op::Publish(Body::Plain(5, 1)),
+        Op::Read { sub: 0, n: 2 },
+        Op::Subscribe {
+            start: 2,
+            types: vec![0],
+        },
+        Op::Restart,
+        Op::Read { sub: 1, n: 4 },
+        Op::Publish(Body::Transitive),
+        Op::Subscribe {
+            start: 1,
+            types: vec![],
+        },
+        Op::Restart,
+        Op::Batch(vec![Body::Tolerated(7, 2)]),
+        Op::Post(Body::Plain(5, 0)),
+        Op::Publish(Body::Tolerated(9, 0)),
+        Op::Restart,
+        Op::Post(Body::Plain(9, 1)),
+        Op::Post(Body::Plain(8, 0)),
+        Op::Read { sub: 3, n: 1 },
+    ]
 }
