@@ -559,3 +559,30 @@ async fn a_cursor_ahead_of_the_log_is_refused_after_a_grace_and_served_if_the_lo
         .unwrap();
     assert_eq!(at_end.position(), 5);
 }
+
+/// A filtered stream's position counts the events its filter skips: when retention removes
+/// events it has not looked at yet, it is told, even if none of them would have passed its
+/// filter (a removed event's type is unknown). The model test's memory-store case (tests/model.rs
+/// `found`) ended this way under load, where the gateway's side of a stream ran late.
+#[tokio::test]
+async fn a_filtered_subscriber_is_told_when_retention_removed_events_its_filter_would_skip() {
+    let fixture = Fixture::new(Some(4), 2);
+    let wanted = Filter {
+        event_types: vec!["t0".into()],
+        ..Filter::default()
+    };
+    let mut subscription = fixture.subscribe(wanted, Start::After(0)).await.unwrap();
+    fixture.append([3]).await; // t0, sequence 1
+    assert_eq!(take(&mut subscription, 1).await, vec![(1, 3)]);
+    // Eight events of other types while it reads nothing: the hub (2) overflows and retention
+    // (4) removes sequences 2..=5.
+    for id in [1, 2, 4, 5, 7, 8, 10, 11] {
+        fixture.append([id]).await;
+    }
+    match tokio::time::timeout(Duration::from_secs(10), subscription.next()).await {
+        Ok(Err(SubscribeError::Log(LogError::Truncated { requested, oldest }))) => {
+            assert_eq!((requested, oldest), (2, 6));
+        }
+        other => panic!("expected Truncated, got {other:?}"),
+    }
+}
