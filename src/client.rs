@@ -461,6 +461,9 @@ pub struct PublishSummary {
     pub stored: u64,
     /// Events the gateway already had.
     pub duplicates: u64,
+    /// Where each event is whose id the gateway already had with different content (a sender
+    /// reusing ids): not stored, the first event stays.
+    pub conflicts: Vec<String>,
     /// `(where, why)` for every rejected event: one the gateway refused (invalid, or over its
     /// size limit); the events after it are still sent.
     pub rejected: Vec<(String, String)>,
@@ -506,10 +509,14 @@ pub fn split_events(content: &[u8]) -> Vec<Bytes> {
 }
 
 /// `publish`: sends every event of every input (`-` = stdin) through gRPC Publish, in order.
-/// Shows a progress bar for large inputs on a terminal; returns the totals.
+/// An event the gateway cannot take for now (busy, its store unavailable, or the gateway
+/// unreachable) is sent again, with a growing pause, for up to `retry_for`; redelivery is safe,
+/// the gateway deduplicates by event id. Shows a progress bar for large inputs on a terminal;
+/// returns the totals.
 pub async fn publish(
     connection: &Connection,
     inputs: &[String],
+    retry_for: Duration,
 ) -> Result<PublishSummary, ClientError> {
     let mut events: Vec<(String, Bytes)> = Vec::new();
     for input in inputs {
@@ -544,14 +551,40 @@ pub async fn publish(
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let mut client = connection.connect().await?;
     let mut summary = PublishSummary::default();
     let total = events.len() as u64;
+    let mut retry = Retry::new(retry_for);
+    let mut client = loop {
+        match connection.connect().await {
+            Ok(client) => break client,
+            Err(error) if may_pass(&error) && retry.wait().await => {}
+            Err(error) => match events.first() {
+                Some((place, _)) if may_pass(&error) => {
+                    progress.abandon();
+                    summary.stopped = Some(Stopped {
+                        at: place.clone(),
+                        unsent: total,
+                        reason: error.to_string(),
+                    });
+                    return Ok(summary);
+                }
+                _ => return Err(error),
+            },
+        }
+    };
     for (i, (place, body)) in events.into_iter().enumerate() {
         let request = PublishRequest {
             event: Some(publish_request::Event::RawJson(body.to_vec())),
         };
-        match client.publish(request).await {
+        let mut retry = Retry::new(retry_for);
+        let answer = loop {
+            match client.publish(request.clone()).await {
+                Err(status) if transient(&status) && retry.wait().await => {}
+                answer => break answer,
+            }
+        };
+        match answer {
+            Ok(answer) if answer.get_ref().conflict => summary.conflicts.push(place),
             Ok(answer) if answer.get_ref().duplicate => summary.duplicates += 1,
             Ok(_) => summary.stored += 1,
             Err(status) if refuses_the_event(&status) => {
@@ -571,6 +604,72 @@ pub async fn publish(
     }
     progress.finish_and_clear();
     Ok(summary)
+}
+
+/// Whether the gateway may take the event if it is sent again a little later: it was busy
+/// (RESOURCE_EXHAUSTED "too many requests in flight"), or it or its store was unavailable.
+fn transient(status: &Status) -> bool {
+    match status.code() {
+        Code::Unavailable => true,
+        Code::ResourceExhausted => !refuses_the_event(status),
+        _ => false,
+    }
+}
+
+/// Whether connecting failed for a reason that may pass (nothing listening yet, a connection
+/// reset, a timeout), not one that will not (a certificate refused, an unusable address).
+fn may_pass(error: &ClientError) -> bool {
+    use std::io::ErrorKind;
+    let ClientError::Connect(error) = error else {
+        return false;
+    };
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(cause) = source {
+        if cause.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ErrorKind::ConnectionRefused
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::NotConnected
+                    | ErrorKind::TimedOut
+                    | ErrorKind::HostUnreachable
+                    | ErrorKind::NetworkUnreachable
+            );
+        }
+        source = cause.source();
+    }
+    false
+}
+
+/// Pauses between attempts to send one event: from 100 ms, doubling up to 5 s, while the time
+/// since the first attempt stays within the allowance.
+struct Retry {
+    until: tokio::time::Instant,
+    pause: Duration,
+}
+
+impl Retry {
+    fn new(allowance: Duration) -> Self {
+        Self {
+            until: tokio::time::Instant::now() + allowance,
+            pause: Duration::from_millis(100),
+        }
+    }
+
+    /// Waits before the next attempt; `false` (at once) when the allowance is spent.
+    async fn wait(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        if now >= self.until {
+            return false;
+        }
+        tokio::time::sleep(self.pause.min(self.until - now)).await;
+        self.pause = (self.pause * 2).min(Duration::from_secs(5));
+        true
+    }
 }
 
 /// Whether the gateway refused this one event, not every event: it is invalid, or over the
@@ -606,6 +705,45 @@ pub async fn get(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn busy_and_unavailable_are_sent_again_refusals_of_the_event_are_not() {
+        let busy = Status::resource_exhausted("too many requests in flight; retry shortly");
+        let too_large = Status::resource_exhausted("request message too large: 2097152 > 1048576");
+        assert!(transient(&busy) && !refuses_the_event(&busy));
+        assert!(!transient(&too_large) && refuses_the_event(&too_large));
+        assert!(transient(&Status::unavailable("the store is unavailable")));
+        for status in [
+            Status::invalid_argument("ChatEvent.Id: expected a positive integer"),
+            Status::permission_denied("the token lacks the publish scope"),
+            Status::unauthenticated("no token"),
+            Status::out_of_range("decoded message length too large"),
+        ] {
+            assert!(!transient(&status), "{status:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_stops_when_its_allowance_is_spent() {
+        let mut none = Retry::new(Duration::ZERO);
+        assert!(!none.wait().await);
+        let started = tokio::time::Instant::now();
+        let mut some = Retry::new(Duration::from_millis(250));
+        let mut attempts = 0;
+        while some.wait().await {
+            attempts += 1;
+        }
+        assert_eq!(started.elapsed(), Duration::from_millis(250));
+        assert_eq!(attempts, 2, "100 ms, then the 150 ms left");
+
+        // Pauses double up to 5 s: 0.1 + 0.2 + 0.4 + 0.8 + 1.6 + 3.2 + 5 + 5 = 16.3 s.
+        let mut long = Retry::new(Duration::from_millis(16_300));
+        let mut attempts = 0;
+        while long.wait().await {
+            attempts += 1;
+        }
+        assert_eq!(attempts, 8);
+    }
 
     #[test]
     fn inputs_split_as_array_object_or_ndjson() {

@@ -163,6 +163,10 @@ struct PublishArgs {
     /// Files with events: one JSON event, a JSON array, or NDJSON; `-` reads stdin.
     #[arg(required = true)]
     files: Vec<String>,
+    /// How long to keep resending an event the gateway cannot take for now (busy, its store
+    /// unavailable, or the gateway unreachable) before stopping; 0 stops at once.
+    #[arg(long, env = "IQGW_RETRY_FOR", default_value = "30s", value_parser = humantime::parse_duration)]
+    retry_for: std::time::Duration,
 }
 
 #[derive(clap::Args)]
@@ -478,13 +482,23 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
 }
 
 async fn publish(args: PublishArgs) -> anyhow::Result<()> {
-    let summary = client::publish(&args.connect.connection(), &args.files).await?;
+    let summary = client::publish(&args.connect.connection(), &args.files, args.retry_for).await?;
+    let conflicts = if summary.conflicts.is_empty() {
+        String::new()
+    } else {
+        format!(", conflicts {}", summary.conflicts.len())
+    };
     println!(
-        "stored {}, duplicates {}, rejected {}",
+        "stored {}, duplicates {}{conflicts}, rejected {}",
         summary.stored,
         summary.duplicates,
         summary.rejected.len()
     );
+    for place in &summary.conflicts {
+        println!(
+            "conflict {place}: the gateway has an event with this id and different content; not stored"
+        );
+    }
     for (place, reason) in &summary.rejected {
         println!("rejected {place}: {reason}");
     }
@@ -494,7 +508,7 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
             stopped.at, stopped.reason, stopped.unsent
         );
     }
-    if !summary.rejected.is_empty() || summary.stopped.is_some() {
+    if !summary.rejected.is_empty() || !summary.conflicts.is_empty() || summary.stopped.is_some() {
         std::process::exit(1);
     }
     Ok(())

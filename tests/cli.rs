@@ -713,3 +713,89 @@ fn the_cli_trusts_the_self_signed_ca_true_certificate_given_as_ca_cert_and_no_ot
     let (code, out, err) = publish_over_tls(&server, &dir.path().join("ca.pem"));
     assert_eq!(code, 0, "{out}{err}");
 }
+
+#[test]
+fn publish_reports_an_event_under_a_stored_id_with_other_content_as_a_conflict_and_fails() {
+    let process = Process::start(&["--store", "memory"]);
+    let (code, out, err) = run(&process, &["publish", FIXTURES[0]], None);
+    assert_eq!(code, 0, "{out}{err}");
+    // The same id with another chat: a sender reusing ids. Then the same event again, only
+    // formatted differently: a plain redelivery.
+    let mut other = fixture(0);
+    other["ChatEvent"]["ChatId"] = 987_654.into();
+    let mut input = serde_json::to_vec(&other).unwrap();
+    input.push(b'\n');
+    input.extend(serde_json::to_vec(&fixture(0)).unwrap());
+    let (code, out, err) = run(&process, &["publish", "-"], Some(&input));
+    assert_eq!(
+        code, 1,
+        "content that was not stored fails publish: {out}{err}"
+    );
+    let mut lines = out.lines();
+    assert_eq!(
+        lines.next(),
+        Some("stored 0, duplicates 1, conflicts 1, rejected 0"),
+        "{out}"
+    );
+    assert_eq!(
+        lines.next(),
+        Some(
+            "conflict stdin#1: the gateway has an event with this id and different content; not \
+             stored"
+        ),
+        "{out}"
+    );
+    assert_eq!(lines.next(), None, "{out}");
+    assert_eq!(stats(&process)["last_sequence"], 1);
+}
+
+/// An address where nothing listens (yet).
+fn free_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+#[test]
+fn publish_waits_for_a_gateway_that_is_not_up_yet_and_stops_at_once_with_retry_for_0() {
+    let address = free_address();
+    let publish = |extra: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_iqchannels-gateway"));
+        command
+            .args(["publish", "--server", &format!("http://{address}")])
+            .args(extra)
+            .args([FIXTURES[0], FIXTURES[1]])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    };
+
+    let (code, out, err) = run_command(publish(&["--retry-for", "0"]), None);
+    assert_eq!(code, 1, "{out}{err}");
+    let mut lines = out.lines();
+    assert_eq!(
+        lines.next(),
+        Some("stored 0, duplicates 0, rejected 0"),
+        "{out}{err}"
+    );
+    let stopped = lines.next().unwrap_or_default();
+    assert!(
+        stopped.starts_with(&format!("stopped at {}#1: ", FIXTURES[0]))
+            && stopped.ends_with("; 2 not sent"),
+        "{out}"
+    );
+
+    // Started before the gateway, which comes up on that address two seconds later.
+    let child = publish(&[]).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let process = Process::start_on(&address, &["--store", "memory"]);
+    let output = child.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{out}{err}");
+    assert_eq!(
+        out.lines().next(),
+        Some("stored 2, duplicates 0, rejected 0"),
+        "{out}{err}"
+    );
+    assert_eq!(stats(&process)["last_sequence"], 2);
+}
