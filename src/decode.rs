@@ -40,6 +40,9 @@ pub enum Outcome {
     /// An opaque value cut to `null` where it would nest deeper than stock protobuf decoders
     /// read (DESIGN invariant 9); the raw JSON keeps it.
     Cut,
+    /// A string or key with an unpaired UTF-16 surrogate escape (`"\ud800"`: valid JSON, but no
+    /// protobuf string can hold it), each replaced by U+FFFD; the raw JSON keeps the escape.
+    Replaced,
 }
 
 impl Outcome {
@@ -49,6 +52,7 @@ impl Outcome {
             Outcome::Coerced => "coerced",
             Outcome::Dropped => "dropped",
             Outcome::Cut => "cut",
+            Outcome::Replaced => "replaced",
         }
     }
 }

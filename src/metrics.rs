@@ -116,7 +116,7 @@ impl Metrics {
         registry.register(
             "decode_deviations",
             "Fields of ingested bodies that did not fit their proto type, by field path (indices \
-             removed) and outcome (coerced, dropped, cut)",
+             removed) and outcome (coerced, dropped, cut, replaced)",
             deviations.clone(),
         );
         let conflicts = Counter::default();

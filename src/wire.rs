@@ -53,6 +53,7 @@ impl From<&crate::decode::Deviation> for crate::pb::gateway::v1::Deviation {
             Outcome::Coerced => DeviationOutcome::Coerced,
             Outcome::Dropped => DeviationOutcome::Dropped,
             Outcome::Cut => DeviationOutcome::Cut,
+            Outcome::Replaced => DeviationOutcome::Replaced,
         };
         Self {
             path: deviation.path.clone(),

@@ -11,7 +11,9 @@ use common::{next_event, read_events, subscribe, subscription, TestServer, MESSA
 use iqchannels_gateway::decode::Policy;
 use iqchannels_gateway::log::embedded::{EmbeddedLog, Retention};
 use iqchannels_gateway::log::SharedLog;
-use iqchannels_gateway::pb::client::{publish_request, subscribe_request, Filter, PublishRequest};
+use iqchannels_gateway::pb::client::{
+    publish_request, subscribe_request, Filter, PublishRequest, SubscribeRequest,
+};
 use iqchannels_gateway::pb::gateway::v1::DeviationOutcome;
 use iqchannels_gateway::pb::webhook::v1::{ChatEvent, Envelope};
 use iqchannels_gateway::server::ServerConfig;
@@ -351,4 +353,49 @@ async fn a_batch_reports_deviations_per_item() {
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["stored"], 2, "{answer}");
     assert_eq!(paths(&answer["results"][0]), expected(ODD_DEVIATIONS));
+}
+
+/// Half an emoji (an unpaired surrogate escape: valid JSON, but no protobuf string can hold it)
+/// in a message's text: stored, typed with U+FFFD in its place, reported as `replaced`, delivered
+/// with the raw JSON byte for byte; sent again, it is a duplicate, not a conflict.
+#[tokio::test]
+async fn half_an_emoji_in_a_text_is_stored_replaced_in_the_typed_form_and_kept_in_the_raw_json() {
+    let server = TestServer::start().await;
+    let body = r#"{"ChatEvent": {"Id": 41, "Type": "message_created", "ChatId": 13, "MessageId": 5},
+        "Rels": {"ChatMessages": [{"Id": 5, "ChatId": 13, "Text": "Спасибо \ud83d"}]}}"#;
+    let (status, answer) = server.post_event(body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        paths(&answer),
+        expected(&[("Rels.ChatMessages[0].Text", "replaced")])
+    );
+    let (status, again) = server.post_event(body).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["duplicate"], true, "{again}");
+    assert_eq!(again["sequence"], answer["sequence"], "{again}");
+    assert!(again.get("conflict").is_none(), "{again}");
+
+    let mut client = server.grpc().await;
+    let mut stream = subscribe(
+        &mut client,
+        SubscribeRequest {
+            include_raw_json: true,
+            ..subscription(
+                Filter::default(),
+                Some(subscribe_request::Start::Beginning(())),
+            )
+        },
+    )
+    .await;
+    let event = next_event(&mut stream).await;
+    assert_eq!(event.raw_json, body.as_bytes());
+    assert_eq!(event.deviations.len(), 1, "{:?}", event.deviations);
+    assert_eq!(event.deviations[0].outcome(), DeviationOutcome::Replaced);
+    let rels = event
+        .envelope
+        .as_ref()
+        .and_then(|e| e.rels.as_ref())
+        .expect("Rels");
+    assert_eq!(rels.chat_messages[0].text, "Спасибо \u{FFFD}");
+    server.stop().await;
 }

@@ -679,6 +679,36 @@ fn event(envelope: &Envelope) -> &crate::pb::webhook::v1::ChatEvent {
 
 const TOLERATED: &[Tolerated] = &[
     Tolerated {
+        name: "a text ending in half an emoji (an unpaired leading surrogate)",
+        event: "",
+        rels: r#"{"ChatMessages": [{"Id": 1, "Text": "Привет \ud83d"}]}"#,
+        path: "Rels.ChatMessages[0].Text",
+        outcome: Outcome::Replaced,
+        expected: "a string",
+        found: "a string with an unpaired surrogate",
+        typed: |e| rels(e).chat_messages[0].text == "Привет \u{FFFD}",
+    },
+    Tolerated {
+        name: "unpaired surrogates of both kinds, one after the other and before an escape",
+        event: "",
+        rels: r#"{"Clients": [{"Id": 1, "Name": "\udc00\ud800\ud800\n\ud83d\ude00"}]}"#,
+        path: "Rels.Clients[0].Name",
+        outcome: Outcome::Replaced,
+        expected: "a string",
+        found: "a string with an unpaired surrogate",
+        typed: |e| rels(e).clients[0].name == "\u{FFFD}\u{FFFD}\u{FFFD}\n😀",
+    },
+    Tolerated {
+        name: "an unpaired surrogate where an id goes",
+        event: "",
+        rels: r#"{"Users": [{"Id": 1, "RoleId": "\ud800"}]}"#,
+        path: "Rels.Users[0].RoleId",
+        outcome: Outcome::Dropped,
+        expected: "int64",
+        found: "a string with an unpaired surrogate",
+        typed: |e| rels(e).users[0].role_id == 0 && rels(e).users[0].id == 1,
+    },
+    Tolerated {
         name: "an integer-valued float to an int64",
         event: "",
         rels: r#"{"Users": [{"Id": 1, "RoleId": 1.0}]}"#,
@@ -1049,6 +1079,11 @@ fn what_the_gateway_needs_stays_strict_under_the_tolerant_policy() {
             "a string",
         ),
         (
+            r#"{"ChatEvent": {"Id": 1, "Type": "message_\udfffcreated"}}"#,
+            "ChatEvent.Type",
+            "a string",
+        ),
+        (
             r#"{"ChatEvent": {"Id": 1}}"#,
             "ChatEvent.Type",
             "missing field `Type`",
@@ -1194,6 +1229,72 @@ fn deviations_inside_an_opaque_value_are_labelled_by_the_field() {
         decoded.deviations[0].pattern,
         "Rels.Clients[].Details.Fields"
     );
+}
+
+#[test]
+fn unpaired_surrogates_in_keys_and_opaque_values_are_replaced_and_reported_unknown_keys_pass() {
+    let body = r#"{"ChatEvent": {"Id": 1, "Type": "t", "Unknown\ud800": "\udc00"},
+        "Rels": {"Clients": [{"Id": 1, "Details": {"Fields": {"Имя\ud800": "x", "b": ["\udbff"]}}}]}}"#;
+    let decoded = decode(body.as_bytes()).expect("never refused over a surrogate");
+    let found: Vec<(&str, &str, Outcome)> = decoded
+        .deviations
+        .iter()
+        .map(|d| (d.path.as_str(), d.found.as_str(), d.outcome))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (
+                "Rels.Clients[0].Details.Fields.Имя\u{FFFD}",
+                "a key with an unpaired surrogate",
+                Outcome::Replaced
+            ),
+            (
+                "Rels.Clients[0].Details.Fields.b[0]",
+                "a string with an unpaired surrogate",
+                Outcome::Replaced
+            ),
+        ]
+    );
+    assert!(decoded
+        .deviations
+        .iter()
+        .all(|d| d.pattern == "Rels.Clients[].Details.Fields"));
+    let client = &rels(&decoded.envelope).clients[0];
+    let fields = client
+        .details
+        .as_ref()
+        .and_then(|d| d.fields.as_ref())
+        .and_then(|v| v.kind.as_ref());
+    let Some(prost_types::value::Kind::StructValue(fields)) = fields else {
+        panic!("Fields is an object: {fields:?}");
+    };
+    let keys: Vec<&String> = fields.fields.keys().collect();
+    assert_eq!(keys, ["b", "Имя\u{FFFD}"]);
+    assert_eq!(
+        format!("{:?}", fields.fields["b"])
+            .matches('\u{FFFD}')
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn only_an_unpaired_surrogate_is_replaced_in_wtf8() {
+    for (wtf8, want, replaced) in [
+        (&b"plain"[..], "plain", false),
+        (b"a\xED\xA0\x80b", "a\u{FFFD}b", true),
+        (b"\xED\xBF\xBF\xED\xA0\x80", "\u{FFFD}\u{FFFD}", true),
+        ("ж😀".as_bytes(), "ж😀", false),
+        (b"\xFF", "\u{FFFD}", true),
+    ] {
+        let text = tolerant::from_wtf8(wtf8);
+        assert_eq!(
+            (text.text.as_str(), text.replaced),
+            (want, replaced),
+            "{wtf8:?}"
+        );
+    }
 }
 
 #[test]

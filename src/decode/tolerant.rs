@@ -119,8 +119,11 @@ enum Json<'a> {
     /// The number's exact JSON text.
     Number(&'a str),
     String(String),
+    /// A string that held an unpaired UTF-16 surrogate escape (`"\ud800"`), which no Rust or
+    /// protobuf string can hold: each one replaced by U+FFFD.
+    Replaced(String),
     Array(Vec<&'a RawValue>),
-    Object(Vec<(String, &'a RawValue)>),
+    Object(Vec<(Text, &'a RawValue)>),
 }
 
 impl Json<'_> {
@@ -130,6 +133,7 @@ impl Json<'_> {
             Json::Bool(_) => "a boolean",
             Json::Number(_) => "a number",
             Json::String(_) => "a string",
+            Json::Replaced(_) => "a string with an unpaired surrogate",
             Json::Array(_) => "an array",
             Json::Object(_) => "an object",
         }
@@ -144,7 +148,14 @@ fn classify(raw: &RawValue) -> Result<Json<'_>, Refusal> {
         Some(b'n') => Json::Null,
         Some(b't') => Json::Bool(true),
         Some(b'f') => Json::Bool(false),
-        Some(b'"') => Json::String(serde_json::from_str(text).map_err(syntax)?),
+        Some(b'"') => {
+            let string: Text = serde_json::from_str(text).map_err(syntax)?;
+            if string.replaced {
+                Json::Replaced(string.text)
+            } else {
+                Json::String(string.text)
+            }
+        }
         Some(b'[') => Json::Array(serde_json::from_str(text).map_err(syntax)?),
         Some(b'{') => {
             let mut de = serde_json::Deserializer::from_str(text);
@@ -154,11 +165,75 @@ fn classify(raw: &RawValue) -> Result<Json<'_>, Refusal> {
     })
 }
 
+/// A JSON string or key as text: an unpaired UTF-16 surrogate escape, which JSON allows and no
+/// Rust or protobuf string can hold, becomes U+FFFD (`replaced`); the raw JSON keeps the escape.
+pub(super) struct Text {
+    pub text: String,
+    pub replaced: bool,
+}
+
+impl<'de> serde::Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // serde_json hands over a string's bytes unchecked: UTF-8, with an unpaired surrogate
+        // encoded as WTF-8.
+        deserializer.deserialize_bytes(TextVisitor)
+    }
+}
+
+struct TextVisitor;
+
+impl Visitor<'_> for TextVisitor {
+    type Value = Text;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("a JSON string")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Text, E> {
+        Ok(Text {
+            text: text.to_owned(),
+            replaced: false,
+        })
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<Text, E> {
+        Ok(from_wtf8(bytes))
+    }
+}
+
+/// UTF-8 text from WTF-8: each encoded surrogate (`ED A0..BF 80..BF`) becomes one U+FFFD, as
+/// does any other invalid sequence (serde_json makes none).
+pub(super) fn from_wtf8(mut bytes: &[u8]) -> Text {
+    let mut text = String::with_capacity(bytes.len());
+    let mut replaced = false;
+    loop {
+        match std::str::from_utf8(bytes) {
+            Ok(valid) => {
+                text.push_str(valid);
+                return Text { text, replaced };
+            }
+            Err(error) => {
+                let (valid, rest) = bytes.split_at(error.valid_up_to());
+                text.push_str(std::str::from_utf8(valid).unwrap_or_default());
+                text.push(char::REPLACEMENT_CHARACTER);
+                replaced = true;
+                let surrogate = matches!(rest, [0xED, 0xA0..=0xBF, 0x80..=0xBF, ..]);
+                let skip = if surrogate {
+                    3
+                } else {
+                    error.error_len().unwrap_or(rest.len())
+                };
+                bytes = &rest[skip..];
+            }
+        }
+    }
+}
+
 /// An object's entries in order, duplicates kept (the walk reports them).
 struct Entries;
 
 impl<'de> Visitor<'de> for Entries {
-    type Value = Vec<(String, &'de RawValue)>;
+    type Value = Vec<(Text, &'de RawValue)>;
 
     fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
         formatter.write_str("a JSON object")
@@ -166,7 +241,7 @@ impl<'de> Visitor<'de> for Entries {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut entries = Vec::new();
-        while let Some(entry) = map.next_entry::<String, &'de RawValue>()? {
+        while let Some(entry) = map.next_entry::<Text, &'de RawValue>()? {
             entries.push(entry);
         }
         Ok(entries)
@@ -203,6 +278,26 @@ impl Walk {
         });
     }
 
+    /// A string whose unpaired surrogates were replaced by U+FFFD.
+    fn replaced(&mut self, path: &str) {
+        self.deviate(
+            path,
+            "a string",
+            "a string with an unpaired surrogate",
+            Outcome::Replaced,
+        );
+    }
+
+    /// A key whose unpaired surrogates were replaced by U+FFFD.
+    fn replaced_key(&mut self, path: &str) {
+        self.deviate(
+            path,
+            "a key",
+            "a key with an unpaired surrogate",
+            Outcome::Replaced,
+        );
+    }
+
     /// Runs `f` with deviations below `path` labelled with `path`'s pattern.
     fn within<T>(&mut self, path: &str, f: impl FnOnce(&mut Self) -> T) -> T {
         let outer = self.within.take();
@@ -215,14 +310,30 @@ impl Walk {
     fn message(
         &mut self,
         descriptor: &MessageDescriptor,
-        entries: Vec<(String, &RawValue)>,
+        entries: Vec<(Text, &RawValue)>,
         path: &str,
     ) -> Result<DynamicMessage, Refusal> {
         let mut message = DynamicMessage::new(descriptor.clone());
         let mut seen = Vec::new();
-        for (key, raw) in entries {
+        for (
+            Text {
+                text: key,
+                replaced,
+            },
+            raw,
+        ) in entries
+        {
             let Some(field) = descriptor.get_field_by_json_name(&key) else {
-                // Unknown to the proto: kept in the raw JSON only.
+                // Unknown to the proto: kept in the raw JSON only. A key with an unpaired
+                // surrogate (no field's name) is reported, as the strict decode refuses it.
+                if replaced {
+                    let key_path = if path.is_empty() {
+                        key
+                    } else {
+                        format!("{path}.{key}")
+                    };
+                    self.replaced_key(&key_path);
+                }
                 continue;
             };
             let field_path = if path.is_empty() {
@@ -299,8 +410,18 @@ impl Walk {
         let key_kind = entry.map_entry_key_field().kind();
         let value_kind = entry.map_entry_value_field().kind();
         let mut map = HashMap::with_capacity(entries.len());
-        for (key, raw) in entries {
+        for (
+            Text {
+                text: key,
+                replaced,
+            },
+            raw,
+        ) in entries
+        {
             let entry_path = format!("{path}.{key}");
+            if replaced {
+                self.replaced_key(&entry_path);
+            }
             let key = match key_kind {
                 Kind::String => Some(MapKey::String(key)),
                 Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => key.parse().ok().map(MapKey::I64),
@@ -363,6 +484,10 @@ impl Walk {
                 _ => (None, false),
             },
             (Kind::String, Json::String(s)) => (Some(Field::String(s)), false),
+            (Kind::String, Json::Replaced(s)) => {
+                self.replaced(path);
+                return Ok(Some(Field::String(s)));
+            }
             (Kind::String, Json::Number(text)) => (Some(Field::String(text.to_owned())), true),
             (Kind::Double | Kind::Float, Json::Number(text)) => (float(kind, text), false),
             (Kind::Double | Kind::Float, Json::String(s)) => (float(kind, &s), true),
@@ -446,6 +571,10 @@ impl Walk {
                 }
             },
             Json::String(s) => V::StringValue(s),
+            Json::Replaced(s) => {
+                self.replaced(path);
+                V::StringValue(s)
+            }
             Json::Array(items) => {
                 let mut values = Vec::with_capacity(items.len());
                 for (index, item) in items.into_iter().enumerate() {
@@ -456,9 +585,20 @@ impl Walk {
             }
             Json::Object(entries) => {
                 let mut fields = std::collections::BTreeMap::new();
-                for (key, item) in entries {
+                for (
+                    Text {
+                        text: key,
+                        replaced,
+                    },
+                    item,
+                ) in entries
+                {
+                    let item_path = format!("{path}.{key}");
+                    if replaced {
+                        self.replaced_key(&item_path);
+                    }
                     let item = classify(item)?;
-                    let value = self.opaque(item, &format!("{path}.{key}"), depth + cost)?;
+                    let value = self.opaque(item, &item_path, depth + cost)?;
                     fields.insert(key, value);
                 }
                 V::StructValue(prost_types::Struct { fields })
