@@ -23,6 +23,7 @@ use crate::pb::gateway::v1::{
 use crate::subscribe::{Filter, Start, SubscribeError, Subscription};
 use crate::wire::{EncodedEvent, Form, WireEvent};
 
+mod drain;
 mod health;
 
 /// The tonic routes for everything gRPC the gateway serves on its port.
@@ -47,6 +48,7 @@ pub fn routes(
         v1.register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET);
     v1alpha =
         v1alpha.register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET);
+    let shutdown = gateway.shutdown();
     let (reporter, health) = health::service(gateway.shutdown());
     tokio::spawn(report_health(gateway.clone(), reporter));
     let service = EventGatewayServer::new(Service { gateway, auth })
@@ -57,7 +59,9 @@ pub fn routes(
         .add_service(v1.build_v1()?)
         .add_service(v1alpha.build_v1alpha()?);
     let router = std::mem::take(routes.axum_router_mut());
-    *routes.axum_router_mut() = router.layer(tower::util::MapResponseLayer::new(standard_codes));
+    *routes.axum_router_mut() = router
+        .layer(tower::util::MapResponseLayer::new(standard_codes))
+        .layer(drain::DrainLayer::new(shutdown));
     Ok(routes)
 }
 

@@ -181,3 +181,144 @@ async fn a_new_connection_while_draining_is_refused_at_once() {
     );
     drop(slow);
 }
+
+/// A reflection stream a client keeps open (it may ask more later) ends with UNAVAILABLE when the
+/// gateway drains, instead of holding the shutdown for the whole grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_reflection_stream_ends_with_unavailable_and_does_not_hold_the_shutdown() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let dir = tempfile::tempdir().unwrap();
+    let grace = Duration::from_secs(20);
+    let mut process = Process::embedded(
+        dir.path(),
+        &["--shutdown-grace-secs", &grace.as_secs().to_string()],
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", process.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut reflection = ServerReflectionClient::new(channel);
+    // The sending half stays open for as long as `requests` lives.
+    let (requests, outgoing) = tokio::sync::mpsc::channel(1);
+    requests
+        .send(ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        })
+        .await
+        .unwrap();
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+        .await
+        .expect("reflection is served")
+        .into_inner();
+    let listed = responses.next().await.expect("an answer").unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = listed.message_response else {
+        panic!("a service list: {listed:?}");
+    };
+    assert!(list
+        .service
+        .iter()
+        .any(|s| s.name == "iqchannels.gateway.v1.EventGateway"));
+
+    let signalled = std::time::Instant::now();
+    process.terminate();
+    let end = tokio::time::timeout(Duration::from_secs(10), responses.next())
+        .await
+        .expect("the stream ends well before the grace period");
+    let status = match end {
+        Some(Err(status)) => status,
+        other => panic!("expected UNAVAILABLE, got {other:?}"),
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let exit = process
+        .wait_exit(Duration::from_secs(10))
+        .expect("the process exits with the reflection stream open");
+    assert!(exit.success(), "{exit:?}");
+    let took = signalled.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "SIGTERM to exit took {took:?}, grace period {grace:?}"
+    );
+    drop(requests);
+}
+
+/// A gRPC Publish whose message is still arriving when draining starts is not cut: it finishes
+/// within the grace period, is answered OK and stored (only calls already answered, and waiting
+/// on a stream, are ended at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_still_arriving_when_draining_starts_finishes_and_is_stored() {
+    use iqchannels_gateway::pb::client::{publish_request, PublishRequest};
+    use prost::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut process = Process::embedded(dir.path(), &["--shutdown-grace-secs", "10"]);
+    let tcp = tokio::net::TcpStream::connect(process.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::post(format!(
+        "http://{}/iqchannels.gateway.v1.EventGateway/Publish",
+        process.addr
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let (response, mut send) = client.send_request(request, false).unwrap();
+    let message = PublishRequest {
+        event: Some(publish_request::Event::RawJson(binary::event(7))),
+    }
+    .encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend((message.len() as u32).to_be_bytes());
+    framed.extend(message);
+    let rest = framed.split_off(framed.len() / 2);
+    send.send_data(framed.into(), false).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    process.terminate();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    send.send_data(rest.into(), true).unwrap();
+
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut answer = Vec::new();
+    while let Some(chunk) = body.data().await {
+        answer.extend_from_slice(&chunk.unwrap());
+    }
+    let trailers = body.trailers().await.unwrap().unwrap_or_default();
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"0"[..]),
+        "{trailers:?}"
+    );
+    let answer = iqchannels_gateway::pb::client::PublishResponse::decode(&answer[5..])
+        .expect("a PublishResponse");
+    assert_eq!(answer.sequence, 1);
+    let exit = process
+        .wait_exit(Duration::from_secs(10))
+        .expect("the process exits once the call is done");
+    assert!(exit.success(), "{exit:?}");
+
+    let restarted = Process::embedded(dir.path(), &[]);
+    let mut client = restarted.grpc().await;
+    let stored = client
+        .get_event(GetEventRequest {
+            key: Some(iqchannels_gateway::pb::client::get_event_request::Key::EventId(7)),
+            include_raw_json: false,
+            include_references: false,
+        })
+        .await
+        .expect("the event is stored")
+        .into_inner();
+    assert_eq!(stored.sequence, 1);
+}
