@@ -2,15 +2,13 @@
 //! their last word: the events read, NOT_SERVING); any other response still streaming when
 //! draining starts (a `ServerReflectionInfo` a client keeps open) is ended here with UNAVAILABLE,
 //! so no client holds the shutdown for the whole grace period. A response that is done, or has a
-//! frame ready, is never cut: only one waiting for its next message. The request body of such a
-//! call (a client stream the handler still reads) ends too, as if the client had finished, so the
-//! handler lets go of the HTTP/2 stream; a request still arriving before its answer (a unary call
-//! in flight) is left to finish within the grace period.
+//! frame ready, is never cut: only one waiting for its next message. Once a response is cut, the
+//! request body of its call (a client stream the handler still reads) ends too, as if the client
+//! had finished, so the handler lets go of the HTTP/2 stream; a request still arriving before its
+//! answer (a unary call in flight) is left to finish within the grace period.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -65,50 +63,52 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let answered = Arc::new(AtomicBool::new(false));
-        let shutdown = self.shutdown.clone();
+        // Set when this call's response is cut; gone with the response otherwise.
+        let (cut, response_cut) = watch::channel(false);
         let request = request.map(|body| {
             axum::body::Body::new(EndAtShutdown {
                 inner: body,
-                watch: Watch::Idle(shutdown.clone()),
-                kind: Kind::Request {
-                    answered: answered.clone(),
-                },
+                watch: Watch::Idle(response_cut),
+                kind: Kind::Request,
                 ended: false,
             })
         });
         let response = self.inner.call(request);
+        let shutdown = self.shutdown.clone();
         Box::pin(async move {
             let response = response.await?;
-            answered.store(true, Ordering::Release);
             Ok(response.map(|body| EndAtShutdown {
                 inner: body,
                 watch: Watch::Idle(shutdown),
-                kind: Kind::Response,
+                kind: Kind::Response { cut },
                 ended: false,
             }))
         })
     }
 }
 
-/// Where a body is in watching for the shutdown.
+/// Where a body is in watching for its end: the shutdown (a response), or the cut of its call's
+/// response (a request).
 enum Watch {
     /// Not waiting yet: most bodies (unary calls) never do, and never allocate a future.
     Idle(watch::Receiver<bool>),
-    /// Resolves when draining starts.
-    Waiting(BoxFuture<()>),
-    /// Draining.
-    Stopped,
+    /// Resolves with `true` when the body is to end, `false` when it never will.
+    Waiting(BoxFuture<bool>),
+    /// To end now.
+    Fired,
+    /// Never to end early.
+    Never,
 }
 
 enum Kind {
-    /// Ends with UNAVAILABLE trailers.
-    Response,
-    /// Ends as if complete, once the call has been answered.
-    Request { answered: Arc<AtomicBool> },
+    /// Ends with UNAVAILABLE trailers at shutdown, and says so to its request.
+    Response { cut: watch::Sender<bool> },
+    /// Ends as if complete once its call's response is cut.
+    Request,
 }
 
-/// A body that ends once the gateway drains while it waits for its next frame.
+/// A body that ends early while it waits for its next frame: a response at shutdown, a request
+/// when its response was cut.
 pub struct EndAtShutdown<B> {
     inner: B,
     watch: Watch,
@@ -136,27 +136,34 @@ where
         }
         loop {
             match &mut this.watch {
-                Watch::Idle(shutdown) => {
-                    let mut shutdown = shutdown.clone();
+                Watch::Idle(signal) => {
+                    let mut signal = signal.clone();
+                    // A response's shutdown sender gone (the gateway gone) counts as shutdown; a
+                    // request's gone means its response ended without a cut.
+                    let when_gone = matches!(this.kind, Kind::Response { .. });
                     this.watch = Watch::Waiting(Box::pin(async move {
-                        // The gateway gone counts as shutdown too.
-                        while !*shutdown.borrow_and_update() {
-                            if shutdown.changed().await.is_err() {
-                                return;
+                        while !*signal.borrow_and_update() {
+                            if signal.changed().await.is_err() {
+                                return when_gone;
                             }
                         }
+                        true
                     }));
                 }
-                Watch::Waiting(stopping) => match stopping.as_mut().poll(cx) {
+                Watch::Waiting(signal) => match signal.as_mut().poll(cx) {
                     Poll::Pending => return Poll::Pending,
-                    Poll::Ready(()) => this.watch = Watch::Stopped,
+                    Poll::Ready(true) => this.watch = Watch::Fired,
+                    Poll::Ready(false) => this.watch = Watch::Never,
                 },
-                Watch::Stopped => break,
+                // The inner body wakes this task when more comes.
+                Watch::Never => return Poll::Pending,
+                Watch::Fired => break,
             }
         }
+        this.ended = true;
         match &this.kind {
-            Kind::Response => {
-                this.ended = true;
+            Kind::Response { cut } => {
+                cut.send_replace(true);
                 let mut trailers = http::HeaderMap::new();
                 let code = tonic::Code::Unavailable as i32;
                 trailers.insert("grpc-status", http::HeaderValue::from(code));
@@ -167,13 +174,7 @@ where
                 );
                 Poll::Ready(Some(Ok(Frame::trailers(trailers))))
             }
-            Kind::Request { answered } if answered.load(Ordering::Acquire) => {
-                this.ended = true;
-                Poll::Ready(None)
-            }
-            // Still arriving before its answer: it has the grace period to finish (the inner
-            // body wakes this task when more comes).
-            Kind::Request { .. } => Poll::Pending,
+            Kind::Request => Poll::Ready(None),
         }
     }
 
