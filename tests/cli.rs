@@ -2,6 +2,8 @@
 //! gateway process.
 
 mod binary;
+mod nats;
+mod private_nats;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -795,6 +797,42 @@ fn publish_waits_for_a_gateway_that_is_not_up_yet_and_stops_at_once_with_retry_f
     assert_eq!(
         out.lines().next(),
         Some("stored 2, duplicates 0, rejected 0"),
+        "{out}{err}"
+    );
+    assert_eq!(stats(&process)["last_sequence"], 2);
+}
+
+/// With the gateway's NATS server down, Publish answers UNAVAILABLE: `publish` sends the event
+/// again until the store is back, and it is stored once.
+#[test]
+fn publish_resends_while_the_store_is_unavailable_and_it_is_stored_once_when_back() {
+    if !nats::require("the nats-server binary", private_nats::installed()) {
+        return;
+    }
+    let server =
+        private_nats::PrivateNats::start(private_nats::free_port(), tempfile::tempdir().unwrap())
+            .expect("a private nats-server starts");
+    let process = Process::start(&["--store", &server.url(), "--nats-ack-timeout", "1s"]);
+    let (code, out, err) = run(&process, &["publish", FIXTURES[0]], None);
+    assert_eq!(code, 0, "{out}{err}");
+
+    let (port, dir) = server.stop();
+    let child = cli(&process, &["publish", FIXTURES[1]])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let _server = private_nats::PrivateNats::start(port, dir).expect("nats-server starts again");
+    let output = child.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{out}{err}");
+    // Stored by one of the attempts; a later one may find it already there.
+    let first = out.lines().next().unwrap_or_default();
+    assert!(
+        first == "stored 1, duplicates 0, rejected 0"
+            || first == "stored 0, duplicates 1, rejected 0",
         "{out}{err}"
     );
     assert_eq!(stats(&process)["last_sequence"], 2);
