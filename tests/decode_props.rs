@@ -458,6 +458,8 @@ proptest! {
                 deviation.pattern.len() <= deviation.path.len(),
                 "{deviation:?}"
             );
+            // Patterns are metric labels: never the sender's keys.
+            prop_assert!(!deviation.pattern.contains('\u{FFFD}'), "{deviation:?}");
         }
         let strict = decode::decode_with(&body, decode::Policy::Strict);
         prop_assert_eq!(

@@ -1261,6 +1261,8 @@ fn unpaired_surrogates_in_keys_and_opaque_values_are_replaced_and_reported() {
             ),
         ]
     );
+    // Labels never hold the sender's keys.
+    assert_eq!(decoded.deviations[0].pattern, "ChatEvent.*");
     assert!(decoded.deviations[1..]
         .iter()
         .all(|d| d.pattern == "Rels.Clients[].Details.Fields"));
