@@ -71,22 +71,43 @@ async fn sigterm_drains_ingest_and_ends_streams_with_unavailable() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_open_health_watch_reports_not_serving_ends_and_does_not_hold_the_shutdown() {
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+/// The grace period of the gateways whose streams must end well before it.
+const LONG_GRACE: Duration = Duration::from_secs(20);
 
+/// A gateway with [`LONG_GRACE`] and a gRPC channel to it.
+async fn with_long_grace() -> (tempfile::TempDir, Process, tonic::transport::Channel) {
     let dir = tempfile::tempdir().unwrap();
-    let grace = Duration::from_secs(20);
-    let mut process = Process::embedded(
+    let process = Process::embedded(
         dir.path(),
-        &["--shutdown-grace-secs", &grace.as_secs().to_string()],
+        &["--shutdown-grace-secs", &LONG_GRACE.as_secs().to_string()],
     );
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", process.addr))
         .unwrap()
         .connect()
         .await
         .unwrap();
+    (dir, process, channel)
+}
+
+/// The process exits cleanly within 5 s of `signalled`, with `open` still open.
+fn exits_soon(process: &mut Process, signalled: std::time::Instant, open: &str) {
+    let exit = process
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("the process exits with {open} open"));
+    assert!(exit.success(), "{exit:?}");
+    let took = signalled.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "SIGTERM to exit took {took:?}, grace period {LONG_GRACE:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_health_watch_reports_not_serving_ends_and_does_not_hold_the_shutdown() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+    let (_dir, mut process, channel) = with_long_grace().await;
     let mut health = HealthClient::new(channel);
     let mut watch = health
         .watch(HealthCheckRequest {
@@ -118,15 +139,7 @@ async fn an_open_health_watch_reports_not_serving_ends_and_does_not_hold_the_shu
         "NOT_SERVING is reported before the watch ends: {seen:?}, then {end:?}"
     );
     assert_eq!(end, Some(tonic::Code::Unavailable), "never OK");
-    let exit = process
-        .wait_exit(Duration::from_secs(10))
-        .expect("the process exits with the watch open");
-    assert!(exit.success(), "{exit:?}");
-    let took = signalled.elapsed();
-    assert!(
-        took < Duration::from_secs(5),
-        "SIGTERM to exit took {took:?}, grace period {grace:?}"
-    );
+    exits_soon(&mut process, signalled, "the watch");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,17 +204,7 @@ async fn an_open_reflection_stream_ends_with_unavailable_and_does_not_hold_the_s
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
     use tonic_reflection::pb::v1::ServerReflectionRequest;
 
-    let dir = tempfile::tempdir().unwrap();
-    let grace = Duration::from_secs(20);
-    let mut process = Process::embedded(
-        dir.path(),
-        &["--shutdown-grace-secs", &grace.as_secs().to_string()],
-    );
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", process.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let (_dir, mut process, channel) = with_long_grace().await;
     let mut reflection = ServerReflectionClient::new(channel);
     // The sending half stays open for as long as `requests` lives.
     let (requests, outgoing) = tokio::sync::mpsc::channel(1);
@@ -236,15 +239,7 @@ async fn an_open_reflection_stream_ends_with_unavailable_and_does_not_hold_the_s
         other => panic!("expected UNAVAILABLE, got {other:?}"),
     };
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    let exit = process
-        .wait_exit(Duration::from_secs(10))
-        .expect("the process exits with the reflection stream open");
-    assert!(exit.success(), "{exit:?}");
-    let took = signalled.elapsed();
-    assert!(
-        took < Duration::from_secs(5),
-        "SIGTERM to exit took {took:?}, grace period {grace:?}"
-    );
+    exits_soon(&mut process, signalled, "the reflection stream");
     drop(requests);
 }
 

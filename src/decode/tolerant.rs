@@ -288,6 +288,15 @@ impl Walk {
         );
     }
 
+    /// An entry's key and its path below `path`, reporting a replaced surrogate in the key.
+    fn entry_key(&mut self, key: Text, path: &str) -> (String, String) {
+        let entry_path = format!("{path}.{}", key.text);
+        if key.replaced {
+            self.replaced_key(&entry_path);
+        }
+        (key.text, entry_path)
+    }
+
     /// A key whose unpaired surrogates were replaced by U+FFFD.
     fn replaced_key(&mut self, path: &str) {
         self.deviate(
@@ -418,18 +427,8 @@ impl Walk {
         let key_kind = entry.map_entry_key_field().kind();
         let value_kind = entry.map_entry_value_field().kind();
         let mut map = HashMap::with_capacity(entries.len());
-        for (
-            Text {
-                text: key,
-                replaced,
-            },
-            raw,
-        ) in entries
-        {
-            let entry_path = format!("{path}.{key}");
-            if replaced {
-                self.replaced_key(&entry_path);
-            }
+        for (key, raw) in entries {
+            let (key, entry_path) = self.entry_key(key, path);
             let key = match key_kind {
                 Kind::String => Some(MapKey::String(key)),
                 Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => key.parse().ok().map(MapKey::I64),
@@ -593,18 +592,8 @@ impl Walk {
             }
             Json::Object(entries) => {
                 let mut fields = std::collections::BTreeMap::new();
-                for (
-                    Text {
-                        text: key,
-                        replaced,
-                    },
-                    item,
-                ) in entries
-                {
-                    let item_path = format!("{path}.{key}");
-                    if replaced {
-                        self.replaced_key(&item_path);
-                    }
+                for (key, item) in entries {
+                    let (key, item_path) = self.entry_key(key, path);
                     let item = classify(item)?;
                     let value = self.opaque(item, &item_path, depth + cost)?;
                     fields.insert(key, value);
