@@ -348,25 +348,39 @@ impl Printer {
     }
 }
 
-/// The event as the webhook sent it, on one line: the original body when the gateway has it,
-/// else the protobuf JSON mapping of the envelope (numbers as numbers); plus `references` (the
-/// protobuf JSON mapping of the resolved entities) when the gateway sent them.
+/// The event as the webhook sent it, on one line: the original body when the gateway has it
+/// (compacted as text, so its fields and escapes stay as sent: a `serde_json::Value` would refuse
+/// an unpaired surrogate escape), else the protobuf JSON mapping of the envelope (numbers as
+/// numbers); plus `references` (the protobuf JSON mapping of the resolved entities) when the
+/// gateway sent them.
 fn webhook_json(event: &Event) -> Result<String, ClientError> {
-    let mut value = match serde_json::from_slice::<serde_json::Value>(&event.raw_json).ok() {
-        Some(body) => body,
+    let body = std::str::from_utf8(&event.raw_json)
+        .ok()
+        .and_then(crate::decode::compact_json)
+        .filter(|text| text.starts_with('{') && text.ends_with('}'));
+    let mut text = match body {
+        Some(text) => text,
         None => {
             let envelope = event.envelope.clone().unwrap_or_default();
             crate::pb::to_json("iqchannels.webhook.v1.Envelope", &envelope.encode_to_vec())?
+                .to_string()
         }
     };
-    if let (Some(references), Some(object)) = (&event.references, value.as_object_mut()) {
+    if let Some(references) = &event.references {
         let references = crate::pb::to_json(
             "iqchannels.gateway.v1.References",
             &references.encode_to_vec(),
         )?;
-        object.insert("references".to_owned(), references);
+        // The last member of the object: `{...}` becomes `{...,"references":{...}}`.
+        text.pop();
+        if !text.ends_with('{') {
+            text.push(',');
+        }
+        text.push_str("\"references\":");
+        text.push_str(&references.to_string());
+        text.push('}');
     }
-    Ok(value.to_string())
+    Ok(text)
 }
 
 /// Characters of a message's text a readable line shows at most.
@@ -773,6 +787,48 @@ mod tests {
             Some(exact.clone()),
             "60 characters fit"
         );
+    }
+
+    #[test]
+    fn json_output_is_the_body_as_sent_on_one_line_with_the_references_last() {
+        use crate::pb::client::References;
+        use crate::pb::webhook::v1::{ChatEvent, ChatMessage, Envelope};
+        let body = "{\n  \"ChatEvent\": {\"Id\": 608, \"Type\": \"message_created\"},\n  \"Rels\": {\"ChatMessages\": [{\"Id\": 300, \"Text\": \"a b \\ud83d\"}]},\n  \"Unknown\": 1e400\n}\n";
+        let mut event = Event {
+            sequence: 2,
+            envelope: Some(Envelope {
+                chat_event: Some(ChatEvent {
+                    id: 608,
+                    r#type: "message_created".into(),
+                    ..Default::default()
+                }),
+                rels: None,
+            }),
+            raw_json: body.as_bytes().to_vec(),
+            ..Default::default()
+        };
+        let compact = r#"{"ChatEvent":{"Id":608,"Type":"message_created"},"Rels":{"ChatMessages":[{"Id":300,"Text":"a b \ud83d"}]},"Unknown":1e400}"#;
+        assert_eq!(webhook_json(&event).expect("printable"), compact);
+        event.references = Some(References {
+            message: Some(ChatMessage {
+                id: 300,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        assert_eq!(
+            webhook_json(&event).expect("printable"),
+            format!(
+                "{},\"references\":{{\"message\":{{\"Id\":300}}}}}}",
+                &compact[..compact.len() - 1]
+            )
+        );
+        // Without the body: the protobuf JSON mapping.
+        event.raw_json = Default::default();
+        event.references = None;
+        let mapped: serde_json::Value =
+            serde_json::from_str(&webhook_json(&event).expect("printable")).expect("JSON");
+        assert_eq!(mapped["ChatEvent"]["Id"], 608);
     }
 
     #[test]

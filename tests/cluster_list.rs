@@ -70,3 +70,49 @@ async fn a_comma_separated_server_list_reaches_a_three_node_cluster_with_an_r3_s
     }
     drop(cluster);
 }
+
+/// A gateway started while the cluster has no quorum (two of its three nodes down) does not exit:
+/// it retries opening its stream, logging why, and serves once the nodes are back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_started_while_the_cluster_has_no_quorum_waits_for_it_then_serves() {
+    let Some(mut cluster) = Cluster::start().await else {
+        return;
+    };
+    cluster.kill(1);
+    cluster.kill(2);
+    let store = cluster.store_url();
+    let back = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(4));
+        cluster.spawn(1);
+        cluster.spawn(2);
+        cluster
+    });
+    // Returns once the gateway listens: after the stream could be opened.
+    let gateway = Process::start(&[
+        "--store",
+        &store,
+        "--nats-replicas",
+        "3",
+        "--nats-stream",
+        "IQGW_NO_QUORUM",
+        "--nats-subject-prefix",
+        "iqgw.no.quorum",
+    ]);
+    let _cluster = back.join().expect("the nodes start again");
+    let logged = gateway.logged();
+    assert!(
+        logged
+            .iter()
+            .any(|line| line.contains("JetStream cannot open the stream yet; retrying")),
+        "the wait is logged:\n{}",
+        logged.join("\n")
+    );
+    let response = reqwest::Client::new()
+        .post(gateway.url("/v1/events"))
+        .header("content-type", "application/json")
+        .body(event(1))
+        .send()
+        .await
+        .expect("posted");
+    assert_eq!(response.status(), 200);
+}

@@ -341,12 +341,15 @@ impl Walk {
                     } else {
                         format!("{path}.{key}")
                     };
-                    // Labelled `ChatEvent.*`: the key is the sender's, and labels stay bounded.
-                    let pattern = if path.is_empty() {
-                        "*".to_owned()
-                    } else {
-                        format!("{}.*", super::path_pattern(path))
-                    };
+                    // Labelled `ChatEvent.*` (or by the enclosing map or opaque field): the key
+                    // is the sender's, and labels stay bounded.
+                    let pattern = self.within.clone().unwrap_or_else(|| {
+                        if path.is_empty() {
+                            "*".to_owned()
+                        } else {
+                            format!("{}.*", super::path_pattern(path))
+                        }
+                    });
                     let outer = self.within.replace(pattern);
                     self.replaced_key(&key_path);
                     self.within = outer;

@@ -1,6 +1,7 @@
 //! gRPC streams end when the gateway drains. Subscribe and Health/Watch end themselves (after
-//! their last word: the events read, NOT_SERVING); any other response still streaming when
-//! draining starts (a `ServerReflectionInfo` a client keeps open) is ended here with UNAVAILABLE,
+//! their last word: the events read, NOT_SERVING) and are left alone here ([`ENDS_ITSELF`]); any
+//! other response still streaming when draining starts (a `ServerReflectionInfo` a client keeps
+//! open) is ended here with UNAVAILABLE,
 //! so no client holds the shutdown for the whole grace period. A response that is done, or has a
 //! frame ready, is never cut: only one waiting for its next message. Once a response is cut, the
 //! request body of its call (a client stream the handler still reads) ends too, as if the client
@@ -46,6 +47,13 @@ pub struct Drain<S> {
     shutdown: watch::Receiver<bool>,
 }
 
+/// The streaming methods that end themselves at shutdown, after their last word: cutting them
+/// here could pass over it (a NOT_SERVING still on its way from the watch's task).
+const ENDS_ITSELF: [&str; 2] = [
+    "/grpc.health.v1.Health/Watch",
+    "/iqchannels.gateway.v1.EventGateway/Subscribe",
+];
+
 type Request = http::Request<axum::body::Body>;
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -63,6 +71,17 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
+        if ENDS_ITSELF.contains(&request.uri().path()) {
+            let response = self.inner.call(request);
+            return Box::pin(async move {
+                Ok(response.await?.map(|body| EndAtShutdown {
+                    inner: body,
+                    watch: Watch::Never,
+                    kind: Kind::Response { cut: None },
+                    ended: false,
+                }))
+            });
+        }
         // Set when this call's response is cut; gone with the response otherwise.
         let (cut, response_cut) = watch::channel(false);
         let request = request.map(|body| {
@@ -80,7 +99,7 @@ where
             Ok(response.map(|body| EndAtShutdown {
                 inner: body,
                 watch: Watch::Idle(shutdown),
-                kind: Kind::Response { cut },
+                kind: Kind::Response { cut: Some(cut) },
                 ended: false,
             }))
         })
@@ -90,7 +109,8 @@ where
 /// Where a body is in watching for its end: the shutdown (a response), or the cut of its call's
 /// response (a request).
 enum Watch {
-    /// Not waiting yet: most bodies (unary calls) never do, and never allocate a future.
+    /// Not waiting yet: a unary answer never waits, and a body allocates its future only when it
+    /// first does.
     Idle(watch::Receiver<bool>),
     /// Resolves with `true` when the body is to end, `false` when it never will.
     Waiting(BoxFuture<bool>),
@@ -101,8 +121,8 @@ enum Watch {
 }
 
 enum Kind {
-    /// Ends with UNAVAILABLE trailers at shutdown, and says so to its request.
-    Response { cut: watch::Sender<bool> },
+    /// Ends with UNAVAILABLE trailers at shutdown, and says so to its request (if it watches).
+    Response { cut: Option<watch::Sender<bool>> },
     /// Ends as if complete once its call's response is cut.
     Request,
 }
@@ -163,7 +183,9 @@ where
         this.ended = true;
         match &this.kind {
             Kind::Response { cut } => {
-                cut.send_replace(true);
+                if let Some(cut) = cut {
+                    cut.send_replace(true);
+                }
                 let mut trailers = http::HeaderMap::new();
                 let code = tonic::Code::Unavailable as i32;
                 trailers.insert("grpc-status", http::HeaderValue::from(code));

@@ -81,7 +81,7 @@ impl JetStreamLog {
         let client = connect_at_start(&config, servers).await?;
         let mut context = jetstream::new(client.clone());
         context.set_timeout(config.ack_timeout);
-        let stream = open_stream(&context, &config).await?;
+        let stream = open_stream_at_start(&context, &config).await?;
         let replicas = stream.cached_info().config.num_replicas;
         tracing::warn!(
             stream = %config.stream,
@@ -402,37 +402,107 @@ async fn connect_options(config: &NatsConfig) -> Result<async_nats::ConnectOptio
     Ok(options.require_tls(config.tls_required()))
 }
 
+/// How long the start retries what a JetStream server answers while it is not ready.
+const OPEN_RETRY: Duration = Duration::from_secs(60);
+
+/// [`open_stream`], retried with a growing delay for up to [`OPEN_RETRY`] while the server's
+/// answers say it is not ready (a request timeout, a cluster without a stream leader yet, a
+/// storage error), each attempt logged; any other refusal at once.
+async fn open_stream_at_start(
+    context: &jetstream::Context,
+    config: &NatsConfig,
+) -> Result<stream::Stream, LogError> {
+    let started = std::time::Instant::now();
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match open_stream(context, config).await {
+            Ok(stream) => return Ok(stream),
+            Err(Opening::NotReady(error)) if started.elapsed() < OPEN_RETRY => {
+                tracing::warn!(
+                    stream = %config.stream,
+                    %error,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "JetStream cannot open the stream yet; retrying"
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(Opening::NotReady(error)) => {
+                return Err(unavailable(format!(
+                    "{error} (still after {}s of retrying)",
+                    OPEN_RETRY.as_secs()
+                )))
+            }
+            Err(Opening::Refused(error)) => return Err(error),
+        }
+    }
+}
+
+/// Why the stream could not be opened.
+enum Opening {
+    /// An answer that may change (a timeout, a server-side error): worth retrying.
+    NotReady(String),
+    /// Retrying cannot change it (the stream's shape, a refused request).
+    Refused(LogError),
+}
+
+/// Whether a JetStream API error is the server's (5xx: storage, no leader yet), not the request's.
+fn server_side(error: &jetstream::Error) -> bool {
+    error.code() >= 500
+}
+
 /// Gets the stream, creating it if missing; refuses one whose shape would break the guarantees.
 async fn open_stream(
     context: &jetstream::Context,
     config: &NatsConfig,
-) -> Result<stream::Stream, LogError> {
+) -> Result<stream::Stream, Opening> {
+    use jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind};
     let wanted = config.stream_config();
     let mut stream = match context.get_stream(&config.stream).await {
         Ok(stream) => stream,
         Err(error) if is_stream_not_found(&error.kind()) => {
             tracing::info!(stream = %config.stream, "creating the JetStream stream");
-            context
-                .create_stream(wanted.clone())
-                .await
-                .map_err(unavailable)?
+            match context.create_stream(wanted.clone()).await {
+                Ok(stream) => stream,
+                Err(error) => {
+                    let message = format!("cannot create stream {}: {error}", config.stream);
+                    return Err(match error.kind() {
+                        CreateStreamErrorKind::TimedOut
+                        | CreateStreamErrorKind::JetStreamUnavailable => Opening::NotReady(message),
+                        CreateStreamErrorKind::JetStream(error) if server_side(&error) => {
+                            Opening::NotReady(message)
+                        }
+                        _ => Opening::Refused(unavailable(message)),
+                    });
+                }
+            }
         }
         Err(error) => {
-            return Err(unavailable(format!(
-                "cannot read stream {}: {error}",
-                config.stream
-            )))
+            let message = format!("cannot read stream {}: {error}", config.stream);
+            return Err(match error.kind() {
+                GetStreamErrorKind::Request => Opening::NotReady(message),
+                GetStreamErrorKind::JetStream(error) if server_side(&error) => {
+                    Opening::NotReady(message)
+                }
+                _ => Opening::Refused(unavailable(message)),
+            });
         }
     };
-    let existing = &stream.info().await.map_err(unavailable)?.config;
+    let existing = &stream
+        .info()
+        .await
+        .map_err(|error| {
+            Opening::NotReady(format!("cannot read stream {}: {error}", config.stream))
+        })?
+        .config;
     let problems = config::incompatibilities(existing, &wanted);
     if !problems.is_empty() {
-        return Err(LogError::Unavailable(format!(
+        return Err(Opening::Refused(LogError::Unavailable(format!(
             "stream {} is not usable by the gateway: {}. Change the stream (`nats stream edit`) \
              or the gateway's flags so that they agree",
             config.stream,
             problems.join("; ")
-        )));
+        ))));
     }
     Ok(stream)
 }
