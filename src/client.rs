@@ -621,13 +621,30 @@ pub async fn publish(
 }
 
 /// Whether the gateway may take the event if it is sent again a little later: it was busy
-/// (RESOURCE_EXHAUSTED "too many requests in flight"), or it or its store was unavailable.
+/// (RESOURCE_EXHAUSTED "too many requests in flight"), it or its store was unavailable, or the
+/// connection broke during the call (the gateway killed or restarted: tonic says UNKNOWN
+/// "transport error", or INTERNAL/CANCELLED for an HTTP/2 stream cut without a status). Whether a
+/// call cut off was stored is unknown; sending it again is safe, the gateway deduplicates by id.
 fn transient(status: &Status) -> bool {
     match status.code() {
         Code::Unavailable => true,
         Code::ResourceExhausted => !refuses_the_event(status),
+        Code::Unknown | Code::Internal | Code::Cancelled => broken_connection(status),
         _ => false,
     }
+}
+
+/// Whether the status comes from the connection (a transport or HTTP/2 error under it), not from
+/// the gateway's answer.
+fn broken_connection(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        if cause.is::<tonic::transport::Error>() || cause.is::<hyper::Error>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// Whether connecting failed for a reason that may pass (nothing listening yet, a connection

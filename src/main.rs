@@ -164,7 +164,7 @@ struct PublishArgs {
     #[arg(required = true)]
     files: Vec<String>,
     /// How long to keep resending an event the gateway cannot take for now (busy, its store
-    /// unavailable, or the gateway unreachable) before stopping; 0 stops at once.
+    /// unavailable, the gateway unreachable or restarted) before stopping; 0 stops at once.
     #[arg(long, env = "IQGW_RETRY_FOR", default_value = "30s", value_parser = humantime::parse_duration)]
     retry_for: std::time::Duration,
 }

@@ -837,3 +837,57 @@ fn publish_resends_while_the_store_is_unavailable_and_it_is_stored_once_when_bac
     );
     assert_eq!(stats(&process)["last_sequence"], 2);
 }
+
+/// The gateway SIGKILLed and started again while `publish` sends: every event is stored once
+/// (redelivery is safe), and `publish` ends with all of them accounted for.
+#[test]
+fn publish_goes_on_across_a_gateway_restart_and_stores_every_event_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut process = Process::embedded(dir.path(), &[]);
+    let address = process.addr.to_string();
+    let inputs = tempfile::tempdir().unwrap();
+    let events = inputs.path().join("events.ndjson");
+    let mut lines = Vec::new();
+    for id in 1..=3000 {
+        lines.extend(event(id));
+        lines.push(b'\n');
+    }
+    std::fs::write(&events, lines).unwrap();
+    let child = cli(&process, &["publish", events.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill it mid-way (once some events are in), then start it again on its address and store.
+    let started = std::time::Instant::now();
+    while stats(&process)["last_sequence"].as_u64().unwrap_or(0) < 300 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    process.kill();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let process = Process::start_on(
+        &address,
+        &[
+            "--store",
+            "embedded",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+        ],
+    );
+    let output = child.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{out}{err}");
+    let counts: Vec<u64> = out
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split(", ")
+        .filter_map(|part| part.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(counts.len(), 3, "{out}");
+    assert_eq!(counts[0] + counts[1], 3000, "stored + duplicates: {out}");
+    assert_eq!(counts[2], 0, "{out}");
+    assert_eq!(stats(&process)["last_sequence"], 3000, "each stored once");
+}
