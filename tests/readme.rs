@@ -380,7 +380,7 @@ impl Walk {
         let consumer = example.command.contains("--example consumer");
         if !missing.is_empty() || (consumer && !example_consumer().exists()) {
             let why = if missing.is_empty() {
-                "the example consumer is not built (cargo test --all-targets builds it)".to_owned()
+                "the example consumer is not built (`cargo build --example consumer`, as .ci/run does)".to_owned()
             } else {
                 format!("{} not installed", missing.join(", "))
             };
