@@ -323,6 +323,39 @@ fn note(timeline: &mut Vec<String>, line: String) {
     timeline.push(line);
 }
 
+/// Probes ingest after each fault, and keeps the timeline.
+struct Probe {
+    gateways: Arc<Vec<String>>,
+    answers: Arc<Mutex<Vec<Answer>>>,
+    /// The next probe's id, far from the writers'.
+    next_id: i64,
+    timeline: Vec<String>,
+}
+
+impl Probe {
+    /// Waits (up to `limit`) until ingest works again, then notes the stream's state and `what`
+    /// of how long it took; a failure panics with the stream's state and the nodes' logs.
+    async fn back(
+        &mut self,
+        cluster: &Cluster,
+        admin: &async_nats::jetstream::Context,
+        limit: Duration,
+        what: impl FnOnce(Duration) -> String,
+    ) {
+        let took = match until_ingest_works(&self.gateways, &mut self.next_id, limit, &self.answers)
+            .await
+        {
+            Ok(took) => took,
+            Err(error) => {
+                let state = stream_state(admin).await;
+                panic!("{}", cluster.failure(&format!("{error}\n{state}")))
+            }
+        };
+        note(&mut self.timeline, stream_state(admin).await);
+        note(&mut self.timeline, what(took));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledged_events_survive_leader_kills_frozen_followers_restarts_and_lost_quorum() {
     let Some(mut cluster) = Cluster::start().await else {
@@ -369,9 +402,12 @@ async fn acknowledged_events_survive_leader_kills_frozen_followers_restarts_and_
             )
         })
         .collect();
-    // Probes use ids far from the writers'.
-    let mut probe_id = 1_000_000_000;
-    let mut timeline: Vec<String> = Vec::new();
+    let mut probe = Probe {
+        gateways: gateways.clone(),
+        answers: answers.clone(),
+        next_id: 1_000_000_000,
+        timeline: Vec::new(),
+    };
     // Every change to the cluster: a 503 with a quorum must follow one closely.
     let mut faults: Vec<Instant> = Vec::new();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -380,14 +416,11 @@ async fn acknowledged_events_survive_leader_kills_frozen_followers_restarts_and_
     let killed = cluster.stream_leader(&admin, STREAM).await;
     cluster.kill(killed);
     faults.push(Instant::now());
-    let took = until_ingest_works(&gateways, &mut probe_id, FAILOVER, &answers)
-        .await
-        .unwrap_or_else(|error| panic!("{}", cluster.failure(&error)));
-    note(&mut timeline, stream_state(&admin).await);
-    note(
-        &mut timeline,
-        format!("killed leader n{killed}: ingest back after {took:?}"),
-    );
+    probe
+        .back(&cluster, &admin, FAILOVER, |took| {
+            format!("killed leader n{killed}: ingest back after {took:?}")
+        })
+        .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     cluster.spawn(killed);
     faults.push(Instant::now());
@@ -400,34 +433,17 @@ async fn acknowledged_events_survive_leader_kills_frozen_followers_restarts_and_
         .find(|&n| n != leader && n != killed)
         .unwrap_or((leader + 1) % 3);
     note(
-        &mut timeline,
+        &mut probe.timeline,
         format!("freezing n{follower}; n{leader} leads"),
     );
-    note(&mut timeline, stream_state(&admin).await);
+    note(&mut probe.timeline, stream_state(&admin).await);
     cluster.pause(follower);
     faults.push(Instant::now());
-    let took = match until_ingest_works(&gateways, &mut probe_id, FAILOVER, &answers).await {
-        Ok(took) => took,
-        Err(error) => {
-            let direct = tokio::time::timeout(Duration::from_secs(5), async {
-                admin
-                    .publish("iqgw.faults.999999999", "direct".into())
-                    .await?
-                    .await
-            })
-            .await;
-            let state = stream_state(&admin).await;
-            panic!(
-                "{}",
-                cluster.failure(&format!("{error}\ndirect publish: {direct:?}\n{state}"))
-            )
-        }
-    };
-    note(&mut timeline, stream_state(&admin).await);
-    note(
-        &mut timeline,
-        format!("froze follower n{follower}: ingest works after {took:?}"),
-    );
+    probe
+        .back(&cluster, &admin, FAILOVER, |took| {
+            format!("froze follower n{follower}: ingest works after {took:?}")
+        })
+        .await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     cluster.resume(follower);
     faults.push(Instant::now());
@@ -437,14 +453,11 @@ async fn acknowledged_events_survive_leader_kills_frozen_followers_restarts_and_
     let node = (cluster.stream_leader(&admin, STREAM).await + 2) % 3;
     cluster.restart(node);
     faults.push(Instant::now());
-    let took = until_ingest_works(&gateways, &mut probe_id, FAILOVER, &answers)
-        .await
-        .unwrap_or_else(|error| panic!("{}", cluster.failure(&error)));
-    note(&mut timeline, stream_state(&admin).await);
-    note(
-        &mut timeline,
-        format!("restarted n{node}: ingest works after {took:?}"),
-    );
+    probe
+        .back(&cluster, &admin, FAILOVER, |took| {
+            format!("restarted n{node}: ingest works after {took:?}")
+        })
+        .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // 4. No quorum: two nodes down. Nothing sent now may be answered 200.
@@ -458,14 +471,13 @@ async fn acknowledged_events_survive_leader_kills_frozen_followers_restarts_and_
     cluster.spawn(leader);
     cluster.spawn(other);
     faults.push(quorum_back);
-    let took = until_ingest_works(&gateways, &mut probe_id, QUORUM_RECOVERY, &answers)
-        .await
-        .unwrap_or_else(|error| panic!("{}", cluster.failure(&error)));
-    note(&mut timeline, stream_state(&admin).await);
-    note(
-        &mut timeline,
-        format!("killed n{leader} and n{other} for 8 s: ingest back {took:?} after their restart"),
-    );
+    probe
+        .back(&cluster, &admin, QUORUM_RECOVERY, |took| {
+            format!(
+                "killed n{leader} and n{other} for 8 s: ingest back {took:?} after their restart"
+            )
+        })
+        .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     stop.store(true, Ordering::Relaxed);
@@ -571,7 +583,7 @@ async fn acknowledged_events_survive_leader_kills_frozen_followers_restarts_and_
             "replica {r}'s subscriber saw the stream's order"
         );
         note(
-            &mut timeline,
+            &mut probe.timeline,
             format!(
                 "replica {r}'s subscriber: {} events, {} resumes",
                 seen.events.len(),
@@ -587,7 +599,7 @@ async fn acknowledged_events_survive_leader_kills_frozen_followers_restarts_and_
         answers.len(),
         refused_without_quorum,
         unavailable_with_quorum.len(),
-        timeline.join("\n")
+        probe.timeline.join("\n")
     );
     drop(cluster);
 }
