@@ -7,7 +7,7 @@ mod nats;
 
 use std::time::Duration;
 
-use binary::{event, Process};
+use binary::Process;
 use iqchannels_gateway::pb::client::{subscribe_request::Start, SubscribeRequest};
 use nats::cluster::Cluster;
 
@@ -30,16 +30,8 @@ async fn a_comma_separated_server_list_reaches_a_three_node_cluster_with_an_r3_s
         "--nats-subject-prefix",
         "iqgw.cluster.list",
     ]);
-    let http = reqwest::Client::new();
     for id in 1..=20 {
-        let response = http
-            .post(gateway.url("/v1/events"))
-            .header("content-type", "application/json")
-            .body(event(id))
-            .send()
-            .await
-            .expect("posted");
-        assert_eq!(response.status(), 200);
+        assert_eq!(gateway.post_event(id).await, 200);
     }
     let info = js
         .get_stream("IQGW_CLUSTER_LIST")
@@ -107,12 +99,5 @@ async fn a_gateway_started_while_the_cluster_has_no_quorum_waits_for_it_then_ser
         "the wait is logged:\n{}",
         logged.join("\n")
     );
-    let response = reqwest::Client::new()
-        .post(gateway.url("/v1/events"))
-        .header("content-type", "application/json")
-        .body(event(1))
-        .send()
-        .await
-        .expect("posted");
-    assert_eq!(response.status(), 200);
+    assert_eq!(gateway.post_event(1).await, 200);
 }

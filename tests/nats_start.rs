@@ -127,14 +127,7 @@ async fn the_right_nats_token_connects_and_stores() {
         return;
     };
     let process = Process::start(&["--store", &server.url(), "--nats-token", "s3cret"]);
-    let response = reqwest::Client::new()
-        .post(process.url("/v1/events"))
-        .header("content-type", "application/json")
-        .body(binary::event(1))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(process.post_event(1).await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,12 +149,5 @@ async fn a_nats_unreachable_at_start_is_retried_and_logged_as_unreachable() {
         logged.contains("NATS is unreachable at start; retrying"),
         "{logged}"
     );
-    let response = reqwest::Client::new()
-        .post(process.url("/v1/events"))
-        .header("content-type", "application/json")
-        .body(binary::event(1))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(process.post_event(1).await, 200);
 }

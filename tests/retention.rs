@@ -6,7 +6,7 @@ mod binary;
 
 use std::time::{Duration, Instant};
 
-use binary::{event, Process};
+use binary::Process;
 use iqchannels_gateway::pb::client::{subscribe_request::Start, SubscribeRequest};
 use tokio_stream::StreamExt;
 
@@ -25,14 +25,7 @@ async fn stats(http: &reqwest::Client, process: &Process) -> serde_json::Value {
 async fn expired_events_go_without_new_writes(process: &Process) {
     let http = reqwest::Client::new();
     for id in 1..=3 {
-        let response = http
-            .post(process.url("/v1/events"))
-            .header("content-type", "application/json")
-            .body(event(id))
-            .send()
-            .await
-            .expect("ingest answers");
-        assert_eq!(response.status(), 200);
+        assert_eq!(process.post_event(id).await, 200);
     }
     let before = stats(&http, process).await;
     assert_eq!(before["first_sequence"], 1, "{before}");

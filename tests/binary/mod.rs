@@ -109,6 +109,19 @@ impl Process {
         format!("http://{}{path}", self.addr)
     }
 
+    /// POSTs [`event`]`(id)` to `/v1/events`; the HTTP status.
+    pub async fn post_event(&self, id: i64) -> u16 {
+        reqwest::Client::new()
+            .post(self.url("/v1/events"))
+            .header("content-type", "application/json")
+            .body(event(id))
+            .send()
+            .await
+            .expect("ingest answers")
+            .status()
+            .as_u16()
+    }
+
     /// A gRPC client.
     pub async fn grpc(&self) -> EventGatewayClient<Channel> {
         EventGatewayClient::connect(format!("http://{}", self.addr))
