@@ -231,9 +231,14 @@ fn payload_pool(template: &Template) -> Vec<Bytes> {
             let envelope = iqchannels_gateway::decode::decode(&body)
                 .expect("the fixture decodes")
                 .envelope;
-            iqchannels_gateway::gateway::stored_event(&envelope, body, &[])
-                .encode_to_vec()
-                .into()
+            iqchannels_gateway::gateway::stored_record(
+                envelope,
+                body,
+                Vec::new(),
+                iqchannels_gateway::fit::DEFAULT_MAX_EVENT_BYTES,
+            )
+            .expect("the fixture fits")
+            .0
         })
         .collect()
 }

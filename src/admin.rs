@@ -63,9 +63,10 @@ impl std::fmt::Display for Report {
     }
 }
 
-/// A record's event: its stored payload decoded, or why not.
+/// A record's event: its stored payload decoded (decompressed, of any format), or why not.
 fn event(payload: bytes::Bytes) -> Result<StoredEvent, String> {
-    StoredEvent::decode(payload).map_err(|error| format!("payload does not decode: {error}"))
+    crate::wire::record::stored(payload)
+        .map_err(|error| format!("payload does not decode: {error}"))
 }
 
 /// Checks every retained record of the store in `dir`: it must be readable, its payload and

@@ -12,7 +12,7 @@ mod tolerant;
 
 pub use tolerant::MAX_VALUE_DEPTH;
 
-pub use resolve::references;
+pub use resolve::{indices, references, references_len, Indices, REFERENCE_FIELDS};
 
 use crate::pb::webhook::v1::Envelope;
 use crate::wire::Keys;

@@ -15,7 +15,7 @@ use crate::log::{Appended, LogError, NewRecord, SharedLog};
 use crate::metrics::{Metrics, Snapshot};
 use crate::pb::webhook::v1::Envelope;
 use crate::subscribe::{Filter, Registry, Start, SubscribeError, Subscription};
-use crate::wire::{EncodedEvent, StoredEvent};
+use crate::wire::{record, Digests, EncodedEvent, Identity, StoredEvent};
 
 /// Why an event was not stored.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -61,6 +61,8 @@ pub struct Gateway {
     ingest_slots: Arc<tokio::sync::Semaphore>,
     /// How strictly bodies must match the protos.
     policy: Policy,
+    /// Bytes an event may take as a subscriber receives it, all optional fields asked for.
+    max_event_bytes: usize,
 }
 
 /// What `GET /v1/stats` reports.
@@ -104,6 +106,9 @@ pub struct GatewayConfig {
     pub decode_policy: Policy,
     /// Bytes all catch-up pages may hold together (`--catch-up-memory`).
     pub catch_up_bytes: usize,
+    /// Bytes an event may take as a subscriber receives it with every optional field
+    /// (`--max-event-bytes`): past it, opaque values are cut at ingest (see [`crate::fit`]).
+    pub max_event_bytes: usize,
 }
 
 impl Default for GatewayConfig {
@@ -114,6 +119,7 @@ impl Default for GatewayConfig {
             max_in_flight: 1024,
             decode_policy: Policy::Tolerant,
             catch_up_bytes: crate::subscribe::DEFAULT_CATCH_UP_BYTES,
+            max_event_bytes: crate::fit::DEFAULT_MAX_EVENT_BYTES,
         }
     }
 }
@@ -134,6 +140,7 @@ impl Gateway {
             metrics: Arc::new(Metrics::new()),
             ingest_slots: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.max(1))),
             policy: config.decode_policy,
+            max_event_bytes: config.max_event_bytes,
         }
     }
 
@@ -152,13 +159,14 @@ impl Gateway {
     pub async fn ingest_json(&self, body: Bytes) -> Result<Ingested, IngestError> {
         let body = body.slice_ref(decode::strip_bom(&body));
         let decoded = decode::decode_with(&body, self.policy)?;
-        self.note_deviations(&decoded.deviations);
-        let (record, envelope) = Self::record(&decoded.envelope, body, &decoded.deviations);
+        let (record, identity, deviations) =
+            self.record(decoded.envelope, body, decoded.deviations)?;
+        self.note_deviations(&deviations);
         let appended = self.append_one(record).await?;
         Ok(Ingested {
             appended,
-            deviations: decoded.deviations,
-            conflict: self.conflict(&envelope, &appended).await,
+            deviations,
+            conflict: self.conflict(&identity, &appended).await,
         })
     }
 
@@ -173,24 +181,43 @@ impl Gateway {
             return Vec::new();
         }
         let mut records = Vec::with_capacity(items.len());
+        // Per item: its deviations and identity, or why it cannot be stored (too large).
         let mut kept = Vec::with_capacity(items.len());
         for (decoded, raw_json) in items {
-            self.note_deviations(&decoded.deviations);
-            let (record, envelope) = Self::record(&decoded.envelope, raw_json, &decoded.deviations);
-            records.push(record);
-            kept.push((decoded.deviations, envelope));
+            match self.record(decoded.envelope, raw_json, decoded.deviations) {
+                Ok((record, identity, deviations)) => {
+                    self.note_deviations(&deviations);
+                    records.push(record);
+                    kept.push(Ok((deviations, identity)));
+                }
+                Err(IngestError::Unavailable(error)) => kept.push(Err(error)),
+                Err(IngestError::Invalid(error)) => {
+                    kept.push(Err(LogError::TooLarge(error.to_string())))
+                }
+            }
         }
-        let appended = self.log.append(records).await;
+        let appended = if records.is_empty() {
+            Vec::new()
+        } else {
+            self.log.append(records).await
+        };
         self.count(&appended);
         let mut appended = appended.into_iter();
         let mut results = Vec::with_capacity(kept.len());
-        for (deviations, envelope) in kept {
+        for kept in kept {
+            let (deviations, identity) = match kept {
+                Ok(kept) => kept,
+                Err(error) => {
+                    results.push(Err(error));
+                    continue;
+                }
+            };
             let appended = appended.next().unwrap_or_else(|| {
                 Err(LogError::Unavailable("log returned too few results".into()))
             });
             results.push(match appended {
                 Ok(appended) => Ok(Ingested {
-                    conflict: self.conflict(&envelope, &appended).await,
+                    conflict: self.conflict(&identity, &appended).await,
                     appended,
                     deviations,
                 }),
@@ -204,39 +231,58 @@ impl Gateway {
     /// what a JSON body must (a type, and a positive id unless transitive).
     pub async fn ingest_envelope(&self, envelope: Envelope) -> Result<Ingested, IngestError> {
         decode::validate(&envelope)?;
-        let (record, encoded) = Self::record(&envelope, Bytes::new(), &[]);
+        let (record, identity, deviations) = self.record(envelope, Bytes::new(), Vec::new())?;
+        self.note_deviations(&deviations);
         let appended = self.append_one(record).await?;
         Ok(Ingested {
-            conflict: self.conflict(&encoded, &appended).await,
+            conflict: self.conflict(&identity, &appended).await,
             appended,
-            deviations: Vec::new(),
+            deviations,
         })
     }
 
-    /// Whether a duplicate's typed content differs from the event stored under its id, both typed
-    /// by this build (a redelivery is the same event; another event under a reused id is a
-    /// sender bug worth seeing). Counted, and the id logged once. A lookup that fails says "no
-    /// conflict".
-    async fn conflict(&self, envelope: &Bytes, appended: &Appended) -> bool {
+    /// Whether a duplicate's content differs from the event stored under its id (a redelivery
+    /// is the same event; another event under a reused id is a sender bug worth seeing). Decided
+    /// by the digests kept with the record (the same body bytes, or the same typed form), never
+    /// by decoding the stored body; only a record of an earlier release (no digests) or one
+    /// typed by other protos is decoded (counted). Counted, and the id logged once. A lookup
+    /// that fails says "no conflict".
+    async fn conflict(&self, new: &NewIdentity, appended: &Appended) -> bool {
         if !appended.duplicate {
             return false;
         }
-        let stored = match self.log.read(appended.sequence, 1).await {
+        let payload = match self.log.read(appended.sequence, 1).await {
             Ok(records) => records
                 .into_iter()
                 .find(|record| record.sequence == appended.sequence)
-                .and_then(|record| StoredEvent::decode(record.payload).ok()),
+                .map(|record| record.payload),
             Err(_) => None,
         };
-        let Some(stored) = stored else {
+        let Some(stored) = payload
+            .as_ref()
+            .and_then(|payload| record::identity(payload).ok())
+        else {
             return false;
         };
-        let conflict = stored.envelope != *envelope && !Self::retyped_is(&stored, envelope);
+        let (conflict, event_id) = match stored {
+            Identity::Digests(digests, keys) => {
+                let conflict = match new.digests.same_event(&digests) {
+                    Some(same) => !same,
+                    // Typed by other protos: the stored body, typed by this build's.
+                    None => payload
+                        .and_then(|payload| record::stored(payload).ok())
+                        .is_some_and(|stored| !self.retyped_is(&stored, &new.envelope)),
+                };
+                (conflict, keys.event_id)
+            }
+            Identity::Legacy(stored) => {
+                let conflict =
+                    stored.envelope != new.envelope && !self.retyped_is(&stored, &new.envelope);
+                (conflict, stored.keys.map_or(0, |k| k.event_id))
+            }
+        };
         if conflict {
-            if let Some(event_id) = self
-                .metrics
-                .observe_conflict(stored.keys.map(|k| k.event_id))
-            {
+            if let Some(event_id) = self.metrics.observe_conflict(Some(event_id)) {
                 tracing::warn!(
                     event_id,
                     sequence = appended.sequence,
@@ -250,11 +296,15 @@ impl Gateway {
 
     /// Whether the stored event's original body, typed by this build's protos, is `envelope`.
     /// An event stored by an earlier release lacks the fields its protos did not have yet, so a
-    /// redelivery after an upgrade differs from it in bytes and is still the same event.
-    fn retyped_is(stored: &StoredEvent, envelope: &Bytes) -> bool {
-        !stored.raw_json.is_empty()
-            && decode::decode_with(&stored.raw_json, Policy::Tolerant)
-                .is_ok_and(|decoded| decoded.envelope.encode_to_vec() == envelope.as_ref())
+    /// redelivery after an upgrade differs from it in bytes and is still the same event. The
+    /// one place a stored body is decoded again (counted in the metrics).
+    fn retyped_is(&self, stored: &StoredEvent, envelope: &Bytes) -> bool {
+        if stored.raw_json.is_empty() {
+            return false;
+        }
+        self.metrics.observe_stored_body_decode();
+        decode::decode_with(&stored.raw_json, Policy::Tolerant)
+            .is_ok_and(|decoded| decoded.envelope.encode_to_vec() == envelope.as_ref())
     }
 
     /// Counts deviations, and logs each field pattern the first time it deviates (the pattern
@@ -292,20 +342,37 @@ impl Gateway {
         self.metrics.observe_appended(stored, duplicates);
     }
 
-    /// The log record of an event, and its typed envelope's bytes.
+    /// The log record of an event (cut to fit `--max-event-bytes`, see [`crate::fit`]), what
+    /// identifies it for a conflict check, and its deviations (the cuts added). Refused
+    /// ([`LogError::TooLarge`]) when it cannot fit, or its record is over what the store takes.
     fn record(
-        envelope: &Envelope,
+        &self,
+        envelope: Envelope,
         raw_json: Bytes,
-        deviations: &[Deviation],
-    ) -> (NewRecord, Bytes) {
-        let stored = stored_event(envelope, raw_json, deviations);
-        let encoded = stored.envelope.clone();
+        deviations: Vec<Deviation>,
+    ) -> Result<(NewRecord, NewIdentity, Vec<Deviation>), IngestError> {
+        let event_id = decode::dedup_id(&envelope);
+        let (payload, identity, deviations) =
+            stored_record(envelope, raw_json, deviations, self.max_event_bytes)
+                .map_err(|error| LogError::TooLarge(error.to_string()))?;
+        if let Some(limit) = self.log.max_payload() {
+            if payload.len() > limit.bytes {
+                return Err(LogError::TooLarge(format!(
+                    "the event is too large to store: its record is {} bytes (compressed), over \
+                     the {} bytes the store takes; {}",
+                    payload.len(),
+                    limit.bytes,
+                    limit.advice
+                ))
+                .into());
+            }
+        }
         let record = NewRecord {
-            event_id: decode::dedup_id(envelope),
+            event_id,
             received_at_ms: now_ms(),
-            payload: stored.encode_to_vec().into(),
+            payload,
         };
-        (record, encoded)
+        Ok((record, identity, deviations))
     }
 
     /// Opens a subscription.
@@ -429,7 +496,56 @@ impl Gateway {
     }
 }
 
-/// What the log stores for an event: the typed envelope encoded, the original body, and what
+/// What identifies a new event, to compare it with the one stored under its id.
+#[derive(Debug, Clone)]
+pub struct NewIdentity {
+    /// Its digests (as its record keeps them).
+    pub digests: Digests,
+    /// Its typed envelope as decoded (before any cut), for records of earlier releases.
+    pub envelope: Bytes,
+}
+
+/// What the log stores for an event: its compact record ([`record`]): the typed envelope (cut to
+/// fit `max_event_bytes` in its largest form, see [`crate::fit`]), the original body, the
+/// deviations, the references as pointers into the envelope, the filter keys and the digests;
+/// with what identifies the event and its deviations (the cuts added).
+pub fn stored_record(
+    envelope: Envelope,
+    raw_json: Bytes,
+    mut deviations: Vec<Deviation>,
+    max_event_bytes: usize,
+) -> Result<(Bytes, NewIdentity, Vec<Deviation>), crate::fit::TooLarge> {
+    let decoded: Bytes = envelope.encode_to_vec().into();
+    let digests = Digests::of(&raw_json, &decoded);
+    let (fitted, cut) =
+        crate::fit::fit(envelope, raw_json.len(), &mut deviations, max_event_bytes)?;
+    let keys = decode::keys(&fitted);
+    let indices = decode::indices(&fitted);
+    let encoded = if cut {
+        fitted.encode_to_vec().into()
+    } else {
+        decoded.clone()
+    };
+    let payload = record::encode(&record::Parts {
+        envelope: &encoded,
+        raw_json: &raw_json,
+        keys: &keys,
+        deviations: &crate::wire::encode_deviations(&deviations),
+        references: &indices,
+        digests: &digests,
+    });
+    Ok((
+        payload,
+        NewIdentity {
+            digests,
+            envelope: decoded,
+        },
+        deviations,
+    ))
+}
+
+/// What the log stores for an event, as a [`StoredEvent`] (as records of earlier releases held
+/// it, and as a record reads back): the typed envelope encoded, the original body, and what
 /// ingest reads from the envelope once (the filter keys, the references resolved from `Rels`).
 pub fn stored_event(envelope: &Envelope, raw_json: Bytes, deviations: &[Deviation]) -> StoredEvent {
     StoredEvent {

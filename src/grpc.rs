@@ -360,6 +360,8 @@ fn log_status(error: LogError) -> Status {
     match error {
         LogError::Truncated { .. } => Status::out_of_range(error.to_string()),
         LogError::Unavailable(_) | LogError::Closed => Status::unavailable(error.to_string()),
+        // Refused for good: the message says "too large" (clients tell it from "busy").
+        LogError::TooLarge(_) => Status::resource_exhausted(error.to_string()),
         // Not retryable: reconnecting would meet the same damaged record.
         LogError::Damaged { .. } => Status::data_loss(error.to_string()),
         // Only at open; never retryable.

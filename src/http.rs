@@ -297,7 +297,12 @@ async fn post_batch(
     // One result per stored item: JetStream stores each on its own, so some may fail while
     // others are stored (answered per item); nothing stored at all is a 503 (retry the batch).
     let ingested = state.gateway.ingest_batch(events).await;
-    let unavailable = ingested.iter().filter(|item| item.is_err()).count();
+    // An item too large to store is refused for good (413 alone), not retried.
+    let too_large = ingested
+        .iter()
+        .filter(|item| matches!(item, Err(LogError::TooLarge(_))))
+        .count();
+    let unavailable = ingested.iter().filter(|item| item.is_err()).count() - too_large;
     if unavailable > 0 && unavailable == ingested.len() {
         if let Some(error) = ingested.iter().find_map(|item| item.as_ref().err()) {
             return Err(HttpError::Storage(error.clone()));
@@ -320,9 +325,9 @@ async fn post_batch(
         .filter(|i| i.as_ref().is_ok_and(|i| i.appended.duplicate))
         .count();
     let mut response = Json(BatchAnswer {
-        stored: ingested.len() - unavailable - duplicates,
+        stored: ingested.len() - unavailable - too_large - duplicates,
         duplicates,
-        rejected,
+        rejected: rejected + too_large,
         unavailable,
         omitted_errors: rejected.saturating_sub(DETAILED_ERRORS),
         omitted_deviations,
@@ -390,7 +395,7 @@ impl serde::Serialize for Results<'_> {
                     Some((_, Ok(item))) => seq.serialize_element(&item.appended)?,
                     Some((_, Err(error))) => seq.serialize_element(&Unstored {
                         error: error.to_string(),
-                        retry: true,
+                        retry: !matches!(error, LogError::TooLarge(_)),
                     })?,
                     None => return Err(S::Error::custom("fewer results than stored items")),
                 },
@@ -561,6 +566,7 @@ impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
         let status = match &self {
             Self::Invalid(_) | Self::BodyRead => StatusCode::BAD_REQUEST,
+            Self::Storage(LogError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_)

@@ -5,6 +5,7 @@
 //! - [`auth`]: ingest credentials (token, Standard Webhooks signatures) and gRPC token scopes.
 //! - [`decode`]: webhook JSON bytes -> typed [`pb::webhook::v1::Envelope`], with clear errors.
 //! - [`wire`]: the stored record and the pre-encoded gRPC `Event` every stream shares.
+//! - [`fit`]: the typed form bounded at ingest, so every event fits one gRPC message.
 //! - [`log`]: the seam where events get sequences and become durable ([`log::EventLog`]).
 //! - [`hub`]: the bounded live tail, fed from the log.
 //! - [`subscribe`]: a subscriber's cursor over the log and the live tail, with its filter.
@@ -21,6 +22,7 @@ pub mod admin;
 pub mod auth;
 pub mod client;
 pub mod decode;
+pub mod fit;
 pub mod gateway;
 pub mod grpc;
 pub mod http;

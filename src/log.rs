@@ -141,6 +141,11 @@ pub enum LogError {
     /// refuses the gateway's credentials or TLS): found at start; retrying will not help.
     #[error("{0}")]
     Misconfigured(String),
+    /// The event cannot be stored whole: its record is over what the store takes (NATS
+    /// `max_payload`), or its typed form over `--max-event-bytes` however it is cut. Refused
+    /// (413); sending it again cannot help until the limit the message names is raised.
+    #[error("{0}")]
+    TooLarge(String),
     /// The store was written by a newer release, in a format this build does not know; it is
     /// left untouched.
     #[error(
@@ -192,6 +197,12 @@ pub trait EventLog: Send + Sync + 'static {
     /// The highest durable sequence (0 when empty), updated after every append.
     fn committed(&self) -> watch::Receiver<u64>;
 
+    /// The largest payload the store takes now, and how to raise it (`None`: no limit below the
+    /// memory's). A record over it is refused at ingest ([`LogError::TooLarge`]).
+    fn max_payload(&self) -> Option<PayloadLimit> {
+        None
+    }
+
     /// The store's counters.
     fn stats(&self) -> LogStats {
         LogStats::default()
@@ -201,6 +212,15 @@ pub trait EventLog: Send + Sync + 'static {
     fn healthy(&self) -> bool {
         true
     }
+}
+
+/// The largest payload a store takes, and what raises it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayloadLimit {
+    /// Bytes of payload at most.
+    pub bytes: usize,
+    /// What refusing a larger one says: the limit, and the setting that raises it.
+    pub advice: String,
 }
 
 /// A shared log.

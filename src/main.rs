@@ -246,6 +246,12 @@ struct ServeArgs {
     /// one event).
     #[arg(long, env = "IQGW_CATCH_UP_MEMORY", default_value_t = iqchannels_gateway::subscribe::DEFAULT_CATCH_UP_BYTES)]
     catch_up_memory: usize,
+    /// Largest event a subscriber receives, in bytes, with every optional field (typed form, raw
+    /// JSON, references, deviations): past it the largest opaque values (Options, Fields, ...)
+    /// are cut to null at ingest (a `cut` deviation); an event that still does not fit gets 413.
+    /// The default is the message limit of stock gRPC clients.
+    #[arg(long, env = "IQGW_MAX_EVENT_BYTES", default_value_t = iqchannels_gateway::fit::DEFAULT_MAX_EVENT_BYTES)]
+    max_event_bytes: usize,
     /// Refuse (400 / INVALID_ARGUMENT, naming the field path) any body with a field that does not
     /// fit its proto type. Default: such a field is coerced when that loses nothing, else left
     /// unset (the raw JSON keeps it), and reported as a deviation on the event.
@@ -580,6 +586,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_in_flight: args.limits.max_in_flight,
         request_timeout: args.limits.request_timeout,
         catch_up_bytes: args.catch_up_memory,
+        max_event_bytes: args.max_event_bytes,
         max_connections: args.limits.max_connections,
         decode_policy: if args.strict_decode {
             iqchannels_gateway::decode::Policy::Strict

@@ -61,6 +61,8 @@ pub struct Metrics {
     deviations: Family<DeviationLabels, Counter>,
     /// Duplicates whose content differs from the stored event.
     conflicts: Counter,
+    /// Stored bodies decoded again to decide a duplicate's conflict (records without digests).
+    stored_body_decodes: Counter,
     /// Event ids logged as conflicting (bounded: cleared when full), to log each once.
     conflict_ids: std::sync::Mutex<std::collections::HashSet<i64>>,
     /// Deviation patterns seen since start (bounded by the protos' fields), to log each once.
@@ -126,6 +128,13 @@ impl Metrics {
              reusing ids)",
             conflicts.clone(),
         );
+        let stored_body_decodes = Counter::default();
+        registry.register(
+            "conflict_check_decodes",
+            "Stored bodies decoded again to decide whether a duplicate conflicts (only records \
+             stored before records kept digests, or typed by other protos)",
+            stored_body_decodes.clone(),
+        );
         let subscribers = Gauge::default();
         registry.register("subscribers", "Open Subscribe streams", subscribers.clone());
         let lag = Family::<SubscriberLabels, Gauge>::default();
@@ -186,6 +195,7 @@ impl Metrics {
             deviations,
             deviation_patterns: Default::default(),
             conflicts,
+            stored_body_decodes,
             conflict_ids: Default::default(),
             subscribers,
             lag,
@@ -267,6 +277,11 @@ impl Metrics {
             seen.clear();
         }
         seen.insert(event_id).then_some(event_id)
+    }
+
+    /// Counts a stored body decoded again for a conflict check.
+    pub fn observe_stored_body_decode(&self) {
+        self.stored_body_decodes.inc();
     }
 
     /// Events stored and duplicates answered since start.

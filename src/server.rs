@@ -180,6 +180,8 @@ pub struct ServerConfig {
     pub decode_policy: crate::decode::Policy,
     /// Bytes all subscribers' catch-up pages may hold together.
     pub catch_up_bytes: usize,
+    /// Bytes an event may take as a subscriber receives it (`--max-event-bytes`).
+    pub max_event_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -199,6 +201,7 @@ impl Default for ServerConfig {
             tls: None,
             decode_policy: crate::decode::Policy::Tolerant,
             catch_up_bytes: crate::subscribe::DEFAULT_CATCH_UP_BYTES,
+            max_event_bytes: crate::fit::DEFAULT_MAX_EVENT_BYTES,
         }
     }
 }
@@ -241,6 +244,7 @@ pub async fn serve(
         max_in_flight: config.max_in_flight,
         decode_policy: config.decode_policy,
         catch_up_bytes: config.catch_up_bytes,
+        max_event_bytes: config.max_event_bytes,
     };
     let stop_rx_for_tls = stop_rx.clone();
     let gateway = Gateway::new(log, &limits, stop_rx);

@@ -13,7 +13,14 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes};
 use prost::Message;
 
-/// What the log stores for one event (its payload; the log adds sequence and time).
+pub mod record;
+
+pub use record::{CorruptRecord, Digests, Identity};
+
+/// An event's stored parts, as a record of an earlier release held them (its payload; the log
+/// adds sequence and time), and as a record is read back (see [`record::stored`]): this build
+/// writes the compact form ([`record`]), where each event is stored once, compressed, its
+/// references pointers into the envelope.
 #[derive(Clone, PartialEq, Message)]
 pub struct StoredEvent {
     /// The typed `iqchannels.webhook.v1.Envelope`, protobuf-encoded.
@@ -137,7 +144,8 @@ struct Head {
     len: u8,
 }
 
-const HEAD_MAX: usize = 48;
+/// The longest head an `Event` has (see `Head`).
+pub const HEAD_MAX: usize = 48;
 
 impl Head {
     fn new(sequence: u64, received_at_ms: i64, envelope_len: usize) -> Self {
@@ -185,16 +193,18 @@ impl EncodedEvent {
             .unwrap_or_default()
     }
 
-    /// Decodes a log payload into the wire form (the envelope and raw JSON stay in `payload`).
+    /// Decodes a log payload into the wire form, once per record read: a compact record is
+    /// decompressed (the envelope and raw JSON are slices of that one buffer) and its references
+    /// rebuilt from the envelope; a record of an earlier release is sliced as it is.
     pub fn from_payload(
         sequence: u64,
         received_at_ms: i64,
         payload: Bytes,
-    ) -> Result<Self, prost::DecodeError> {
+    ) -> Result<Self, CorruptRecord> {
         Ok(Self::new(
             sequence,
             received_at_ms,
-            StoredEvent::decode(payload)?,
+            record::stored(payload)?,
         ))
     }
 

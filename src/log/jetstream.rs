@@ -91,10 +91,11 @@ impl JetStreamLog {
             config::durability_warning(replicas, &client.server_info().version)
         );
         let max_payload = client.server_info().max_payload;
-        if largest_record(config.max_body_bytes) > max_payload {
+        if largest_record(max_payload) < config.max_body_bytes {
             tracing::warn!(
-                "{}: a larger event is answered 503 (the sender retries it) until then",
-                config::max_payload_advice(max_payload, config.max_body_bytes)
+                max_body_bytes = config.max_body_bytes,
+                "{}: an event whose compressed record is larger is refused with 413",
+                config::max_payload_advice(max_payload)
             );
         }
         let info = stream.get_info().await.map_err(unavailable)?;
@@ -164,16 +165,14 @@ impl JetStreamLog {
         }
     }
 
-    /// A publish that did not leave: over the server's `max_payload` is said plainly, with what
-    /// to change (the event stays with its sender, which retries it after a 503).
+    /// A publish that did not leave: over the server's `max_payload` (checked at ingest, but
+    /// the server may have changed since) is refused for good, with what to change, never
+    /// answered 503 for the sender to retry forever.
     fn publish_error(&self, error: jetstream::context::PublishError) -> LogError {
         if error.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded {
-            let advice = config::max_payload_advice(
-                self.client.server_info().max_payload,
-                self.config.max_body_bytes,
-            );
+            let advice = config::max_payload_advice(self.client.server_info().max_payload);
             tracing::warn!("an event was not stored: {error}; {advice}");
-            return LogError::Unavailable(format!("{error}; {advice}"));
+            return LogError::TooLarge(format!("the event is too large to store: {advice}"));
         }
         unavailable(error)
     }
@@ -726,6 +725,18 @@ impl EventLog for JetStreamLog {
 
     fn healthy(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    fn max_payload(&self) -> Option<super::PayloadLimit> {
+        let max_payload = self.client.server_info().max_payload;
+        if max_payload == 0 {
+            // Not known yet (never connected): the publish says.
+            return None;
+        }
+        Some(super::PayloadLimit {
+            bytes: largest_record(max_payload),
+            advice: config::max_payload_advice(max_payload),
+        })
     }
 
     fn stats(&self) -> LogStats {

@@ -18,11 +18,14 @@ const FORMAT_KEY: &str = "format";
 ///
 /// - 1: every release before the format was recorded (no `format` key).
 /// - 2: the same tables and values, with the key.
+/// - 3: the same tables; new payloads are compact records (`wire::record`: compressed, the
+///   references pointers into the envelope), which a release of format 2 would misread as
+///   damaged. Payloads of formats 1 and 2 stay as they are and are read as they were.
 ///
 /// A file of a newer format is refused and left untouched. Bump it when the layout of the
 /// tables or of their values changes in a way an older release would misread, and add the step
 /// from the previous format where [`open_database`] upgrades.
-pub const FORMAT: u64 = 2;
+pub const FORMAT: u64 = 3;
 
 /// Whether the file may be changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +90,9 @@ pub(super) fn open_database(
         // Upgrades, oldest first. From 1 to 2 nothing changes but the key: the tables, their
         // keys and the values' header are the same, and a payload written before `StoredEvent`
         // fields 4 (deviations) and 5 (references) existed reads them as empty, which is what
-        // they were. A later format adds its step here.
+        // they were. From 2 to 3 nothing is rewritten either: the old payloads stay readable
+        // (`wire::record::stored` tells them from compact records by their first byte), and
+        // only new events are written compact. A later format adds its step here.
         if let Some(found) = found.filter(|&found| found < FORMAT) {
             if access == Access::ReadWrite {
                 tracing::info!(

@@ -54,19 +54,21 @@ pub(super) fn redact(urls: &str) -> String {
         .join(",")
 }
 
-/// The largest stored form of an event of `body` bytes: the body verbatim, its typed envelope
-/// (at most about as large), its references and deviations, and the message headers.
-pub fn largest_record(body: usize) -> usize {
-    body.saturating_mul(2).saturating_add(64 * 1024)
+/// Bytes of a JetStream message beyond its payload, at most: the headers (`Nats-Msg-Id`,
+/// `Iqgw-Received-At`) count against the server's `max_payload` too.
+pub const HEADERS_BYTES: usize = 256;
+
+/// The largest record (payload) a server with this `max_payload` takes.
+pub fn largest_record(max_payload: usize) -> usize {
+    max_payload.saturating_sub(HEADERS_BYTES)
 }
 
-/// What to tell the operator when a record is over the server's `max_payload`.
-pub fn max_payload_advice(max_payload: usize, body: usize) -> String {
+/// What a refused event is told when its record is over the server's `max_payload`.
+pub fn max_payload_advice(max_payload: usize) -> String {
     format!(
-        "the NATS server's max_payload is {max_payload} bytes; an event's stored form (its body \
-         and its typed form) can reach {} bytes with --max-body-bytes {body}: set `max_payload` \
-         to at least that on every NATS server (README), or lower --max-body-bytes",
-        largest_record(body)
+        "the NATS server's max_payload is {max_payload} bytes (an event's record, compressed, \
+         plus {HEADERS_BYTES} bytes of headers): raise `max_payload` in every NATS server's \
+         configuration (README, \"Event size\"), or send smaller events"
     )
 }
 

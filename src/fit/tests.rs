@@ -1,0 +1,192 @@
+//! Every accepted event fits one gRPC message at the default 4 MiB in its largest form, whatever
+//! the body within `--max-body-bytes`.
+
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::wire::{EncodedEvent, Form, WireEvent};
+
+const MAX_BODY: usize = 1 << 20;
+
+/// A body of `ChatEvent` pointing at chat 1, project 1, client 1, user 1 and message 1, with
+/// `rels` (JSON object members) added, padded with `filler` opaque items until it is close to
+/// `MAX_BODY` bytes.
+fn body(shape: u8, seed: u64) -> Vec<u8> {
+    let zeros = |n: usize| vec!["0"; n].join(",");
+    // Room left for each shape's bulk, so that the body ends near MAX_BODY.
+    let room = MAX_BODY - 2_000;
+    let rels = match shape % 6 {
+        // One huge array of opaque zeros in the referenced project (copied again as a
+        // reference): the 5.6x case.
+        0 => format!(r#""Projects":[{{"Id":1,"Options":[{}]}}]"#, zeros(room / 2)),
+        // Many small opaque values, over many entities.
+        1 => {
+            let each = r#"{"Id":9,"Options":[0,0,0,0,0,0,0,0],"Permissions":{"a":0,"b":[0,0]}},"#;
+            let mut items = String::new();
+            while items.len() + each.len() < room {
+                items.push_str(each);
+            }
+            items.pop();
+            format!(r#""Projects":[{{"Id":1,"Options":[0]}},{items}]"#)
+        }
+        // Deep values: arrays nested close to the depth cut, many of them.
+        2 => {
+            let deep = format!("{}0{}", "[".repeat(30), "]".repeat(30));
+            let mut items = String::new();
+            while items.len() + deep.len() + 1 < room {
+                items.push_str(&deep);
+                items.push(',');
+            }
+            items.pop();
+            format!(r#""Clients":[{{"Id":1,"Fields":[{items}]}}]"#)
+        }
+        // Objects of many keys, split between a user and a client (both referenced).
+        3 => {
+            let half = |prefix: &str| {
+                let mut members = String::new();
+                let mut i = 0;
+                while members.len() < room / 2 - 100 {
+                    members.push_str(&format!(r#""{prefix}{i}":0,"#));
+                    i += 1;
+                }
+                members.pop();
+                members
+            };
+            format!(
+                r#""Users":[{{"Id":1,"Permissions":{{{}}}}}],"Clients":[{{"Id":1,"Fields":{{{}}}}}]"#,
+                half("u"),
+                half("c")
+            )
+        }
+        // Empty strings and nulls: the smallest JSON items.
+        4 => {
+            let items = vec![r#""""#; room / 3].join(",");
+            format!(r#""Projects":[{{"Id":1,"Permissions":[{items}]}}]"#)
+        }
+        // A mix in sizes chosen by the seed: one big value and many small ones.
+        _ => {
+            let big = (seed as usize % (room / 3)).max(1);
+            let mut rest = String::new();
+            while rest.len() + 40 < room - big * 2 {
+                rest.push_str(r#"{"Id":7,"Options":[0,0,0]},"#);
+            }
+            rest.pop();
+            format!(
+                r#""Projects":[{{"Id":1,"Options":[{}]}}{}{rest}]"#,
+                zeros(big),
+                if rest.is_empty() { "" } else { "," }
+            )
+        }
+    };
+    let body = format!(
+        r#"{{"ChatEvent":{{"Id":{},"Type":"message_created","ChatId":1,"ClientId":1,"UserId":1,"MessageId":1}},"Rels":{{"Chats":[{{"Id":1,"ProjectId":1,"ClientId":1}}],"ChatMessages":[{{"Id":1,"ChatId":1,"Text":"hi"}}],{rels}}}}}"#,
+        seed.max(1) % 1_000_000_000 + 1
+    );
+    assert!(
+        body.len() <= MAX_BODY,
+        "shape {shape}: {} bytes",
+        body.len()
+    );
+    body.into_bytes()
+}
+
+/// The event `body` becomes, as a subscriber asking for everything receives it.
+fn largest_event(body: &[u8]) -> (Vec<u8>, Vec<Deviation>) {
+    let decoded = crate::decode::decode(body).expect("the body decodes");
+    let (payload, _, deviations) = crate::gateway::stored_record(
+        decoded.envelope,
+        bytes::Bytes::copy_from_slice(body),
+        decoded.deviations,
+        DEFAULT_MAX_EVENT_BYTES,
+    )
+    .expect("every body within --max-body-bytes is accepted");
+    let event = EncodedEvent::from_payload(u64::MAX, i64::MIN, payload).expect("it reads back");
+    let wire = WireEvent {
+        event: Arc::new(event),
+        form: Form {
+            raw_json: true,
+            references: true,
+        },
+    };
+    (wire.encode_to_vec(), deviations)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_accepted_event_fits_4_mib_in_its_largest_form(shape in 0u8..6, seed in any::<u64>()) {
+        let body = body(shape, seed);
+        let (event, deviations) = largest_event(&body);
+        prop_assert!(
+            event.len() <= DEFAULT_MAX_EVENT_BYTES,
+            "shape {}: {} bytes", shape, event.len()
+        );
+        // A stock decoder reads it (prost: no size limit of its own, 100 levels of nesting).
+        let decoded = crate::pb::client::Event::decode(event.as_slice());
+        prop_assert!(decoded.is_ok(), "shape {}: {:?}", shape, decoded.err());
+        let decoded = decoded.unwrap();
+        prop_assert_eq!(decoded.raw_json.as_slice(), body.as_slice(), "the body is kept whole");
+        prop_assert_eq!(decoded.deviations.len(), deviations.len());
+        prop_assert!(decoded.deviations.len() <= crate::decode::MAX_DEVIATIONS + 1 + CUTS_REPORTED + 1);
+    }
+}
+
+#[test]
+fn the_largest_opaque_value_is_cut_first_and_reported_and_the_references_agree() {
+    let body = body(0, 3);
+    let (event, deviations) = largest_event(&body);
+    assert!(event.len() <= DEFAULT_MAX_EVENT_BYTES);
+    let cut: Vec<&Deviation> = deviations
+        .iter()
+        .filter(|d| d.outcome == Outcome::Cut)
+        .collect();
+    assert_eq!(cut.len(), 1, "{deviations:?}");
+    assert_eq!(cut[0].path, "Rels.Projects[0].Options");
+    assert_eq!(cut[0].pattern, "Rels.Projects[].Options");
+    assert_eq!(cut[0].found, "an array");
+    let decoded = crate::pb::client::Event::decode(event.as_slice()).unwrap();
+    let envelope = decoded.envelope.unwrap();
+    let project = &envelope.rels.as_ref().unwrap().projects[0];
+    let null = prost_types::Value {
+        kind: Some(prost_types::value::Kind::NullValue(0)),
+    };
+    assert_eq!(project.options, Some(null));
+    // The reference is the cut entity, as in the envelope.
+    let references = decoded.references.unwrap();
+    assert_eq!(references.project.as_ref(), Some(project));
+    assert_eq!(references.chat.map(|c| c.id), Some(1));
+    assert_eq!(references.message.map(|m| m.text), Some("hi".to_owned()));
+}
+
+#[test]
+fn an_event_that_fits_is_left_alone() {
+    let body = br#"{"ChatEvent":{"Id":5,"Type":"t","ChatId":1},"Rels":{"Chats":[{"Id":1,"ProjectId":2}],"Projects":[{"Id":2,"Options":[0,0,0]}]}}"#;
+    let decoded = crate::decode::decode(body).unwrap();
+    let mut deviations = Vec::new();
+    let (envelope, cut) = fit(
+        decoded.envelope.clone(),
+        body.len(),
+        &mut deviations,
+        DEFAULT_MAX_EVENT_BYTES,
+    )
+    .unwrap();
+    assert!(!cut);
+    assert!(deviations.is_empty());
+    assert_eq!(envelope, decoded.envelope);
+}
+
+#[test]
+fn an_event_that_cannot_fit_even_cut_is_refused_naming_the_flag() {
+    // Typed text, not opaque: nothing to cut.
+    let text = "x".repeat(300_000);
+    let body = format!(
+        r#"{{"ChatEvent":{{"Id":5,"Type":"t","MessageId":1}},"Rels":{{"ChatMessages":[{{"Id":1,"Text":"{text}"}}]}}}}"#
+    );
+    let decoded = crate::decode::decode(body.as_bytes()).unwrap();
+    let error = fit(decoded.envelope, body.len(), &mut Vec::new(), 700_000).unwrap_err();
+    assert!(error.to_string().contains("--max-event-bytes"), "{error}");
+    assert!(error.to_string().contains("too large"), "{error}");
+}
