@@ -419,11 +419,29 @@ async fn a_frozen_nats_server_is_noticed_under_steady_ingest_and_recovered_from(
     assert!(recovered, "ready and storing again once the server answers");
 }
 
-/// An event whose stored form (its body, its typed form, its references) is over the NATS
-/// server's `max_payload` cannot be stored: it is answered 503 (the sender keeps it and retries)
-/// with what to change, and the start warns when `--max-body-bytes` allows such events.
+/// Printable ASCII that zstd cannot shrink much (about 6.6 bits a byte): `len` bytes from a
+/// xorshift generator, without `"` or `\\`.
+fn incompressible(len: usize, mut seed: u64) -> String {
+    let mut out = String::with_capacity(len);
+    while out.len() < len {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let c = (b' ' + (seed % 95) as u8) as char;
+        if c != '"' && c != '\\' {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// An event whose record, compressed, is over the NATS server's `max_payload` cannot be stored:
+/// it is refused with 413 naming the limit and the setting that raises it (never a 503 the
+/// sender would retry forever), decided from the record's actual size: a larger body that
+/// compresses under the limit is stored. The start warns when `--max-body-bytes` allows bodies
+/// over `max_payload`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_event_over_the_nats_max_payload_is_answered_503_saying_what_to_change() {
+async fn an_event_whose_record_is_over_the_nats_max_payload_is_refused_with_413_naming_the_limit() {
     if !require(
         "NATS with JetStream on 127.0.0.1:4222",
         reachable(SHARED_NATS),
@@ -432,7 +450,9 @@ async fn an_event_over_the_nats_max_payload_is_answered_503_saying_what_to_chang
     }
     let stream = TestStream::new(SHARED_NATS);
     let store = format!("nats://{SHARED_NATS}");
-    let process = Process::start(&stream.args(&store));
+    let mut args = stream.args(&store);
+    args.extend(["--max-body-bytes", "4194304"]);
+    let process = Process::start(&args);
     let warned = process
         .logged()
         .iter()
@@ -443,24 +463,38 @@ async fn an_event_over_the_nats_max_payload_is_answered_503_saying_what_to_chang
         env!("CARGO_MANIFEST_DIR"),
         "/../shared/fixtures/message_created_file.json"
     ));
-    let mut body: serde_json::Value = serde_json::from_str(fixture).unwrap();
-    // 600 KB of text: under --max-body-bytes (1 MiB), over max_payload once stored.
-    body["Rels"]["ChatMessages"][0]["Text"] = "я".repeat(300_000).into();
     let http = reqwest::Client::new();
-    let response = http
-        .post(process.url("/v1/events"))
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 503);
-    let answer: serde_json::Value = response.json().await.unwrap();
-    let error = answer["error"].as_str().unwrap_or_default();
-    assert!(
-        error.contains("max_payload") && error.contains("--max-body-bytes"),
-        "{answer}"
-    );
+    let send = |body: serde_json::Value| {
+        http.post(process.url("/v1/events"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+    };
+    // 1 MB of text that compresses well: over max_payload as a body, under it as a record.
+    let mut body: serde_json::Value = serde_json::from_str(fixture).unwrap();
+    body["ChatEvent"]["Id"] = 1001.into();
+    body["Rels"]["ChatMessages"][0]["Text"] = "я".repeat(530_000).into();
+    let response = send(body).await.unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+
+    // 1.3 MB and more that does not compress (to about 0.83), in an unknown field (the typed
+    // form stays small): over, in records of 1.08 MB and 1.24 MB.
+    for (id, len) in [(1002, 1_500_000), (1003, 1_300_000)] {
+        let mut body: serde_json::Value = serde_json::from_str(fixture).unwrap();
+        body["ChatEvent"]["Id"] = id.into();
+        body["Padding"] = incompressible(len, id as u64).into();
+        let response = send(body).await.unwrap();
+        let status = response.status();
+        let retry_after = response.headers().get("retry-after").cloned();
+        let answer: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(status, 413, "{answer}");
+        assert!(retry_after.is_none());
+        let error = answer["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("max_payload is 1048576 bytes") && error.contains("raise `max_payload`"),
+            "{answer}"
+        );
+    }
     // The gateway is fine otherwise.
-    assert_eq!(post(&http, &process, 7).await, Some(1));
+    assert_eq!(post(&http, &process, 7).await, Some(2));
 }

@@ -15,6 +15,23 @@ use iqchannels_gateway::pb::client::subscribe_request::Start;
 use iqchannels_gateway::pb::client::Filter;
 use iqchannels_gateway::server::ServerConfig;
 
+/// Printable ASCII that zstd cannot shrink much: `len` bytes from a xorshift generator,
+/// without `"` or `\\`.
+fn incompressible(len: usize, mut seed: u64) -> String {
+    let mut out = String::with_capacity(len);
+    seed |= 1;
+    while out.len() < len {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let c = (b' ' + (seed % 95) as u8) as char;
+        if c != '"' && c != '\\' {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn record(id: i64, received_at_ms: i64) -> NewRecord {
     NewRecord {
         event_id: Some(id),
@@ -276,7 +293,8 @@ async fn a_batch_the_stream_stores_in_part_is_answered_per_item_instead_of_503()
     let small = |id| common::event_json(id, "chat_closed", 13, "user", 1);
     let big = |id| {
         let mut body: serde_json::Value = serde_json::from_str(&small(id)).unwrap();
-        body["Padding"] = "x".repeat(8192).into();
+        // Text that does not compress: the stored record stays over 4 KiB.
+        body["Padding"] = incompressible(8192, id as u64).into();
         body.to_string()
     };
 
@@ -340,4 +358,71 @@ async fn a_time_means_the_gateways_receive_time_not_the_nats_publish_time() {
     stream.purge().sequence(3).await.expect("purge 1..=2");
     assert_eq!(log.seek_time(0).await.unwrap(), 3);
     assert_eq!(log.seek_time(3500).await.unwrap(), 4);
+}
+
+/// Records a release before the compact form wrote to the stream (a bare `StoredEvent`, the
+/// references copied) are served beside the compact ones, references and all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_the_earlier_form_on_the_stream_stay_readable() {
+    use iqchannels_gateway::pb::client::get_event_request::Key;
+    use iqchannels_gateway::pb::client::GetEventRequest;
+    use prost::Message;
+    let Some((config, _guard)) = jetstream_config() else {
+        return;
+    };
+    let log = Arc::new(JetStreamLog::connect(config).await.unwrap());
+    let body = common::MESSAGE_CREATED;
+    let envelope = iqchannels_gateway::decode::decode(body).unwrap().envelope;
+    let old = iqchannels_gateway::gateway::stored_event(&envelope, Bytes::from_static(body), &[]);
+    log.append_all(vec![NewRecord {
+        event_id: Some(608),
+        received_at_ms: 1,
+        payload: Bytes::from(old.encode_to_vec()),
+    }])
+    .await
+    .unwrap();
+    let server = TestServer::with_log(log.clone(), ServerConfig::default()).await;
+    let new = server.store(common::CHAT_CLOSED).await;
+    assert_eq!(new, 2);
+    let mut client = server.grpc().await;
+    for sequence in [1, 2] {
+        let event = client
+            .get_event(GetEventRequest {
+                key: Some(Key::Sequence(sequence)),
+                include_raw_json: true,
+                include_references: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let references = event.references.expect("asked for");
+        assert!(references.chat.is_some(), "{sequence}: {references:?}");
+        if sequence == 1 {
+            assert_eq!(event.envelope, Some(envelope.clone()));
+            assert_eq!(event.raw_json, body);
+            assert_eq!(references.encode_to_vec(), old.references.to_vec());
+        } else {
+            assert_eq!(event.raw_json, common::CHAT_CLOSED);
+        }
+    }
+    // The old event posted again: a duplicate of it, not a conflict.
+    let (_, answer) = server.post_event(body).await;
+    assert_eq!(
+        (
+            &answer["sequence"],
+            &answer["duplicate"],
+            answer.get("conflict")
+        ),
+        (&1.into(), &true.into(), None),
+        "{answer}"
+    );
+    let mut stream = common::subscribe(
+        &mut client,
+        subscription(Filter::default(), Some(Start::Beginning(()))),
+    )
+    .await;
+    for sequence in [1, 2] {
+        assert_eq!(common::next_event(&mut stream).await.sequence, sequence);
+    }
+    server.stop().await;
 }
