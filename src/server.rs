@@ -178,8 +178,13 @@ pub struct ServerConfig {
     pub tls: Option<crate::tls::TlsFiles>,
     /// Tolerant (default) or strict decoding of webhook bodies.
     pub decode_policy: crate::decode::Policy,
-    /// Bytes all subscribers' catch-up pages may hold together.
+    /// Bytes all subscribers may hold together outside the live tail: catch-up pages and
+    /// events on their way to the socket (`--catch-up-memory`).
     pub catch_up_bytes: usize,
+    /// Bytes the live tail holds at most (`--live-buffer-bytes`).
+    pub live_buffer_bytes: usize,
+    /// Catch-up reads running at once, over all subscribers (`--catch-up-reads`).
+    pub catch_up_reads: usize,
 }
 
 impl Default for ServerConfig {
@@ -199,6 +204,8 @@ impl Default for ServerConfig {
             tls: None,
             decode_policy: crate::decode::Policy::Tolerant,
             catch_up_bytes: crate::subscribe::DEFAULT_CATCH_UP_BYTES,
+            live_buffer_bytes: crate::hub::DEFAULT_LIVE_BYTES,
+            catch_up_reads: crate::subscribe::DEFAULT_CATCH_UP_READS,
         }
     }
 }
@@ -241,6 +248,8 @@ pub async fn serve(
         max_in_flight: config.max_in_flight,
         decode_policy: config.decode_policy,
         catch_up_bytes: config.catch_up_bytes,
+        live_buffer_bytes: config.live_buffer_bytes,
+        catch_up_reads: config.catch_up_reads,
     };
     let stop_rx_for_tls = stop_rx.clone();
     let gateway = Gateway::new(log, &limits, stop_rx);
