@@ -16,8 +16,9 @@ use crate::wire::{EncodedEvent, Keys};
 /// Records a catch-up read looks at, at most (those the filter refuses are not copied).
 const SCAN_RECORDS: usize = 2048;
 
-/// Bytes a catch-up page holds at most when the budget is not shared.
-const PAGE_BYTES: usize = 1 << 20;
+/// Bytes a catch-up page takes at most, when the budget is not shared: small, so that a
+/// subscriber whose client stops reading holds little beyond the event being sent.
+const PAGE_BYTES: usize = 256 << 10;
 
 /// Default [`Registry`] budget: bytes held for all subscribers together, outside the live tail
 /// (`--catch-up-memory`, see `budget`).
@@ -448,17 +449,12 @@ impl Subscription {
         let registry = self.registered.registry.clone();
         let want = registry.page_bytes().max(self.too_large);
         let mut shutdown = self.shutdown.clone();
-        let (page, slot) = tokio::select! {
+        let page = tokio::select! {
             biased;
             _ = shutdown.changed() => return Err(SubscribeError::ShuttingDown),
-            taken = async {
-                let page = registry.budget.acquire(want).await;
-                (page, registry.reads.clone().acquire_owned().await)
-            } => taken,
+            page = registry.budget.acquire(want) => page,
         };
-        let Ok(slot) = slot else {
-            return Err(SubscribeError::ShuttingDown);
-        };
+        let max_bytes = page.num_permits();
         let mut page = Some(page);
         let filter = self.filter.clone();
         let not_before = self.not_before;
@@ -468,11 +464,22 @@ impl Subscription {
                 && crate::wire::keys_of(payload).is_none_or(|keys| filter.matches(&keys))
         });
         let from = self.next;
-        let scanned = match self
-            .log
-            .scan(from, SCAN_RECORDS, page.as_ref().map_or(1, Permit::num_permits), wanted)
-            .await
-        {
+        // The read runs in a task of its own, which takes a read slot and gives it back when
+        // done: this future may wait unpolled for a long time (a stream whose client stopped
+        // reading is not polled), and must not hold a slot meanwhile.
+        let (log, reads) = (self.log.clone(), registry.reads.clone());
+        let read = tokio::spawn(async move {
+            let Ok(_slot) = reads.acquire_owned().await else {
+                return Err(LogError::Closed);
+            };
+            log.scan(from, SCAN_RECORDS, max_bytes, wanted).await
+        });
+        let scanned = tokio::select! {
+            biased;
+            _ = shutdown.changed() => return Err(SubscribeError::ShuttingDown),
+            read = read => read.unwrap_or_else(|error| Err(LogError::Unavailable(error.to_string()))),
+        };
+        let scanned = match scanned {
             Err(LogError::Truncated { oldest, .. })
                 if self
                     .from_oldest
@@ -483,7 +490,6 @@ impl Subscription {
             }
             scanned => scanned?,
         };
-        drop(slot);
         self.from_oldest = None;
         if scanned.next <= from && scanned.records.is_empty() {
             self.set_catching_up(false);
