@@ -104,11 +104,15 @@ pub struct GatewayConfig {
     pub max_in_flight: usize,
     /// Tolerant (default) or strict decoding (`--strict-decode`).
     pub decode_policy: Policy,
-    /// Bytes all catch-up pages may hold together (`--catch-up-memory`).
+    /// Bytes all subscribers may hold together outside the live tail (`--catch-up-memory`).
     pub catch_up_bytes: usize,
     /// Bytes an event may take as a subscriber receives it with every optional field
     /// (`--max-event-bytes`): past it, opaque values are cut at ingest (see [`crate::fit`]).
     pub max_event_bytes: usize,
+    /// Bytes the live tail holds at most (`--live-buffer-bytes`).
+    pub live_buffer_bytes: usize,
+    /// Catch-up reads running at once (`--catch-up-reads`).
+    pub catch_up_reads: usize,
 }
 
 impl Default for GatewayConfig {
@@ -120,6 +124,8 @@ impl Default for GatewayConfig {
             decode_policy: Policy::Tolerant,
             catch_up_bytes: crate::subscribe::DEFAULT_CATCH_UP_BYTES,
             max_event_bytes: crate::fit::DEFAULT_MAX_EVENT_BYTES,
+            live_buffer_bytes: crate::hub::DEFAULT_LIVE_BYTES,
+            catch_up_reads: crate::subscribe::DEFAULT_CATCH_UP_READS,
         }
     }
 }
@@ -127,15 +133,21 @@ impl Default for GatewayConfig {
 impl Gateway {
     /// A gateway over `log`.
     pub fn new(log: SharedLog, config: &GatewayConfig, shutdown: watch::Receiver<bool>) -> Self {
-        let hub = Hub::start(log.clone(), config.live_buffer, shutdown.clone());
+        let hub = Hub::with_bytes(
+            log.clone(),
+            config.live_buffer,
+            config.live_buffer_bytes,
+            shutdown.clone(),
+        );
         Self {
             log,
             hub,
             shutdown,
             accepting: Arc::new(AtomicBool::new(true)),
-            subscribers: Registry::with_catch_up_bytes(
+            subscribers: Registry::with_limits(
                 config.max_subscribers,
                 config.catch_up_bytes,
+                config.catch_up_reads,
             ),
             metrics: Arc::new(Metrics::new()),
             ingest_slots: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.max(1))),
@@ -491,6 +503,8 @@ impl Gateway {
             committed: *self.log.committed().borrow(),
             subscribers: self.subscribers.positions(),
             store: self.log.stats(),
+            live_tail_bytes: self.hub.bytes() as u64,
+            subscriber_bytes: self.subscribers.held_bytes() as u64,
         };
         self.metrics.render(&snapshot)
     }

@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
 use crate::auth::{AuthError, GrpcAuth, Scope};
+use crate::budget::{HeldBody, PermitSlot};
 use crate::decode::DecodeError;
 use crate::gateway::{Gateway, IngestError};
 use crate::log::LogError;
@@ -60,9 +61,30 @@ pub fn routes(
         .add_service(v1alpha.build_v1alpha()?);
     let router = std::mem::take(routes.axum_router_mut());
     *routes.axum_router_mut() = router
+        .layer(axum::middleware::from_fn(hold_until_sent))
         .layer(tower::util::MapResponseLayer::new(standard_codes))
         .layer(drain::DrainLayer::new(shutdown));
     Ok(routes)
+}
+
+/// The path of `Subscribe`.
+const SUBSCRIBE: &str = "/iqchannels.gateway.v1.EventGateway/Subscribe";
+
+/// A `Subscribe` response's frames carry the budget's bytes of the events encoded in them, given
+/// back once hyper has written them (see `budget`): the stream puts each event's permit in the
+/// slot this layer hands it in the request's extensions.
+async fn hold_until_sent(
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if request.uri().path() != SUBSCRIBE {
+        return next.run(request).await;
+    }
+    let slot = PermitSlot::default();
+    request.extensions_mut().insert(slot.clone());
+    next.run(request)
+        .await
+        .map(|body| axum::body::Body::new(HeldBody::new(body, slot)))
 }
 
 /// Gives the codes the gRPC status code guide prescribes to two refusals tonic makes before a
@@ -162,6 +184,7 @@ impl EventGateway for Service {
         request: Request<SubscribeRequest>,
     ) -> Result<Response<EventStream>, Status> {
         self.authorize(&request, Scope::Subscribe)?;
+        let slot = request.extensions().get::<PermitSlot>().cloned();
         let request = request.into_inner();
         let filter = request.filter.map(filter_from).unwrap_or_default();
         let start = match request.start {
@@ -185,6 +208,7 @@ impl EventGateway for Service {
         let stream = SubscriptionStream {
             state: State::Ready(Box::new(subscription)),
             form,
+            slot,
         };
         Ok(Response::new(Box::pin(stream)))
     }
@@ -264,6 +288,9 @@ struct SubscriptionStream {
     state: State,
     /// The optional fields this stream sends (the same shared bytes for every form).
     form: Form,
+    /// Where each event's permit goes, to travel with the frame it is encoded into; without
+    /// one (a call that did not pass the layer), it is given back once the event is encoded.
+    slot: Option<PermitSlot>,
 }
 
 type Waiting = Pin<Box<dyn Future<Output = (Box<Subscription>, Next)> + Send>>;
@@ -302,7 +329,10 @@ impl Stream for SubscriptionStream {
                 },
             };
             return Poll::Ready(Some(match next {
-                (subscription, Ok(event)) => {
+                (mut subscription, Ok(event)) => {
+                    if let (Some(slot), Some(permit)) = (&this.slot, subscription.take_permit()) {
+                        slot.put(permit);
+                    }
                     this.state = State::Ready(subscription);
                     Ok(WireEvent {
                         event,

@@ -1,14 +1,18 @@
-//! The live tail: the newest durable events, encoded once, broadcast to every subscriber.
+//! The live tail: the newest durable events, encoded once, shared by every subscriber.
 //!
 //! A feeder task follows the log's committed sequence, reads each new record once, turns it into
-//! an [`EncodedEvent`] and broadcasts the `Arc`. The broadcast buffer is bounded
-//! (`capacity` events): when a subscriber falls more than that behind, its receiver reports
-//! `Lagged` and the subscriber continues from the log (see `subscribe`). Ingest never waits for
-//! the hub, and the hub never waits for a subscriber.
+//! an [`EncodedEvent`] and appends the `Arc` to a ring bounded both in events (`--live-buffer`)
+//! and in bytes (`--live-buffer-bytes`, DESIGN invariant 4): appending past either bound drops
+//! the oldest events. A receiver whose next event was dropped reports `Lagged` and its
+//! subscriber continues from the log (see `subscribe`). One event larger than the byte bound is
+//! still kept, alone, so it can be delivered. Ingest never waits for the hub, and the hub never
+//! waits for a subscriber. While nobody listens the ring is empty.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
 use crate::log::{LogError, SharedLog};
 use crate::wire::EncodedEvent;
@@ -16,23 +20,178 @@ use crate::wire::EncodedEvent;
 /// Records read from the log per feeder step.
 const FEED_BATCH: usize = 1024;
 
-/// The broadcast side of the live tail.
+/// Default byte bound of the live tail (`--live-buffer-bytes`).
+pub const DEFAULT_LIVE_BYTES: usize = 32 << 20;
+
+/// Bytes counted for an event besides its stored parts: the `EncodedEvent`, its `Arc`, the
+/// filter keys and the allocator's own overhead, so that many tiny events are counted too.
+pub const EVENT_OVERHEAD: usize = 256;
+
+/// The memory an event holds: its parts (slices of one buffer) and [`EVENT_OVERHEAD`].
+pub fn event_bytes(event: &EncodedEvent) -> usize {
+    event.envelope.len()
+        + event.raw_json.len()
+        + event.deviations.len()
+        + event.references.len()
+        + event.keys.event_type.len()
+        + event.keys.actor.len()
+        + EVENT_OVERHEAD
+}
+
+/// The shared side of the live tail.
 #[derive(Clone)]
 pub struct Hub {
-    /// Bounded: a full buffer overwrites the oldest event and lagging receivers are told so.
-    sender: broadcast::Sender<Arc<EncodedEvent>>,
+    inner: Arc<Inner>,
     /// The feeder task (ends at shutdown, also while the log fails).
     feeder: Arc<tokio::task::JoinHandle<()>>,
 }
 
+struct Inner {
+    ring: Mutex<Ring>,
+    /// The index one past the newest event appended: receivers wait on its changes.
+    pushed: watch::Sender<u64>,
+    receivers: AtomicUsize,
+    /// Bytes held by the ring, for the gauge (also readable without the lock).
+    bytes: AtomicUsize,
+    max_events: usize,
+    max_bytes: usize,
+}
+
+/// The events kept: `events[0]` has index `head`; indices grow by one per appended event.
+#[derive(Default)]
+struct Ring {
+    events: VecDeque<(Arc<EncodedEvent>, usize)>,
+    head: u64,
+    bytes: usize,
+}
+
+impl Ring {
+    fn end(&self) -> u64 {
+        self.head + self.events.len() as u64
+    }
+
+    fn pop_front(&mut self) {
+        if let Some((_, size)) = self.events.pop_front() {
+            self.head += 1;
+            self.bytes -= size;
+        }
+    }
+}
+
+impl Inner {
+    fn push(&self, event: Arc<EncodedEvent>) {
+        let size = event_bytes(&event);
+        let end = {
+            let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+            ring.events.push_back((event, size));
+            ring.bytes += size;
+            // The newest event stays even when it alone is over the byte bound.
+            while ring.events.len() > 1
+                && (ring.events.len() > self.max_events || ring.bytes > self.max_bytes)
+            {
+                ring.pop_front();
+            }
+            self.bytes.store(ring.bytes, Ordering::Relaxed);
+            ring.end()
+        };
+        self.pushed.send_replace(end);
+    }
+
+    /// Drops every event (nobody listens any more).
+    fn clear(&self) {
+        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        while !ring.events.is_empty() {
+            ring.pop_front();
+        }
+        self.bytes.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Why [`Receiver::try_recv`] has no event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TryRecvError {
+    /// Nothing new yet.
+    Empty,
+    /// Events this receiver had not taken were dropped (the tail's bounds): read the log.
+    Lagged,
+}
+
+/// One subscriber's position in the live tail.
+pub struct Receiver {
+    inner: Arc<Inner>,
+    next: u64,
+    pushed: watch::Receiver<u64>,
+}
+
+impl Receiver {
+    /// The next event if one is there, without waiting. After `Lagged` the receiver continues
+    /// at the oldest event kept.
+    pub fn try_recv(&mut self) -> Result<Arc<EncodedEvent>, TryRecvError> {
+        let ring = self.inner.ring.lock().unwrap_or_else(|p| p.into_inner());
+        if self.next < ring.head {
+            self.next = ring.head;
+            return Err(TryRecvError::Lagged);
+        }
+        match ring.events.get((self.next - ring.head) as usize) {
+            Some((event, _)) => {
+                self.next += 1;
+                Ok(event.clone())
+            }
+            None => Err(TryRecvError::Empty),
+        }
+    }
+
+    /// The next event, waiting for one; `Err(Lagged)` as in [`Receiver::try_recv`].
+    pub async fn recv(&mut self) -> Result<Arc<EncodedEvent>, TryRecvError> {
+        loop {
+            // Marked seen before the ring is looked at: an append after this wakes the wait.
+            self.pushed.borrow_and_update();
+            match self.try_recv() {
+                Err(TryRecvError::Empty) => {
+                    // The sender lives in `inner`, which this receiver holds: never closed.
+                    let _ = self.pushed.changed().await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        if self.inner.receivers.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.inner.clear();
+        }
+    }
+}
+
 impl Hub {
-    /// Starts the feeder for `log`, beginning after the log's current end. The feeder stops when
-    /// `shutdown` changes.
-    pub fn start(log: SharedLog, capacity: usize, mut shutdown: watch::Receiver<bool>) -> Self {
-        let (sender, _) = broadcast::channel(capacity.max(1));
-        let feeder_sender = sender.clone();
+    /// Starts the feeder for `log` with a tail of `capacity` events and
+    /// [`DEFAULT_LIVE_BYTES`], beginning after the log's current end.
+    pub fn start(log: SharedLog, capacity: usize, shutdown: watch::Receiver<bool>) -> Self {
+        Self::with_bytes(log, capacity, DEFAULT_LIVE_BYTES, shutdown)
+    }
+
+    /// Starts the feeder for `log`, beginning after the log's current end, with a tail of at
+    /// most `capacity` events and `max_bytes` bytes (one larger event is kept alone). The
+    /// feeder stops when `shutdown` changes.
+    pub fn with_bytes(
+        log: SharedLog,
+        capacity: usize,
+        max_bytes: usize,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let inner = Arc::new(Inner {
+            ring: Mutex::new(Ring::default()),
+            pushed: watch::channel(0).0,
+            receivers: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            max_events: capacity.max(1),
+            max_bytes: max_bytes.max(1),
+        });
+        let feeder_inner = inner.clone();
         let feeder = tokio::spawn(async move {
-            let sender = feeder_sender;
+            let inner = feeder_inner;
             let mut next = log.bounds().next;
             let mut committed = log.committed();
             loop {
@@ -41,10 +200,10 @@ impl Hub {
                     if next > end {
                         break;
                     }
-                    if sender.receiver_count() == 0 {
+                    if inner.receivers.load(Ordering::Acquire) == 0 {
                         // Nobody listens: nothing to read or encode. A subscriber attaches its
                         // receiver before it reads the log, so one attaching now still reads up
-                        // to `end` from the log, and everything after `end` is broadcast.
+                        // to `end` from the log, and everything after `end` is appended.
                         next = end + 1;
                         break;
                     }
@@ -58,8 +217,7 @@ impl Hub {
                                     record.received_at_ms,
                                     record.payload,
                                 ) {
-                                    // No receivers is fine: nobody is subscribed right now.
-                                    Ok(event) => drop(sender.send(Arc::new(event))),
+                                    Ok(event) => inner.push(Arc::new(event)),
                                     Err(error) => {
                                         tracing::error!(sequence = record.sequence, %error, "undecodable record in the log")
                                     }
@@ -83,7 +241,7 @@ impl Hub {
             }
         });
         Self {
-            sender,
+            inner,
             feeder: Arc::new(feeder),
         }
     }
@@ -93,14 +251,26 @@ impl Hub {
         self.feeder.is_finished()
     }
 
-    /// A receiver of every event broadcast from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<EncodedEvent>> {
-        self.sender.subscribe()
+    /// A receiver of every event appended from now on.
+    pub fn subscribe(&self) -> Receiver {
+        self.inner.receivers.fetch_add(1, Ordering::AcqRel);
+        let pushed = self.inner.pushed.subscribe();
+        let next = self.inner.ring.lock().unwrap_or_else(|p| p.into_inner()).end();
+        Receiver {
+            inner: self.inner.clone(),
+            next,
+            pushed,
+        }
     }
 
     /// How many receivers are attached.
     pub fn receivers(&self) -> usize {
-        self.sender.receiver_count()
+        self.inner.receivers.load(Ordering::Acquire)
+    }
+
+    /// Bytes the live tail holds now (see [`event_bytes`]).
+    pub fn bytes(&self) -> usize {
+        self.inner.bytes.load(Ordering::Relaxed)
     }
 }
 

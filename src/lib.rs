@@ -9,6 +9,7 @@
 //! - [`log`]: the seam where events get sequences and become durable ([`log::EventLog`]).
 //! - [`hub`]: the bounded live tail, fed from the log.
 //! - [`subscribe`]: a subscriber's cursor over the log and the live tail, with its filter.
+//! - [`budget`]: the bytes held for subscribers, carried by the frames that send them.
 //! - [`gateway`]: ingest, subscriptions and lookups, shared by the edges.
 //! - [`http`], [`grpc`]: the edges (axum, tonic).
 //! - [`metrics`]: Prometheus metrics.
@@ -20,6 +21,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod budget;
 pub mod client;
 pub mod decode;
 pub mod fit;

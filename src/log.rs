@@ -103,6 +103,8 @@ pub struct LogStats {
     pub size_bytes: u64,
     /// Reads that found the store damaged (see [`LogError::Damaged`]).
     pub damaged_reads: u64,
+    /// Bytes of records the store keeps in memory for readers (the JetStream tail cache).
+    pub cache_bytes: u64,
 }
 
 /// Why the log could not do what was asked.
@@ -185,6 +187,60 @@ pub trait EventLog: Send + Sync + 'static {
     /// record, or removed); never a later record in its place.
     async fn read(&self, from: u64, limit: usize) -> Result<Vec<Record>, LogError>;
 
+    /// A catch-up read: the records from `from` on that `wanted` accepts, looking at up to
+    /// `limit` records and taking whole records while their payloads total at most `max_bytes`
+    /// (always the first wanted one, whatever its size). `wanted` sees a record's sequence,
+    /// received time and payload before it is copied, so a store can skip the records a filter
+    /// refuses without copying them. The answer's `next` is the sequence to look at next: past
+    /// the last record looked at (== `from` at the end of the log). Consecutive from `from`
+    /// like [`EventLog::read`], and [`LogError::Truncated`] when `from` is gone.
+    async fn scan(
+        &self,
+        from: u64,
+        limit: usize,
+        max_bytes: usize,
+        wanted: Wanted,
+    ) -> Result<Scanned, LogError> {
+        // Read in chunks sized by the largest record seen, so that a page of large records is
+        // never read whole only to be cut (the first chunk is one record).
+        let mut scanned = Scanned {
+            records: Vec::new(),
+            next: from,
+        };
+        let (mut looked, mut bytes, mut largest) = (0usize, 0usize, 0usize);
+        while looked < limit {
+            let chunk = if largest == 0 {
+                1
+            } else {
+                (max_bytes.saturating_sub(bytes) / largest).clamp(1, SCAN_CHUNK)
+            }
+            .min(limit - looked);
+            let records = match self.read(scanned.next, chunk).await {
+                // Removed since the first chunk: the next scan says so.
+                Err(LogError::Truncated { .. }) if looked > 0 => break,
+                records => records?,
+            };
+            if records.is_empty() {
+                break;
+            }
+            looked += records.len();
+            for record in records {
+                largest = largest.max(record.payload.len().max(1));
+                if wanted(record.sequence, record.received_at_ms, &record.payload) {
+                    if !scanned.records.is_empty() && bytes + record.payload.len() > max_bytes {
+                        return Ok(scanned);
+                    }
+                    bytes += record.payload.len();
+                    scanned.next = record.sequence + 1;
+                    scanned.records.push(record);
+                } else {
+                    scanned.next = record.sequence + 1;
+                }
+            }
+        }
+        Ok(scanned)
+    }
+
     /// The sequence under which `event_id` is stored.
     async fn find_event(&self, event_id: i64) -> Result<Option<u64>, LogError>;
 
@@ -221,6 +277,21 @@ pub struct PayloadLimit {
     pub bytes: usize,
     /// What refusing a larger one says: the limit, and the setting that raises it.
     pub advice: String,
+}
+
+/// Records read at once by the default [`EventLog::scan`], at most.
+const SCAN_CHUNK: usize = 64;
+
+/// What a catch-up read wants of a record: `(sequence, received_at_ms, payload)`.
+pub type Wanted = Arc<dyn Fn(u64, i64, &[u8]) -> bool + Send + Sync>;
+
+/// The answer of [`EventLog::scan`].
+#[derive(Debug, Default)]
+pub struct Scanned {
+    /// The wanted records, in sequence order.
+    pub records: Vec<Record>,
+    /// The sequence to look at next.
+    pub next: u64,
 }
 
 /// A shared log.

@@ -231,6 +231,11 @@ struct ServeArgs {
     /// Events held in the live tail; a subscriber further behind reads from the store instead.
     #[arg(long, env = "IQGW_LIVE_BUFFER", default_value_t = 4096)]
     live_buffer: usize,
+    /// Bytes held in the live tail at most (with --live-buffer, whichever is reached first): the
+    /// oldest events leave it, and a subscriber further behind reads from the store instead. One
+    /// larger event is kept alone.
+    #[arg(long, env = "IQGW_LIVE_BUFFER_BYTES", default_value_t = iqchannels_gateway::hub::DEFAULT_LIVE_BYTES)]
+    live_buffer_bytes: usize,
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "IQGW_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     shutdown_grace_secs: u64,
@@ -241,9 +246,10 @@ struct ServeArgs {
     /// Log output format.
     #[arg(long, env = "IQGW_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// Bytes that all subscribers reading from the store (catching up) may hold together in
-    /// their pages, e.g. while their clients do not read: each gets an equal share (at least
-    /// one event).
+    /// Bytes that all subscribers (gRPC and SSE) may hold together outside the live tail: the
+    /// pages they read from the store and the events on their way to the socket, e.g. while
+    /// their clients do not read. When it is spent, catch-up reads wait; one event larger than it
+    /// goes alone.
     #[arg(long, env = "IQGW_CATCH_UP_MEMORY", default_value_t = iqchannels_gateway::subscribe::DEFAULT_CATCH_UP_BYTES)]
     catch_up_memory: usize,
     /// Largest event a subscriber receives, in bytes, with every optional field (typed form, raw
@@ -252,6 +258,10 @@ struct ServeArgs {
     /// The default is the message limit of stock gRPC clients.
     #[arg(long, env = "IQGW_MAX_EVENT_BYTES", default_value_t = iqchannels_gateway::fit::DEFAULT_MAX_EVENT_BYTES)]
     max_event_bytes: usize,
+    /// Catch-up reads from the store running at once, over all subscribers: catch-up (filtered
+    /// or not) never takes more CPU than this many reads, whatever the number of subscribers.
+    #[arg(long, env = "IQGW_CATCH_UP_READS", default_value_t = iqchannels_gateway::subscribe::DEFAULT_CATCH_UP_READS)]
+    catch_up_reads: usize,
     /// Refuse (400 / INVALID_ARGUMENT, naming the field path) any body with a field that does not
     /// fit its proto type. Default: such a field is coerced when that loses nothing, else left
     /// unset (the raw JSON keeps it), and reported as a deviation on the event.
@@ -354,6 +364,10 @@ struct NatsArgs {
     /// How long to wait for JetStream's ack before answering 503.
     #[arg(long, env = "IQGW_NATS_ACK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     nats_ack_timeout: Duration,
+    /// Bytes of the newest records kept in memory for the live tail and subscribers close to
+    /// the head (the oldest leave first; older records are read from the stream).
+    #[arg(long, env = "IQGW_NATS_CACHE_BYTES", default_value_t = iqchannels_gateway::log::jetstream::DEFAULT_CACHE_BYTES)]
+    nats_cache_bytes: usize,
     /// NATS credentials file (JWT + nkey seed); read at start (missing: the gateway exits).
     #[arg(long, env = "IQGW_NATS_CREDS")]
     nats_creds: Option<PathBuf>,
@@ -587,6 +601,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         request_timeout: args.limits.request_timeout,
         catch_up_bytes: args.catch_up_memory,
         max_event_bytes: args.max_event_bytes,
+        live_buffer_bytes: args.live_buffer_bytes,
+        catch_up_reads: args.catch_up_reads,
         max_connections: args.limits.max_connections,
         decode_policy: if args.strict_decode {
             iqchannels_gateway::decode::Policy::Strict
@@ -630,6 +646,7 @@ fn nats_config(
         duplicate_window: args.nats_duplicate_window,
         max_age: retention.max_age.unwrap_or_default(),
         ack_timeout: args.nats_ack_timeout,
+        cache_bytes: args.nats_cache_bytes,
         credentials_file: args.nats_creds.clone(),
         user: args.nats_user.clone(),
         password: args.nats_password.clone(),

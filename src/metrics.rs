@@ -49,6 +49,11 @@ pub struct Snapshot {
     pub subscribers: Vec<(u64, u64)>,
     /// The store's statistics.
     pub store: LogStats,
+    /// Bytes the live tail holds.
+    pub live_tail_bytes: u64,
+    /// Bytes held for subscribers outside the live tail: catch-up pages and events on their
+    /// way to the socket.
+    pub subscriber_bytes: u64,
 }
 
 /// Every metric the gateway exports.
@@ -76,6 +81,9 @@ pub struct Metrics {
     store_damaged_reads: Gauge,
     connections: Gauge,
     connections_refused: Counter,
+    live_tail_bytes: Gauge,
+    subscriber_bytes: Gauge,
+    store_cache_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -185,7 +193,30 @@ impl Metrics {
             "Connections closed at once because --max-connections were open",
             connections_refused.clone(),
         );
+        let live_tail_bytes = Gauge::default();
+        registry.register(
+            "live_tail_bytes",
+            "Bytes of events the live tail holds (bounded by --live-buffer-bytes)",
+            live_tail_bytes.clone(),
+        );
+        let subscriber_bytes = Gauge::default();
+        registry.register(
+            "subscriber_held_bytes",
+            "Bytes held for subscribers outside the live tail: catch-up pages and events on their \
+             way to the socket (bounded by --catch-up-memory)",
+            subscriber_bytes.clone(),
+        );
+        let store_cache_bytes = Gauge::default();
+        registry.register(
+            "store_cache_bytes",
+            "Bytes of records the store keeps in memory for readers: the JetStream tail cache \
+             (bounded by --nats-cache-bytes)",
+            store_cache_bytes.clone(),
+        );
         Self {
+            live_tail_bytes,
+            subscriber_bytes,
+            store_cache_bytes,
             store_damaged_reads,
             registry,
             requests,
@@ -313,6 +344,10 @@ impl Metrics {
         self.store_bytes.set(snapshot.store.size_bytes as i64);
         self.store_damaged_reads
             .set(snapshot.store.damaged_reads as i64);
+        self.live_tail_bytes.set(snapshot.live_tail_bytes as i64);
+        self.subscriber_bytes.set(snapshot.subscriber_bytes as i64);
+        self.store_cache_bytes
+            .set(snapshot.store.cache_bytes as i64);
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -334,6 +369,7 @@ mod tests {
             committed: 100,
             subscribers,
             store: LogStats::default(),
+            ..Snapshot::default()
         });
         assert!(
             text.contains("iqgw_ingest_requests_total{route=\"events\",result=\"stored\"} 1"),

@@ -178,10 +178,15 @@ pub struct ServerConfig {
     pub tls: Option<crate::tls::TlsFiles>,
     /// Tolerant (default) or strict decoding of webhook bodies.
     pub decode_policy: crate::decode::Policy,
-    /// Bytes all subscribers' catch-up pages may hold together.
+    /// Bytes all subscribers may hold together outside the live tail: catch-up pages and
+    /// events on their way to the socket (`--catch-up-memory`).
     pub catch_up_bytes: usize,
     /// Bytes an event may take as a subscriber receives it (`--max-event-bytes`).
     pub max_event_bytes: usize,
+    /// Bytes the live tail holds at most (`--live-buffer-bytes`).
+    pub live_buffer_bytes: usize,
+    /// Catch-up reads running at once, over all subscribers (`--catch-up-reads`).
+    pub catch_up_reads: usize,
 }
 
 impl Default for ServerConfig {
@@ -202,6 +207,8 @@ impl Default for ServerConfig {
             decode_policy: crate::decode::Policy::Tolerant,
             catch_up_bytes: crate::subscribe::DEFAULT_CATCH_UP_BYTES,
             max_event_bytes: crate::fit::DEFAULT_MAX_EVENT_BYTES,
+            live_buffer_bytes: crate::hub::DEFAULT_LIVE_BYTES,
+            catch_up_reads: crate::subscribe::DEFAULT_CATCH_UP_READS,
         }
     }
 }
@@ -245,6 +252,8 @@ pub async fn serve(
         decode_policy: config.decode_policy,
         catch_up_bytes: config.catch_up_bytes,
         max_event_bytes: config.max_event_bytes,
+        live_buffer_bytes: config.live_buffer_bytes,
+        catch_up_reads: config.catch_up_reads,
     };
     let stop_rx_for_tls = stop_rx.clone();
     let gateway = Gateway::new(log, &limits, stop_rx);

@@ -6,25 +6,26 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{watch, Semaphore};
 
-use crate::hub::Hub;
-use crate::log::{LogError, SharedLog};
+use crate::budget::{Budget, Permit};
+use crate::hub::{event_bytes, Hub, Receiver, TryRecvError};
+use crate::log::{LogError, SharedLog, Wanted};
 use crate::wire::{EncodedEvent, Keys};
 
-/// Records read from the log per catch-up step, at most.
-const CATCH_UP_PAGE: usize = 256;
+/// Records a catch-up read looks at, at most (those the filter refuses are not copied).
+const SCAN_RECORDS: usize = 2048;
 
-/// Bytes a catch-up page holds at most when the budget is not shared: pages follow the size of
-/// the events read, so a page of large events holds few of them.
-const PAGE_BYTES: usize = 1 << 20;
+/// Bytes a catch-up page takes at most, when the budget is not shared: small, so that a
+/// subscriber whose client stops reading holds little beyond the event being sent.
+const PAGE_BYTES: usize = 256 << 10;
 
-/// The size assumed of an event before any was read: a whole page, so that the first page
-/// reads one event (and learns the events' size) whatever their size.
-const FIRST_GUESS_BYTES: usize = PAGE_BYTES;
-
-/// Default [`Registry`] budget: bytes held by all catch-up pages together.
+/// Default [`Registry`] budget: bytes held for all subscribers together, outside the live tail
+/// (`--catch-up-memory`, see `budget`).
 pub const DEFAULT_CATCH_UP_BYTES: usize = 64 << 20;
+
+/// Default cap on catch-up reads running at once, over all subscriptions (`--catch-up-reads`).
+pub const DEFAULT_CATCH_UP_READS: usize = 2;
 
 /// How long a cursor ahead of the log's end waits for the log to reach it: a replica may lag a
 /// moment behind the one that served the cursor.
@@ -121,11 +122,12 @@ pub struct Registry {
     positions: Arc<Mutex<HashMap<u64, Arc<AtomicU64>>>>,
     ids: Arc<AtomicU64>,
     max: usize,
-    /// Bytes all catch-up pages may hold together (DESIGN invariant 4): each subscription
-    /// catching up reads pages of at most its share, so subscribers whose clients stop reading
-    /// (their pages wait on HTTP/2 flow control) hold this much in all, however many they are
-    /// (at least one event each).
-    catch_up_bytes: usize,
+    /// Bytes all subscriptions may hold together outside the live tail (DESIGN invariant 4):
+    /// their pages and the events on their way to the socket (see `budget`).
+    budget: Budget,
+    /// Catch-up reads running at once, over all subscriptions: scans do not take the CPU that
+    /// ingest needs, however many subscribers catch up.
+    reads: Arc<Semaphore>,
     /// Subscriptions reading from the log now, among which the budget is shared.
     catching_up: Arc<AtomicU64>,
 }
@@ -137,21 +139,33 @@ impl Registry {
         Self::with_catch_up_bytes(max, DEFAULT_CATCH_UP_BYTES)
     }
 
-    /// A registry whose catch-up pages hold `catch_up_bytes` together.
+    /// A registry whose subscriptions hold `catch_up_bytes` together.
     pub fn with_catch_up_bytes(max: usize, catch_up_bytes: usize) -> Self {
+        Self::with_limits(max, catch_up_bytes, DEFAULT_CATCH_UP_READS)
+    }
+
+    /// A registry whose subscriptions hold `catch_up_bytes` together and run at most
+    /// `catch_up_reads` catch-up reads at once.
+    pub fn with_limits(max: usize, catch_up_bytes: usize, catch_up_reads: usize) -> Self {
         Self {
             positions: Arc::default(),
             ids: Arc::default(),
             max,
-            catch_up_bytes: catch_up_bytes.max(1),
+            budget: Budget::new(catch_up_bytes),
+            reads: Arc::new(Semaphore::new(catch_up_reads.max(1))),
             catching_up: Arc::default(),
         }
     }
 
-    /// The bytes one more catch-up page may hold now: an equal share of the budget.
+    /// The bytes one more catch-up page may take now: an equal share of the budget.
     fn page_bytes(&self) -> usize {
         let sharing = self.catching_up.load(Ordering::Relaxed).max(1) as usize;
-        (self.catch_up_bytes / sharing).min(PAGE_BYTES)
+        (self.budget.total() / sharing).clamp(1, PAGE_BYTES)
+    }
+
+    /// Bytes held for subscribers now, outside the live tail (pages and events being sent).
+    pub fn held_bytes(&self) -> usize {
+        self.budget.held()
     }
 
     fn register(&self, position: u64) -> Result<Registered, SubscribeError> {
@@ -218,20 +232,24 @@ impl Drop for Registered {
 /// A subscriber's position and source.
 pub struct Subscription {
     log: SharedLog,
-    live: broadcast::Receiver<Arc<EncodedEvent>>,
+    live: Receiver,
     shutdown: watch::Receiver<bool>,
-    filter: Filter,
+    filter: Arc<Filter>,
     /// The next sequence this subscriber has not yet looked at.
     next: u64,
     /// Events received before this time (ms since the Unix epoch) are skipped: `since_time`
     /// in the future (received times are non-decreasing in sequence order).
     not_before: i64,
-    /// Matching events read from the log and not yet handed out (at most one page).
-    pending: VecDeque<Arc<EncodedEvent>>,
+    /// Matching events read from the log and not yet handed out (at most one page), each with
+    /// its bytes of the budget.
+    pending: VecDeque<(Arc<EncodedEvent>, Permit)>,
+    /// The budget's bytes of the event handed out last, until the stream takes them
+    /// ([`Subscription::take_permit`]) or asks for the next event.
+    handed: Option<Permit>,
     /// Reading from the log (true) or from the live tail (false).
     catching_up: bool,
-    /// The mean size of the events of the last page read, to size the next one in bytes.
-    event_bytes: usize,
+    /// The size of an event the last page could not take: the next page waits for that much.
+    too_large: usize,
     /// `Some(next sequence when it began)` while a subscription that asked for the oldest
     /// retained events (the beginning, or a time) has read nothing yet: events retention removed
     /// before it began (a replica may learn of that late) are not a gap for it, so it starts at
@@ -283,12 +301,13 @@ impl Subscription {
             log,
             live,
             shutdown,
-            filter,
+            filter: Arc::new(filter),
             next,
             not_before,
             pending: VecDeque::new(),
+            handed: None,
             catching_up: true,
-            event_bytes: FIRST_GUESS_BYTES,
+            too_large: 0,
             from_oldest: matches!(start, Start::Beginning | Start::Since(_)).then_some(bounds.next),
             registered,
         })
@@ -297,6 +316,13 @@ impl Subscription {
     /// The sequence the subscription will look at next.
     pub fn position(&self) -> u64 {
         self.next
+    }
+
+    /// The budget's bytes of the event returned last by [`Subscription::next`] or
+    /// [`Subscription::try_next`]: the stream keeps them until that event's bytes have left for
+    /// the socket (see `budget`). Not taken, they are given back at the next call.
+    pub fn take_permit(&mut self) -> Option<Permit> {
+        self.handed.take()
     }
 
     /// This subscription's id in the registry (for logs and metrics).
@@ -334,10 +360,8 @@ impl Subscription {
                     }
                 }
                 // Fell behind the bounded tail: the log has everything it missed.
-                Err(broadcast::error::RecvError::Lagged(_)) => self.set_catching_up(true),
-                Err(broadcast::error::RecvError::Closed) => {
-                    return Err(SubscribeError::ShuttingDown)
-                }
+                Err(TryRecvError::Lagged) => self.set_catching_up(true),
+                Err(TryRecvError::Empty) => {}
             }
         }
     }
@@ -350,8 +374,10 @@ impl Subscription {
         if self.shutdown.has_changed().unwrap_or(false) && *self.shutdown.borrow() {
             return Some(Err(SubscribeError::ShuttingDown));
         }
+        self.handed = None;
         loop {
-            if let Some(event) = self.pending.pop_front() {
+            if let Some((event, permit)) = self.pending.pop_front() {
+                self.handed = Some(permit);
                 return Some(Ok(event));
             }
             if self.catching_up {
@@ -363,21 +389,19 @@ impl Subscription {
                         return Some(Ok(event));
                     }
                 }
-                Err(broadcast::error::TryRecvError::Empty) => return None,
+                Err(TryRecvError::Empty) => return None,
                 // Fell behind the bounded tail: the log has everything it missed.
-                Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                Err(TryRecvError::Lagged) => {
                     self.set_catching_up(true);
                     return None;
-                }
-                Err(broadcast::error::TryRecvError::Closed) => {
-                    return Some(Err(SubscribeError::ShuttingDown))
                 }
             }
         }
     }
 
     /// Moves the cursor past a live event; the event if it is the next one and matches. A gap
-    /// sends the subscription back to the log.
+    /// sends the subscription back to the log, and so does a budget with no room for the
+    /// event now (the log has it; the catch-up read waits for room).
     fn take_live(&mut self, event: Arc<EncodedEvent>) -> Option<Arc<EncodedEvent>> {
         if event.sequence > self.next {
             self.set_catching_up(true);
@@ -386,8 +410,22 @@ impl Subscription {
         if event.sequence < self.next {
             return None;
         }
+        if !self.wants(&event) {
+            self.advance_to(self.next + 1);
+            return None;
+        }
+        let Some(permit) = self
+            .registered
+            .registry
+            .budget
+            .try_acquire(event_bytes(&event))
+        else {
+            self.set_catching_up(true);
+            return None;
+        };
         self.advance_to(self.next + 1);
-        self.wants(&event).then_some(event)
+        self.handed = Some(permit);
+        Some(event)
     }
 
     fn wants(&self, event: &EncodedEvent) -> bool {
@@ -400,43 +438,92 @@ impl Subscription {
         self.registered.set_catching_up(catching_up);
     }
 
-    /// Reads one page from the log, of at most this subscription's share of the catch-up
-    /// budget in bytes (at least one event); at the end of the log, switches to the live tail.
+    /// Reads one page from the log: first it takes this subscription's share of the budget
+    /// (waiting while others hold it), then a read slot (at most `--catch-up-reads` run at
+    /// once); the read skips the records the filter refuses without copying them and keeps
+    /// whole events within the bytes taken (at least one, whatever its size). Each event kept
+    /// holds its bytes until it has left for the socket; an event the bytes taken cannot hold
+    /// is read again by the next page, which waits for its size. At the end of the log,
+    /// switches to the live tail.
     async fn catch_up_page(&mut self) -> Result<(), SubscribeError> {
-        let limit = (self.registered.registry.page_bytes() / self.event_bytes.max(1))
-            .clamp(1, CATCH_UP_PAGE);
-        let records = match self.log.read(self.next, limit).await {
+        let registry = self.registered.registry.clone();
+        let want = registry.page_bytes().max(self.too_large);
+        let mut shutdown = self.shutdown.clone();
+        let page = tokio::select! {
+            biased;
+            _ = shutdown.changed() => return Err(SubscribeError::ShuttingDown),
+            page = registry.budget.acquire(want) => page,
+        };
+        let max_bytes = page.num_permits();
+        let mut page = Some(page);
+        let filter = self.filter.clone();
+        let not_before = self.not_before;
+        let wanted: Wanted = Arc::new(move |_, received_at_ms, payload: &[u8]| {
+            // A payload whose keys do not decode is kept: decoding it below reports it.
+            received_at_ms >= not_before
+                && crate::wire::keys_of(payload).is_none_or(|keys| filter.matches(&keys))
+        });
+        let from = self.next;
+        // The read runs in a task of its own, which takes a read slot and gives it back when
+        // done: this future may wait unpolled for a long time (a stream whose client stopped
+        // reading is not polled), and must not hold a slot meanwhile.
+        let (log, reads) = (self.log.clone(), registry.reads.clone());
+        let read = tokio::spawn(async move {
+            let Ok(_slot) = reads.acquire_owned().await else {
+                return Err(LogError::Closed);
+            };
+            log.scan(from, SCAN_RECORDS, max_bytes, wanted).await
+        });
+        let scanned = tokio::select! {
+            biased;
+            _ = shutdown.changed() => return Err(SubscribeError::ShuttingDown),
+            read = read => read.unwrap_or_else(|error| Err(LogError::Unavailable(error.to_string()))),
+        };
+        let scanned = match scanned {
             Err(LogError::Truncated { oldest, .. })
                 if self
                     .from_oldest
-                    .is_some_and(|began| self.next < oldest && oldest <= began) =>
+                    .is_some_and(|began| from < oldest && oldest <= began) =>
             {
                 self.advance_to(oldest);
                 return Ok(());
             }
-            records => records?,
+            scanned => scanned?,
         };
         self.from_oldest = None;
-        if records.is_empty() {
+        if scanned.next <= from && scanned.records.is_empty() {
             self.set_catching_up(false);
             return Ok(());
         }
-        let bytes: usize = records.iter().map(|r| r.payload.len()).sum();
-        self.event_bytes = (bytes / records.len()).max(1);
-        for record in records {
+        let mut next = scanned.next;
+        self.too_large = 0;
+        for record in scanned.records {
             let sequence = record.sequence;
             let event =
                 match EncodedEvent::from_payload(sequence, record.received_at_ms, record.payload) {
                     Ok(event) => event,
                     // The events before it are handed out first; the next read stops here.
-                    Err(_) if !self.pending.is_empty() => return Ok(()),
+                    Err(_) if !self.pending.is_empty() => {
+                        next = sequence;
+                        break;
+                    }
                     Err(_) => return Err(SubscribeError::Corrupt(sequence)),
                 };
-            self.advance_to(sequence + 1);
-            if self.wants(&event) {
-                self.pending.push_back(Arc::new(event));
-            }
+            let size = event_bytes(&event);
+            let Some(permit) = registry.budget.take(&mut page, size) else {
+                // No room for it now: read again by the next page, which waits for its size.
+                if self.pending.is_empty() {
+                    self.too_large = size;
+                }
+                next = sequence;
+                break;
+            };
+            self.pending.push_back((Arc::new(event), permit));
         }
+        self.advance_to(next);
+        drop(page);
+        // Catch-up reads take turns with everything else on the runtime.
+        tokio::task::yield_now().await;
         Ok(())
     }
 }

@@ -100,6 +100,21 @@ pub struct Keys {
     pub channel_id: Option<i64>,
 }
 
+/// The filter keys of a stored payload, read without the rest of it: the other fields are
+/// skipped by their length, never copied or decoded (a filtered catch-up looks at every record,
+/// see `subscribe`). `None` when the payload does not decode.
+pub fn keys_of(payload: &[u8]) -> Option<Keys> {
+    /// [`StoredEvent`] with only its field 3.
+    #[derive(Clone, PartialEq, Message)]
+    struct KeysOnly {
+        #[prost(message, optional, tag = "3")]
+        keys: Option<Keys>,
+    }
+    KeysOnly::decode(payload)
+        .ok()
+        .map(|only| only.keys.unwrap_or_default())
+}
+
 /// One stored event in its `iqchannels.gateway.v1.Event` wire form, built once and shared.
 ///
 /// The envelope, the raw JSON and the references are not copied: they are slices of the log

@@ -17,6 +17,7 @@ use serde_json::json;
 
 use super::{shown, AppState, HttpError};
 use crate::auth::Scope;
+use crate::budget::{HeldBody, PermitSlot};
 use crate::subscribe::{Filter, Start, SubscribeError};
 use crate::wire::EncodedEvent;
 
@@ -185,8 +186,12 @@ pub(super) async fn stream(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    match open(&state, &headers, query.as_deref()).await {
-        Ok(sse) => sse.into_response(),
+    let slot = PermitSlot::default();
+    match open(&state, &headers, query.as_deref(), slot.clone()).await {
+        // Each frame carries the budget's bytes of its event until hyper has written it.
+        Ok(sse) => sse
+            .into_response()
+            .map(|body| axum::body::Body::new(HeldBody::new(body, slot))),
         Err(error) => error.into_response(),
     }
 }
@@ -195,6 +200,7 @@ async fn open(
     state: &AppState,
     headers: &HeaderMap,
     query: Option<&str>,
+    slot: PermitSlot,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, HttpError> {
     authorize(state, headers, query)?;
     let params = parse(query).map_err(HttpError::BadQuery)?;
@@ -223,15 +229,23 @@ async fn open(
         Err(error) => return Err(HttpError::Subscribe(error)),
     };
     let references = params.references;
-    let stream = futures_util::stream::unfold(Some(subscription), move |state| async move {
-        let mut subscription = state?;
-        match subscription.next().await {
-            Ok(event) => Some((Ok(sse_event(&event, references)), Some(subscription))),
-            // The stream ends with an explicit error event, never silently.
-            Err(error) => Some((
-                Ok(SseEvent::default().event("error").data(error.to_string())),
-                None,
-            )),
+    let stream = futures_util::stream::unfold(Some(subscription), move |state| {
+        let slot = slot.clone();
+        async move {
+            let mut subscription = state?;
+            match subscription.next().await {
+                Ok(event) => {
+                    if let Some(permit) = subscription.take_permit() {
+                        slot.put(permit);
+                    }
+                    Some((Ok(sse_event(&event, references)), Some(subscription)))
+                }
+                // The stream ends with an explicit error event, never silently.
+                Err(error) => Some((
+                    Ok(SseEvent::default().event("error").data(error.to_string())),
+                    None,
+                )),
+            }
         }
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))

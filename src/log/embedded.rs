@@ -301,6 +301,63 @@ impl EventLog for EmbeddedLog {
         }
     }
 
+    async fn scan(
+        &self,
+        from: u64,
+        limit: usize,
+        max_bytes: usize,
+        wanted: super::Wanted,
+    ) -> Result<super::Scanned, LogError> {
+        let first = self.shared.first.load(Ordering::Acquire);
+        if from < first {
+            return Err(LogError::Truncated {
+                requested: from,
+                oldest: first,
+            });
+        }
+        // Records the filter refuses are looked at in place (redb's page), never copied.
+        let (scanned, looked_first) = self
+            .with_db(move |db| {
+                let txn = db.begin_read()?;
+                let events = txn.open_table(EVENTS)?;
+                let mut scanned = super::Scanned {
+                    records: Vec::new(),
+                    next: from,
+                };
+                let mut looked_first = None;
+                let mut bytes = 0usize;
+                for entry in events.range(from..)?.take(limit) {
+                    let (key, value) = entry?;
+                    let (sequence, value) = (key.value(), value.value());
+                    looked_first.get_or_insert(sequence);
+                    let (received_at_ms, _) = header(value);
+                    let payload = value.get(HEADER..).unwrap_or_default();
+                    if wanted(sequence, received_at_ms, payload) {
+                        if !scanned.records.is_empty() && bytes + payload.len() > max_bytes {
+                            break;
+                        }
+                        bytes += payload.len();
+                        scanned.records.push(decode_record(sequence, value));
+                    }
+                    scanned.next = sequence + 1;
+                }
+                Ok((scanned, looked_first))
+            })
+            .await
+            .map_err(|error| match error {
+                LogError::Damaged { detail, .. } => LogError::Damaged { from, detail },
+                other => other,
+            })?;
+        // Retention may have run between the check and the read.
+        match looked_first {
+            Some(sequence) if sequence != from => Err(LogError::Truncated {
+                requested: from,
+                oldest: sequence,
+            }),
+            _ => Ok(scanned),
+        }
+    }
+
     async fn find_event(&self, event_id: i64) -> Result<Option<u64>, LogError> {
         self.with_db(move |db| {
             let txn = db.begin_read()?;
@@ -357,6 +414,7 @@ impl EventLog for EmbeddedLog {
                 .map(|m| m.len())
                 .unwrap_or(0),
             damaged_reads: self.shared.damaged_reads.load(Ordering::Relaxed),
+            cache_bytes: 0,
         }
     }
 }

@@ -38,8 +38,10 @@ pub use config::{largest_record, parse_servers, NatsConfig};
 
 /// Header carrying the gateway's receive time (ms since the Unix epoch).
 const RECEIVED_AT: &str = "Iqgw-Received-At";
-/// Recent records kept for the hub and for subscribers close to the head.
+/// Recent records kept for the hub and for subscribers close to the head, at most.
 const CACHE: usize = 8192;
+/// Default bytes of recent records kept (`--nats-cache-bytes`).
+pub const DEFAULT_CACHE_BYTES: usize = 16 << 20;
 /// How often the connection to NATS is checked (see `connect_options`).
 const PING_INTERVAL: Duration = Duration::from_secs(2);
 /// Direct gets in flight at once during a catch-up read.
@@ -63,8 +65,12 @@ struct Shared {
     first: AtomicU64,
     next: AtomicU64,
     committed: watch::Sender<u64>,
-    /// The newest records seen by the tail, in sequence order; bounded by `CACHE`.
+    /// The newest records seen by the tail, in sequence order; bounded by `CACHE` records and
+    /// `cache_bytes` bytes of payload (the newest record stays, whatever its size).
     recent: Mutex<VecDeque<Record>>,
+    /// Payload bytes in `recent`.
+    cache_held: AtomicU64,
+    cache_bytes: usize,
 }
 
 fn unavailable(error: impl std::fmt::Display) -> LogError {
@@ -109,6 +115,8 @@ impl JetStreamLog {
             next: AtomicU64::new(next),
             committed: watch::channel(next - 1).0,
             recent: Mutex::new(VecDeque::new()),
+            cache_held: AtomicU64::new(0),
+            cache_bytes: config.cache_bytes.max(1),
         });
         tokio::spawn(tail(client.clone(), stream.clone(), shared.clone(), next));
         tokio::spawn(refresh_first(stream.clone(), Arc::downgrade(&shared)));
@@ -280,7 +288,9 @@ fn record_of(message: jetstream::message::StreamMessage) -> Record {
     Record {
         sequence: message.sequence,
         received_at_ms: received_at(Some(&message.headers), message.time.unix_timestamp_nanos()),
-        payload: message.payload,
+        // A copy of its own: the payload is a slice of the connection's read buffer, which a
+        // record held by a subscriber would keep whole.
+        payload: bytes::Bytes::copy_from_slice(&message.payload),
     }
 }
 
@@ -562,17 +572,26 @@ async fn tail(
                 message.headers.as_ref(),
                 info.published.unix_timestamp_nanos(),
             );
+            // A copy of its own: the message's payload is a slice of the connection's read
+            // buffer, which it would keep whole.
+            let payload = bytes::Bytes::copy_from_slice(&message.payload);
+            drop(message);
             let record = Record {
                 sequence,
                 received_at_ms,
-                payload: message.payload.clone(),
+                payload,
             };
             {
                 let mut recent = shared.recent.lock().unwrap_or_else(|p| p.into_inner());
+                let mut held = shared.cache_held.load(Ordering::Relaxed) as usize;
+                held += record.payload.len();
                 recent.push_back(record);
-                while recent.len() > CACHE {
-                    recent.pop_front();
+                while recent.len() > 1 && (recent.len() > CACHE || held > shared.cache_bytes) {
+                    if let Some(old) = recent.pop_front() {
+                        held -= old.payload.len();
+                    }
                 }
+                shared.cache_held.store(held as u64, Ordering::Relaxed);
             }
             next = sequence + 1;
             shared.next.fetch_max(next, Ordering::AcqRel);
@@ -745,6 +764,7 @@ impl EventLog for JetStreamLog {
             synced_records: self.shared.synced_records.load(Ordering::Relaxed),
             size_bytes: self.shared.bytes.load(Ordering::Relaxed),
             damaged_reads: 0,
+            cache_bytes: self.shared.cache_held.load(Ordering::Relaxed),
         }
     }
 }

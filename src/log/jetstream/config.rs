@@ -107,6 +107,8 @@ pub struct NatsConfig {
     /// The largest body the gateway accepts (`--max-body-bytes`): at start, compared with the
     /// server's `max_payload`, which bounds what can be stored.
     pub max_body_bytes: usize,
+    /// Bytes of recent records the tail cache keeps (`--nats-cache-bytes`).
+    pub cache_bytes: usize,
 }
 
 impl NatsConfig {
@@ -128,6 +130,7 @@ impl NatsConfig {
             tls_client: None,
             require_tls: false,
             max_body_bytes: 1024 * 1024,
+            cache_bytes: super::DEFAULT_CACHE_BYTES,
         }
     }
 
