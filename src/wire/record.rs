@@ -232,7 +232,14 @@ pub fn is_compact(payload: &[u8]) -> bool {
 
 fn outer(payload: &Bytes) -> Result<Compact, CorruptRecord> {
     match payload.get(1) {
-        Some(&VERSION) => Ok(Compact::decode(payload.slice(2..))?),
+        Some(&VERSION) => {
+            let outer = Compact::decode(payload.slice(2..))?;
+            // Every compact record has one: without it, the record is not whole.
+            if outer.envelope_digest.len() != 32 {
+                return Err(CorruptRecord("record without its envelope digest".into()));
+            }
+            Ok(outer)
+        }
         Some(version) => Err(CorruptRecord(format!(
             "compact record version {version}, written by a newer release (this one reads \
              {VERSION})"
@@ -295,7 +302,8 @@ pub fn stored(payload: Bytes) -> Result<StoredEvent, CorruptRecord> {
         )));
     }
     let content: Bytes = match outer.codec {
-        CODEC_NONE => outer.content,
+        CODEC_NONE if outer.content.len() as u64 == outer.content_len => outer.content,
+        CODEC_NONE => return Err(CorruptRecord("content shorter than recorded".into())),
         CODEC_ZSTD => {
             let capacity = outer.content_len as usize;
             let decompressed = DECOMPRESSOR.with(|cell| {
