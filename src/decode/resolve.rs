@@ -34,7 +34,7 @@ pub fn references(envelope: &Envelope) -> References {
         return References::default();
     };
     References {
-        chat: chat.map(|i| rels.chats[i].clone()),
+        chat: chat.map(|i| rels.chats[i]),
         message: message.map(|i| rels.chat_messages[i].clone()),
         file: file.map(|i| rels.files[i].clone()),
         client: client.map(|i| rels.clients[i].clone()),

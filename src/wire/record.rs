@@ -163,22 +163,40 @@ thread_local! {
 
 /// Encodes `parts` as a compact record.
 pub fn encode(parts: &Parts<'_>) -> Bytes {
-    let content = Content {
-        envelope: Bytes::copy_from_slice(parts.envelope),
-        raw_json: Bytes::copy_from_slice(parts.raw_json),
-        deviations: Bytes::copy_from_slice(parts.deviations),
-        references: parts
-            .references
-            .0
-            .iter()
-            .map(|index| index.map_or(0, |i| i as u32 + 1))
-            .collect(),
+    // `Content`'s encoding, written from the borrowed parts (no copy of them first).
+    let references: Vec<u32> = parts
+        .references
+        .0
+        .iter()
+        .map(|index| index.map_or(0, |i| i as u32 + 1))
+        .collect();
+    let mut content = Vec::with_capacity(
+        parts.envelope.len() + parts.raw_json.len() + parts.deviations.len() + 64,
+    );
+    for (tag, field) in [
+        (1, parts.envelope),
+        (2, parts.raw_json),
+        (3, parts.deviations),
+    ] {
+        if !field.is_empty() {
+            prost::encoding::encode_key(tag, WireType::LengthDelimited, &mut content);
+            prost::encoding::encode_varint(field.len() as u64, &mut content);
+            content.extend_from_slice(field);
+        }
     }
-    .encode_to_vec();
+    prost::encoding::uint32::encode_packed(4, &references, &mut content);
     let compressed = COMPRESSOR.with(|cell| {
         let mut cell = cell.borrow_mut();
         if cell.is_none() {
-            *cell = zstd::bulk::Compressor::new(LEVEL).ok();
+            // With the frame's checksum: damage is found when the record is read (`verify`).
+            *cell = zstd::bulk::Compressor::new(LEVEL)
+                .ok()
+                .and_then(|mut compressor| {
+                    compressor
+                        .set_parameter(zstd::stream::raw::CParameter::ChecksumFlag(true))
+                        .ok()?;
+                    Some(compressor)
+                });
         }
         cell.as_mut()
             .and_then(|compressor| compressor.compress(&content).ok())
@@ -214,7 +232,14 @@ pub fn is_compact(payload: &[u8]) -> bool {
 
 fn outer(payload: &Bytes) -> Result<Compact, CorruptRecord> {
     match payload.get(1) {
-        Some(&VERSION) => Ok(Compact::decode(payload.slice(2..))?),
+        Some(&VERSION) => {
+            let outer = Compact::decode(payload.slice(2..))?;
+            // Every compact record has one: without it, the record is not whole.
+            if outer.envelope_digest.len() != 32 {
+                return Err(CorruptRecord("record without its envelope digest".into()));
+            }
+            Ok(outer)
+        }
         Some(version) => Err(CorruptRecord(format!(
             "compact record version {version}, written by a newer release (this one reads \
              {VERSION})"
@@ -277,7 +302,8 @@ pub fn stored(payload: Bytes) -> Result<StoredEvent, CorruptRecord> {
         )));
     }
     let content: Bytes = match outer.codec {
-        CODEC_NONE => outer.content,
+        CODEC_NONE if outer.content.len() as u64 == outer.content_len => outer.content,
+        CODEC_NONE => return Err(CorruptRecord("content shorter than recorded".into())),
         CODEC_ZSTD => {
             let capacity = outer.content_len as usize;
             let decompressed = DECOMPRESSOR.with(|cell| {
@@ -368,4 +394,100 @@ fn fields<T>(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::Deviation;
+
+    const FIXTURES: [&[u8]; 2] = [
+        include_bytes!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/fixtures/chat_closed.json"
+        )),
+        include_bytes!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/fixtures/message_created_file.json"
+        )),
+    ];
+
+    fn compact(body: &[u8]) -> (Bytes, StoredEvent) {
+        let decoded = crate::decode::decode(body).unwrap();
+        let deviations: Vec<Deviation> = decoded.deviations.clone();
+        let old = crate::gateway::stored_event(
+            &decoded.envelope,
+            Bytes::copy_from_slice(body),
+            &deviations,
+        );
+        let (payload, _, _) = crate::gateway::stored_record(
+            decoded.envelope,
+            Bytes::copy_from_slice(body),
+            deviations,
+            crate::fit::DEFAULT_MAX_EVENT_BYTES,
+        )
+        .unwrap();
+        (payload, old)
+    }
+
+    #[test]
+    fn a_compact_record_reads_back_as_the_earlier_form_held_it_and_smaller() {
+        for body in FIXTURES {
+            let (payload, old) = compact(body);
+            assert!(is_compact(&payload));
+            assert!(!is_compact(&old.encode_to_vec()));
+            assert_eq!(
+                stored(payload.clone()).unwrap(),
+                old,
+                "the same parts, byte for byte"
+            );
+            assert_eq!(keys(&payload).unwrap(), old.keys.clone().unwrap());
+            assert!(
+                payload.len() * 2 < body.len(),
+                "{} bytes for a body of {}",
+                payload.len(),
+                body.len()
+            );
+            // The earlier form reads as it did.
+            let legacy = Bytes::from(old.encode_to_vec());
+            assert_eq!(stored(legacy.clone()).unwrap(), old);
+            assert!(matches!(identity(&legacy).unwrap(), Identity::Legacy(_)));
+            let Identity::Digests(digests, _) = identity(&payload).unwrap() else {
+                panic!("a compact record has digests");
+            };
+            let again = Digests::of(body, &old.envelope);
+            assert_eq!(again.same_event(&digests), Some(true));
+            let other = Digests::of(b"{}", b"other");
+            assert_eq!(other.same_event(&digests), Some(false));
+            let retyped = Digests {
+                typing: digests.typing ^ 1,
+                ..other
+            };
+            assert_eq!(retyped.same_event(&digests), None, "other protos: decode");
+        }
+    }
+
+    #[test]
+    fn damaged_or_newer_records_are_errors_never_panics() {
+        let (payload, _) = compact(FIXTURES[1]);
+        let mut newer = payload.to_vec();
+        newer[1] = VERSION + 1;
+        let error = stored(Bytes::from(newer)).unwrap_err();
+        assert!(error.0.contains("newer release"), "{error}");
+        for cut in [1, 2, 10, payload.len() / 2, payload.len() - 1] {
+            assert!(stored(payload.slice(..cut)).is_err(), "cut at {cut}");
+        }
+        let mut seed = 7u64;
+        for _ in 0..500 {
+            let mut bytes = payload.to_vec();
+            for _ in 0..3 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let at = 2 + (seed as usize) % (bytes.len() - 2);
+                bytes[at] ^= (seed >> 32) as u8 | 1;
+            }
+            let _ = stored(Bytes::from(bytes));
+        }
+    }
 }
