@@ -326,4 +326,45 @@ mod tests {
         .await
         .expect("the feeder ends after shutdown");
     }
+
+    #[tokio::test]
+    async fn the_tail_keeps_at_most_its_bytes_and_a_receiver_behind_it_lags() {
+        use crate::log::memory::MemoryLog;
+        use crate::wire::StoredEvent;
+        use prost::Message;
+        let log = Arc::new(MemoryLog::new(None));
+        let (_shutdown, shutdown_rx) = watch::channel(false);
+        let hub = Hub::with_bytes(log.clone(), 1000, 10_000, shutdown_rx);
+        let mut receiver = hub.subscribe();
+        // The feeder starts following the log.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let append = |size: usize, id: i64| {
+            let stored = StoredEvent {
+                raw_json: bytes::Bytes::from(vec![b'x'; size]),
+                ..StoredEvent::default()
+            };
+            NewRecord {
+                event_id: Some(id),
+                received_at_ms: 0,
+                payload: stored.encode_to_vec().into(),
+            }
+        };
+        // Ten events of 3,000 bytes: at most three fit in 10,000 bytes.
+        log.append_all((1..=10).map(|id| append(3000, id)).collect())
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(hub.bytes() <= 10_000, "{}", hub.bytes());
+        assert_eq!(receiver.try_recv().err(), Some(TryRecvError::Lagged));
+        let oldest = receiver.try_recv().expect("the oldest kept");
+        assert!(oldest.sequence >= 8, "{}", oldest.sequence);
+        // One event larger than the bound is kept, alone.
+        log.append_all(vec![append(50_000, 11)]).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(hub.bytes() > 10_000);
+        assert_eq!(receiver.try_recv().err(), Some(TryRecvError::Lagged));
+        assert_eq!(receiver.try_recv().expect("the large one").sequence, 11);
+        drop(receiver);
+        assert_eq!(hub.bytes(), 0, "emptied when nobody listens");
+    }
 }
