@@ -190,6 +190,7 @@ impl Hub {
             max_bytes: max_bytes.max(1),
         });
         let feeder_inner = inner.clone();
+        let every: crate::log::Wanted = Arc::new(|_, _, _: &[u8]| true);
         let feeder = tokio::spawn(async move {
             let inner = feeder_inner;
             let mut next = log.bounds().next;
@@ -207,7 +208,10 @@ impl Hub {
                         next = end + 1;
                         break;
                     }
-                    match log.read(next, FEED_BATCH).await {
+                    // At most the tail's bytes per step (at least one record): a burst of large
+                    // events is never read whole only to leave the tail at once.
+                    let read = log.scan(next, FEED_BATCH, inner.max_bytes, every.clone()).await;
+                    match read.map(|scanned| scanned.records) {
                         Ok(records) if records.is_empty() => break,
                         Ok(records) => {
                             for record in records {
