@@ -74,7 +74,12 @@ usage: cargo bench --bench fanout [-- OPTIONS]
   --no-pin         let both runtimes use every CPU; by default, with two CPUs or more, the
                    server runtime (gateway or ceiling, and the feeder) runs on CPU 0 and the
                    subscribers and POSTs on CPU 1, one worker each
-  --only PARTS     run only these, comma-separated: fanout, catchup, memory, latency
+  --filtered-events N   events stored before the non-matching catch-up streams (default 200,000)
+  --filtered-streams N  Subscribe streams from the beginning whose filter matches nothing, all
+                   on one connection (default 100)
+  --baseline-binary PATH  also measure `filtered` on this gateway binary (e.g. the previous
+                   release), in the same run
+  --only PARTS     run only these, comma-separated: fanout, catchup, memory, latency, filtered
                    (fanout-gateway: the gateway's fan-out points alone, for a profiler)
   --help           this text
 
@@ -95,8 +100,14 @@ struct Options {
     plot: Option<PathBuf>,
     /// Server runtime on CPU 0 and load generator on CPU 1 (the default with two CPUs or more).
     pin: bool,
-    /// Parts to run (`fanout`, `catchup`, `memory`, `latency`); all when empty.
+    /// Parts to run (`fanout`, `catchup`, `memory`, `latency`, `filtered`); all when empty.
     only: Vec<String>,
+    /// Events stored before the non-matching catch-up streams start (`filtered`).
+    filtered_events: u64,
+    /// Non-matching catch-up streams, all on one connection (`filtered`).
+    filtered_streams: usize,
+    /// Another gateway binary measured in the same run (`filtered`), e.g. the previous release.
+    baseline_binary: Option<PathBuf>,
 }
 
 impl Options {
@@ -123,6 +134,9 @@ fn parse_options() -> Result<Options, String> {
             plot: None,
             pin: true,
             only: Vec::new(),
+            filtered_events: 5_000,
+            filtered_streams: 10,
+            baseline_binary: None,
         }
     } else if quick {
         Options {
@@ -138,6 +152,9 @@ fn parse_options() -> Result<Options, String> {
             plot: Some(PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fanout.svg")),
             pin: true,
             only: Vec::new(),
+            filtered_events: 50_000,
+            filtered_streams: 100,
+            baseline_binary: None,
         }
     } else {
         Options {
@@ -156,6 +173,9 @@ fn parse_options() -> Result<Options, String> {
             ))),
             pin: true,
             only: Vec::new(),
+            filtered_events: 200_000,
+            filtered_streams: 100,
+            baseline_binary: None,
         }
     };
     let mut args = args.into_iter();
@@ -203,6 +223,25 @@ fn parse_options() -> Result<Options, String> {
                     .ok_or(format!("--subscribers: not a list of counts: {text}"))?;
             }
             "--plot" => options.plot = Some(PathBuf::from(value("--plot")?)),
+            "--filtered-events" => {
+                let text = value("--filtered-events")?;
+                options.filtered_events = text
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or(format!("--filtered-events: not a positive integer: {text}"))?;
+            }
+            "--filtered-streams" => {
+                let text = value("--filtered-streams")?;
+                options.filtered_streams = text
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or(format!("--filtered-streams: not a positive integer: {text}"))?;
+            }
+            "--baseline-binary" => {
+                options.baseline_binary = Some(PathBuf::from(value("--baseline-binary")?))
+            }
             "--only" => {
                 options.only = value("--only")?.split(',').map(str::to_owned).collect();
                 // A partial run must not overwrite the committed plot.
@@ -1016,6 +1055,9 @@ fn main() -> ExitCode {
     if options.runs("latency") {
         ok &= report_latency(&bench, data.path());
     }
+    if options.runs("filtered") {
+        report_filtered(&bench, data.path());
+    }
     if ok {
         ExitCode::SUCCESS
     } else {
@@ -1257,4 +1299,188 @@ fn plot(series: &[(usize, f64, f64)]) -> String {
         ],
         notes,
     }])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Filtered catch-up: ingest latency while many streams scan the log for a filter that matches
+// nothing
+
+/// Ingest latency (one POST at a time, 100/s) for `seconds`.
+async fn ingest_latency(url: &str, first_id: i64, seconds: f64, template: &Template) -> Histogram<u64> {
+    let http = reqwest::Client::new();
+    let mut latency = histogram();
+    let started = Instant::now();
+    let mut id = first_id;
+    while started.elapsed().as_secs_f64() < seconds {
+        let due = started + Duration::from_millis(10 * (id - first_id) as u64);
+        tokio::time::sleep_until(due.into()).await;
+        let sent = Instant::now();
+        let response = http
+            .post(url)
+            .header("content-type", "application/json")
+            .body(template.body(id))
+            .send()
+            .await;
+        if matches!(&response, Ok(r) if r.status().is_success()) {
+            record_us(&mut latency, sent.elapsed());
+        }
+        id += 1;
+    }
+    latency
+}
+
+/// Stores `events` events (ids from 1) with JSON array batches, four at a time; how many the
+/// answers say were stored.
+async fn load(http: &reqwest::Client, url: &str, template: &Arc<Template>, events: u64) -> u64 {
+    let next = Arc::new(AtomicU64::new(1));
+    let stored = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (http, url, template) = (http.clone(), url.to_owned(), template.clone());
+            let (next, stored) = (next.clone(), stored.clone());
+            tokio::spawn(async move {
+                loop {
+                    let first = next.fetch_add(common::BATCH as u64, Ordering::Relaxed);
+                    if first > events {
+                        return;
+                    }
+                    let answer = http
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(template.batch(first as i64))
+                        .send()
+                        .await;
+                    let Ok(answer) = answer else { continue };
+                    let value: serde_json::Value = answer.json().await.unwrap_or_default();
+                    stored.fetch_add(value["stored"].as_u64().unwrap_or(0), Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        let _ = worker.await;
+    }
+    stored.load(Ordering::Relaxed)
+}
+
+/// CPU seconds a process has used (user + system), from `/proc/PID/stat`.
+fn process_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) closed by ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+struct FilteredRun {
+    quiet: Histogram<u64>,
+    scanning: Histogram<u64>,
+    /// Cores the gateway process kept busy while the streams scanned.
+    cores: f64,
+}
+
+impl Bench {
+    fn filtered(&self, binary: &Path, dir: &Path) -> FilteredRun {
+        let options = &self.options;
+        // SAFETY (of the environment): set before the process starts, read by `binary` only.
+        std::env::set_var("IQGW_TEST_BINARY", binary);
+        let process = binary::Process::start(&[
+            "--store",
+            "embedded",
+            "--data-dir",
+            dir.to_str().expect("utf-8 path"),
+            "--max-subscribers",
+            "100000",
+        ]);
+        let url = format!("http://{}/v1/events", process.addr);
+        let seconds = options.latency_seconds.max(3.0);
+        let run = self.load_rt.block_on(async {
+            let http = reqwest::Client::new();
+            let stored = load(&http, &format!("{url}:batch"), &self.template, options.filtered_events).await;
+            assert!(
+                stored >= options.filtered_events,
+                "only {stored} of {} events were stored",
+                options.filtered_events
+            );
+            let first = options.filtered_events as i64 + 10;
+            let quiet = ingest_latency(&url, first, seconds, &self.template).await;
+            let channel = channel(process.addr).await;
+            let mut streams = Vec::new();
+            for _ in 0..options.filtered_streams {
+                let mut grpc = tonic::client::Grpc::new(channel.clone());
+                grpc.ready().await.expect("the channel is ready");
+                let request = SubscribeRequest {
+                    start: Some(subscribe_request::Start::Beginning(())),
+                    filter: Some(iqchannels_gateway::pb::client::Filter {
+                        event_types: vec!["no_such_type".into()],
+                        ..Default::default()
+                    }),
+                    ..SubscribeRequest::default()
+                };
+                let stream = grpc
+                    .server_streaming(
+                        Request::new(request),
+                        http::uri::PathAndQuery::from_static(SUBSCRIBE_PATH),
+                        tonic_prost::ProstCodec::<SubscribeRequest, SequenceOnly>::default(),
+                    )
+                    .await
+                    .expect("Subscribe is accepted")
+                    .into_inner();
+                streams.push(stream);
+            }
+            let cpu0 = process_cpu_seconds(process_id(&process));
+            let started = Instant::now();
+            let scanning = ingest_latency(&url, first + 100_000, seconds, &self.template).await;
+            let cores = (process_cpu_seconds(process_id(&process)) - cpu0)
+                / started.elapsed().as_secs_f64();
+            drop(streams);
+            FilteredRun {
+                quiet,
+                scanning,
+                cores,
+            }
+        });
+        drop(process);
+        run
+    }
+}
+
+/// The gateway process's id, from its `/proc` entry as `Process` reports its RSS.
+fn process_id(process: &binary::Process) -> u32 {
+    process.pid()
+}
+
+fn report_filtered(bench: &Bench, data: &Path) {
+    let options = &bench.options;
+    let mut binaries = vec![("this build".to_owned(), binary::gateway_binary())];
+    if let Some(baseline) = &options.baseline_binary {
+        binaries.push((format!("baseline {}", baseline.display()), baseline.clone()));
+    }
+    println!();
+    println!(
+        "## Filtered catch-up: ingest latency (one POST at a time, 100/s, embedded store) with \
+         {} streams from the beginning whose filter matches nothing, on one connection, over {} \
+         stored events",
+        options.filtered_streams, options.filtered_events
+    );
+    println!();
+    println!("| gateway | ingest p50 quiet (ms) | p99 quiet | ingest p50 scanning (ms) | p99 scanning | p50 ratio | gateway cores busy |");
+    println!("|---|--:|--:|--:|--:|--:|--:|");
+    for (index, (label, binary)) in binaries.iter().enumerate() {
+        let dir = data.join(format!("filtered-{index}"));
+        let run = bench.filtered(binary, &dir);
+        println!(
+            "| {label} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1}x | {:.2} |",
+            ms(&run.quiet, 0.5),
+            ms(&run.quiet, 0.99),
+            ms(&run.scanning, 0.5),
+            ms(&run.scanning, 0.99),
+            ms(&run.scanning, 0.5) / ms(&run.quiet, 0.5).max(0.001),
+            run.cores,
+        );
+    }
 }

@@ -190,6 +190,7 @@ impl Hub {
             max_bytes: max_bytes.max(1),
         });
         let feeder_inner = inner.clone();
+        let every: crate::log::Wanted = Arc::new(|_, _, _: &[u8]| true);
         let feeder = tokio::spawn(async move {
             let inner = feeder_inner;
             let mut next = log.bounds().next;
@@ -207,7 +208,10 @@ impl Hub {
                         next = end + 1;
                         break;
                     }
-                    match log.read(next, FEED_BATCH).await {
+                    // At most the tail's bytes per step (at least one record): a burst of large
+                    // events is never read whole only to leave the tail at once.
+                    let read = log.scan(next, FEED_BATCH, inner.max_bytes, every.clone()).await;
+                    match read.map(|scanned| scanned.records) {
                         Ok(records) if records.is_empty() => break,
                         Ok(records) => {
                             for record in records {
@@ -325,5 +329,46 @@ mod tests {
         })
         .await
         .expect("the feeder ends after shutdown");
+    }
+
+    #[tokio::test]
+    async fn the_tail_keeps_at_most_its_bytes_and_a_receiver_behind_it_lags() {
+        use crate::log::memory::MemoryLog;
+        use crate::wire::StoredEvent;
+        use prost::Message;
+        let log = Arc::new(MemoryLog::new(None));
+        let (_shutdown, shutdown_rx) = watch::channel(false);
+        let hub = Hub::with_bytes(log.clone(), 1000, 10_000, shutdown_rx);
+        let mut receiver = hub.subscribe();
+        // The feeder starts following the log.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let append = |size: usize, id: i64| {
+            let stored = StoredEvent {
+                raw_json: bytes::Bytes::from(vec![b'x'; size]),
+                ..StoredEvent::default()
+            };
+            NewRecord {
+                event_id: Some(id),
+                received_at_ms: 0,
+                payload: stored.encode_to_vec().into(),
+            }
+        };
+        // Ten events of 3,000 bytes: at most three fit in 10,000 bytes.
+        log.append_all((1..=10).map(|id| append(3000, id)).collect())
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(hub.bytes() <= 10_000, "{}", hub.bytes());
+        assert_eq!(receiver.try_recv().err(), Some(TryRecvError::Lagged));
+        let oldest = receiver.try_recv().expect("the oldest kept");
+        assert!(oldest.sequence >= 8, "{}", oldest.sequence);
+        // One event larger than the bound is kept, alone.
+        log.append_all(vec![append(50_000, 11)]).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(hub.bytes() > 10_000);
+        assert_eq!(receiver.try_recv().err(), Some(TryRecvError::Lagged));
+        assert_eq!(receiver.try_recv().expect("the large one").sequence, 11);
+        drop(receiver);
+        assert_eq!(hub.bytes(), 0, "emptied when nobody listens");
     }
 }

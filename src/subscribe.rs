@@ -25,7 +25,7 @@ const PAGE_BYTES: usize = 256 << 10;
 pub const DEFAULT_CATCH_UP_BYTES: usize = 64 << 20;
 
 /// Default cap on catch-up reads running at once, over all subscriptions (`--catch-up-reads`).
-pub const DEFAULT_CATCH_UP_READS: usize = 2;
+pub const DEFAULT_CATCH_UP_READS: usize = 1;
 
 /// How long a cursor ahead of the log's end waits for the log to reach it: a replica may lag a
 /// moment behind the one that served the cursor.

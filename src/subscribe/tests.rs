@@ -586,3 +586,110 @@ async fn a_filtered_subscriber_is_told_when_retention_removed_events_its_filter_
         other => panic!("expected Truncated, got {other:?}"),
     }
 }
+
+/// A log that counts the reads running at once (each takes a moment).
+struct Counting {
+    inner: Arc<MemoryLog>,
+    running: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl EventLog for Counting {
+    async fn append(&self, records: Vec<NewRecord>) -> Vec<Result<crate::log::Appended, LogError>> {
+        self.inner.append(records).await
+    }
+    async fn read(&self, from: u64, limit: usize) -> Result<Vec<crate::log::Record>, LogError> {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let records = self.inner.read(from, limit).await;
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        records
+    }
+    async fn find_event(&self, event_id: i64) -> Result<Option<u64>, LogError> {
+        self.inner.find_event(event_id).await
+    }
+    async fn seek_time(&self, at_ms: i64) -> Result<u64, LogError> {
+        self.inner.seek_time(at_ms).await
+    }
+    fn bounds(&self) -> crate::log::Bounds {
+        self.inner.bounds()
+    }
+    fn committed(&self) -> watch::Receiver<u64> {
+        self.inner.committed()
+    }
+}
+
+/// Many subscribers catching up with a filter that matches nothing run at most
+/// `--catch-up-reads` reads at once, whatever their number: catch-up cannot take the CPU ingest
+/// needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn catch_up_reads_run_at_most_the_configured_number_at_once() {
+    let fixture = Fixture::new(None, 16);
+    fixture.append(1..=3000).await;
+    let counting = Arc::new(Counting {
+        inner: fixture.log.clone(),
+        running: Default::default(),
+        most: Default::default(),
+    });
+    let registry = Registry::with_limits(1000, 64 << 20, 2);
+    let nothing = Filter {
+        event_types: vec!["never".into()],
+        ..Filter::default()
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let mut subscription = Subscription::new(
+            counting.clone(),
+            &fixture.hub,
+            &registry,
+            fixture.shutdown.subscribe(),
+            nothing.clone(),
+            Start::Beginning,
+        )
+        .await
+        .unwrap();
+        tasks.push(tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(8), subscription.next()).await;
+            subscription.position()
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 3001, "every scan reached the end");
+    }
+    let most = counting.most.load(Ordering::SeqCst);
+    assert!(most <= 2, "{most} catch-up reads ran at once");
+}
+
+/// What subscriptions hold is counted in the budget until the stream lets go of each event's
+/// permit, and a subscription whose budget is spent waits instead of reading more.
+#[tokio::test]
+async fn what_subscriptions_hold_stays_within_the_budget() {
+    let fixture = Fixture::new(None, 16);
+    fixture.append(1..=200).await;
+    let registry = Registry::with_limits(100, 8 * 1024, 2);
+    let mut subscription = Subscription::new(
+        fixture.log.clone(),
+        &fixture.hub,
+        &registry,
+        fixture.shutdown.subscribe(),
+        Filter::default(),
+        Start::Beginning,
+    )
+    .await
+    .unwrap();
+    let mut kept = Vec::new();
+    let mut got = 0;
+    // Keep every permit: the stream never lets go, like a client that stopped reading.
+    while let Ok(Ok(_)) =
+        tokio::time::timeout(Duration::from_millis(200), subscription.next()).await
+    {
+        kept.extend(subscription.take_permit());
+        got += 1;
+        assert!(registry.held_bytes() <= 8 * 1024, "{}", registry.held_bytes());
+    }
+    assert!(got > 0 && got < 200, "stopped at the budget after {got} events");
+    drop(kept);
+    assert_eq!(take(&mut subscription, 1).await.len(), 1, "goes on once given back");
+}
