@@ -9,6 +9,7 @@ use bytes::Bytes;
 use prost::Message;
 use tokio::sync::watch;
 
+use crate::decode::pool::{Busy, DecodePool};
 use crate::decode::{self, DecodeError, Decoded, Deviation, Policy};
 use crate::hub::Hub;
 use crate::log::{Appended, LogError, NewRecord, SharedLog};
@@ -26,6 +27,9 @@ pub enum IngestError {
     /// Storage failed; nothing was acknowledged; the sender should retry.
     #[error(transparent)]
     Unavailable(#[from] LogError),
+    /// Every decode worker is busy and as many bodies wait (`--decode-queue`); retry shortly.
+    #[error(transparent)]
+    Busy(#[from] Busy),
 }
 
 /// What ingest answers for a stored event: where it is, and what of its body did not fit the
@@ -61,6 +65,8 @@ pub struct Gateway {
     ingest_slots: Arc<tokio::sync::Semaphore>,
     /// How strictly bodies must match the protos.
     policy: Policy,
+    /// Where bodies are decoded (`--decode-threads`, `--decode-queue`).
+    decoder: DecodePool,
 }
 
 /// What `GET /v1/stats` reports.
@@ -104,6 +110,12 @@ pub struct GatewayConfig {
     pub decode_policy: Policy,
     /// Bytes all catch-up pages may hold together (`--catch-up-memory`).
     pub catch_up_bytes: usize,
+    /// Threads that decode bodies larger than [`decode::pool::INLINE_BYTES`] at once
+    /// (`--decode-threads`).
+    pub decode_threads: usize,
+    /// Such bodies that may wait for a decode thread; more are refused at once
+    /// (`--decode-queue`).
+    pub decode_queue: usize,
 }
 
 impl Default for GatewayConfig {
@@ -114,6 +126,8 @@ impl Default for GatewayConfig {
             max_in_flight: 1024,
             decode_policy: Policy::Tolerant,
             catch_up_bytes: crate::subscribe::DEFAULT_CATCH_UP_BYTES,
+            decode_threads: decode::pool::default_threads(),
+            decode_queue: decode::pool::DEFAULT_QUEUE,
         }
     }
 }
@@ -134,7 +148,13 @@ impl Gateway {
             metrics: Arc::new(Metrics::new()),
             ingest_slots: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.max(1))),
             policy: config.decode_policy,
+            decoder: DecodePool::new(config.decode_threads, config.decode_queue),
         }
+    }
+
+    /// Where bodies are decoded: the edges decode batches there.
+    pub fn decoder(&self) -> &DecodePool {
+        &self.decoder
     }
 
     /// A slot for one ingest request, or `None` when all are taken (shed the request).
@@ -151,7 +171,13 @@ impl Gateway {
     /// a leading byte-order mark ([`decode::strip_bom`]).
     pub async fn ingest_json(&self, body: Bytes) -> Result<Ingested, IngestError> {
         let body = body.slice_ref(decode::strip_bom(&body));
-        let decoded = decode::decode_with(&body, self.policy)?;
+        let policy = self.policy;
+        let decoded = {
+            let body = body.clone();
+            self.decoder
+                .run(body.len(), move || decode::decode_with(&body, policy))
+                .await??
+        };
         self.note_deviations(&decoded.deviations);
         let (record, envelope) = Self::record(&decoded.envelope, body, &decoded.deviations);
         let appended = self.append_one(record).await?;
@@ -231,7 +257,7 @@ impl Gateway {
         let Some(stored) = stored else {
             return false;
         };
-        let conflict = stored.envelope != *envelope && !Self::retyped_is(&stored, envelope);
+        let conflict = stored.envelope != *envelope && !self.retyped_is(&stored, envelope).await;
         if conflict {
             if let Some(event_id) = self
                 .metrics
@@ -251,10 +277,18 @@ impl Gateway {
     /// Whether the stored event's original body, typed by this build's protos, is `envelope`.
     /// An event stored by an earlier release lacks the fields its protos did not have yet, so a
     /// redelivery after an upgrade differs from it in bytes and is still the same event.
-    fn retyped_is(stored: &StoredEvent, envelope: &Bytes) -> bool {
-        !stored.raw_json.is_empty()
-            && decode::decode_with(&stored.raw_json, Policy::Tolerant)
-                .is_ok_and(|decoded| decoded.envelope.encode_to_vec() == envelope.as_ref())
+    async fn retyped_is(&self, stored: &StoredEvent, envelope: &Bytes) -> bool {
+        if stored.raw_json.is_empty() {
+            return false;
+        }
+        let (raw_json, envelope) = (stored.raw_json.clone(), envelope.clone());
+        self.decoder
+            .run_waiting(raw_json.len(), move || {
+                decode::decode_with(&raw_json, Policy::Tolerant)
+                    .is_ok_and(|decoded| decoded.envelope.encode_to_vec() == envelope.as_ref())
+            })
+            .await
+            .unwrap_or(false)
     }
 
     /// Counts deviations, and logs each field pattern the first time it deviates (the pattern

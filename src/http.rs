@@ -553,6 +553,7 @@ impl From<IngestError> for HttpError {
         match error {
             IngestError::Invalid(error) => Self::Invalid(error),
             IngestError::Unavailable(error) => Self::Storage(error),
+            IngestError::Busy(_) => Self::Overloaded,
         }
     }
 }

@@ -304,6 +304,14 @@ struct LimitArgs {
     /// RESOURCE_EXHAUSTED and `Retry-After`.
     #[arg(long, env = "IQGW_MAX_IN_FLIGHT", default_value_t = 1024)]
     max_in_flight: usize,
+    /// Threads that decode bodies over 16 KiB at once (smaller ones are decoded where they
+    /// arrive), apart from the threads that serve requests. Default: one per CPU core.
+    #[arg(long, env = "IQGW_DECODE_THREADS", default_value_t = iqchannels_gateway::decode::pool::default_threads())]
+    decode_threads: usize,
+    /// Bodies over 16 KiB that may wait for a decode thread; more are refused at once with 429 /
+    /// RESOURCE_EXHAUSTED and `Retry-After`.
+    #[arg(long, env = "IQGW_DECODE_QUEUE", default_value_t = iqchannels_gateway::decode::pool::DEFAULT_QUEUE)]
+    decode_queue: usize,
     /// Open Subscribe streams at once; more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "IQGW_MAX_SUBSCRIBERS", default_value_t = 10_000)]
     max_subscribers: usize,
@@ -580,6 +588,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_in_flight: args.limits.max_in_flight,
         request_timeout: args.limits.request_timeout,
         catch_up_bytes: args.catch_up_memory,
+        decode_threads: args.limits.decode_threads,
+        decode_queue: args.limits.decode_queue,
         max_connections: args.limits.max_connections,
         decode_policy: if args.strict_decode {
             iqchannels_gateway::decode::Policy::Strict

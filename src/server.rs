@@ -180,6 +180,10 @@ pub struct ServerConfig {
     pub decode_policy: crate::decode::Policy,
     /// Bytes all subscribers' catch-up pages may hold together.
     pub catch_up_bytes: usize,
+    /// Threads that decode large bodies at once (`--decode-threads`).
+    pub decode_threads: usize,
+    /// Large bodies that may wait for a decode thread; more get 429 (`--decode-queue`).
+    pub decode_queue: usize,
 }
 
 impl Default for ServerConfig {
@@ -199,6 +203,8 @@ impl Default for ServerConfig {
             tls: None,
             decode_policy: crate::decode::Policy::Tolerant,
             catch_up_bytes: crate::subscribe::DEFAULT_CATCH_UP_BYTES,
+            decode_threads: crate::decode::pool::default_threads(),
+            decode_queue: crate::decode::pool::DEFAULT_QUEUE,
         }
     }
 }
@@ -241,6 +247,8 @@ pub async fn serve(
         max_in_flight: config.max_in_flight,
         decode_policy: config.decode_policy,
         catch_up_bytes: config.catch_up_bytes,
+        decode_threads: config.decode_threads,
+        decode_queue: config.decode_queue,
     };
     let stop_rx_for_tls = stop_rx.clone();
     let gateway = Gateway::new(log, &limits, stop_rx);
