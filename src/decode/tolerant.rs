@@ -1099,6 +1099,112 @@ fn exact_integer(text: &str) -> Option<i128> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// A body with `ChatEvent.Id` given as `id`, and `items` numbers (`1` or, every `bad`-th one,
+    /// `1e400`, beyond double range) in an opaque value under a key of `key` bytes, and as many
+    /// chat messages with a `NoticeId` that is a word (dropped) every `bad`-th one.
+    fn body(id: &str, items: usize, key: usize, bad: usize) -> String {
+        let numbers: Vec<&str> = (0..items)
+            .map(|i| {
+                if bad > 0 && i % bad == 0 {
+                    "1e400"
+                } else {
+                    "1"
+                }
+            })
+            .collect();
+        let messages: Vec<String> = (0..items)
+            .map(|i| {
+                let notice = if bad > 0 && i % bad == 0 {
+                    "\"n\""
+                } else {
+                    "3"
+                };
+                format!(r#"{{"Id": {i}, "NoticeId": {notice}}}"#)
+            })
+            .collect();
+        format!(
+            r#"{{"ChatEvent": {{"Id": {id}, "Type": "t"}}, "Rels": {{"Projects": [{{"Id": 1, "Options": {{"{}": [{}]}}}}], "ChatMessages": [{}]}}}}"#,
+            "k".repeat(key),
+            numbers.join(","),
+            messages.join(",")
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// The work beyond reading the body does not grow with the items nor the key: paths are
+        /// spelled out for reported deviations only, each cut; the protobuf written is a small
+        /// multiple of the body. And the typed result is the strict decode's.
+        #[test]
+        fn tolerant_work_is_linear_and_paths_cost_only_reported_deviations(
+            items in 1usize..20_000,
+            key in 1usize..100_000,
+            bad in prop_oneof![Just(0usize), 1usize..5_000],
+        ) {
+            let text = body("\"5\"", items, key, bad);
+            let (tolerated, work) = decode_counting(&text).expect("decodes");
+            let reported = tolerated.deviations.len();
+            prop_assert!(reported <= MAX_DEVIATIONS + 1);
+            let bytes: usize = tolerated
+                .deviations
+                .iter()
+                .map(|d| d.path.len() + d.expected.len() + d.found.len())
+                .sum();
+            prop_assert!(bytes <= MAX_DEVIATION_BYTES + 300, "{} bytes of deviations", bytes);
+            // A path and a pattern per reported deviation, and one pattern per opaque field.
+            let per_path = MAX_ERROR_TEXT + '…'.len_utf8();
+            prop_assert!(
+                work.path_bytes <= (2 * reported + 1) * per_path,
+                "{} bytes of paths for {} deviations", work.path_bytes, reported
+            );
+            prop_assert!(work.encoded_bytes <= 16 * text.len(), "{} written", work.encoded_bytes);
+            for deviation in &tolerated.deviations {
+                prop_assert!(deviation.path.len() <= per_path);
+            }
+            if bad == 0 {
+                let strict = body("5", items, key, 0);
+                let fast: Envelope = serde_json::from_str(&strict).expect("fits the protos");
+                prop_assert_eq!(&tolerated.envelope, &fast);
+                prop_assert_eq!(reported, 1, "only the id is coerced");
+            } else {
+                // The id, and one number and one message in every `bad`, deviate.
+                let deviating = 1 + 2 * items.div_ceil(bad);
+                if deviating <= 20 {
+                    prop_assert_eq!(reported, deviating);
+                } else {
+                    prop_assert!(reported > 20);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_key_given_twice_keeps_the_last_and_paths_are_cut_with_a_mark() {
+        let long = "x".repeat(1000);
+        let text = format!(
+            r#"{{"ChatEvent": {{"Id": 1, "Type": "a", "ChatId": 5, "Type": "b", "ChatId": null}}, "Rels": {{"Projects": [{{"Id": 1, "Options": {{"{long}": "\ud800"}}}}]}}}}"#
+        );
+        let (tolerated, _) = decode_counting(&text).expect("decodes");
+        let event = tolerated.envelope.chat_event.expect("ChatEvent");
+        assert_eq!(event.r#type, "b");
+        assert_eq!(event.chat_id, None, "the last ChatId (null) is kept");
+        let paths: Vec<&str> = tolerated
+            .deviations
+            .iter()
+            .map(|d| d.path.as_str())
+            .collect();
+        assert_eq!(paths[..2], ["ChatEvent.Type", "ChatEvent.ChatId"]);
+        let cut = paths[2];
+        assert!(
+            cut.starts_with("Rels.Projects[0].Options.xxx") && cut.ends_with('…'),
+            "{cut}"
+        );
+        assert_eq!(cut.len(), MAX_ERROR_TEXT + '…'.len_utf8());
+        assert_eq!(tolerated.deviations[2].pattern, "Rels.Projects[].Options");
+    }
 
     #[test]
     fn exact_integers_are_computed_on_the_digits() {
