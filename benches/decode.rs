@@ -51,6 +51,28 @@ fn time(body: &[u8], runs: usize) -> Duration {
     times[runs / 2]
 }
 
+/// Median time of handing a no-op to a blocking thread and getting its result back (what a body
+/// decoded on the pool pays beyond the decode).
+fn hand_over(runs: usize) -> Duration {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .build()
+        .expect("runtime");
+    let mut times: Vec<Duration> = (0..runs)
+        .map(|_| {
+            runtime.block_on(async {
+                let started = Instant::now();
+                tokio::task::spawn_blocking(|| black_box(1))
+                    .await
+                    .expect("joins");
+                started.elapsed()
+            })
+        })
+        .collect();
+    times.sort();
+    times[runs / 2]
+}
+
 fn main() {
     let quick =
         std::env::args().any(|a| a == "--quick") || !std::env::args().any(|a| a == "--bench");
@@ -66,6 +88,20 @@ fn main() {
         ),
         ("8,000 typed chat messages", messages(8_000 / scale)),
     ];
+    let hand = hand_over(if quick { 11 } else { 1001 });
+    println!(
+        "hand-over to a blocking thread and back: {:.1} µs",
+        hand.as_secs_f64() * 1e6
+    );
+    for items in [10, 40, 160] {
+        let small = body("\"5\"", &messages(items));
+        println!(
+            "tolerant decode of {} bytes: {:.1} µs",
+            small.len(),
+            time(&small, runs * 10).as_secs_f64() * 1e6
+        );
+    }
+    println!();
     println!("| shape | body | strict | tolerant | tolerant / strict |");
     println!("|---|---|---|---|---|");
     for (name, rels) in shapes {
