@@ -462,7 +462,7 @@ enum Run<'a> {
         error: &'a str,
         path: &'a str,
     },
-    /// Not stored: storage failed for them (send them again).
+    /// Not stored: storage failed for them (send them again when `retry`).
     Unstored {
         from: usize,
         to: usize,
@@ -506,7 +506,7 @@ impl<'a> Run<'a> {
                 from: index,
                 to: index,
                 error: error.to_string(),
-                retry: true,
+                retry: retryable(error),
             },
             Outcome::Rejected { error, .. } => {
                 let error = (*error)?;
@@ -565,7 +565,8 @@ impl<'a> Run<'a> {
                 match outcome {
                     Outcome::Stored(item) if item.appended.duplicate => *duplicates += 1,
                     Outcome::Stored(_) => *stored += 1,
-                    Outcome::Unstored(_) => *unavailable += 1,
+                    Outcome::Unstored(error) if retryable(error) => *unavailable += 1,
+                    Outcome::Unstored(_) => *rejected += 1,
                     Outcome::Rejected { .. } => *rejected += 1,
                 }
                 true
@@ -634,6 +635,12 @@ struct Results<'a> {
     list_until: usize,
 }
 
+/// Whether an item storage did not take may be sent again (every storage error of a batch
+/// item is, today).
+fn retryable(_error: &LogError) -> bool {
+    true
+}
+
 /// An item storage did not take.
 #[derive(serde::Serialize)]
 struct Unstored {
@@ -653,7 +660,7 @@ impl serde::Serialize for Results<'_> {
                     Some((_, Ok(item))) => seq.serialize_element(&item.appended)?,
                     Some((_, Err(error))) => seq.serialize_element(&Unstored {
                         error: error.to_string(),
-                        retry: true,
+                        retry: retryable(error),
                     })?,
                     None => return Err(S::Error::custom("fewer results than stored items")),
                 },
