@@ -116,3 +116,58 @@ impl DecodePool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn beyond_its_threads_and_queue_a_body_is_refused_at_once_and_small_ones_run_inline() {
+        let pool = DecodePool::new(1, 1);
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let held = std::sync::Arc::new(std::sync::Mutex::new(held));
+        let block = |held: std::sync::Arc<std::sync::Mutex<std::sync::mpsc::Receiver<()>>>| {
+            move || {
+                let _ = held.lock().map(|held| held.recv());
+                std::thread::current().id()
+            }
+        };
+        let large = INLINE_BYTES + 1;
+        let running = tokio::spawn({
+            let (pool, held) = (pool.clone(), held.clone());
+            async move { pool.run(large, block(held)).await }
+        });
+        let waiting = tokio::spawn({
+            let (pool, held) = (pool.clone(), held.clone());
+            async move {
+                // Behind the first: it waits for the thread.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                pool.run(large, block(held)).await
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let started = std::time::Instant::now();
+        assert_eq!(
+            pool.run(large, || ()).await,
+            Err(Busy),
+            "one thread, one waiting"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(100),
+            "at once"
+        );
+        let here = std::thread::current().id();
+        assert_eq!(
+            pool.run(INLINE_BYTES, || std::thread::current().id()).await,
+            Ok(here)
+        );
+        for _ in 0..2 {
+            release.send(()).expect("a decode waits");
+        }
+        let first = running.await.expect("joins").expect("admitted");
+        let second = waiting.await.expect("joins").expect("admitted");
+        assert_ne!(first, here, "decoded on a blocking thread");
+        assert_ne!(second, here);
+        assert_eq!(pool.run(large, || 7).await, Ok(7), "free again");
+    }
+}
