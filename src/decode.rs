@@ -6,6 +6,7 @@
 //! typed message. What an event points at is read here too, once, at ingest: the filter keys
 //! ([`keys`]) and the referenced entities ([`references`]).
 
+pub mod pool;
 mod resolve;
 pub mod serde_support;
 mod tolerant;
@@ -96,6 +97,11 @@ pub fn path_pattern(path: &str) -> String {
 
 /// Deviations reported per event at most; past it they are counted in one last deviation.
 pub const MAX_DEVIATIONS: usize = 100;
+
+/// Bytes of the deviations reported per event at most (their paths, each cut to
+/// [`MAX_ERROR_TEXT`], and texts); past it they are counted in one last deviation, so that what
+/// an event carries about its body stays small whatever the body.
+pub const MAX_DEVIATION_BYTES: usize = 16 * 1024;
 
 /// A decoded body: the typed envelope and what of the body did not fit it.
 #[derive(Debug, Clone, PartialEq)]

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use prost::Message;
 use tokio::sync::watch;
 
+use crate::decode::pool::{Busy, DecodePool};
 use crate::decode::{self, DecodeError, Decoded, Deviation, Policy};
 use crate::hub::Hub;
 use crate::log::{Appended, LogError, NewRecord, SharedLog};
@@ -26,6 +27,9 @@ pub enum IngestError {
     /// Storage failed; nothing was acknowledged; the sender should retry.
     #[error(transparent)]
     Unavailable(#[from] LogError),
+    /// Every decode worker is busy and as many bodies wait (`--decode-queue`); retry shortly.
+    #[error(transparent)]
+    Busy(#[from] Busy),
 }
 
 /// What ingest answers for a stored event: where it is, and what of its body did not fit the
@@ -63,6 +67,8 @@ pub struct Gateway {
     policy: Policy,
     /// Bytes an event may take as a subscriber receives it, all optional fields asked for.
     max_event_bytes: usize,
+    /// Where bodies are decoded (`--decode-threads`, `--decode-queue`).
+    decoder: DecodePool,
 }
 
 /// What `GET /v1/stats` reports.
@@ -113,6 +119,12 @@ pub struct GatewayConfig {
     pub live_buffer_bytes: usize,
     /// Catch-up reads running at once (`--catch-up-reads`).
     pub catch_up_reads: usize,
+    /// Threads that decode bodies larger than [`decode::pool::INLINE_BYTES`] at once
+    /// (`--decode-threads`).
+    pub decode_threads: usize,
+    /// Such bodies that may wait for a decode thread; more are refused at once
+    /// (`--decode-queue`).
+    pub decode_queue: usize,
 }
 
 impl Default for GatewayConfig {
@@ -126,6 +138,8 @@ impl Default for GatewayConfig {
             max_event_bytes: crate::fit::DEFAULT_MAX_EVENT_BYTES,
             live_buffer_bytes: crate::hub::DEFAULT_LIVE_BYTES,
             catch_up_reads: crate::subscribe::DEFAULT_CATCH_UP_READS,
+            decode_threads: decode::pool::default_threads(),
+            decode_queue: decode::pool::DEFAULT_QUEUE,
         }
     }
 }
@@ -153,7 +167,13 @@ impl Gateway {
             ingest_slots: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.max(1))),
             policy: config.decode_policy,
             max_event_bytes: config.max_event_bytes,
+            decoder: DecodePool::new(config.decode_threads, config.decode_queue),
         }
+    }
+
+    /// Where bodies are decoded: the edges decode batches there.
+    pub fn decoder(&self) -> &DecodePool {
+        &self.decoder
     }
 
     /// A slot for one ingest request, or `None` when all are taken (shed the request).
@@ -170,7 +190,13 @@ impl Gateway {
     /// a leading byte-order mark ([`decode::strip_bom`]).
     pub async fn ingest_json(&self, body: Bytes) -> Result<Ingested, IngestError> {
         let body = body.slice_ref(decode::strip_bom(&body));
-        let decoded = decode::decode_with(&body, self.policy)?;
+        let policy = self.policy;
+        let decoded = {
+            let body = body.clone();
+            self.decoder
+                .run(body.len(), move || decode::decode_with(&body, policy))
+                .await??
+        };
         let (record, identity, deviations) =
             self.record(decoded.envelope, body, decoded.deviations)?;
         self.note_deviations(&deviations);
@@ -281,15 +307,16 @@ impl Gateway {
                 let conflict = match new.digests.same_event(&digests) {
                     Some(same) => !same,
                     // Typed by other protos: the stored body, typed by this build's.
-                    None => payload
-                        .and_then(|payload| record::stored(payload).ok())
-                        .is_some_and(|stored| !self.retyped_is(&stored, &new.envelope)),
+                    None => match payload.and_then(|payload| record::stored(payload).ok()) {
+                        Some(stored) => !self.retyped_is(&stored, &new.envelope).await,
+                        None => false,
+                    },
                 };
                 (conflict, keys.event_id)
             }
             Identity::Legacy(stored) => {
-                let conflict =
-                    stored.envelope != new.envelope && !self.retyped_is(&stored, &new.envelope);
+                let conflict = stored.envelope != new.envelope
+                    && !self.retyped_is(&stored, &new.envelope).await;
                 (conflict, stored.keys.map_or(0, |k| k.event_id))
             }
         };
@@ -309,14 +336,20 @@ impl Gateway {
     /// Whether the stored event's original body, typed by this build's protos, is `envelope`.
     /// An event stored by an earlier release lacks the fields its protos did not have yet, so a
     /// redelivery after an upgrade differs from it in bytes and is still the same event. The
-    /// one place a stored body is decoded again (counted in the metrics).
-    fn retyped_is(&self, stored: &StoredEvent, envelope: &Bytes) -> bool {
+    /// one place a stored body is decoded again (counted in the metrics), on the decode pool.
+    async fn retyped_is(&self, stored: &StoredEvent, envelope: &Bytes) -> bool {
         if stored.raw_json.is_empty() {
             return false;
         }
         self.metrics.observe_stored_body_decode();
-        decode::decode_with(&stored.raw_json, Policy::Tolerant)
-            .is_ok_and(|decoded| decoded.envelope.encode_to_vec() == envelope.as_ref())
+        let (raw_json, envelope) = (stored.raw_json.clone(), envelope.clone());
+        self.decoder
+            .run_waiting(raw_json.len(), move || {
+                decode::decode_with(&raw_json, Policy::Tolerant)
+                    .is_ok_and(|decoded| decoded.envelope.encode_to_vec() == envelope.as_ref())
+            })
+            .await
+            .unwrap_or(false)
     }
 
     /// Counts deviations, and logs each field pattern the first time it deviates (the pattern

@@ -405,6 +405,7 @@ fn ingest_status(error: IngestError) -> Status {
     match error {
         IngestError::Invalid(error) => decode_status(error),
         IngestError::Unavailable(error) => log_status(error),
+        IngestError::Busy(error) => Status::resource_exhausted(format!("{error} (--decode-queue)")),
     }
 }
 

@@ -16,7 +16,8 @@ mod console;
 mod stream;
 
 use crate::auth::{AuthError, GrpcAuth, HeadCheck, IngestAuth, MetricsAuth};
-use crate::decode::{self, BatchItem, DecodeError};
+use crate::decode::pool::Busy;
+use crate::decode::{self, BatchItem, DecodeError, Decoded, Policy};
 use crate::gateway::{Gateway, IngestError, Ingested};
 use crate::log::LogError;
 
@@ -234,11 +235,15 @@ async fn accept(
     Ok((permit, media, body))
 }
 
-/// Rejected items of a batch answered in full; past them a rejected item's result is `null` and
-/// it is only counted (`omitted_errors`). With [`LISTED_DEVIATIONS`] this bounds the answer to a
-/// small multiple of the body (one result per item: `null,` for the 2 bytes of `{\n`) plus a
-/// fixed amount, whatever the body holds.
+/// Items of a batch answered one by one at most, in `results`; the rest are summarised in
+/// `omitted`, as runs.
+const DETAILED_ITEMS: usize = 1000;
+
+/// Rejected items answered in full at most: `results` stops before the next one.
 const DETAILED_ERRORS: usize = 100;
+
+/// Runs in `omitted` at most; past them, one last run counts what each later item came to.
+const MAX_RUNS: usize = 100;
 
 /// Deviations listed in a batch answer: a stored item's list is given whole while fewer than this
 /// many have been listed before it; later lists are only counted (`omitted_deviations`; every
@@ -250,16 +255,74 @@ const LISTED_DEVIATIONS: usize = 100;
 enum Slot {
     /// A valid item: its result is the next one the store answers.
     Event,
-    /// A rejected item: its error, while fewer than [`DETAILED_ERRORS`] were kept.
-    Rejected(Option<Box<DecodeError>>),
+    /// A rejected item: its error, when it may be shown (one of the first, or the first of a run
+    /// of items with the same error), and whether the item before it had the same error.
+    Rejected {
+        error: Option<Box<DecodeError>>,
+        continues: bool,
+    },
+}
+
+/// A batch split into items and decoded.
+struct Batch {
+    slots: Vec<Slot>,
+    /// The valid items, each with its own bytes of the body.
+    events: Vec<(Decoded, Bytes)>,
+    rejected: usize,
+}
+
+/// Splits and decodes a batch body (a JSON array, or NDJSON): on a decode worker.
+fn decode_batch(body: &Bytes, array: bool, policy: Policy) -> Result<Batch, DecodeError> {
+    let mut batch = Batch {
+        slots: Vec::new(),
+        events: Vec::new(),
+        rejected: 0,
+    };
+    // The error of the item before, when it was rejected: a run goes on while it is the same.
+    let mut previous: Option<(String, String)> = None;
+    let mut runs_kept = 0;
+    let each = |item: BatchItem| match item.decoded {
+        Ok(decoded) => {
+            batch.slots.push(Slot::Event);
+            batch.events.push((decoded, body.slice(item.range)));
+            previous = None;
+        }
+        Err(error) => {
+            batch.rejected += 1;
+            let index = batch.slots.len();
+            let continues = previous
+                .as_ref()
+                .is_some_and(|(message, path)| *message == error.message && *path == error.path);
+            // Kept: every error `results` may show, and the first of each run `omitted` may
+            // show; the others are only counted.
+            let shown = batch.rejected <= DETAILED_ERRORS + 1 || index == DETAILED_ITEMS;
+            let starts_run = !continues && runs_kept <= MAX_RUNS;
+            if starts_run {
+                runs_kept += 1;
+            }
+            if !continues {
+                previous = Some((error.message.clone(), error.path.clone()));
+            }
+            batch.slots.push(Slot::Rejected {
+                error: (shown || starts_run).then(|| Box::new(error)),
+                continues,
+            });
+        }
+    };
+    if array {
+        decode::decode_array(body, policy, each)?;
+    } else {
+        decode::decode_lines(body, policy, each);
+    }
+    Ok(batch)
 }
 
 /// `POST /v1/events:batch`: a JSON array of events (`application/json`) or one event per line
-/// (`application/x-ndjson`). Answers 200 with one result per item, in order: a bad item is
-/// answered with its error, and an item the store did not take (JetStream may store part of a
-/// batch) with `"retry": true`; neither rejects the others. The whole batch is rejected (400)
-/// only when it cannot be split into items, and answered 503 only when storage failed and
-/// nothing was stored.
+/// (`application/x-ndjson`). Answers 200 with what became of each item, in order: the first
+/// items one by one in `results` (a bad item with its error, an item the store did not take with
+/// `"retry": true`; neither rejects the others), the rest in runs of like items in `omitted`, so
+/// the answer stays small whatever the body. The whole batch is rejected (400) only when it
+/// cannot be split into items, and answered 503 only when storage failed and nothing was stored.
 async fn post_batch(
     State(state): State<AppState>,
     request: Request,
@@ -274,26 +337,18 @@ async fn post_batch(
     let (_permit, content_type, body) = accept(&state, request, &allowed).await?;
     let body = body.slice_ref(decode::strip_bom(&body));
     let policy = state.gateway.decode_policy();
-    let mut slots = Vec::new();
-    let mut events = Vec::new();
-    let mut rejected = 0;
-    let each = |item: BatchItem| match item.decoded {
-        Ok(decoded) => {
-            slots.push(Slot::Event);
-            events.push((decoded, body.slice(item.range)));
-        }
-        Err(error) => {
-            rejected += 1;
-            slots.push(Slot::Rejected(
-                (rejected <= DETAILED_ERRORS).then(|| Box::new(error)),
-            ));
-        }
-    };
-    if content_type == "application/json" {
-        decode::decode_array(&body, policy, each).map_err(HttpError::Invalid)?;
-    } else {
-        decode::decode_lines(&body, policy, each);
-    }
+    let array = content_type == "application/json";
+    let Batch {
+        slots,
+        events,
+        rejected,
+    } = state
+        .gateway
+        .decoder()
+        .run(body.len(), move || decode_batch(&body, array, policy))
+        .await
+        .map_err(HttpError::Busy)?
+        .map_err(HttpError::Invalid)?;
     // One result per stored item: JetStream stores each on its own, so some may fail while
     // others are stored (answered per item); nothing stored at all is a 503 (retry the batch).
     let ingested = state.gateway.ingest_batch(events).await;
@@ -308,18 +363,37 @@ async fn post_batch(
             return Err(HttpError::Storage(error.clone()));
         }
     }
+    // `results`: the first items, up to the first one past either bound.
+    let mut detailed = slots.len().min(DETAILED_ITEMS);
+    let mut detailed_errors = 0;
+    for (i, slot) in slots.iter().enumerate().take(detailed) {
+        if matches!(slot, Slot::Rejected { .. }) {
+            detailed_errors += 1;
+            if detailed_errors > DETAILED_ERRORS {
+                detailed = i;
+                detailed_errors -= 1;
+                break;
+            }
+        }
+    }
+    let detailed_events = slots[..detailed]
+        .iter()
+        .filter(|slot| matches!(slot, Slot::Event))
+        .count();
     let mut listed = 0;
-    let mut list_until = ingested.len();
+    let mut list_until = detailed_events;
     let mut omitted_deviations = 0;
     for (i, item) in ingested.iter().enumerate() {
         let Ok(item) = item else { continue };
-        if listed < LISTED_DEVIATIONS {
+        if i < detailed_events && listed < LISTED_DEVIATIONS {
             listed += item.deviations.len();
         } else {
             list_until = list_until.min(i);
             omitted_deviations += item.deviations.len();
         }
     }
+    let omitted = runs(&slots[detailed..], &ingested[detailed_events..], detailed)
+        .map_err(|error| HttpError::Storage(LogError::Unavailable(error.into())))?;
     let duplicates = ingested
         .iter()
         .filter(|i| i.as_ref().is_ok_and(|i| i.appended.duplicate))
@@ -329,13 +403,14 @@ async fn post_batch(
         duplicates,
         rejected: rejected + too_large,
         unavailable,
-        omitted_errors: rejected.saturating_sub(DETAILED_ERRORS),
+        omitted_errors: rejected - detailed_errors,
         omitted_deviations,
         results: Results {
-            slots: &slots,
-            ingested: &ingested,
+            slots: &slots[..detailed],
+            ingested: &ingested[..detailed_events],
             list_until,
         },
+        omitted,
     })
     .into_response();
     if unavailable > 0 {
@@ -346,7 +421,7 @@ async fn post_batch(
     Ok(response)
 }
 
-/// The answer to a batch: counts, then one result per item in order.
+/// The answer to a batch: counts, the first items one by one, then runs of the others.
 #[derive(serde::Serialize)]
 struct BatchAnswer<'a> {
     stored: usize,
@@ -355,25 +430,220 @@ struct BatchAnswer<'a> {
     /// Items not stored because storage failed (only when some were); send them again.
     #[serde(skip_serializing_if = "is_zero")]
     unavailable: usize,
+    /// Rejected items not answered in full (they are in `omitted`).
     #[serde(skip_serializing_if = "is_zero")]
     omitted_errors: usize,
     #[serde(skip_serializing_if = "is_zero")]
     omitted_deviations: usize,
     results: Results<'a>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    omitted: Vec<Run<'a>>,
 }
 
 fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
-/// One result per item, written as they are serialized (never a list of answers in memory):
-/// `{"sequence", "duplicate", "deviations"?}`, `{"error", "retry": true}` (not stored: storage
-/// failed for it while others were stored), `{"error", "path", "line", "column"}` or `null`.
+/// Consecutive items (`from` to `to`, 0-based indices in the body, both included) that came to
+/// the same thing.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Run<'a> {
+    /// Stored (or, `duplicate`, stored before) under consecutive sequences from `sequence` to
+    /// `last_sequence`.
+    Stored {
+        from: usize,
+        to: usize,
+        sequence: u64,
+        last_sequence: u64,
+        duplicate: bool,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        conflict: bool,
+    },
+    /// Rejected, each with this error at this path.
+    Rejected {
+        from: usize,
+        to: usize,
+        error: &'a str,
+        path: &'a str,
+    },
+    /// Not stored: storage failed for them (send them again when `retry`).
+    Unstored {
+        from: usize,
+        to: usize,
+        error: String,
+        retry: bool,
+    },
+    /// Past [`MAX_RUNS`]: what the remaining items came to, counted.
+    Rest {
+        from: usize,
+        to: usize,
+        stored: usize,
+        duplicates: usize,
+        rejected: usize,
+        unavailable: usize,
+    },
+}
+
+/// What became of one item.
+enum Outcome<'a> {
+    Stored(&'a Ingested),
+    Unstored(&'a LogError),
+    Rejected {
+        error: Option<&'a DecodeError>,
+        continues: bool,
+    },
+}
+
+impl<'a> Run<'a> {
+    /// A run of the one item `index`; `None` when it cannot start one (an error not kept).
+    fn start(index: usize, outcome: &Outcome<'a>) -> Option<Self> {
+        Some(match outcome {
+            Outcome::Stored(item) => Run::Stored {
+                from: index,
+                to: index,
+                sequence: item.appended.sequence,
+                last_sequence: item.appended.sequence,
+                duplicate: item.appended.duplicate,
+                conflict: item.conflict,
+            },
+            Outcome::Unstored(error) => Run::Unstored {
+                from: index,
+                to: index,
+                error: error.to_string(),
+                retry: retryable(error),
+            },
+            Outcome::Rejected { error, .. } => {
+                let error = (*error)?;
+                Run::Rejected {
+                    from: index,
+                    to: index,
+                    error: &error.message,
+                    path: &error.path,
+                }
+            }
+        })
+    }
+
+    /// Adds item `index` (the one after this run) if it came to the same; whether it did.
+    fn extend(&mut self, index: usize, outcome: &Outcome<'a>) -> bool {
+        match (self, outcome) {
+            (
+                Run::Stored {
+                    to,
+                    last_sequence,
+                    duplicate,
+                    conflict,
+                    ..
+                },
+                Outcome::Stored(item),
+            ) if item.appended.duplicate == *duplicate
+                && item.conflict == *conflict
+                && item.appended.sequence == *last_sequence + 1 =>
+            {
+                *to = index;
+                *last_sequence += 1;
+                true
+            }
+            (Run::Rejected { to, .. }, Outcome::Rejected { continues, .. }) if *continues => {
+                *to = index;
+                true
+            }
+            (Run::Unstored { to, error, .. }, Outcome::Unstored(next))
+                if next.to_string() == *error =>
+            {
+                *to = index;
+                true
+            }
+            (
+                Run::Rest {
+                    to,
+                    stored,
+                    duplicates,
+                    rejected,
+                    unavailable,
+                    ..
+                },
+                outcome,
+            ) => {
+                *to = index;
+                match outcome {
+                    Outcome::Stored(item) if item.appended.duplicate => *duplicates += 1,
+                    Outcome::Stored(_) => *stored += 1,
+                    Outcome::Unstored(error) if retryable(error) => *unavailable += 1,
+                    Outcome::Unstored(_) => *rejected += 1,
+                    Outcome::Rejected { .. } => *rejected += 1,
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The items of `slots` (the first at index `first` of the body), with the store's results of
+/// the valid ones, as runs: at most [`MAX_RUNS`] and one last that counts the rest.
+fn runs<'a>(
+    slots: &'a [Slot],
+    ingested: &'a [Result<Ingested, LogError>],
+    first: usize,
+) -> Result<Vec<Run<'a>>, &'static str> {
+    let mut runs: Vec<Run<'a>> = Vec::new();
+    let mut results = ingested.iter();
+    for (i, slot) in slots.iter().enumerate() {
+        let index = first + i;
+        let outcome = match slot {
+            Slot::Event => match results.next() {
+                Some(Ok(item)) => Outcome::Stored(item),
+                Some(Err(error)) => Outcome::Unstored(error),
+                None => return Err("fewer results than stored items"),
+            },
+            Slot::Rejected { error, continues } => Outcome::Rejected {
+                error: error.as_deref(),
+                continues: *continues,
+            },
+        };
+        if let Some(last) = runs.last_mut() {
+            if last.extend(index, &outcome) {
+                continue;
+            }
+        }
+        let run = (runs.len() < MAX_RUNS)
+            .then(|| Run::start(index, &outcome))
+            .flatten();
+        let run = run.unwrap_or_else(|| {
+            let mut rest = Run::Rest {
+                from: index,
+                to: index,
+                stored: 0,
+                duplicates: 0,
+                rejected: 0,
+                unavailable: 0,
+            };
+            // Counts the item (a rest run takes any).
+            rest.extend(index, &outcome);
+            rest
+        });
+        runs.push(run);
+    }
+    Ok(runs)
+}
+
+/// The first items' results, one per item, written as they are serialized (never a list of
+/// answers in memory): `{"sequence", "duplicate", "deviations"?}`, `{"error", "retry": true}`
+/// (not stored: storage failed for it while others were stored), `{"error", "path", "line",
+/// "column"}`.
 struct Results<'a> {
     slots: &'a [Slot],
     ingested: &'a [Result<Ingested, LogError>],
     /// Stored items from this one on are answered without their deviations.
     list_until: usize,
+}
+
+/// Whether an item storage did not take may be sent again: every storage error of a batch
+/// item is, but a record too large for the store (refused for good, like a 413).
+fn retryable(error: &LogError) -> bool {
+    !matches!(error, LogError::TooLarge(_))
 }
 
 /// An item storage did not take.
@@ -395,12 +665,14 @@ impl serde::Serialize for Results<'_> {
                     Some((_, Ok(item))) => seq.serialize_element(&item.appended)?,
                     Some((_, Err(error))) => seq.serialize_element(&Unstored {
                         error: error.to_string(),
-                        retry: !matches!(error, LogError::TooLarge(_)),
+                        retry: retryable(error),
                     })?,
                     None => return Err(S::Error::custom("fewer results than stored items")),
                 },
-                Slot::Rejected(Some(error)) => seq.serialize_element(&ErrorBody::from(&**error))?,
-                Slot::Rejected(None) => seq.serialize_element(&())?,
+                Slot::Rejected {
+                    error: Some(error), ..
+                } => seq.serialize_element(&ErrorBody::from(&**error))?,
+                Slot::Rejected { error: None, .. } => seq.serialize_element(&())?,
             }
         }
         seq.end()
@@ -547,6 +819,8 @@ enum HttpError {
     Auth(AuthError),
     #[error("too many requests in flight; retry shortly")]
     Overloaded,
+    #[error("{0} (--decode-queue)")]
+    Busy(Busy),
     #[error("the request body was not received in time")]
     Timeout,
     #[error("not found")]
@@ -558,6 +832,7 @@ impl From<IngestError> for HttpError {
         match error {
             IngestError::Invalid(error) => Self::Invalid(error),
             IngestError::Unavailable(error) => Self::Storage(error),
+            IngestError::Busy(busy) => Self::Busy(busy),
         }
     }
 }
@@ -577,7 +852,7 @@ impl IntoResponse for HttpError {
             Self::Subscribe(error) => subscribe_status(error),
             Self::Auth(AuthError::Unauthenticated) => StatusCode::UNAUTHORIZED,
             Self::Auth(AuthError::Forbidden) => StatusCode::FORBIDDEN,
-            Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded | Self::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Timeout => StatusCode::REQUEST_TIMEOUT,
             Self::NotFound => StatusCode::NOT_FOUND,
         };

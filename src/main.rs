@@ -320,6 +320,14 @@ struct LimitArgs {
     /// RESOURCE_EXHAUSTED and `Retry-After`.
     #[arg(long, env = "IQGW_MAX_IN_FLIGHT", default_value_t = 1024)]
     max_in_flight: usize,
+    /// Threads that decode bodies over 16 KiB at once (smaller ones are decoded where they
+    /// arrive), apart from the threads that serve requests. Default: one per CPU core.
+    #[arg(long, env = "IQGW_DECODE_THREADS", default_value_t = iqchannels_gateway::decode::pool::default_threads())]
+    decode_threads: usize,
+    /// Bodies over 16 KiB that may wait for a decode thread; more are refused at once with 429 /
+    /// RESOURCE_EXHAUSTED and `Retry-After`.
+    #[arg(long, env = "IQGW_DECODE_QUEUE", default_value_t = iqchannels_gateway::decode::pool::DEFAULT_QUEUE)]
+    decode_queue: usize,
     /// Open Subscribe streams at once; more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "IQGW_MAX_SUBSCRIBERS", default_value_t = 10_000)]
     max_subscribers: usize,
@@ -603,6 +611,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_event_bytes: args.max_event_bytes,
         live_buffer_bytes: args.live_buffer_bytes,
         catch_up_reads: args.catch_up_reads,
+        decode_threads: args.limits.decode_threads,
+        decode_queue: args.limits.decode_queue,
         max_connections: args.limits.max_connections,
         decode_policy: if args.strict_decode {
             iqchannels_gateway::decode::Policy::Strict

@@ -187,6 +187,10 @@ pub struct ServerConfig {
     pub live_buffer_bytes: usize,
     /// Catch-up reads running at once, over all subscribers (`--catch-up-reads`).
     pub catch_up_reads: usize,
+    /// Threads that decode large bodies at once (`--decode-threads`).
+    pub decode_threads: usize,
+    /// Large bodies that may wait for a decode thread; more get 429 (`--decode-queue`).
+    pub decode_queue: usize,
 }
 
 impl Default for ServerConfig {
@@ -209,6 +213,8 @@ impl Default for ServerConfig {
             max_event_bytes: crate::fit::DEFAULT_MAX_EVENT_BYTES,
             live_buffer_bytes: crate::hub::DEFAULT_LIVE_BYTES,
             catch_up_reads: crate::subscribe::DEFAULT_CATCH_UP_READS,
+            decode_threads: crate::decode::pool::default_threads(),
+            decode_queue: crate::decode::pool::DEFAULT_QUEUE,
         }
     }
 }
@@ -254,6 +260,8 @@ pub async fn serve(
         max_event_bytes: config.max_event_bytes,
         live_buffer_bytes: config.live_buffer_bytes,
         catch_up_reads: config.catch_up_reads,
+        decode_threads: config.decode_threads,
+        decode_queue: config.decode_queue,
     };
     let stop_rx_for_tls = stop_rx.clone();
     let gateway = Gateway::new(log, &limits, stop_rx);

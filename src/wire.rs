@@ -110,6 +110,9 @@ pub fn keys_of(payload: &[u8]) -> Option<Keys> {
         #[prost(message, optional, tag = "3")]
         keys: Option<Keys>,
     }
+    if record::is_compact(payload) {
+        return record::keys_of_compact(payload);
+    }
     KeysOnly::decode(payload)
         .ok()
         .map(|only| only.keys.unwrap_or_default())

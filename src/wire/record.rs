@@ -230,6 +230,24 @@ pub fn is_compact(payload: &[u8]) -> bool {
     payload.first() == Some(&MARK)
 }
 
+/// The filter keys of a compact record read from a borrowed payload: the outer message's field
+/// 1 only, the compressed content skipped by its length (never copied or decompressed). `None`
+/// when the record is not one this build reads.
+pub fn keys_of_compact(payload: &[u8]) -> Option<Keys> {
+    /// [`Compact`] with only its field 1.
+    #[derive(Clone, PartialEq, Message)]
+    struct KeysOnly {
+        #[prost(message, optional, tag = "1")]
+        keys: Option<Keys>,
+    }
+    match payload.get(1) {
+        Some(&VERSION) => KeysOnly::decode(&payload[2..])
+            .ok()
+            .map(|only| only.keys.unwrap_or_default()),
+        _ => None,
+    }
+}
+
 fn outer(payload: &Bytes) -> Result<Compact, CorruptRecord> {
     match payload.get(1) {
         Some(&VERSION) => {
