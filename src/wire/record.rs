@@ -460,6 +460,15 @@ mod tests {
                 "the same parts, byte for byte"
             );
             assert_eq!(keys(&payload).unwrap(), old.keys.clone().unwrap());
+            // What a filtered catch-up reads from the borrowed payload, without decompressing.
+            assert_eq!(
+                crate::wire::keys_of(&payload),
+                Some(old.keys.clone().unwrap())
+            );
+            assert_eq!(
+                crate::wire::keys_of(&old.encode_to_vec()),
+                Some(old.keys.clone().unwrap())
+            );
             assert!(
                 payload.len() * 2 < body.len(),
                 "{} bytes for a body of {}",
