@@ -11,6 +11,7 @@
 //! - [`gateway`]: ingest, subscriptions and lookups, shared by the edges.
 //! - [`http`], [`grpc`]: the edges (axum, tonic).
 //! - [`metrics`]: Prometheus metrics.
+//! - [`budget`]: the byte budget of request bodies held before they are checked.
 //! - [`tls`]: rustls for the shared port, with certificate reload.
 //! - [`client`]: the `subscribe`, `publish` and `get` commands over gRPC.
 //! - [`server`]: one port for both, graceful shutdown.
@@ -19,6 +20,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod budget;
 pub mod client;
 pub mod decode;
 pub mod gateway;
