@@ -144,7 +144,8 @@ mod tests {
         assert!(b.grow(1).is_err());
         drop(a);
         assert_eq!((budget.held(), gauge.get()), (40, 40));
-        b.grow(60).expect("fits again once the other body is dropped");
+        b.grow(60)
+            .expect("fits again once the other body is dropped");
         drop(b);
         assert_eq!((budget.held(), gauge.get()), (0, 0));
     }

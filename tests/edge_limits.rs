@@ -175,7 +175,10 @@ async fn stalled_uploads_never_hold_more_than_the_body_budget() {
                 let started = Instant::now();
                 let answer = answer_on(&mut stream, WAIT).await;
                 assert_refused_for_memory(&answer);
-                assert!(started.elapsed() < Duration::from_secs(2), "refused at once");
+                assert!(
+                    started.elapsed() < Duration::from_secs(2),
+                    "refused at once"
+                );
                 refused += 1;
             }
             // Now and then a stalled upload goes away.
@@ -381,13 +384,14 @@ async fn health_and_reflection_calls_beyond_the_cap_are_refused_and_counted() {
             .await
             .expect("a watch opens")
             .into_inner();
-        watch.message().await.expect("a first status").expect("sent");
+        watch
+            .message()
+            .await
+            .expect("a first status")
+            .expect("sent");
         watches.push(watch);
     }
-    let refused = health
-        .check(check.clone())
-        .await
-        .expect_err("over the cap");
+    let refused = health.check(check.clone()).await.expect_err("over the cap");
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(
         refused.message().contains("--max-health-reflection-calls"),

@@ -437,7 +437,10 @@ mod tests {
         let cut = cut_status_text(&format!("symbol '{symbol}' not found"));
         assert!(cut.starts_with("symbol 'xxx"), "{cut}");
         assert!(cut.ends_with("…' not found"), "{cut}");
-        assert_eq!(cut.len(), "symbol '' not found".len() + MAX_ERROR_TEXT + '…'.len_utf8());
+        assert_eq!(
+            cut.len(),
+            "symbol '' not found".len() + MAX_ERROR_TEXT + '…'.len_utf8()
+        );
         let short = "symbol 'iqchannels.Nope' not found";
         assert_eq!(cut_status_text(short), short);
         let long = "é".repeat(MAX_STATUS_TEXT);
@@ -495,7 +498,9 @@ mod tests {
             have: 0,
             skip: 0,
         };
-        let refused = metered.scan(&body).expect_err("700 bytes do not fit beside 500");
+        let refused = metered
+            .scan(&body)
+            .expect_err("700 bytes do not fit beside 500");
         assert_eq!(refused.code(), Code::ResourceExhausted);
         assert!(refused.message().contains("--request-body-memory"));
         let mut too_large = Metered {
@@ -504,7 +509,9 @@ mod tests {
             reservation: None,
             ..metered
         };
-        let refused = too_large.scan(&[0, 0, 0, 0, 11]).expect_err("over the limit");
+        let refused = too_large
+            .scan(&[0, 0, 0, 0, 11])
+            .expect_err("over the limit");
         assert!(
             refused
                 .message()
