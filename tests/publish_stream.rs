@@ -75,6 +75,8 @@ fn publish_measured(
     let writer = std::thread::spawn(move || {
         if let Some(bytes) = stdin {
             input.write_all(&bytes).expect("the CLI reads its stdin");
+            // Kept open a while: a short run would end between two samples.
+            std::thread::sleep(std::time::Duration::from_millis(500));
         }
     });
     let mut stdout = child.stdout.take().expect("piped");
