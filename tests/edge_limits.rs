@@ -579,3 +579,32 @@ async fn the_real_binary_holds_at_most_the_budget_for_stalled_uploads_and_huge_c
     assert!(held >= (BUDGET_MIB - 1) * MIB, "the budget is used: {held}");
     drop(streams);
 }
+
+/// A budget smaller than one body of the largest accepted size could never take that body: the
+/// gateway refuses to start, naming both flags.
+#[test]
+fn a_body_budget_below_the_largest_body_stops_the_gateway_at_start() {
+    let (status, said) = binary::serve_to_exit(
+        &[
+            "--store",
+            "memory",
+            "--max-body-bytes",
+            "2000000",
+            "--request-body-memory",
+            "1000000",
+        ],
+        &[],
+        WAIT,
+    );
+    assert_eq!(status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("--request-body-memory") && said.contains("--max-body-bytes"),
+        "{said}"
+    );
+    let (status, said) = binary::serve_to_exit(
+        &["--store", "memory"],
+        &[("IQGW_REQUEST_BODY_MEMORY", "1000")],
+        WAIT,
+    );
+    assert_eq!(status.code(), Some(1), "the env var is read too: {said}");
+}
