@@ -332,6 +332,42 @@ async fn health_and_reflection_messages_are_bounded_and_their_errors_small() {
         );
     }
 
+    // The older reflection service and an unknown health service name, just under the limit.
+    let mut alpha =
+        tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient::new(
+            channel.clone(),
+        );
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest as AlphaRequest;
+    let request = tonic_reflection::pb::v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(AlphaRequest::FileContainingSymbol("a".repeat(limit - 3))),
+    };
+    let mut stream = alpha
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("no error for an unknown symbol"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(
+        status.message().len() <= iqchannels_gateway::decode::MAX_ERROR_TEXT + 40,
+        "{status:?}"
+    );
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "z".repeat(limit - 3),
+        })
+        .await
+        .expect_err("an unknown service");
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+    assert!(unknown.message().len() <= iqchannels_gateway::decode::MAX_ERROR_TEXT);
+
     // The channel still works.
     let serving = health
         .check(HealthCheckRequest {
