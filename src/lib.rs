@@ -11,7 +11,7 @@
 //! - [`gateway`]: ingest, subscriptions and lookups, shared by the edges.
 //! - [`http`], [`grpc`]: the edges (axum, tonic).
 //! - [`metrics`]: Prometheus metrics.
-//! - [`budget`]: the byte budget of request bodies held before they are checked.
+//! - [`body_budget`]: the byte budget of request bodies held before they are checked.
 //! - [`tls`]: rustls for the shared port, with certificate reload.
 //! - [`client`]: the `subscribe`, `publish` and `get` commands over gRPC.
 //! - [`server`]: one port for both, graceful shutdown.
@@ -20,7 +20,7 @@
 
 pub mod admin;
 pub mod auth;
-pub mod budget;
+pub mod body_budget;
 pub mod client;
 pub mod decode;
 pub mod gateway;

@@ -325,7 +325,7 @@ struct LimitArgs {
     /// reserved whole when it starts (its Content-Length or gRPC message length; a chunked body
     /// as it arrives) and given back once answered; one that does not fit is refused at once
     /// with 429 / RESOURCE_EXHAUSTED and Retry-After.
-    #[arg(long, env = "IQGW_REQUEST_BODY_MEMORY", default_value_t = iqchannels_gateway::budget::DEFAULT_REQUEST_BODY_MEMORY)]
+    #[arg(long, env = "IQGW_REQUEST_BODY_MEMORY", default_value_t = iqchannels_gateway::body_budget::DEFAULT_REQUEST_BODY_MEMORY)]
     request_body_memory: usize,
     /// grpc.health.v1 and reflection calls open at once (watches and reflection streams
     /// included); more get RESOURCE_EXHAUSTED.
@@ -596,6 +596,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let config = ServerConfig {
         max_body_bytes: args.max_body_bytes,
+        request_body_memory: args.limits.request_body_memory,
+        max_health_reflection_calls: args.limits.max_health_reflection_calls,
+        max_health_reflection_message_bytes: args.limits.max_health_reflection_message_bytes,
         live_buffer: args.live_buffer,
         grace: Duration::from_secs(args.shutdown_grace_secs),
         http2_keepalive: args.limits.http2_keepalive,
@@ -604,9 +607,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         request_timeout: args.limits.request_timeout,
         catch_up_bytes: args.catch_up_memory,
         max_connections: args.limits.max_connections,
-        request_body_memory: args.limits.request_body_memory,
-        max_health_reflection_calls: args.limits.max_health_reflection_calls,
-        max_health_reflection_message_bytes: args.limits.max_health_reflection_message_bytes,
         decode_policy: if args.strict_decode {
             iqchannels_gateway::decode::Policy::Strict
         } else {

@@ -64,6 +64,14 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     latency: Family<RouteLabels, Histogram>,
+    /// Bytes request bodies hold in `--request-body-memory`.
+    request_body_bytes: Gauge,
+    /// Bodies refused because `--request-body-memory` was spent.
+    request_bodies_refused: Counter,
+    /// Health and reflection calls, by service and whether they were admitted.
+    health_reflection_calls: Family<CallLabels, Counter>,
+    /// Health and reflection calls open now.
+    health_reflection_open: Gauge,
     stored: Counter,
     duplicates: Counter,
     deviations: Family<DeviationLabels, Counter>,
@@ -82,14 +90,6 @@ pub struct Metrics {
     store_damaged_reads: Gauge,
     connections: Gauge,
     connections_refused: Counter,
-    /// Bytes request bodies hold in `--request-body-memory`.
-    request_body_bytes: Gauge,
-    /// Bodies refused because `--request-body-memory` was spent.
-    request_bodies_refused: Counter,
-    /// Health and reflection calls, by service and whether they were admitted.
-    health_reflection_calls: Family<CallLabels, Counter>,
-    /// Health and reflection calls open now.
-    health_reflection_open: Gauge,
 }
 
 impl Default for Metrics {
@@ -115,6 +115,33 @@ impl Metrics {
             "ingest_duration_seconds",
             "Ingest request latency, acknowledgement included",
             latency.clone(),
+        );
+        let request_body_bytes = Gauge::default();
+        registry.register(
+            "request_body_bytes",
+            "Bytes of request bodies held while they arrive and are handled (HTTP ingest and \
+             batch, gRPC EventGateway messages), at most --request-body-memory",
+            request_body_bytes.clone(),
+        );
+        let request_bodies_refused = Counter::default();
+        registry.register(
+            "request_bodies_refused",
+            "Request bodies refused at once because --request-body-memory was held by others",
+            request_bodies_refused.clone(),
+        );
+        let health_reflection_calls = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "health_reflection_calls",
+            "grpc.health.v1 and reflection calls, by service and result (admitted, or refused \
+             over --max-health-reflection-calls)",
+            health_reflection_calls.clone(),
+        );
+        let health_reflection_open = Gauge::default();
+        registry.register(
+            "health_reflection_calls_open",
+            "grpc.health.v1 and reflection calls open now (watches and reflection streams \
+             included)",
+            health_reflection_open.clone(),
         );
         let stored = Counter::default();
         registry.register(
@@ -192,42 +219,15 @@ impl Metrics {
             "Connections closed at once because --max-connections were open",
             connections_refused.clone(),
         );
-        let request_body_bytes = Gauge::default();
-        registry.register(
-            "request_body_bytes",
-            "Bytes of request bodies held while they arrive and are handled (HTTP ingest and \
-             batch, gRPC EventGateway messages), at most --request-body-memory",
-            request_body_bytes.clone(),
-        );
-        let request_bodies_refused = Counter::default();
-        registry.register(
-            "request_bodies_refused",
-            "Request bodies refused at once because --request-body-memory was held by others",
-            request_bodies_refused.clone(),
-        );
-        let health_reflection_calls = Family::<CallLabels, Counter>::default();
-        registry.register(
-            "health_reflection_calls",
-            "grpc.health.v1 and reflection calls, by service and result (admitted, or refused \
-             over --max-health-reflection-calls)",
-            health_reflection_calls.clone(),
-        );
-        let health_reflection_open = Gauge::default();
-        registry.register(
-            "health_reflection_calls_open",
-            "grpc.health.v1 and reflection calls open now (watches and reflection streams \
-             included)",
-            health_reflection_open.clone(),
-        );
         Self {
-            request_body_bytes,
-            request_bodies_refused,
-            health_reflection_calls,
-            health_reflection_open,
             store_damaged_reads,
             registry,
             requests,
             latency,
+            request_body_bytes,
+            request_bodies_refused,
+            health_reflection_calls,
+            health_reflection_open,
             stored,
             duplicates,
             deviations,
@@ -261,7 +261,7 @@ impl Metrics {
     }
 
     /// The gauge of bytes held by request bodies and the counter of bodies refused over the
-    /// budget, for [`crate::budget::BodyBudget::new`].
+    /// budget, for [`crate::body_budget::BodyBudget::new`].
     pub fn request_body_metrics(&self) -> (Gauge, Counter) {
         (
             self.request_body_bytes.clone(),

@@ -157,6 +157,13 @@ where
 pub struct ServerConfig {
     /// Largest HTTP request body (and gRPC request message), in bytes.
     pub max_body_bytes: usize,
+    /// Bytes all request bodies being received and handled may hold together (HTTP ingest and
+    /// batch bodies, gRPC `EventGateway` messages); beyond it a new body is refused at once.
+    pub request_body_memory: usize,
+    /// Health and reflection calls open at once; more get RESOURCE_EXHAUSTED.
+    pub max_health_reflection_calls: usize,
+    /// Largest health or reflection request message, in bytes.
+    pub max_health_reflection_message_bytes: usize,
     /// Events kept in the live tail before a slow subscriber is moved to reading from the log.
     pub live_buffer: usize,
     /// How long in-flight requests may take to finish after the shutdown signal.
@@ -184,19 +191,16 @@ pub struct ServerConfig {
     pub decode_policy: crate::decode::Policy,
     /// Bytes all subscribers' catch-up pages may hold together.
     pub catch_up_bytes: usize,
-    /// Bytes all request bodies being received and handled may hold together (HTTP ingest and
-    /// batch bodies, gRPC `EventGateway` messages); beyond it a new body is refused at once.
-    pub request_body_memory: usize,
-    /// Health and reflection calls open at once; more get RESOURCE_EXHAUSTED.
-    pub max_health_reflection_calls: usize,
-    /// Largest health or reflection request message, in bytes.
-    pub max_health_reflection_message_bytes: usize,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             max_body_bytes: 1024 * 1024,
+            request_body_memory: crate::body_budget::DEFAULT_REQUEST_BODY_MEMORY,
+            max_health_reflection_calls: crate::grpc::DEFAULT_HEALTH_REFLECTION_CALLS,
+            max_health_reflection_message_bytes:
+                crate::grpc::DEFAULT_HEALTH_REFLECTION_MESSAGE_BYTES,
             live_buffer: 4096,
             grace: Duration::from_secs(10),
             http2_keepalive: Duration::from_secs(30),
@@ -210,10 +214,6 @@ impl Default for ServerConfig {
             tls: None,
             decode_policy: crate::decode::Policy::Tolerant,
             catch_up_bytes: crate::subscribe::DEFAULT_CATCH_UP_BYTES,
-            request_body_memory: crate::budget::DEFAULT_REQUEST_BODY_MEMORY,
-            max_health_reflection_calls: crate::grpc::DEFAULT_HEALTH_REFLECTION_CALLS,
-            max_health_reflection_message_bytes:
-                crate::grpc::DEFAULT_HEALTH_REFLECTION_MESSAGE_BYTES,
         }
     }
 }
@@ -261,7 +261,7 @@ pub async fn serve(
     let gateway = Gateway::new(log, &limits, stop_rx);
     spawn_memory_release(gateway.clone());
     let (held, refused) = gateway.metrics().request_body_metrics();
-    let budget = crate::budget::BodyBudget::new(config.request_body_memory, held, refused);
+    let budget = crate::body_budget::BodyBudget::new(config.request_body_memory, held, refused);
     let limits = crate::grpc::GrpcLimits {
         max_message_bytes: config.max_body_bytes,
         health_reflection_message_bytes: config.max_health_reflection_message_bytes,

@@ -522,7 +522,7 @@ async fn the_real_binary_holds_at_most_the_budget_for_stalled_uploads_and_huge_c
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Health checks of 4 MiB, concurrently on a few connections.
-    let peak_before = gateway.peak_rss_kib();
+    let peak_before = peak_rss_kib(&gateway);
     let mut channels = Vec::new();
     for _ in 0..CHANNELS {
         channels.push(
@@ -552,7 +552,7 @@ async fn the_real_binary_holds_at_most_the_budget_for_stalled_uploads_and_huge_c
             .expect_err("a 4 MiB check is refused");
         assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     }
-    let peak_grown = gateway.peak_rss_kib().saturating_sub(peak_before);
+    let peak_grown = peak_rss_kib(&gateway).saturating_sub(peak_before);
     drop(channels);
     // Each connection may hold its 1 MiB HTTP/2 receive window while a check is refused.
     let bound = CHANNELS as u64 * (1024 + H2_PER_CONNECTION_KIB) + 8192;
@@ -639,6 +639,17 @@ async fn the_real_binary_holds_at_most_the_budget_for_stalled_uploads_and_huge_c
     );
     drop(publishes);
     body_bytes_settle(&gateway, 0).await;
+}
+
+/// The peak resident memory (`VmHWM`) of `process` so far, KiB.
+fn peak_rss_kib(process: &binary::Process) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", process.pid())).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Stalled gRPC Publish calls of the binary test.

@@ -29,7 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Code, Status};
 
 use crate::auth::{AuthError, GrpcAuth, Scope};
-use crate::budget::{BodyBudget, Reservation};
+use crate::body_budget::{BodyBudget, Reservation};
 use crate::decode::MAX_ERROR_TEXT;
 use crate::gateway::Gateway;
 
