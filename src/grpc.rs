@@ -44,7 +44,7 @@ pub struct GrpcLimits {
     /// `--max-health-reflection-calls`: health and reflection calls open at once.
     pub health_reflection_calls: usize,
     /// The byte budget of request bodies, shared with the HTTP edge.
-    pub budget: crate::body_budget::BodyBudget,
+    pub budget: crate::request_budget::BodyBudget,
 }
 
 /// The tonic routes for everything gRPC the gateway serves on its port.

@@ -40,7 +40,7 @@ pub struct HttpConfig {
     pub max_awaiting_signature: usize,
     /// The byte budget of bodies being received and handled (`--request-body-memory`), shared
     /// with gRPC; a body that does not fit gets 429 at once.
-    pub budget: crate::body_budget::BodyBudget,
+    pub budget: crate::request_budget::BodyBudget,
 }
 
 impl Default for HttpConfig {
@@ -52,8 +52,8 @@ impl Default for HttpConfig {
             subscribe_auth: GrpcAuth::default(),
             metrics_auth: MetricsAuth::default(),
             max_awaiting_signature: 1024,
-            budget: crate::body_budget::BodyBudget::unmetered(
-                crate::body_budget::DEFAULT_REQUEST_BODY_MEMORY,
+            budget: crate::request_budget::BodyBudget::unmetered(
+                crate::request_budget::DEFAULT_REQUEST_BODY_MEMORY,
             ),
         }
     }
@@ -255,7 +255,7 @@ async fn accept(
 /// back when dropped.
 struct Admitted {
     _slot: tokio::sync::OwnedSemaphorePermit,
-    _body: crate::body_budget::Reservation,
+    _body: crate::request_budget::Reservation,
 }
 
 /// Rejected items of a batch answered in full; past them a rejected item's result is `null` and
@@ -515,7 +515,7 @@ async fn read_body(
     headers: &HeaderMap,
     mut body: Body,
     limit: usize,
-    reservation: &crate::body_budget::Reservation,
+    reservation: &crate::request_budget::Reservation,
 ) -> Result<Bytes, HttpError> {
     use http_body_util::BodyExt;
     let declared = headers
@@ -587,7 +587,7 @@ enum HttpError {
     #[error("too many requests in flight; retry shortly")]
     Overloaded,
     #[error(transparent)]
-    Busy(crate::body_budget::Exhausted),
+    Busy(crate::request_budget::Exhausted),
     #[error("the request body was not received in time")]
     Timeout,
     #[error("not found")]

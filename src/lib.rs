@@ -11,7 +11,7 @@
 //! - [`gateway`]: ingest, subscriptions and lookups, shared by the edges.
 //! - [`http`], [`grpc`]: the edges (axum, tonic).
 //! - [`metrics`]: Prometheus metrics.
-//! - [`body_budget`]: the byte budget of request bodies held before they are checked.
+//! - [`request_budget`]: the byte budget of request bodies held before they are checked.
 //! - [`tls`]: rustls for the shared port, with certificate reload.
 //! - [`client`]: the `subscribe`, `publish` and `get` commands over gRPC.
 //! - [`server`]: one port for both, graceful shutdown.
@@ -20,7 +20,6 @@
 
 pub mod admin;
 pub mod auth;
-pub mod body_budget;
 pub mod client;
 pub mod decode;
 pub mod gateway;
@@ -30,6 +29,7 @@ pub mod hub;
 pub mod log;
 pub mod metrics;
 pub mod pb;
+pub mod request_budget;
 pub mod server;
 pub mod subscribe;
 pub mod tls;

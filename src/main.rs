@@ -325,7 +325,7 @@ struct LimitArgs {
     /// reserved whole when it starts (its Content-Length or gRPC message length; a chunked body
     /// as it arrives) and given back once answered; one that does not fit is refused at once
     /// with 429 / RESOURCE_EXHAUSTED and Retry-After.
-    #[arg(long, env = "IQGW_REQUEST_BODY_MEMORY", default_value_t = iqchannels_gateway::body_budget::DEFAULT_REQUEST_BODY_MEMORY)]
+    #[arg(long, env = "IQGW_REQUEST_BODY_MEMORY", default_value_t = iqchannels_gateway::request_budget::DEFAULT_REQUEST_BODY_MEMORY)]
     request_body_memory: usize,
     /// grpc.health.v1 and reflection calls open at once (watches and reflection streams
     /// included); more get RESOURCE_EXHAUSTED.

@@ -261,7 +261,7 @@ impl Metrics {
     }
 
     /// The gauge of bytes held by request bodies and the counter of bodies refused over the
-    /// budget, for [`crate::body_budget::BodyBudget::new`].
+    /// budget, for [`crate::request_budget::BodyBudget::new`].
     pub fn request_body_metrics(&self) -> (Gauge, Counter) {
         (
             self.request_body_bytes.clone(),

@@ -197,7 +197,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             max_body_bytes: 1024 * 1024,
-            request_body_memory: crate::body_budget::DEFAULT_REQUEST_BODY_MEMORY,
+            request_body_memory: crate::request_budget::DEFAULT_REQUEST_BODY_MEMORY,
             max_health_reflection_calls: crate::grpc::DEFAULT_HEALTH_REFLECTION_CALLS,
             max_health_reflection_message_bytes:
                 crate::grpc::DEFAULT_HEALTH_REFLECTION_MESSAGE_BYTES,
@@ -261,7 +261,7 @@ pub async fn serve(
     let gateway = Gateway::new(log, &limits, stop_rx);
     spawn_memory_release(gateway.clone());
     let (held, refused) = gateway.metrics().request_body_metrics();
-    let budget = crate::body_budget::BodyBudget::new(config.request_body_memory, held, refused);
+    let budget = crate::request_budget::BodyBudget::new(config.request_body_memory, held, refused);
     let limits = crate::grpc::GrpcLimits {
         max_message_bytes: config.max_body_bytes,
         health_reflection_message_bytes: config.max_health_reflection_message_bytes,

@@ -147,7 +147,7 @@ fn budgeted() -> ServerConfig {
 /// 429, and the bytes come back as the stalled uploads go away in random order, after which a
 /// large event is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stalled_uploads_never_hold_more_than_the_body_budget() {
+async fn stalled_uploads_never_hold_more_than_the_request_budget() {
     for seed in [1u64, 7, 42, 1234] {
         let server = TestServer::with_config(budgeted()).await;
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
@@ -733,7 +733,7 @@ impl Drop for AbortOnDrop {
 /// A budget smaller than one body of the largest accepted size could never take that body: the
 /// gateway refuses to start, naming both flags.
 #[test]
-fn a_body_budget_below_the_largest_body_stops_the_gateway_at_start() {
+fn a_request_budget_below_the_largest_body_stops_the_gateway_at_start() {
     let (status, said) = binary::serve_to_exit(
         &[
             "--store",

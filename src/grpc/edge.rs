@@ -29,9 +29,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Code, Status};
 
 use crate::auth::{AuthError, GrpcAuth, Scope};
-use crate::body_budget::{BodyBudget, Reservation};
 use crate::decode::MAX_ERROR_TEXT;
 use crate::gateway::Gateway;
+use crate::request_budget::{BodyBudget, Reservation};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
