@@ -526,7 +526,7 @@ async fn read_body(
         return Err(HttpError::TooLarge(limit));
     }
     let declared = declared.map_or(0, |length| length as usize);
-    reservation.grow(declared).map_err(HttpError::Busy)?;
+    reservation.grow(declared).map_err(HttpError::NoRoom)?;
     let mut buffer = bytes::BytesMut::with_capacity(declared);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|_| HttpError::BodyRead)?;
@@ -540,7 +540,7 @@ async fn read_body(
         if length > reservation.bytes() {
             reservation
                 .grow(length - reservation.bytes())
-                .map_err(HttpError::Busy)?;
+                .map_err(HttpError::NoRoom)?;
         }
         buffer.extend_from_slice(&data);
     }
@@ -568,6 +568,8 @@ enum HttpError {
     Storage(LogError),
     #[error("request body is larger than {0} bytes")]
     TooLarge(usize),
+    #[error(transparent)]
+    NoRoom(crate::request_budget::Exhausted),
     #[error("unsupported content type; expected one of: {0}")]
     UnsupportedMediaType(String),
     #[error("unsupported charset `{0}`; send UTF-8 (charset=utf-8, or no charset)")]
@@ -586,8 +588,6 @@ enum HttpError {
     Auth(AuthError),
     #[error("too many requests in flight; retry shortly")]
     Overloaded,
-    #[error(transparent)]
-    Busy(crate::request_budget::Exhausted),
     #[error("the request body was not received in time")]
     Timeout,
     #[error("not found")]
@@ -609,6 +609,7 @@ impl IntoResponse for HttpError {
             Self::Invalid(_) | Self::BodyRead => StatusCode::BAD_REQUEST,
             Self::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::NoRoom(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::UnsupportedMediaType(_)
             | Self::UnsupportedCharset(_)
             | Self::UnsupportedEncoding => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -617,7 +618,7 @@ impl IntoResponse for HttpError {
             Self::Subscribe(error) => subscribe_status(error),
             Self::Auth(AuthError::Unauthenticated) => StatusCode::UNAUTHORIZED,
             Self::Auth(AuthError::Forbidden) => StatusCode::FORBIDDEN,
-            Self::Overloaded | Self::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             Self::Timeout => StatusCode::REQUEST_TIMEOUT,
             Self::NotFound => StatusCode::NOT_FOUND,
         };
