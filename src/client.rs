@@ -518,8 +518,9 @@ pub async fn publish(
         match connection.connect().await {
             Ok(client) => break client,
             Err(error) if may_pass(&error) && retry.wait().await => {}
+            Err(error) if !may_pass(&error) => return Err(error),
             Err(error) => match events.recv().await {
-                Some(Ok(first)) if may_pass(&error) => {
+                Some(Ok(first)) => {
                     progress.abandon();
                     summary.stopped = Some(Stopped {
                         at: first.place,
