@@ -11,6 +11,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 
+mod input;
 mod tls;
 
 use crate::pb::client::event_gateway_client::EventGatewayClient;
@@ -497,99 +498,56 @@ pub struct Stopped {
     pub reason: String,
 }
 
-/// Splits one input into events: a JSON array, one JSON object, or NDJSON.
-pub fn split_events(content: &[u8]) -> Vec<Bytes> {
-    let content = Bytes::copy_from_slice(content);
-    let trimmed_start = content
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(content.len());
-    if content.get(trimmed_start) == Some(&b'[') {
-        if let Ok(items) = serde_json::from_slice::<Vec<&serde_json::value::RawValue>>(&content) {
-            return items
-                .into_iter()
-                .map(|item| content.slice_ref(item.get().as_bytes()))
-                .collect();
-        }
-    }
-    if serde_json::from_slice::<serde::de::IgnoredAny>(&content).is_ok() {
-        return vec![content];
-    }
-    content
-        .split(|&b| b == b'\n')
-        .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
-        .map(|line| content.slice_ref(line))
-        .collect()
-}
-
-/// `publish`: sends every event of every input (`-` = stdin) through gRPC Publish, in order.
-/// An event the gateway cannot take for now (busy, its store unavailable, or the gateway
-/// unreachable) is sent again, with a growing pause, for up to `retry_for`; redelivery is safe,
-/// the gateway deduplicates by event id. Shows a progress bar for large inputs on a terminal;
-/// returns the totals.
+/// `publish`: sends every event of every input (`-` = stdin) through gRPC Publish, in order,
+/// reading the inputs as it goes ([`input`]: at most a few MiB of events read ahead of the
+/// one being sent, so memory stays small whatever the size of the input). An event the gateway
+/// cannot take for now (busy, its store unavailable, or the gateway unreachable) is sent again,
+/// with a growing pause, for up to `retry_for`; redelivery is safe, the gateway deduplicates by
+/// event id. Shows a progress bar for large inputs on a terminal; returns the totals.
 pub async fn publish(
     connection: &Connection,
     inputs: &[String],
     retry_for: Duration,
 ) -> Result<PublishSummary, ClientError> {
-    let mut events: Vec<(String, Bytes)> = Vec::new();
-    for input in inputs {
-        let content = if input == "-" {
-            let mut buffer = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buffer)?;
-            buffer
-        } else {
-            std::fs::read(input)
-                .map_err(|e| std::io::Error::new(e.kind(), format!("{input}: {e}")))?
-        };
-        let name = if input == "-" {
-            "stdin"
-        } else {
-            input.as_str()
-        };
-        events.extend(
-            split_events(&content)
-                .into_iter()
-                .enumerate()
-                .map(|(i, e)| (format!("{name}#{}", i + 1), e)),
-        );
-    }
-    let progress = if events.len() >= 100 {
-        let bar = indicatif::ProgressBar::new(events.len() as u64);
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} events {per_sec} eta {eta}",
-        ) {
-            bar.set_style(style);
-        }
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let (opened, total_bytes) = input::open(inputs)?;
+    let mut events = input::spawn_reader(opened);
+    let progress = progress_bar(total_bytes);
     let mut summary = PublishSummary::default();
-    let total = events.len() as u64;
     let mut retry = Retry::new(retry_for);
     let mut client = loop {
         match connection.connect().await {
             Ok(client) => break client,
             Err(error) if may_pass(&error) && retry.wait().await => {}
-            Err(error) => match events.first() {
-                Some((place, _)) if may_pass(&error) => {
+            Err(error) if !may_pass(&error) => return Err(error),
+            Err(error) => match events.recv().await {
+                Some(Ok(first)) => {
                     progress.abandon();
                     summary.stopped = Some(Stopped {
-                        at: place.clone(),
-                        unsent: total,
+                        at: first.place,
+                        unsent: 1 + count_rest(&mut events).await,
                         reason: error.to_string(),
                     });
                     return Ok(summary);
                 }
+                Some(Err(read)) => return Err(read.into()),
                 _ => return Err(error),
             },
         }
     };
-    for (i, (place, body)) in events.into_iter().enumerate() {
+    while let Some(item) = events.recv().await {
+        let item = item?;
+        let body = match item.body {
+            Ok(body) => body,
+            Err(reason) => {
+                summary.rejected.push((item.place, reason));
+                advance(&progress, item.read, total_bytes);
+                continue;
+            }
+        };
         let request = PublishRequest {
             event: Some(publish_request::Event::RawJson(body.to_vec())),
         };
+        drop(body);
         let mut retry = Retry::new(retry_for);
         let answer = loop {
             match client.publish(request.clone()).await {
@@ -597,6 +555,7 @@ pub async fn publish(
                 answer => break answer,
             }
         };
+        let place = item.place;
         match answer {
             Ok(answer) if answer.get_ref().conflict => summary.conflicts.push(place),
             Ok(answer) if answer.get_ref().duplicate => summary.duplicates += 1,
@@ -608,16 +567,63 @@ pub async fn publish(
                 progress.abandon();
                 summary.stopped = Some(Stopped {
                     at: place,
-                    unsent: total - i as u64,
+                    unsent: 1 + count_rest(&mut events).await,
                     reason: ClientError::from(status).to_string(),
                 });
                 return Ok(summary);
             }
         }
-        progress.inc(1);
+        advance(&progress, item.read, total_bytes);
     }
     progress.finish_and_clear();
     Ok(summary)
+}
+
+/// Events left in the inputs, read to their end without being kept (a read error ends the
+/// count there).
+async fn count_rest(events: &mut tokio::sync::mpsc::Receiver<std::io::Result<input::Item>>) -> u64 {
+    let mut count = 0;
+    while let Some(Ok(_)) = events.recv().await {
+        count += 1;
+    }
+    count
+}
+
+/// Inputs of at least this many bytes get a progress bar (on a terminal).
+const PROGRESS_BYTES: u64 = 256 << 10;
+
+/// A bar over the inputs' bytes when their size is known and large, a count of events for
+/// stdin; hidden otherwise (and by indicatif itself when stderr is not a terminal).
+fn progress_bar(total_bytes: Option<u64>) -> indicatif::ProgressBar {
+    match total_bytes {
+        Some(total) if total >= PROGRESS_BYTES => {
+            let bar = indicatif::ProgressBar::new(total);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+            ) {
+                bar.set_style(style);
+            }
+            bar
+        }
+        Some(_) => indicatif::ProgressBar::hidden(),
+        None => {
+            let spinner = indicatif::ProgressBar::new_spinner();
+            if let Ok(style) =
+                indicatif::ProgressStyle::with_template("{spinner} {pos} events {per_sec}")
+            {
+                spinner.set_style(style);
+            }
+            spinner
+        }
+    }
+}
+
+/// Moves the progress bar past one event: to the bytes read so far, or one more event.
+fn advance(progress: &indicatif::ProgressBar, read: u64, total_bytes: Option<u64>) {
+    match total_bytes {
+        Some(_) => progress.set_position(read),
+        None => progress.inc(1),
+    }
 }
 
 /// Whether the gateway may take the event if it is sent again a little later: it was busy
@@ -774,17 +780,6 @@ mod tests {
             attempts += 1;
         }
         assert_eq!(attempts, 8);
-    }
-
-    #[test]
-    fn inputs_split_as_array_object_or_ndjson() {
-        assert_eq!(split_events(b" [{\"a\":1}, {\"b\":2}] ").len(), 2);
-        assert_eq!(split_events(b"{\n \"a\": 1\n}\n").len(), 1);
-        let lines = split_events(b"{\"a\":1}\n\n{\"b\":2}\nnot json\n");
-        assert_eq!(
-            lines.iter().map(|l| l.as_ref()).collect::<Vec<_>>(),
-            vec![&b"{\"a\":1}"[..], b"{\"b\":2}", b"not json"]
-        );
     }
 
     #[test]

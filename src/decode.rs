@@ -228,7 +228,8 @@ impl DecodeError {
 }
 
 /// Cuts `text` to [`MAX_ERROR_TEXT`] bytes at a character boundary, marking the cut with `…`.
-fn clip(text: &mut String) {
+/// The edges use it for every piece of client input an error repeats.
+pub fn clip(text: &mut String) {
     if text.len() > MAX_ERROR_TEXT {
         let mut end = MAX_ERROR_TEXT;
         while !text.is_char_boundary(end) {

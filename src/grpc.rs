@@ -27,10 +27,31 @@ use crate::wire::{EncodedEvent, Form, WireEvent};
 mod drain;
 mod health;
 
+mod edge;
+
+pub use edge::{
+    cut_status_text, DEFAULT_HEALTH_REFLECTION_CALLS, DEFAULT_HEALTH_REFLECTION_MESSAGE_BYTES,
+    MAX_STATUS_TEXT,
+};
+
+/// What bounds the gRPC requests the gateway reads.
+#[derive(Debug, Clone)]
+pub struct GrpcLimits {
+    /// `--max-body-bytes`: the largest `EventGateway` request message.
+    pub max_message_bytes: usize,
+    /// `--max-health-reflection-message-bytes`: the largest health or reflection request
+    /// message.
+    pub health_reflection_message_bytes: usize,
+    /// `--max-health-reflection-calls`: health and reflection calls open at once.
+    pub health_reflection_calls: usize,
+    /// The byte budget of request bodies, shared with the HTTP edge.
+    pub budget: crate::request_budget::BodyBudget,
+}
+
 /// The tonic routes for everything gRPC the gateway serves on its port.
 pub fn routes(
     gateway: Gateway,
-    max_message_bytes: usize,
+    limits: GrpcLimits,
     auth: GrpcAuth,
 ) -> Result<tonic::service::Routes, tonic_reflection::server::Error> {
     let descriptors = [
@@ -52,17 +73,32 @@ pub fn routes(
     let shutdown = gateway.shutdown();
     let (reporter, health) = health::service(gateway.shutdown());
     tokio::spawn(report_health(gateway.clone(), reporter));
+    // The edge refuses a health or reflection message over its limit before tonic sees it;
+    // tonic's own limit is the same, should a message reach it anyway.
+    let small = limits.health_reflection_message_bytes;
+    let edge = std::sync::Arc::new(edge::Edge {
+        auth: auth.clone(),
+        budget: limits.budget,
+        max_message_bytes: limits.max_message_bytes,
+        health_reflection_message_bytes: small,
+        health_reflection_calls: limits.health_reflection_calls.max(1),
+        calls: std::sync::Arc::new(tokio::sync::Semaphore::new(
+            limits.health_reflection_calls.max(1),
+        )),
+        gateway: gateway.clone(),
+    });
     let service = EventGatewayServer::new(Service { gateway, auth })
-        .max_decoding_message_size(max_message_bytes)
+        .max_decoding_message_size(limits.max_message_bytes)
         .max_encoding_message_size(usize::MAX);
     let mut routes = tonic::service::Routes::new(service)
-        .add_service(health)
-        .add_service(v1.build_v1()?)
-        .add_service(v1alpha.build_v1alpha()?);
+        .add_service(health.max_decoding_message_size(small))
+        .add_service(v1.build_v1()?.max_decoding_message_size(small))
+        .add_service(v1alpha.build_v1alpha()?.max_decoding_message_size(small));
     let router = std::mem::take(routes.axum_router_mut());
     *routes.axum_router_mut() = router
         .layer(axum::middleware::from_fn(hold_until_sent))
         .layer(tower::util::MapResponseLayer::new(standard_codes))
+        .layer(axum::middleware::from_fn_with_state(edge, edge::edge))
         .layer(drain::DrainLayer::new(shutdown));
     Ok(routes)
 }
@@ -215,9 +251,11 @@ impl EventGateway for Service {
 
     async fn publish(
         &self,
-        request: Request<PublishRequest>,
+        mut request: Request<PublishRequest>,
     ) -> Result<Response<PublishResponse>, Status> {
         self.authorize(&request, Scope::Publish)?;
+        // The body's bytes stay reserved in the budget until the event is answered.
+        let _held = request.extensions_mut().remove::<edge::Held>();
         let _permit = self.gateway.admit().ok_or_else(|| {
             Status::resource_exhausted("too many requests in flight; retry shortly")
         })?;

@@ -39,6 +39,9 @@ pub struct HttpConfig {
     /// that senders nobody has authenticated yet never hold the ingest slots (`--max-in-flight`)
     /// of those who are.
     pub max_awaiting_signature: usize,
+    /// The byte budget of bodies being received and handled (`--request-body-memory`), shared
+    /// with gRPC; a body that does not fit gets 429 at once.
+    pub budget: crate::request_budget::BodyBudget,
 }
 
 impl Default for HttpConfig {
@@ -50,6 +53,9 @@ impl Default for HttpConfig {
             subscribe_auth: GrpcAuth::default(),
             metrics_auth: MetricsAuth::default(),
             max_awaiting_signature: 1024,
+            budget: crate::request_budget::BodyBudget::unmetered(
+                crate::request_budget::DEFAULT_REQUEST_BODY_MEMORY,
+            ),
         }
     }
 }
@@ -199,15 +205,16 @@ async fn post_event(
 /// Everything an ingest request goes through before its body is decoded, cheapest and least
 /// trusting first: credentials that need no body (401: the shared token, the form of signature
 /// headers), the representation (415: content type, charset, content encoding), admission (429),
-/// body size (413) and time (408), then the signature over the raw body (401). A sender that is
-/// not authenticated before its body is read (signatures only) holds a slot of its own budget
-/// while the body arrives, and an ingest slot only once the signature is good. Returns the
-/// ingest slot (hold it until answered), the media type and the body.
+/// body size (413), room in the body budget (429) and time (408), then the signature over the
+/// raw body (401). A sender that is not authenticated before its body is read (signatures only)
+/// holds a slot of its own budget while the body arrives, and an ingest slot only once the
+/// signature is good. Returns the ingest slot with the body's bytes in the budget (hold both
+/// until answered), the media type and the body.
 async fn accept(
     state: &AppState,
     request: Request,
     allowed: &[&'static str],
-) -> Result<(tokio::sync::OwnedSemaphorePermit, &'static str, Bytes), HttpError> {
+) -> Result<(Admitted, &'static str, Bytes), HttpError> {
     let (parts, body) = request.into_parts();
     let auth = &state.config.auth;
     let head = auth
@@ -219,7 +226,13 @@ async fn accept(
         HeadCheck::AwaitingSignature => state.awaiting_signature.clone().try_acquire_owned().ok(),
     }
     .ok_or(HttpError::Overloaded)?;
-    let read = read_body(&parts.headers, body, state.config.max_body_bytes);
+    let reservation = state.config.budget.reservation();
+    let read = read_body(
+        &parts.headers,
+        body,
+        state.config.max_body_bytes,
+        &reservation,
+    );
     let body = tokio::time::timeout(state.config.body_timeout, read)
         .await
         .map_err(|_| HttpError::Timeout)??;
@@ -232,7 +245,18 @@ async fn accept(
             state.gateway.admit().ok_or(HttpError::Overloaded)?
         }
     };
-    Ok((permit, media, body))
+    let admitted = Admitted {
+        _slot: permit,
+        _body: reservation,
+    };
+    Ok((admitted, media, body))
+}
+
+/// An admitted ingest request: its ingest slot and its body's bytes in the budget, both given
+/// back when dropped.
+struct Admitted {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    _body: crate::request_budget::Reservation,
 }
 
 /// Items of a batch answered one by one at most, in `results`; the rest are summarised in
@@ -761,7 +785,16 @@ fn shown(text: &str, max: usize) -> String {
     format!("{}…", &text[..end])
 }
 
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, HttpError> {
+/// Reads a body of at most `limit` bytes, its bytes held in `reservation`: its declared
+/// `Content-Length` is reserved before anything is read (refused at once when the budget cannot
+/// hold it), a body without one grows its reservation as its bytes arrive.
+async fn read_body(
+    headers: &HeaderMap,
+    mut body: Body,
+    limit: usize,
+    reservation: &crate::request_budget::Reservation,
+) -> Result<Bytes, HttpError> {
+    use http_body_util::BodyExt;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -769,15 +802,26 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     if declared.is_some_and(|length| length > limit as u64) {
         return Err(HttpError::TooLarge(limit));
     }
-    axum::body::to_bytes(body, limit).await.map_err(|error| {
-        let too_large = std::error::Error::source(&error)
-            .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
-        if too_large {
-            HttpError::TooLarge(limit)
-        } else {
-            HttpError::BodyRead
+    let declared = declared.map_or(0, |length| length as usize);
+    reservation.grow(declared).map_err(HttpError::NoRoom)?;
+    let mut buffer = bytes::BytesMut::with_capacity(declared);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| HttpError::BodyRead)?;
+        let Ok(data) = frame.into_data() else {
+            continue; // Trailers: nothing to keep.
+        };
+        let length = buffer.len() + data.len();
+        if length > limit {
+            return Err(HttpError::TooLarge(limit));
         }
-    })
+        if length > reservation.bytes() {
+            reservation
+                .grow(length - reservation.bytes())
+                .map_err(HttpError::NoRoom)?;
+        }
+        buffer.extend_from_slice(&data);
+    }
+    Ok(buffer.freeze())
 }
 
 fn subscribe_status(error: &crate::subscribe::SubscribeError) -> StatusCode {
@@ -801,6 +845,8 @@ enum HttpError {
     Storage(LogError),
     #[error("request body is larger than {0} bytes")]
     TooLarge(usize),
+    #[error(transparent)]
+    NoRoom(crate::request_budget::Exhausted),
     #[error("unsupported content type; expected one of: {0}")]
     UnsupportedMediaType(String),
     #[error("unsupported charset `{0}`; send UTF-8 (charset=utf-8, or no charset)")]
@@ -844,6 +890,7 @@ impl IntoResponse for HttpError {
             Self::Storage(LogError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::NoRoom(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::UnsupportedMediaType(_)
             | Self::UnsupportedCharset(_)
             | Self::UnsupportedEncoding => StatusCode::UNSUPPORTED_MEDIA_TYPE,

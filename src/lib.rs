@@ -13,6 +13,7 @@
 //! - [`gateway`]: ingest, subscriptions and lookups, shared by the edges.
 //! - [`http`], [`grpc`]: the edges (axum, tonic).
 //! - [`metrics`]: Prometheus metrics.
+//! - [`request_budget`]: the byte budget of request bodies held before they are checked.
 //! - [`tls`]: rustls for the shared port, with certificate reload.
 //! - [`client`]: the `subscribe`, `publish` and `get` commands over gRPC.
 //! - [`server`]: one port for both, graceful shutdown.
@@ -32,6 +33,7 @@ pub mod hub;
 pub mod log;
 pub mod metrics;
 pub mod pb;
+pub mod request_budget;
 pub mod server;
 pub mod subscribe;
 pub mod tls;

@@ -344,6 +344,21 @@ struct LimitArgs {
     /// Interval of HTTP/2 keepalive pings; a peer that does not answer is disconnected.
     #[arg(long, env = "IQGW_HTTP2_KEEPALIVE", default_value = "30s", value_parser = humantime::parse_duration)]
     http2_keepalive: Duration,
+    /// Bytes that all request bodies being received and handled may hold together (HTTP ingest
+    /// and batch bodies, gRPC EventGateway messages), at least --max-body-bytes. A body is
+    /// reserved whole when it starts (its Content-Length or gRPC message length; a chunked body
+    /// as it arrives) and given back once answered; one that does not fit is refused at once
+    /// with 429 / RESOURCE_EXHAUSTED and Retry-After.
+    #[arg(long, env = "IQGW_REQUEST_BODY_MEMORY", default_value_t = iqchannels_gateway::request_budget::DEFAULT_REQUEST_BODY_MEMORY)]
+    request_body_memory: usize,
+    /// grpc.health.v1 and reflection calls open at once (watches and reflection streams
+    /// included); more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "IQGW_MAX_HEALTH_REFLECTION_CALLS", default_value_t = iqchannels_gateway::grpc::DEFAULT_HEALTH_REFLECTION_CALLS)]
+    max_health_reflection_calls: usize,
+    /// Largest grpc.health.v1 or reflection request message, in bytes; larger gets
+    /// RESOURCE_EXHAUSTED naming this flag.
+    #[arg(long, env = "IQGW_MAX_HEALTH_REFLECTION_MESSAGE_BYTES", default_value_t = iqchannels_gateway::grpc::DEFAULT_HEALTH_REFLECTION_MESSAGE_BYTES)]
+    max_health_reflection_message_bytes: usize,
 }
 
 /// The JetStream store's settings (used with `--store nats://...`).
@@ -580,6 +595,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             args.listen
         );
     }
+    if args.limits.request_body_memory < args.max_body_bytes {
+        anyhow::bail!(
+            "--request-body-memory ({}) must be at least --max-body-bytes ({}): a body of the \
+             largest accepted size must fit",
+            args.limits.request_body_memory,
+            args.max_body_bytes
+        );
+    }
     let retention = Retention {
         max_events: args.retention_max_events,
         max_age: args.retention_max_age,
@@ -601,6 +624,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let config = ServerConfig {
         max_body_bytes: args.max_body_bytes,
+        request_body_memory: args.limits.request_body_memory,
+        max_health_reflection_calls: args.limits.max_health_reflection_calls,
+        max_health_reflection_message_bytes: args.limits.max_health_reflection_message_bytes,
         live_buffer: args.live_buffer,
         grace: Duration::from_secs(args.shutdown_grace_secs),
         http2_keepalive: args.limits.http2_keepalive,

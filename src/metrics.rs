@@ -36,6 +36,14 @@ struct DeviationLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    /// `health` or `reflection`.
+    service: &'static str,
+    /// `admitted` or `refused` (over `--max-health-reflection-calls`).
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SubscriberLabels {
     subscriber: String,
 }
@@ -61,6 +69,14 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     latency: Family<RouteLabels, Histogram>,
+    /// Bytes request bodies hold in `--request-body-memory`.
+    request_body_bytes: Gauge,
+    /// Bodies refused because `--request-body-memory` was spent.
+    request_bodies_refused: Counter,
+    /// Health and reflection calls, by service and whether they were admitted.
+    health_reflection_calls: Family<CallLabels, Counter>,
+    /// Health and reflection calls open now.
+    health_reflection_open: Gauge,
     stored: Counter,
     duplicates: Counter,
     deviations: Family<DeviationLabels, Counter>,
@@ -109,6 +125,33 @@ impl Metrics {
             "ingest_duration_seconds",
             "Ingest request latency, acknowledgement included",
             latency.clone(),
+        );
+        let request_body_bytes = Gauge::default();
+        registry.register(
+            "request_body_bytes",
+            "Bytes of request bodies held while they arrive and are handled (HTTP ingest and \
+             batch, gRPC EventGateway messages), at most --request-body-memory",
+            request_body_bytes.clone(),
+        );
+        let request_bodies_refused = Counter::default();
+        registry.register(
+            "request_bodies_refused",
+            "Request bodies refused at once because --request-body-memory was held by others",
+            request_bodies_refused.clone(),
+        );
+        let health_reflection_calls = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "health_reflection_calls",
+            "grpc.health.v1 and reflection calls, by service and result (admitted, or refused \
+             over --max-health-reflection-calls)",
+            health_reflection_calls.clone(),
+        );
+        let health_reflection_open = Gauge::default();
+        registry.register(
+            "health_reflection_calls_open",
+            "grpc.health.v1 and reflection calls open now (watches and reflection streams \
+             included)",
+            health_reflection_open.clone(),
         );
         let stored = Counter::default();
         registry.register(
@@ -221,6 +264,10 @@ impl Metrics {
             registry,
             requests,
             latency,
+            request_body_bytes,
+            request_bodies_refused,
+            health_reflection_calls,
+            health_reflection_open,
             stored,
             duplicates,
             deviations,
@@ -252,6 +299,32 @@ impl Metrics {
     /// Counts a connection closed at once over the cap.
     pub fn connection_refused(&self) {
         self.connections_refused.inc();
+    }
+
+    /// The gauge of bytes held by request bodies and the counter of bodies refused over the
+    /// budget, for [`crate::request_budget::BodyBudget::new`].
+    pub fn request_body_metrics(&self) -> (Gauge, Counter) {
+        (
+            self.request_body_bytes.clone(),
+            self.request_bodies_refused.clone(),
+        )
+    }
+
+    /// Counts a health or reflection call (`service`: `health` or `reflection`), admitted or
+    /// refused; an admitted one is open until [`Self::health_reflection_call_ended`].
+    pub fn health_reflection_call(&self, service: &'static str, admitted: bool) {
+        let result = if admitted { "admitted" } else { "refused" };
+        self.health_reflection_calls
+            .get_or_create(&CallLabels { service, result })
+            .inc();
+        if admitted {
+            self.health_reflection_open.inc();
+        }
+    }
+
+    /// Counts the end of an admitted health or reflection call.
+    pub fn health_reflection_call_ended(&self) {
+        self.health_reflection_open.dec();
     }
 
     /// Counts one ingest request and its latency. `result` is one of a fixed set of words.

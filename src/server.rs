@@ -36,6 +36,10 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Bytes one HTTP/2 stream may buffer for sending (h2's default is 400 KiB).
 const STREAM_SEND_BUFFER: usize = 128 << 10;
 
+/// Bytes hyper may buffer from an HTTP/1.1 connection's socket (request heads included: they
+/// must fit).
+const HTTP1_READ_BUFFER: usize = 64 << 10;
+
 /// The HTTP/2 connection preface a client sends first.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -153,6 +157,13 @@ where
 pub struct ServerConfig {
     /// Largest HTTP request body (and gRPC request message), in bytes.
     pub max_body_bytes: usize,
+    /// Bytes all request bodies being received and handled may hold together (HTTP ingest and
+    /// batch bodies, gRPC `EventGateway` messages); beyond it a new body is refused at once.
+    pub request_body_memory: usize,
+    /// Health and reflection calls open at once; more get RESOURCE_EXHAUSTED.
+    pub max_health_reflection_calls: usize,
+    /// Largest health or reflection request message, in bytes.
+    pub max_health_reflection_message_bytes: usize,
     /// Events kept in the live tail before a slow subscriber is moved to reading from the log.
     pub live_buffer: usize,
     /// How long in-flight requests may take to finish after the shutdown signal.
@@ -197,6 +208,10 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             max_body_bytes: 1024 * 1024,
+            request_body_memory: crate::request_budget::DEFAULT_REQUEST_BODY_MEMORY,
+            max_health_reflection_calls: crate::grpc::DEFAULT_HEALTH_REFLECTION_CALLS,
+            max_health_reflection_message_bytes:
+                crate::grpc::DEFAULT_HEALTH_REFLECTION_MESSAGE_BYTES,
             live_buffer: 4096,
             grace: Duration::from_secs(10),
             http2_keepalive: Duration::from_secs(30),
@@ -266,12 +281,17 @@ pub async fn serve(
     let stop_rx_for_tls = stop_rx.clone();
     let gateway = Gateway::new(log, &limits, stop_rx);
     spawn_memory_release(gateway.clone());
-    let grpc = crate::grpc::routes(
-        gateway.clone(),
-        config.max_body_bytes,
-        config.grpc_auth.clone(),
-    )?;
+    let (held, refused) = gateway.metrics().request_body_metrics();
+    let budget = crate::request_budget::BodyBudget::new(config.request_body_memory, held, refused);
+    let limits = crate::grpc::GrpcLimits {
+        max_message_bytes: config.max_body_bytes,
+        health_reflection_message_bytes: config.max_health_reflection_message_bytes,
+        health_reflection_calls: config.max_health_reflection_calls,
+        budget: budget.clone(),
+    };
+    let grpc = crate::grpc::routes(gateway.clone(), limits, config.grpc_auth.clone())?;
     let http = HttpConfig {
+        budget,
         max_body_bytes: config.max_body_bytes,
         body_timeout: config.request_timeout,
         auth: config.ingest_auth.clone(),
@@ -285,6 +305,9 @@ pub async fn serve(
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
+        // hyper's read buffer of an HTTP/1.1 connection (its default is ~400 KiB): what a
+        // connection holds beyond its body's bytes in the budget while the body streams in.
+        .max_buf_size(HTTP1_READ_BUFFER)
         .header_read_timeout(config.header_timeout())
         .timer(hyper_util::rt::TokioTimer::new());
     builder
