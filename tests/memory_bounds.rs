@@ -264,7 +264,9 @@ async fn round(store: Store, random: &mut Random, scale: usize) {
     let mut stored = sizes(random, 1 + 3 * scale, true);
     if matches!(store, Store::Nats(_)) {
         // Far more than the tail cache may keep: it must let the oldest go.
-        let extra: Vec<usize> = (0..80).map(|_| random.between(700 << 10, HUGE_MAX)).collect();
+        let extra: Vec<usize> = (0..80)
+            .map(|_| random.between(700 << 10, HUGE_MAX))
+            .collect();
         stored.splice(0..0, extra);
     }
     let stored_bytes: usize = stored.iter().sum();
@@ -353,9 +355,18 @@ async fn round(store: Store, random: &mut Random, scale: usize) {
         PER_CONNECTION >> 10,
         SLACK >> 20
     );
-    assert!(held as usize <= CATCH_UP, "{name}: subscribers hold {held} bytes");
-    assert!(tail as usize <= LIVE.max(HUGE_MAX + 4096), "{name}: live tail {tail}");
-    assert!(cache as usize <= NATS_CACHE.max(HUGE_MAX + 4096), "{name}: cache {cache}");
+    assert!(
+        held as usize <= CATCH_UP,
+        "{name}: subscribers hold {held} bytes"
+    );
+    assert!(
+        tail as usize <= LIVE.max(HUGE_MAX + 4096),
+        "{name}: live tail {tail}"
+    );
+    assert!(
+        cache as usize <= NATS_CACHE.max(HUGE_MAX + 4096),
+        "{name}: cache {cache}"
+    );
 
     // A reader that reads still gets everything while the others stall.
     let total = (stored.len() + live.len()) as u64;
@@ -413,11 +424,18 @@ async fn rss_stays_within_the_byte_budgets_whatever_the_sizes_and_the_stalled_re
             )
             .await;
         }
-        if runs("nats") && require(
-            "NATS with JetStream on 127.0.0.1:4222",
-            reachable(SHARED_NATS),
-        ) {
-            round(Store::Nats(TestStream::new(SHARED_NATS)), &mut random, scale).await;
+        if runs("nats")
+            && require(
+                "NATS with JetStream on 127.0.0.1:4222",
+                reachable(SHARED_NATS),
+            )
+        {
+            round(
+                Store::Nats(TestStream::new(SHARED_NATS)),
+                &mut random,
+                scale,
+            )
+            .await;
         }
     }
 }
