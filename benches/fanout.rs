@@ -233,11 +233,9 @@ fn parse_options() -> Result<Options, String> {
             }
             "--filtered-streams" => {
                 let text = value("--filtered-streams")?;
-                options.filtered_streams = text
-                    .parse()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or(format!("--filtered-streams: not a positive integer: {text}"))?;
+                options.filtered_streams = text.parse().ok().filter(|n| *n > 0).ok_or(format!(
+                    "--filtered-streams: not a positive integer: {text}"
+                ))?;
             }
             "--baseline-binary" => {
                 options.baseline_binary = Some(PathBuf::from(value("--baseline-binary")?))
@@ -1306,7 +1304,12 @@ fn plot(series: &[(usize, f64, f64)]) -> String {
 // nothing
 
 /// Ingest latency (one POST at a time, 100/s) for `seconds`.
-async fn ingest_latency(url: &str, first_id: i64, seconds: f64, template: &Template) -> Histogram<u64> {
+async fn ingest_latency(
+    url: &str,
+    first_id: i64,
+    seconds: f64,
+    template: &Template,
+) -> Histogram<u64> {
     let http = reqwest::Client::new();
     let mut latency = histogram();
     let started = Instant::now();
@@ -1371,7 +1374,12 @@ fn process_cpu_seconds(pid: u32) -> f64 {
         .rsplit_once(')')
         .map(|(_, rest)| rest.split_whitespace().collect())
         .unwrap_or_default();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
     (ticks(11) + ticks(12)) / 100.0
 }
@@ -1400,7 +1408,13 @@ impl Bench {
         let seconds = options.latency_seconds.max(3.0);
         let run = self.load_rt.block_on(async {
             let http = reqwest::Client::new();
-            let stored = load(&http, &format!("{url}:batch"), &self.template, options.filtered_events).await;
+            let stored = load(
+                &http,
+                &format!("{url}:batch"),
+                &self.template,
+                options.filtered_events,
+            )
+            .await;
             assert!(
                 stored >= options.filtered_events,
                 "only {stored} of {} events were stored",

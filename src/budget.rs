@@ -189,13 +189,17 @@ mod tests {
         let mut page = Some(budget.try_acquire(600).expect("free"));
         let first = budget.take(&mut page, 400).expect("from the page");
         assert_eq!(budget.held(), 600);
-        let second = budget.take(&mut page, 300).expect("the page's rest and 100 more");
+        let second = budget
+            .take(&mut page, 300)
+            .expect("the page's rest and 100 more");
         assert!(page.is_none());
         assert_eq!(budget.held(), 700);
         assert!(budget.take(&mut None, 301).is_none(), "only 300 left");
         drop((first, second));
         assert_eq!(budget.held(), 0);
-        let huge = budget.try_acquire(5000).expect("larger than the budget: all of it");
+        let huge = budget
+            .try_acquire(5000)
+            .expect("larger than the budget: all of it");
         assert_eq!(huge.num_permits(), 1000);
         assert!(budget.try_acquire(1).is_none());
     }

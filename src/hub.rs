@@ -210,7 +210,9 @@ impl Hub {
                     }
                     // At most the tail's bytes per step (at least one record): a burst of large
                     // events is never read whole only to leave the tail at once.
-                    let read = log.scan(next, FEED_BATCH, inner.max_bytes, every.clone()).await;
+                    let read = log
+                        .scan(next, FEED_BATCH, inner.max_bytes, every.clone())
+                        .await;
                     match read.map(|scanned| scanned.records) {
                         Ok(records) if records.is_empty() => break,
                         Ok(records) => {
@@ -259,7 +261,12 @@ impl Hub {
     pub fn subscribe(&self) -> Receiver {
         self.inner.receivers.fetch_add(1, Ordering::AcqRel);
         let pushed = self.inner.pushed.subscribe();
-        let next = self.inner.ring.lock().unwrap_or_else(|p| p.into_inner()).end();
+        let next = self
+            .inner
+            .ring
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .end();
         Receiver {
             inner: self.inner.clone(),
             next,

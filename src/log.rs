@@ -209,12 +209,11 @@ pub trait EventLog: Send + Sync + 'static {
         };
         let (mut looked, mut bytes, mut largest) = (0usize, 0usize, 0usize);
         while looked < limit {
-            let chunk = if largest == 0 {
-                1
-            } else {
-                (max_bytes.saturating_sub(bytes) / largest).clamp(1, SCAN_CHUNK)
-            }
-            .min(limit - looked);
+            let chunk = max_bytes
+                .saturating_sub(bytes)
+                .checked_div(largest)
+                .map_or(1, |fit| fit.clamp(1, SCAN_CHUNK))
+                .min(limit - looked);
             let records = match self.read(scanned.next, chunk).await {
                 // Removed since the first chunk: the next scan says so.
                 Err(LogError::Truncated { .. }) if looked > 0 => break,

@@ -22,6 +22,14 @@ use prost::Message;
 /// The budgets given to the gateway under test (through their environment variables, so that
 /// a binary without them still starts: the test then shows what it holds).
 const CATCH_UP: usize = 16 << 20;
+
+/// `--catch-up-memory` for `readers` readers that stop reading: at least [`CATCH_UP`], and enough
+/// for each to hold two huge events and a page (README's sizing rule: what its socket's buffers
+/// hold back, and its page), so that a reader that reads still gets its events while they all
+/// stall.
+fn catch_up(readers: usize) -> usize {
+    CATCH_UP.max(readers * (2 * HUGE_MAX + (256 << 10)) + (2 << 20))
+}
 const LIVE: usize = 8 << 20;
 const NATS_CACHE: usize = 8 << 20;
 const STORE_CACHE: usize = 4 << 20;
@@ -217,9 +225,9 @@ impl Store {
         }
     }
 
-    fn start(&self) -> Process {
+    fn start(&self, catch_up: usize) -> Process {
         let budgets = [
-            ("IQGW_CATCH_UP_MEMORY", CATCH_UP.to_string()),
+            ("IQGW_CATCH_UP_MEMORY", catch_up.to_string()),
             ("IQGW_LIVE_BUFFER_BYTES", LIVE.to_string()),
             ("IQGW_NATS_CACHE_BYTES", NATS_CACHE.to_string()),
             ("IQGW_STORE_CACHE_BYTES", STORE_CACHE.to_string()),
@@ -240,8 +248,8 @@ impl Store {
     }
 
     /// The budgets that apply to this store, bytes.
-    fn budgets(&self) -> usize {
-        CATCH_UP
+    fn budgets(&self, catch_up: usize) -> usize {
+        catch_up
             + LIVE
             + match self {
                 Store::Memory => 0,
@@ -254,7 +262,9 @@ impl Store {
 /// One round on one store: a log of mixed sizes, readers that stop reading (catch-up and live,
 /// gRPC and SSE), more mixed events while they stall; RSS growth within the bound.
 async fn round(store: Store, random: &mut Random, scale: usize) {
-    let gateway = store.start();
+    let readers = 10 * scale;
+    let catch_up = catch_up(readers);
+    let gateway = store.start(catch_up);
     let name = store.name();
     // The log goes from tiny to huge and from huge to tiny: it starts with tiny events, and so
     // do the pages of a reader from the beginning (where a page sized on the events read so
@@ -264,7 +274,9 @@ async fn round(store: Store, random: &mut Random, scale: usize) {
     let mut stored = sizes(random, 1 + 3 * scale, true);
     if matches!(store, Store::Nats(_)) {
         // Far more than the tail cache may keep: it must let the oldest go.
-        let extra: Vec<usize> = (0..80).map(|_| random.between(700 << 10, HUGE_MAX)).collect();
+        let extra: Vec<usize> = (0..80)
+            .map(|_| random.between(700 << 10, HUGE_MAX))
+            .collect();
         stored.splice(0..0, extra);
     }
     let stored_bytes: usize = stored.iter().sum();
@@ -281,7 +293,7 @@ async fn round(store: Store, random: &mut Random, scale: usize) {
     if !matches!(store, Store::Memory) {
         // Nobody subscribes: what the gateway keeps of the events is its caches.
         let grown = after_ingest.saturating_sub(baseline) as usize * 1024;
-        let bound = store.budgets() - CATCH_UP - LIVE + SLACK;
+        let bound = store.budgets(catch_up) - catch_up - LIVE + SLACK;
         assert!(
             grown <= bound,
             "{name}: RSS grew by {} MiB storing {} MiB with nobody subscribed (bound {} MiB)",
@@ -327,7 +339,7 @@ async fn round(store: Store, random: &mut Random, scale: usize) {
     let cache = gauge(&gateway, "iqgw_store_cache_bytes").await;
     let data = if data > 0 { data + live_bytes } else { 0 };
     let grown = peak.saturating_sub(baseline) as usize * 1024;
-    let bound = store.budgets() + data + connections * PER_CONNECTION + SLACK;
+    let bound = store.budgets(catch_up) + data + connections * PER_CONNECTION + SLACK;
     eprintln!(
         "{name}: stored {} + {} MiB ({} + {} events, tiny first: {tiny_first}), {connections} \
          stalled readers; RSS {baseline} -> {after_ingest} -> peak {peak} KiB (grew {} MiB, \
@@ -348,14 +360,23 @@ async fn round(store: Store, random: &mut Random, scale: usize) {
          {} MiB, data {} MiB, {} KiB per connection, slack {} MiB)",
         grown >> 20,
         bound >> 20,
-        store.budgets() >> 20,
+        store.budgets(catch_up) >> 20,
         data >> 20,
         PER_CONNECTION >> 10,
         SLACK >> 20
     );
-    assert!(held as usize <= CATCH_UP, "{name}: subscribers hold {held} bytes");
-    assert!(tail as usize <= LIVE.max(HUGE_MAX + 4096), "{name}: live tail {tail}");
-    assert!(cache as usize <= NATS_CACHE.max(HUGE_MAX + 4096), "{name}: cache {cache}");
+    assert!(
+        held as usize <= catch_up,
+        "{name}: subscribers hold {held} bytes"
+    );
+    assert!(
+        tail as usize <= LIVE.max(HUGE_MAX + 4096),
+        "{name}: live tail {tail}"
+    );
+    assert!(
+        cache as usize <= NATS_CACHE.max(HUGE_MAX + 4096),
+        "{name}: cache {cache}"
+    );
 
     // A reader that reads still gets everything while the others stall.
     let total = (stored.len() + live.len()) as u64;
@@ -413,11 +434,18 @@ async fn rss_stays_within_the_byte_budgets_whatever_the_sizes_and_the_stalled_re
             )
             .await;
         }
-        if runs("nats") && require(
-            "NATS with JetStream on 127.0.0.1:4222",
-            reachable(SHARED_NATS),
-        ) {
-            round(Store::Nats(TestStream::new(SHARED_NATS)), &mut random, scale).await;
+        if runs("nats")
+            && require(
+                "NATS with JetStream on 127.0.0.1:4222",
+                reachable(SHARED_NATS),
+            )
+        {
+            round(
+                Store::Nats(TestStream::new(SHARED_NATS)),
+                &mut random,
+                scale,
+            )
+            .await;
         }
     }
 }

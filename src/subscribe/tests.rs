@@ -687,9 +687,20 @@ async fn what_subscriptions_hold_stays_within_the_budget() {
     {
         kept.extend(subscription.take_permit());
         got += 1;
-        assert!(registry.held_bytes() <= 8 * 1024, "{}", registry.held_bytes());
+        assert!(
+            registry.held_bytes() <= 8 * 1024,
+            "{}",
+            registry.held_bytes()
+        );
     }
-    assert!(got > 0 && got < 200, "stopped at the budget after {got} events");
+    assert!(
+        got > 0 && got < 200,
+        "stopped at the budget after {got} events"
+    );
     drop(kept);
-    assert_eq!(take(&mut subscription, 1).await.len(), 1, "goes on once given back");
+    assert_eq!(
+        take(&mut subscription, 1).await.len(),
+        1,
+        "goes on once given back"
+    );
 }
