@@ -232,6 +232,10 @@ impl Gateway {
                 Err(IngestError::Invalid(error)) => {
                     kept.push(Err(LogError::TooLarge(error.to_string())))
                 }
+                // Building a record takes no decode slot; should it ever, the item may be retried.
+                Err(IngestError::Busy(busy)) => {
+                    kept.push(Err(LogError::Unavailable(busy.to_string())))
+                }
             }
         }
         let appended = if records.is_empty() {

@@ -224,12 +224,14 @@ pub trait EventLog: Send + Sync + 'static {
             }
             looked += records.len();
             for record in records {
-                largest = largest.max(record.payload.len().max(1));
+                // What the record holds once read back (decompressed), not its stored length.
+                let held = crate::wire::held_len(&record.payload);
+                largest = largest.max(held.max(1));
                 if wanted(record.sequence, record.received_at_ms, &record.payload) {
-                    if !scanned.records.is_empty() && bytes + record.payload.len() > max_bytes {
+                    if !scanned.records.is_empty() && bytes + held > max_bytes {
                         return Ok(scanned);
                     }
-                    bytes += record.payload.len();
+                    bytes += held;
                     scanned.next = record.sequence + 1;
                     scanned.records.push(record);
                 } else {

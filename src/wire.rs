@@ -15,7 +15,7 @@ use prost::Message;
 
 pub mod record;
 
-pub use record::{CorruptRecord, Digests, Identity};
+pub use record::{held_len, CorruptRecord, Digests, Identity};
 
 /// An event's stored parts, as a record of an earlier release held them (its payload; the log
 /// adds sequence and time), and as a record is read back (see [`record::stored`]): this build

@@ -333,10 +333,12 @@ impl EventLog for EmbeddedLog {
                     let (received_at_ms, _) = header(value);
                     let payload = value.get(HEADER..).unwrap_or_default();
                     if wanted(sequence, received_at_ms, payload) {
-                        if !scanned.records.is_empty() && bytes + payload.len() > max_bytes {
+                        // What the record holds once read back (decompressed).
+                        let held = crate::wire::held_len(payload);
+                        if !scanned.records.is_empty() && bytes + held > max_bytes {
                             break;
                         }
-                        bytes += payload.len();
+                        bytes += held;
                         scanned.records.push(decode_record(sequence, value));
                     }
                     scanned.next = sequence + 1;
