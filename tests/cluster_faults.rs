@@ -524,9 +524,9 @@ async fn acknowledged_events_survive_leader_kills_frozen_followers_restarts_and_
                     answer.id
                 );
             }
-            Outcome::Unavailable(_) => {
+            Outcome::Unavailable(body) => {
                 if answer.answered < quorum_lost || answer.sent > quorum_back {
-                    unavailable_with_quorum.push(answer.answered);
+                    unavailable_with_quorum.push((answer.answered, body.clone()));
                 }
             }
             Outcome::Other(what) => panic!(
@@ -535,7 +535,7 @@ async fn acknowledged_events_survive_leader_kills_frozen_followers_restarts_and_
             ),
         }
     }
-    for answered in &unavailable_with_quorum {
+    for (answered, body) in &unavailable_with_quorum {
         assert!(
             faults.iter().any(|&fault| {
                 let window = if fault == quorum_back {
@@ -545,7 +545,8 @@ async fn acknowledged_events_survive_leader_kills_frozen_followers_restarts_and_
                 };
                 fault <= *answered && *answered <= fault + window
             }),
-            "a 503 {:?} after the start came with a quorum and long after any fault",
+            "a 503 {:?} after the first fault (0: before it) came with a quorum and long after \
+             any fault: {body}",
             answered.duration_since(faults[0])
         );
     }
