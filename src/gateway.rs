@@ -190,15 +190,21 @@ impl Gateway {
     /// a leading byte-order mark ([`decode::strip_bom`]).
     pub async fn ingest_json(&self, body: Bytes) -> Result<Ingested, IngestError> {
         let body = body.slice_ref(decode::strip_bom(&body));
-        let policy = self.policy;
-        let decoded = {
-            let body = body.clone();
-            self.decoder
-                .run(body.len(), move || decode::decode_with(&body, policy))
-                .await??
-        };
-        let (record, identity, deviations) =
-            self.record(decoded.envelope, body, decoded.deviations)?;
+        let (policy, max_event_bytes) = (self.policy, self.max_event_bytes);
+        // Decoding and building the record (the cut to fit, the digests, compression) both cost
+        // in proportion to the body: both run on the decode pool, off the async workers.
+        let (event_id, built) = self
+            .decoder
+            .run(body.len(), move || {
+                decode::decode_with(&body, policy).map(|decoded| {
+                    let event_id = decode::dedup_id(&decoded.envelope);
+                    let built =
+                        stored_record(decoded.envelope, body, decoded.deviations, max_event_bytes);
+                    (event_id, built)
+                })
+            })
+            .await??;
+        let (record, identity, deviations) = self.finish(event_id, built)?;
         self.note_deviations(&deviations);
         let appended = self.append_one(record).await?;
         Ok(Ingested {
@@ -401,9 +407,19 @@ impl Gateway {
         deviations: Vec<Deviation>,
     ) -> Result<(NewRecord, NewIdentity, Vec<Deviation>), IngestError> {
         let event_id = decode::dedup_id(&envelope);
+        let built = stored_record(envelope, raw_json, deviations, self.max_event_bytes);
+        self.finish(event_id, built)
+    }
+
+    /// The log record of an event whose record [`stored_record`] built (or refused), once it is
+    /// checked against what the store takes.
+    fn finish(
+        &self,
+        event_id: Option<i64>,
+        built: Result<(Bytes, NewIdentity, Vec<Deviation>), crate::fit::TooLarge>,
+    ) -> Result<(NewRecord, NewIdentity, Vec<Deviation>), IngestError> {
         let (payload, identity, deviations) =
-            stored_record(envelope, raw_json, deviations, self.max_event_bytes)
-                .map_err(|error| LogError::TooLarge(error.to_string()))?;
+            built.map_err(|error| LogError::TooLarge(error.to_string()))?;
         if let Some(limit) = self.log.max_payload() {
             if payload.len() > limit.bytes {
                 return Err(LogError::TooLarge(format!(

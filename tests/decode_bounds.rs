@@ -140,19 +140,29 @@ async fn a_full_decode_pool_refuses_at_once_and_small_bodies_still_pass() {
     });
     // While the pool is full: gRPC Publish of a large raw body is refused at once, a small body
     // (decoded inline) is stored.
-    let mut grpc = process.grpc().await;
+    let grpc = process.grpc().await;
     let mut refused = None;
     let started = Instant::now();
     while refused.is_none() && started.elapsed() < Duration::from_secs(30) {
-        let publish = grpc
-            .publish(PublishRequest {
-                event: Some(publish_request::Event::RawJson(tolerant_body(
-                    1_000_000, 270_000, 32,
-                ))),
+        // Three at once: one thread and a queue of one cannot take them all, whatever the
+        // load's timing (one Publish at a time could each find the pool just emptied).
+        let publishes: Vec<_> = (0..3)
+            .map(|_| {
+                let mut grpc = grpc.clone();
+                tokio::spawn(async move {
+                    grpc.publish(PublishRequest {
+                        event: Some(publish_request::Event::RawJson(tolerant_body(
+                            1_000_000, 270_000, 32,
+                        ))),
+                    })
+                    .await
+                })
             })
-            .await;
-        if let Err(status) = publish {
-            refused = Some(status);
+            .collect();
+        for publish in publishes {
+            if let Err(status) = publish.await.expect("publish task") {
+                refused = Some(status);
+            }
         }
         let small = tolerant_body(2_000_000, 10, 8);
         assert!(small.len() < 16 * 1024);
