@@ -230,8 +230,13 @@ impl DecodeError {
 /// Cuts `text` to [`MAX_ERROR_TEXT`] bytes at a character boundary, marking the cut with `…`.
 /// The edges use it for every piece of client input an error repeats.
 pub fn clip(text: &mut String) {
-    if text.len() > MAX_ERROR_TEXT {
-        let mut end = MAX_ERROR_TEXT;
+    clip_to(text, MAX_ERROR_TEXT);
+}
+
+/// Cuts `text` to `max` bytes at a character boundary, marking the cut with `…`.
+pub fn clip_to(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut end = max;
         while !text.is_char_boundary(end) {
             end -= 1;
         }

@@ -393,43 +393,27 @@ pub fn cut_status_text(text: &str) -> String {
         }
         _ => text.to_owned(),
     };
-    if out.len() > MAX_STATUS_TEXT {
-        let mut end = MAX_STATUS_TEXT;
-        while !out.is_char_boundary(end) {
-            end -= 1;
-        }
-        out.truncate(end);
-        out.push('…');
-    }
+    crate::decode::clip_to(&mut out, MAX_STATUS_TEXT);
     out
 }
 
 /// The text of a percent-encoded `grpc-message` (invalid UTF-8 replaced).
 fn percent_decode(encoded: &[u8]) -> String {
-    let mut bytes = Vec::with_capacity(encoded.len());
-    let mut i = 0;
-    while i < encoded.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match encoded[i..] {
-            [b'%', high, low, ..] => match (hex(high), hex(low)) {
-                (Some(high), Some(low)) => {
-                    bytes.push((high * 16 + low) as u8);
-                    i += 3;
-                    continue;
-                }
-                _ => bytes.push(b'%'),
-            },
-            [byte, ..] => bytes.push(byte),
-            [] => break,
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&bytes).into_owned()
+    percent_encoding::percent_decode(encoded)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_grpc_message_is_percent_decoded_and_bad_escapes_kept() {
+        assert_eq!(percent_decode(b"symbol 'a%25b' %E2%80%A6"), "symbol 'a%b' …");
+        assert_eq!(percent_decode(b"50%zz %"), "50%zz %");
+        assert_eq!(percent_decode(b"%FF"), "\u{FFFD}");
+    }
 
     #[test]
     fn a_quoted_name_is_cut_and_the_rest_kept() {
