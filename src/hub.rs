@@ -190,7 +190,8 @@ impl Hub {
             max_bytes: max_bytes.max(1),
         });
         let feeder_inner = inner.clone();
-        let every: crate::log::Wanted = Arc::new(|_, _, _: &[u8]| true);
+        let every: crate::log::Wanted =
+            Arc::new(|_, _, payload: &[u8]| Some(crate::wire::held_len(payload)));
         let feeder = tokio::spawn(async move {
             let inner = feeder_inner;
             let mut next = log.bounds().next;

@@ -224,10 +224,9 @@ pub trait EventLog: Send + Sync + 'static {
             }
             looked += records.len();
             for record in records {
-                // What the record holds once read back (decompressed), not its stored length.
-                let held = crate::wire::held_len(&record.payload);
-                largest = largest.max(held.max(1));
-                if wanted(record.sequence, record.received_at_ms, &record.payload) {
+                let held = wanted(record.sequence, record.received_at_ms, &record.payload);
+                largest = largest.max(held.unwrap_or(record.payload.len()).max(1));
+                if let Some(held) = held {
                     if !scanned.records.is_empty() && bytes + held > max_bytes {
                         return Ok(scanned);
                     }
@@ -283,8 +282,10 @@ pub struct PayloadLimit {
 /// Records read at once by the default [`EventLog::scan`], at most.
 const SCAN_CHUNK: usize = 64;
 
-/// What a catch-up read wants of a record: `(sequence, received_at_ms, payload)`.
-pub type Wanted = Arc<dyn Fn(u64, i64, &[u8]) -> bool + Send + Sync>;
+/// What a catch-up read wants of a record `(sequence, received_at_ms, payload)`: `None` to pass
+/// over it, or the bytes it will hold once read back (the reader knows the record's format: a
+/// compressed record holds more than its stored length), which [`EventLog::scan`] counts.
+pub type Wanted = Arc<dyn Fn(u64, i64, &[u8]) -> Option<usize> + Send + Sync>;
 
 /// The answer of [`EventLog::scan`].
 #[derive(Debug, Default)]

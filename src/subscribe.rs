@@ -460,8 +460,10 @@ impl Subscription {
         let not_before = self.not_before;
         let wanted: Wanted = Arc::new(move |_, received_at_ms, payload: &[u8]| {
             // A payload whose keys do not decode is kept: decoding it below reports it.
-            received_at_ms >= not_before
-                && crate::wire::keys_of(payload).is_none_or(|keys| filter.matches(&keys))
+            let kept = received_at_ms >= not_before
+                && crate::wire::keys_of(payload).is_none_or(|keys| filter.matches(&keys));
+            // Counted as held once decompressed, never by its compressed length.
+            kept.then(|| crate::wire::held_len(payload))
         });
         let from = self.next;
         // The read runs in a task of its own, which takes a read slot and gives it back when

@@ -410,7 +410,10 @@ mod tests {
 
     #[test]
     fn a_grpc_message_is_percent_decoded_and_bad_escapes_kept() {
-        assert_eq!(percent_decode(b"symbol 'a%25b' %E2%80%A6"), "symbol 'a%b' …");
+        assert_eq!(
+            percent_decode(b"symbol 'a%25b' %E2%80%A6"),
+            "symbol 'a%b' …"
+        );
         assert_eq!(percent_decode(b"50%zz %"), "50%zz %");
         assert_eq!(percent_decode(b"%FF"), "\u{FFFD}");
     }

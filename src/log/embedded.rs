@@ -332,9 +332,7 @@ impl EventLog for EmbeddedLog {
                     looked_first.get_or_insert(sequence);
                     let (received_at_ms, _) = header(value);
                     let payload = value.get(HEADER..).unwrap_or_default();
-                    if wanted(sequence, received_at_ms, payload) {
-                        // What the record holds once read back (decompressed).
-                        let held = crate::wire::held_len(payload);
+                    if let Some(held) = wanted(sequence, received_at_ms, payload) {
                         if !scanned.records.is_empty() && bytes + held > max_bytes {
                             break;
                         }
