@@ -8,10 +8,14 @@
 //! the largest opaque values are cut to `null` here, each a `cut` deviation (the raw JSON keeps
 //! them), until the event fits; an event that still does not fit is refused.
 
-use prost::Message;
-use prost_reflect::{DynamicMessage, FieldDescriptor, MessageDescriptor, ReflectMessage, Value};
+use std::ops::Range;
 
-use crate::decode::{Deviation, Outcome};
+use bytes::Bytes;
+use prost::encoding::{decode_varint, encode_varint, WireType};
+use prost::Message;
+use prost_reflect::{FieldDescriptor, MessageDescriptor};
+
+use crate::decode::{Deviation, Indices, Outcome};
 use crate::pb::webhook::v1::Envelope;
 
 /// Default `--max-event-bytes`: the message size stock gRPC clients accept (grpcurl, Python,
@@ -52,67 +56,93 @@ pub struct TooLarge {
     pub max: usize,
 }
 
-/// The largest form of the event `envelope` with a body of `raw_len` bytes and `deviations`.
-fn size(envelope: &Envelope, raw_len: usize, deviations: &[Deviation]) -> usize {
-    let indices = crate::decode::indices(envelope);
+/// The largest form of the event `envelope` (encoded: `encoded_len` bytes, its references at
+/// `indices`) with a body of `raw_len` bytes and `deviations`.
+fn size(
+    envelope: &Envelope,
+    encoded_len: usize,
+    indices: &Indices,
+    raw_len: usize,
+    deviations: &[Deviation],
+) -> usize {
     largest_len(
-        envelope.encoded_len(),
+        encoded_len,
         raw_len,
         crate::wire::encode_deviations(deviations).len(),
-        crate::decode::references_len(envelope, &indices),
+        crate::decode::references_len(envelope, indices),
     )
 }
 
-/// `envelope`, with its largest opaque values cut to `null` (each added to `deviations`) as far
-/// as needed for the event to fit `max` bytes in its largest form, and whether any was cut.
-/// Unchanged (no work beyond measuring it) when it fits already.
+/// The envelope `encoded` (the encoding of `envelope`, whose references are at `indices`), with
+/// its largest opaque values cut to `null` (each added to `deviations`) as far as needed for the
+/// event to fit `max` bytes in its largest form, and whether any was cut. Unchanged (no work
+/// beyond measuring it) when it fits already.
+///
+/// The cut works on the encoded bytes, guided by the descriptors: an opaque value is a byte
+/// range, never decoded, so the memory it takes is a small multiple of the envelope's encoding
+/// whatever the value holds (a million `0`s decoded as messages would take hundreds of MiB).
+/// Cutting values changes no id, so the references stay at `indices`.
 pub fn fit(
     envelope: Envelope,
+    encoded: Bytes,
+    indices: &Indices,
     raw_len: usize,
     deviations: &mut Vec<Deviation>,
     max: usize,
-) -> Result<(Envelope, bool), TooLarge> {
-    let mut envelope = envelope;
+) -> Result<(Bytes, bool), TooLarge> {
+    let mut total = size(&envelope, encoded.len(), indices, raw_len, deviations);
+    if total <= max {
+        return Ok((encoded, false));
+    }
+    // The typed form is only needed again to measure the references once cut.
+    drop(envelope);
+    let too_large = |size| TooLarge { size, max };
+    let descriptor = descriptor("iqchannels.webhook.v1.Envelope").ok_or(too_large(total))?;
+    let mut encoded = encoded;
     let mut cut = 0usize;
     let mut reported = 0usize;
     loop {
-        let total = size(&envelope, raw_len, deviations);
-        if total <= max {
-            break;
-        }
-        let Some(mut message) = dynamic(&envelope) else {
-            return Err(TooLarge { size: total, max });
-        };
         let mut candidates = Vec::new();
-        let mut path = String::new();
-        collect(&message, &mut path, &mut candidates);
-        if candidates.is_empty() {
-            return Err(TooLarge { size: total, max });
-        }
+        collect(
+            &encoded,
+            0,
+            &descriptor,
+            &mut String::new(),
+            &mut candidates,
+        )
+        .ok_or(too_large(total))?;
         // Largest first, until what is saved covers the excess (references may count a value
-        // twice: measured again after).
-        let mut order: Vec<usize> = (0..candidates.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(candidates[i].size));
+        // twice: measured again after). A value already `null` saves nothing.
+        let mut order: Vec<usize> = (0..candidates.len())
+            .filter(|&i| candidates[i].range.len() > NULL_LEN)
+            .collect();
+        if order.is_empty() {
+            return Err(too_large(total));
+        }
+        order.sort_by_key(|&i| std::cmp::Reverse(candidates[i].range.len()));
         let excess = total - max;
         let mut saved = 0;
-        let mut chosen = vec![false; candidates.len()];
+        let mut chosen = Vec::new();
         for i in order {
-            chosen[i] = true;
-            saved += candidates[i].size.saturating_sub(NULL_LEN);
+            chosen.push(i);
+            saved += candidates[i].range.len() - NULL_LEN;
             if saved >= excess {
                 break;
             }
         }
-        let mut ordinal = 0;
-        apply(&mut message, &chosen, &mut ordinal);
-        let Ok(next) = message.transcode_to::<Envelope>() else {
-            return Err(TooLarge { size: total, max });
-        };
-        envelope = next;
-        for (candidate, _) in candidates.iter().zip(&chosen).filter(|(_, &c)| c) {
+        chosen.sort_unstable();
+        let ranges: Vec<Range<usize>> = chosen
+            .iter()
+            .map(|&i| candidates[i].range.clone())
+            .collect();
+        let mut rewritten = Vec::with_capacity(encoded.len().saturating_sub(saved) + 16);
+        rewrite(&encoded, 0, &descriptor, &ranges, &mut rewritten).ok_or(too_large(total))?;
+        encoded = Bytes::from(rewritten);
+        for &i in &chosen {
             cut += 1;
             if reported < CUTS_REPORTED {
                 reported += 1;
+                let candidate = &candidates[i];
                 deviations.push(Deviation {
                     pattern: crate::decode::path_pattern(&candidate.path),
                     path: candidate.path.clone(),
@@ -125,164 +155,237 @@ pub fn fit(
                 });
             }
         }
-        if !candidates.iter().zip(&chosen).any(|(_, &c)| c) {
-            return Err(TooLarge { size: total, max });
+        // The cuts not reported one by one are counted in one deviation, added after the loop
+        // and measured here.
+        let more = cut > reported;
+        if more {
+            deviations.push(more_cut(cut - reported));
+        }
+        let envelope = Envelope::decode(encoded.as_ref()).map_err(|_| too_large(total))?;
+        total = size(&envelope, encoded.len(), indices, raw_len, deviations);
+        if more {
+            deviations.pop();
+        }
+        if total <= max {
+            break;
         }
     }
     if cut > reported {
-        deviations.push(Deviation {
-            path: ".".to_owned(),
-            expected: format!("at most {CUTS_REPORTED} cut opaque values reported per event"),
-            found: format!("{} more cut", cut - reported),
-            outcome: Outcome::Cut,
-            pattern: ".".to_owned(),
-        });
-        // Reporting the rest may have pushed it over again: measure once more.
-        let total = size(&envelope, raw_len, deviations);
-        if total > max {
-            return Err(TooLarge { size: total, max });
-        }
+        deviations.push(more_cut(cut - reported));
     }
-    Ok((envelope, cut > 0))
+    Ok((encoded, true))
 }
 
-/// The encoded length of a `google.protobuf.Value` holding `null`.
+/// The deviation that counts the cuts not reported one by one.
+fn more_cut(more: usize) -> Deviation {
+    Deviation {
+        path: ".".to_owned(),
+        expected: format!("at most {CUTS_REPORTED} cut opaque values reported per event"),
+        found: format!("{more} more cut"),
+        outcome: Outcome::Cut,
+        pattern: ".".to_owned(),
+    }
+}
+
+/// The encoded length of a `google.protobuf.Value` holding `null`: its `null_value` (field 1,
+/// varint 0).
 const NULL_LEN: usize = 2;
+const NULL: [u8; NULL_LEN] = [0x08, 0x00];
 
 const VALUE: &str = "google.protobuf.Value";
 
 /// An opaque value that may be cut.
 struct Candidate {
-    /// Its encoded length.
-    size: usize,
+    /// Where its encoding (without its field's key and length) is in the envelope's.
+    range: Range<usize>,
     /// Its field path (`Rels.Projects[0].Options`).
     path: String,
     /// What kind of JSON it holds.
     found: &'static str,
 }
 
-fn dynamic(envelope: &Envelope) -> Option<DynamicMessage> {
-    let descriptor = descriptor("iqchannels.webhook.v1.Envelope")?;
-    DynamicMessage::decode(descriptor, envelope.encode_to_vec().as_slice()).ok()
-}
-
 fn descriptor(name: &str) -> Option<MessageDescriptor> {
     crate::pb::descriptor_pool().ok()?.get_message_by_name(name)
 }
 
-fn is_value(field: &FieldDescriptor) -> bool {
-    field
-        .kind()
-        .as_message()
-        .is_some_and(|message| message.full_name() == VALUE)
+/// One field of an encoded message: where its key starts, where its value (for a
+/// length-delimited field: its content) starts and ends.
+struct Field {
+    number: u32,
+    wire_type: WireType,
+    start: usize,
+    /// Where its key ends.
+    after_key: usize,
+    content: Range<usize>,
+    end: usize,
 }
 
-/// Every opaque value under `message`, in the order [`apply`] visits them.
-fn collect(message: &DynamicMessage, path: &mut String, out: &mut Vec<Candidate>) {
-    for field in message.descriptor().fields() {
-        if field.kind().as_message().is_none() || field.is_map() || !message.has_field(&field) {
-            continue;
+/// The fields of the encoded message `buf`, in order; `None` for bytes that are not a message
+/// (never the case for an envelope the gateway encoded).
+fn fields(buf: &[u8]) -> impl Iterator<Item = Option<Field>> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        if at >= buf.len() {
+            return None;
         }
+        let field = next_field(buf, at);
+        at = field.as_ref().map_or(buf.len(), |field| field.end);
+        Some(field)
+    })
+}
+
+fn next_field(buf: &[u8], start: usize) -> Option<Field> {
+    let varint = |at: usize| -> Option<(u64, usize)> {
+        let mut rest = buf.get(at..)?;
+        let before = rest.len();
+        let value = decode_varint(&mut rest).ok()?;
+        Some((value, at + before - rest.len()))
+    };
+    let (key, after_key) = varint(start)?;
+    let number = u32::try_from(key >> 3).ok()?;
+    let wire_type = WireType::try_from(key & 7).ok()?;
+    let (content, end) = match wire_type {
+        WireType::Varint => {
+            let (_, end) = varint(after_key)?;
+            (after_key..end, end)
+        }
+        WireType::SixtyFourBit => (after_key..after_key + 8, after_key + 8),
+        WireType::ThirtyTwoBit => (after_key..after_key + 4, after_key + 4),
+        WireType::LengthDelimited => {
+            let (len, content_start) = varint(after_key)?;
+            let end = content_start.checked_add(usize::try_from(len).ok()?)?;
+            (content_start..end, end)
+        }
+        WireType::StartGroup | WireType::EndGroup => return None,
+    };
+    (end <= buf.len()).then_some(Field {
+        number,
+        wire_type,
+        start,
+        after_key,
+        content,
+        end,
+    })
+}
+
+/// The message type of a length-delimited `field` the cut looks into (maps are left whole).
+fn message_field(
+    message: &MessageDescriptor,
+    field: &Field,
+) -> Option<(FieldDescriptor, MessageDescriptor)> {
+    if field.wire_type != WireType::LengthDelimited {
+        return None;
+    }
+    let descriptor = message.get_field(field.number)?;
+    if descriptor.is_map() {
+        return None;
+    }
+    let kind = descriptor.kind().as_message()?.clone();
+    Some((descriptor, kind))
+}
+
+/// Every opaque value in the encoded `message` (at `base` in the envelope's encoding), in byte
+/// order, with its path; `None` for bytes that do not parse.
+fn collect(
+    buf: &[u8],
+    base: usize,
+    message: &MessageDescriptor,
+    path: &mut String,
+    out: &mut Vec<Candidate>,
+) -> Option<()> {
+    // Items seen per repeated field number, for the `[i]` of paths.
+    let mut items: Vec<(u32, usize)> = Vec::new();
+    for field in fields(buf) {
+        let field = field?;
+        let Some((descriptor, kind)) = message_field(message, &field) else {
+            continue;
+        };
         let len = path.len();
         if !path.is_empty() {
             path.push('.');
         }
-        path.push_str(field.json_name());
-        match &*message.get_field(&field) {
-            Value::List(items) => {
-                for (index, item) in items.iter().enumerate() {
-                    let item_len = path.len();
-                    path.push_str(&format!("[{index}]"));
-                    if let Value::Message(item) = item {
-                        visit(&field, item, path, out);
-                    }
-                    path.truncate(item_len);
+        path.push_str(descriptor.json_name());
+        if descriptor.is_list() {
+            let index = match items.iter_mut().find(|(number, _)| *number == field.number) {
+                Some((_, seen)) => {
+                    *seen += 1;
+                    *seen - 1
                 }
-            }
-            Value::Message(item) => visit(&field, item, path, out),
-            _ => {}
+                None => {
+                    items.push((field.number, 1));
+                    0
+                }
+            };
+            path.push_str(&format!("[{index}]"));
+        }
+        let content = &buf[field.content.clone()];
+        let at = base + field.content.start;
+        if kind.full_name() == VALUE {
+            out.push(Candidate {
+                range: at..at + content.len(),
+                path: path.clone(),
+                found: value_kind(content),
+            });
+        } else {
+            collect(content, at, &kind, path, out)?;
         }
         path.truncate(len);
     }
+    Some(())
 }
 
-fn visit(
-    field: &FieldDescriptor,
-    item: &DynamicMessage,
-    path: &mut String,
-    out: &mut Vec<Candidate>,
-) {
-    if is_value(field) {
-        out.push(Candidate {
-            size: item.encoded_len(),
-            path: path.clone(),
-            found: kind(item),
-        });
-    } else {
-        collect(item, path, out);
+/// What kind of JSON an encoded `google.protobuf.Value` holds (its oneof's field numbers).
+fn value_kind(value: &[u8]) -> &'static str {
+    match next_field(value, 0).map(|field| field.number) {
+        Some(2) => "a number",
+        Some(3) => "a string",
+        Some(4) => "a boolean",
+        Some(5) => "an object",
+        Some(6) => "an array",
+        _ => "null",
     }
 }
 
-/// What kind of JSON a `google.protobuf.Value` holds (its oneof's field numbers).
-fn kind(value: &DynamicMessage) -> &'static str {
-    let kinds = [
-        (1, "null"),
-        (2, "a number"),
-        (3, "a string"),
-        (4, "a boolean"),
-        (5, "an object"),
-        (6, "an array"),
-    ];
-    kinds
-        .iter()
-        .find(|(number, _)| value.has_field_by_number(*number))
-        .map_or("null", |(_, kind)| kind)
-}
-
-/// Cuts to `null` every opaque value whose ordinal (in [`collect`]'s order) is chosen.
-fn apply(message: &mut DynamicMessage, chosen: &[bool], ordinal: &mut usize) {
-    let fields: Vec<FieldDescriptor> = message.descriptor().fields().collect();
-    for field in fields {
-        if field.kind().as_message().is_none() || field.is_map() || !message.has_field(&field) {
-            continue;
-        }
-        match message.get_field_mut(&field) {
-            Value::List(items) => {
-                for item in items.iter_mut() {
-                    if let Value::Message(item) = item {
-                        cut_or_descend(&field, item, chosen, ordinal);
-                    }
+/// Writes the encoded `message` (at `base` in the envelope's encoding) to `out` with every
+/// opaque value whose range is in `cut` (sorted) replaced by `null`; fields with nothing to cut
+/// are copied as they are. `None` for bytes that do not parse.
+fn rewrite(
+    buf: &[u8],
+    base: usize,
+    message: &MessageDescriptor,
+    cut: &[Range<usize>],
+    out: &mut Vec<u8>,
+) -> Option<()> {
+    for field in fields(buf) {
+        let field = field?;
+        let at = base + field.content.start..base + field.content.end;
+        // The first range to cut that does not end before this field's content.
+        let first = cut.partition_point(|range| range.end <= at.start);
+        let inside = cut.get(first).is_some_and(|range| range.start < at.end);
+        let kind = message_field(message, &field).map(|(_, kind)| kind);
+        match kind {
+            Some(kind) if inside => {
+                out.extend_from_slice(&buf[field.start..field.after_key]);
+                if kind.full_name() == VALUE {
+                    encode_varint(NULL_LEN as u64, out);
+                    out.extend_from_slice(&NULL);
+                } else {
+                    let mut inner = Vec::new();
+                    rewrite(
+                        &buf[field.content.clone()],
+                        at.start,
+                        &kind,
+                        cut,
+                        &mut inner,
+                    )?;
+                    encode_varint(inner.len() as u64, out);
+                    out.extend_from_slice(&inner);
                 }
             }
-            Value::Message(item) => cut_or_descend(&field, item, chosen, ordinal),
-            _ => {}
+            _ => out.extend_from_slice(&buf[field.start..field.end]),
         }
     }
-}
-
-fn cut_or_descend(
-    field: &FieldDescriptor,
-    item: &mut DynamicMessage,
-    chosen: &[bool],
-    ordinal: &mut usize,
-) {
-    if !is_value(field) {
-        apply(item, chosen, ordinal);
-        return;
-    }
-    if chosen.get(*ordinal).copied().unwrap_or(false) {
-        let null = prost_types::Value {
-            kind: Some(prost_types::value::Kind::NullValue(
-                prost_types::NullValue::NullValue.into(),
-            )),
-        };
-        if let Some(descriptor) = descriptor(VALUE) {
-            if let Ok(null) = DynamicMessage::decode(descriptor, null.encode_to_vec().as_slice()) {
-                *item = null;
-            }
-        }
-    }
-    *ordinal += 1;
+    Some(())
 }
 
 #[cfg(test)]

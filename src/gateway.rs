@@ -584,15 +584,17 @@ pub fn stored_record(
 ) -> Result<(Bytes, NewIdentity, Vec<Deviation>), crate::fit::TooLarge> {
     let decoded: Bytes = envelope.encode_to_vec().into();
     let digests = Digests::of(&raw_json, &decoded);
-    let (fitted, cut) =
-        crate::fit::fit(envelope, raw_json.len(), &mut deviations, max_event_bytes)?;
-    let keys = decode::keys(&fitted);
-    let indices = decode::indices(&fitted);
-    let encoded = if cut {
-        fitted.encode_to_vec().into()
-    } else {
-        decoded.clone()
-    };
+    // Cuts change no id or key: both are read before the envelope goes to the cut.
+    let keys = decode::keys(&envelope);
+    let indices = decode::indices(&envelope);
+    let (encoded, _cut) = crate::fit::fit(
+        envelope,
+        decoded.clone(),
+        &indices,
+        raw_json.len(),
+        &mut deviations,
+        max_event_bytes,
+    )?;
     let payload = record::encode(&record::Parts {
         envelope: &encoded,
         raw_json: &raw_json,

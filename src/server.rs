@@ -511,11 +511,6 @@ fn spawn_memory_release(gateway: Gateway) {
     });
 }
 
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
 async fn release_memory() {
-    // SAFETY: malloc_trim only walks and trims glibc's own heap; it takes no pointers of ours.
-    let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
+    let _ = tokio::task::spawn_blocking(crate::decode::pool::trim_heap).await;
 }
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-async fn release_memory() {}

@@ -196,6 +196,11 @@ struct Sub {
     next: u64,
     /// Ended with OUT_OF_RANGE (allowed only when retention removed what it was to read).
     gone: bool,
+    /// `Some(the log's next sequence when it subscribed)` while a subscriber that asked for the
+    /// beginning has received nothing: the gateway may start it at the oldest event left when
+    /// retention removed older ones before its first read (README: "from the beginning"), but
+    /// never past an event stored after it subscribed.
+    began: Option<u64>,
 }
 
 /// The gateway under test and what restarting it needs.
@@ -312,12 +317,15 @@ async fn read(sub: &mut Sub, model: &Model, n: Option<usize>) -> Result<(), Stri
     if sub.gone {
         return Ok(());
     }
-    let expected = model.expected(sub.next, &sub.types);
-    let take = n.map_or(expected.len(), |n| n.min(expected.len()));
-    let Some(stream) = sub.stream.as_mut() else {
-        return Err("a subscriber without a stream".into());
-    };
-    for want in expected.into_iter().take(take) {
+    let mut left = n.unwrap_or(usize::MAX);
+    while left > 0 {
+        let expected = model.expected(sub.next, &sub.types);
+        let Some(&want) = expected.first() else {
+            return Ok(());
+        };
+        let Some(stream) = sub.stream.as_mut() else {
+            return Err("a subscriber without a stream".into());
+        };
         let got = tokio::time::timeout(WAIT, stream.message())
             .await
             .map_err(|_| format!("waited for sequence {} in vain", want.sequence))?;
@@ -335,6 +343,23 @@ async fn read(sub: &mut Sub, model: &Model, n: Option<usize>) -> Result<(), Stri
                     .and_then(|e| e.chat_event.as_ref())
                     .map(|e| e.id)
                     .unwrap_or_default();
+                // A start at the beginning moves on to the oldest event left, over events that
+                // retention removed and that were stored before it subscribed; nothing else.
+                let skipped_only_removed = sub.began.is_some_and(|began| {
+                    expected
+                        .iter()
+                        .take_while(|e| e.sequence < event.sequence)
+                        .all(|e| e.sequence < model.first && e.sequence < began)
+                });
+                let want = if event.sequence > want.sequence && skipped_only_removed {
+                    expected
+                        .iter()
+                        .copied()
+                        .find(|e| e.sequence >= event.sequence)
+                        .unwrap_or(want)
+                } else {
+                    want
+                };
                 if event.sequence != want.sequence
                     || event_type != want.event_type
                     || want.id.is_some_and(|want| want != id)
@@ -345,6 +370,8 @@ async fn read(sub: &mut Sub, model: &Model, n: Option<usize>) -> Result<(), Stri
                     ));
                 }
                 sub.next = want.sequence + 1;
+                sub.began = None;
+                left -= 1;
             }
             Ok(None) => return Err("the stream ended with OK".into()),
             Err(status) if status.code() == tonic::Code::OutOfRange => {
@@ -488,6 +515,7 @@ async fn run(store: Store, ops: &[Op]) -> Result<(), String> {
                             types,
                             next,
                             gone: false,
+                            began: matches!(start, Start::Beginning(())).then(|| model.next()),
                         });
                     }
                     Err(status)
@@ -513,7 +541,10 @@ async fn run(store: Store, ops: &[Op]) -> Result<(), String> {
                 for sub in subs.iter_mut().filter(|s| !s.gone) {
                     let start = Start::AfterSequence(sub.next - 1);
                     match subscribe(&mut grpc, start, &sub.types).await {
-                        Ok(stream) => sub.stream = Some(stream),
+                        Ok(stream) => {
+                            sub.stream = Some(stream);
+                            sub.began = None;
+                        }
                         Err(status)
                             if status.code() == tonic::Code::OutOfRange
                                 && sub.next < model.first =>
@@ -640,6 +671,20 @@ mod found {
     /// names a removed sequence at or after the subscriber's position. The gateway's answer, made
     /// deterministic: src/subscribe/tests.rs
     /// `a_filtered_subscriber_is_told_when_retention_removed_events_its_filter_would_skip`.
+    /// Found by a 2,000-case run on the memory store (2026-12-07, case 210): subscriber 1 asked
+    /// for the beginning when sequence 1 was the oldest, and retention removed sequence 1 before
+    /// the gateway's side of the stream made its first read (catch-up reads take turns since
+    /// `--catch-up-reads`). The gateway started it at sequence 2, the oldest left: README's
+    /// "from the beginning" is the oldest event retained at the first read, and nothing stored
+    /// after the subscription began may be skipped (src/subscribe/tests.rs
+    /// `from_the_beginning_*`). The model expected sequence 1; it now accepts that start.
+    #[test]
+    fn from_the_beginning_starts_at_the_oldest_left_on_the_memory_store() {
+        for _ in 0..5 {
+            replay(Store::Memory, &case_beginning_after_retention());
+        }
+    }
+
     #[test]
     fn out_of_range_after_restarts_on_the_memory_store() {
         for _ in 0..5 {
@@ -713,5 +758,48 @@ fn case_out_of_range_after_restarts() -> Vec<Op> {
         Op::Post(Body::Plain(9, 1)),
         Op::Post(Body::Plain(8, 0)),
         Op::Read { sub: 3, n: 1 },
+    ]
+}
+
+/// The case of `found::from_the_beginning_starts_at_the_oldest_left_on_the_memory_store`.
+#[allow(dead_code)]
+fn case_beginning_after_retention() -> Vec<Op> {
+    use Body::{Plain, Tolerated, Transitive};
+    vec![
+        Op::Post(Transitive),
+        Op::Read { sub: 1, n: 5 },
+        Op::Post(Plain(7, 2)),
+        Op::Read { sub: 3, n: 3 },
+        Op::Post(Plain(8, 1)),
+        Op::Post(Tolerated(4, 2)),
+        Op::Batch(vec![Tolerated(6, 0), Tolerated(8, 1)]),
+        Op::Read { sub: 2, n: 4 },
+        Op::Batch(vec![Plain(6, 0), Plain(7, 0), Plain(9, 1), Tolerated(6, 2)]),
+        Op::Batch(vec![Plain(2, 2), Transitive, Plain(5, 2)]),
+        Op::Restart,
+        Op::Publish(Tolerated(2, 2)),
+        Op::Publish(Plain(5, 2)),
+        Op::Post(Plain(5, 1)),
+        Op::Read { sub: 3, n: 2 },
+        Op::Post(Plain(2, 2)),
+        Op::Post(Plain(3, 2)),
+        Op::Post(Transitive),
+        Op::Read { sub: 3, n: 3 },
+        Op::Restart,
+        Op::Publish(Plain(7, 2)),
+        Op::Read { sub: 1, n: 4 },
+        Op::Post(Tolerated(1, 1)),
+        Op::Post(Plain(5, 0)),
+        Op::Publish(Plain(4, 2)),
+        Op::Post(Plain(6, 2)),
+        Op::Subscribe {
+            start: 2,
+            types: vec![2],
+        },
+        Op::Subscribe {
+            start: 0,
+            types: vec![],
+        },
+        Op::Post(Transitive),
     ]
 }

@@ -20,6 +20,21 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
 }
 
+/// After decoding a body of at least this many bytes, a worker gives the memory freed back to
+/// the system: glibc keeps what one large decode took in its arenas otherwise (tens of MiB
+/// after a megabyte of opaque values), long after the decode.
+const TRIM_AFTER_BYTES: usize = 256 * 1024;
+
+/// Gives the heap's free memory back to the system (glibc keeps freed memory in its arenas
+/// unless asked). Blocking: walks every arena, so call it off the async workers.
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks and trims glibc's own heap; it takes no pointers of ours.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Bodies that may wait for a decode worker by default.
 pub const DEFAULT_QUEUE: usize = 64;
 
@@ -72,7 +87,7 @@ impl DecodePool {
             .clone()
             .try_acquire_owned()
             .map_err(|_| Busy)?;
-        self.on_worker(admitted, decode).await
+        self.on_worker(admitted, len, decode).await
     }
 
     /// Runs `decode` on a worker, waiting for admission as long as it takes: for work that was
@@ -86,12 +101,13 @@ impl DecodePool {
             return Some(decode());
         }
         let admitted = self.admission.clone().acquire_owned().await.ok()?;
-        self.on_worker(admitted, decode).await.ok()
+        self.on_worker(admitted, len, decode).await.ok()
     }
 
     async fn on_worker<T: Send + 'static>(
         &self,
         admitted: tokio::sync::OwnedSemaphorePermit,
+        len: usize,
         decode: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Busy> {
         // The semaphores are never closed: acquiring fails only if they were.
@@ -105,7 +121,11 @@ impl DecodePool {
         // free a worker still busy with its body.
         let task = tokio::task::spawn_blocking(move || {
             let _permits = (admitted, worker);
-            decode()
+            let value = decode();
+            if len >= TRIM_AFTER_BYTES {
+                trim_heap();
+            }
+            value
         });
         match task.await {
             Ok(value) => Ok(value),

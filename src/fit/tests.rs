@@ -7,6 +7,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::wire::{EncodedEvent, Form, WireEvent};
+use prost::Message;
 
 const MAX_BODY: usize = 1 << 20;
 
@@ -165,9 +166,13 @@ fn the_largest_opaque_value_is_cut_first_and_reported_and_the_references_agree()
 fn an_event_that_fits_is_left_alone() {
     let body = br#"{"ChatEvent":{"Id":5,"Type":"t","ChatId":1},"Rels":{"Chats":[{"Id":1,"ProjectId":2}],"Projects":[{"Id":2,"Options":[0,0,0]}]}}"#;
     let decoded = crate::decode::decode(body).unwrap();
+    let encoded = Bytes::from(decoded.envelope.encode_to_vec());
+    let indices = crate::decode::indices(&decoded.envelope);
     let mut deviations = Vec::new();
-    let (envelope, cut) = fit(
-        decoded.envelope.clone(),
+    let (fitted, cut) = fit(
+        decoded.envelope,
+        encoded.clone(),
+        &indices,
         body.len(),
         &mut deviations,
         DEFAULT_MAX_EVENT_BYTES,
@@ -175,7 +180,7 @@ fn an_event_that_fits_is_left_alone() {
     .unwrap();
     assert!(!cut);
     assert!(deviations.is_empty());
-    assert_eq!(envelope, decoded.envelope);
+    assert_eq!(fitted, encoded);
 }
 
 #[test]
@@ -186,7 +191,171 @@ fn an_event_that_cannot_fit_even_cut_is_refused_naming_the_flag() {
         r#"{{"ChatEvent":{{"Id":5,"Type":"t","MessageId":1}},"Rels":{{"ChatMessages":[{{"Id":1,"Text":"{text}"}}]}}}}"#
     );
     let decoded = crate::decode::decode(body.as_bytes()).unwrap();
-    let error = fit(decoded.envelope, body.len(), &mut Vec::new(), 700_000).unwrap_err();
+    let encoded = Bytes::from(decoded.envelope.encode_to_vec());
+    let indices = crate::decode::indices(&decoded.envelope);
+    let error = fit(
+        decoded.envelope,
+        encoded,
+        &indices,
+        body.len(),
+        &mut Vec::new(),
+        700_000,
+    )
+    .unwrap_err();
     assert!(error.to_string().contains("--max-event-bytes"), "{error}");
     assert!(error.to_string().contains("too large"), "{error}");
+}
+
+/// The oracle: the opaque values of `envelope` by path, with their kind and encoded length, as
+/// reflection over the decoded message sees them (slow and memory-hungry, but plainly right).
+fn reflected_values(envelope: &Envelope) -> Vec<(String, &'static str, usize)> {
+    use prost_reflect::{DynamicMessage, ReflectMessage, Value};
+    fn walk(message: &DynamicMessage, path: &str, out: &mut Vec<(String, &'static str, usize)>) {
+        for field in message.descriptor().fields() {
+            if field.kind().as_message().is_none() || field.is_map() || !message.has_field(&field) {
+                continue;
+            }
+            let name = if path.is_empty() {
+                field.json_name().to_owned()
+            } else {
+                format!("{path}.{}", field.json_name())
+            };
+            let mut visit = |item: &DynamicMessage, at: String| {
+                if item.descriptor().full_name() == VALUE {
+                    let kinds = [
+                        (2, "a number"),
+                        (3, "a string"),
+                        (4, "a boolean"),
+                        (5, "an object"),
+                        (6, "an array"),
+                    ];
+                    let kind = kinds
+                        .iter()
+                        .find(|(number, _)| item.has_field_by_number(*number))
+                        .map_or("null", |(_, kind)| kind);
+                    out.push((at, kind, item.encoded_len()));
+                } else {
+                    walk(item, &at, out);
+                }
+            };
+            match &*message.get_field(&field) {
+                Value::List(items) => {
+                    for (index, item) in items.iter().enumerate() {
+                        if let Value::Message(item) = item {
+                            visit(item, format!("{name}[{index}]"));
+                        }
+                    }
+                }
+                Value::Message(item) => visit(item, name),
+                _ => {}
+            }
+        }
+    }
+    let descriptor = descriptor("iqchannels.webhook.v1.Envelope").unwrap();
+    let message = DynamicMessage::decode(descriptor, envelope.encode_to_vec().as_slice()).unwrap();
+    let mut out = Vec::new();
+    walk(&message, "", &mut out);
+    out.sort();
+    out
+}
+
+/// A small body with opaque values of every kind in every entity that has them, some entities
+/// repeated, chosen by `picks`.
+fn small_body(picks: &[u8]) -> String {
+    let value = |pick: u8| match pick % 7 {
+        0 => "null".to_owned(),
+        1 => "12.5".to_owned(),
+        2 => r#""text""#.to_owned(),
+        3 => "true".to_owned(),
+        4 => format!(
+            r#"{{"a":[{}],"b":{{}}}}"#,
+            "0,".repeat(pick as usize % 5) + "1"
+        ),
+        5 => format!("[{}]", "0,".repeat(pick as usize) + "0"),
+        _ => "[]".to_owned(),
+    };
+    let mut picks = picks.iter().copied().cycle();
+    let mut next = || value(picks.next().unwrap_or(0));
+    let projects: Vec<String> = (1..=3)
+        .map(|id| {
+            format!(
+                r#"{{"Id":{id},"Options":{},"Permissions":{}}}"#,
+                next(),
+                next()
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"ChatEvent":{{"Id":5,"Type":"message_created","ChatId":1,"ClientId":1,"UserId":1,"MessageId":1}},"Rels":{{"Chats":[{{"Id":1,"ProjectId":2,"ClientId":1,"BotpressPayload":{}}}],"ChatMessages":[{{"Id":1,"ChatId":1,"Text":"hi"}}],"Projects":[{}],"Users":[{{"Id":1,"Permissions":{}}},{{"Id":2,"Permissions":{}}}],"Clients":[{{"Id":1,"Fields":{}}}],"Channels":[{{"Id":3,"APNS":{}}}]}}}}"#,
+        next(),
+        projects.join(","),
+        next(),
+        next(),
+        next(),
+        next()
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// The byte walk finds exactly the opaque values reflection finds, with the same paths,
+    /// kinds and sizes; cutting any subset of them gives the envelope reflection would give.
+    #[test]
+    fn the_byte_walk_agrees_with_reflection(
+        picks in proptest::collection::vec(any::<u8>(), 1..16),
+        cut_mask in any::<u64>(),
+    ) {
+        let body = small_body(&picks);
+        let decoded = crate::decode::decode(body.as_bytes()).expect("the body decodes");
+        let encoded = decoded.envelope.encode_to_vec();
+        let descriptor = descriptor("iqchannels.webhook.v1.Envelope").unwrap();
+        let mut candidates = Vec::new();
+        collect(&encoded, 0, &descriptor, &mut String::new(), &mut candidates).unwrap();
+        let mut walked: Vec<(String, &'static str, usize)> = candidates
+            .iter()
+            .map(|c| (c.path.clone(), c.found, c.range.len()))
+            .collect();
+        walked.sort();
+        prop_assert_eq!(&walked, &reflected_values(&decoded.envelope));
+
+        // Cut a subset; every value cut is null, every other is unchanged.
+        let ranges: Vec<Range<usize>> = candidates
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| cut_mask >> (i % 64) & 1 == 1)
+            .map(|(_, c)| c.range.clone())
+            .collect();
+        let mut out = Vec::new();
+        rewrite(&encoded, 0, &descriptor, &ranges, &mut out).unwrap();
+        let cut_envelope = Envelope::decode(out.as_slice()).expect("a valid envelope");
+        let cut_paths: Vec<&str> = candidates
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| cut_mask >> (i % 64) & 1 == 1)
+            .map(|(_, c)| c.path.as_str())
+            .collect();
+        let after = reflected_values(&cut_envelope);
+        prop_assert_eq!(after.len(), walked.len());
+        for ((path, kind, len), (before_path, before_kind, before_len)) in after.iter().zip(&walked) {
+            prop_assert_eq!(path, before_path);
+            if cut_paths.contains(&path.as_str()) {
+                prop_assert_eq!((*kind, *len), ("null", NULL_LEN));
+            } else {
+                prop_assert_eq!((kind, len), (before_kind, before_len));
+            }
+        }
+        // What is not opaque is untouched.
+        prop_assert_eq!(&cut_envelope.chat_event, &decoded.envelope.chat_event);
+        let (rels, before) = (cut_envelope.rels.unwrap(), decoded.envelope.rels.unwrap());
+        prop_assert_eq!(&rels.chat_messages, &before.chat_messages);
+        prop_assert_eq!(
+            rels.projects.iter().map(|p| p.id).collect::<Vec<_>>(),
+            before.projects.iter().map(|p| p.id).collect::<Vec<_>>()
+        );
+        // Nothing else changed: with nothing cut the bytes are the same.
+        if ranges.is_empty() {
+            prop_assert_eq!(out, encoded);
+        }
+    }
 }
