@@ -119,6 +119,9 @@ pub struct GatewayConfig {
     pub live_buffer_bytes: usize,
     /// Catch-up reads running at once (`--catch-up-reads`).
     pub catch_up_reads: usize,
+    /// How long a subscriber may hold memory without giving any back while others wait for it
+    /// before its connection is closed (`--subscriber-stall-timeout`).
+    pub subscriber_stall_timeout: std::time::Duration,
     /// Threads that decode bodies larger than [`decode::pool::INLINE_BYTES`] at once
     /// (`--decode-threads`).
     pub decode_threads: usize,
@@ -138,6 +141,7 @@ impl Default for GatewayConfig {
             max_event_bytes: crate::fit::DEFAULT_MAX_EVENT_BYTES,
             live_buffer_bytes: crate::hub::DEFAULT_LIVE_BYTES,
             catch_up_reads: crate::subscribe::DEFAULT_CATCH_UP_READS,
+            subscriber_stall_timeout: crate::budget::DEFAULT_STALL_TIMEOUT,
             decode_threads: decode::pool::default_threads(),
             decode_queue: decode::pool::DEFAULT_QUEUE,
         }
@@ -158,10 +162,11 @@ impl Gateway {
             hub,
             shutdown,
             accepting: Arc::new(AtomicBool::new(true)),
-            subscribers: Registry::with_limits(
+            subscribers: Registry::with_stall(
                 config.max_subscribers,
                 config.catch_up_bytes,
                 config.catch_up_reads,
+                config.subscriber_stall_timeout,
             ),
             metrics: Arc::new(Metrics::new()),
             ingest_slots: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight.max(1))),
@@ -446,6 +451,17 @@ impl Gateway {
         filter: Filter,
         start: Start,
     ) -> Result<Subscription, SubscribeError> {
+        self.subscribe_evictable(filter, start, None).await
+    }
+
+    /// Opens a subscription whose client's connection `evict` closes, should the client stop
+    /// reading while others wait for the memory it holds (see `budget`).
+    pub async fn subscribe_evictable(
+        &self,
+        filter: Filter,
+        start: Start,
+        evict: Option<crate::budget::Evict>,
+    ) -> Result<Subscription, SubscribeError> {
         Subscription::new(
             self.log.clone(),
             &self.hub,
@@ -453,6 +469,7 @@ impl Gateway {
             self.shutdown.clone(),
             filter,
             start,
+            evict,
         )
         .await
     }
@@ -558,6 +575,7 @@ impl Gateway {
             store: self.log.stats(),
             live_tail_bytes: self.hub.bytes() as u64,
             subscriber_bytes: self.subscribers.held_bytes() as u64,
+            subscribers_evicted: self.subscribers.evicted(),
         };
         self.metrics.render(&snapshot)
     }

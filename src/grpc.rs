@@ -221,6 +221,10 @@ impl EventGateway for Service {
     ) -> Result<Response<EventStream>, Status> {
         self.authorize(&request, Scope::Subscribe)?;
         let slot = request.extensions().get::<PermitSlot>().cloned();
+        let evict = request
+            .extensions()
+            .get::<crate::server::Disconnect>()
+            .map(crate::server::Disconnect::evict);
         let request = request.into_inner();
         let filter = request.filter.map(filter_from).unwrap_or_default();
         let start = match request.start {
@@ -235,7 +239,7 @@ impl EventGateway for Service {
         };
         let subscription = self
             .gateway
-            .subscribe(filter, start)
+            .subscribe_evictable(filter, start, evict)
             .await
             .map_err(subscribe_status)?;
         tracing::debug!(position = subscription.position(), "subscriber attached");

@@ -192,10 +192,13 @@ impl Hub {
         let feeder_inner = inner.clone();
         let every: crate::log::Wanted =
             Arc::new(|_, _, payload: &[u8]| Some(crate::wire::held_len(payload)));
+        // Where the feeder starts is taken now, not when its task first runs: a subscriber may
+        // attach, and events be stored, before that (on a busy runtime), and those events must
+        // reach the tail (a subscriber at the log's end waits for them there).
+        let mut next = log.bounds().next;
+        let mut committed = log.committed();
         let feeder = tokio::spawn(async move {
             let inner = feeder_inner;
-            let mut next = log.bounds().next;
-            let mut committed = log.committed();
             loop {
                 loop {
                     let end = *committed.borrow_and_update();
@@ -317,6 +320,31 @@ mod tests {
         fn committed(&self) -> watch::Receiver<u64> {
             self.0.subscribe()
         }
+    }
+
+    /// Found by the model test on a loaded machine: a subscriber attached and a batch was stored
+    /// before the feeder's task first ran; the feeder then started after the batch, and the
+    /// subscriber, at the log's end, waited for ever for events the tail never got.
+    #[tokio::test(flavor = "current_thread")]
+    async fn events_stored_before_the_feeder_first_runs_reach_the_tail() {
+        use crate::log::memory::MemoryLog;
+        let log = Arc::new(MemoryLog::new(None));
+        let (_shutdown, shutdown_rx) = watch::channel(false);
+        // On a current-thread runtime the feeder's task has not run yet.
+        let hub = Hub::start(log.clone(), 16, shutdown_rx);
+        let mut receiver = hub.subscribe();
+        let record = |id| NewRecord {
+            event_id: Some(id),
+            received_at_ms: 0,
+            payload: bytes::Bytes::new(),
+        };
+        log.append_all(vec![record(1), record(2)]).await.unwrap();
+        let first = tokio::time::timeout(std::time::Duration::from_secs(5), receiver.recv())
+            .await
+            .expect("the tail gets the events stored before the feeder ran")
+            .expect("no lag");
+        assert_eq!(first.sequence, 1);
+        assert_eq!(receiver.recv().await.expect("no lag").sequence, 2);
     }
 
     #[tokio::test]

@@ -262,6 +262,12 @@ struct ServeArgs {
     /// or not) never takes more CPU than this many reads, whatever the number of subscribers.
     #[arg(long, env = "IQGW_CATCH_UP_READS", default_value_t = iqchannels_gateway::subscribe::DEFAULT_CATCH_UP_READS)]
     catch_up_reads: usize,
+    /// How long a subscriber's client may read nothing while it holds --catch-up-memory that
+    /// other subscribers wait for: past it, its connection is closed (the client resumes from
+    /// its cursor) so that the others go on. A client that reads, however slowly, is not
+    /// closed; nor is one that stalls while nobody waits.
+    #[arg(long, env = "IQGW_SUBSCRIBER_STALL_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    subscriber_stall_timeout: Duration,
     /// Refuse (400 / INVALID_ARGUMENT, naming the field path) any body with a field that does not
     /// fit its proto type. Default: such a field is coerced when that loses nothing, else left
     /// unset (the raw JSON keeps it), and reported as a deviation on the event.
@@ -637,6 +643,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_event_bytes: args.max_event_bytes,
         live_buffer_bytes: args.live_buffer_bytes,
         catch_up_reads: args.catch_up_reads,
+        subscriber_stall_timeout: args.subscriber_stall_timeout,
         decode_threads: args.limits.decode_threads,
         decode_queue: args.limits.decode_queue,
         max_connections: args.limits.max_connections,

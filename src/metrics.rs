@@ -62,6 +62,8 @@ pub struct Snapshot {
     /// Bytes held for subscribers outside the live tail: catch-up pages and events on their
     /// way to the socket.
     pub subscriber_bytes: u64,
+    /// Subscribers evicted so far for stalling while others waited for memory.
+    pub subscribers_evicted: u64,
 }
 
 /// Every metric the gateway exports.
@@ -100,6 +102,9 @@ pub struct Metrics {
     live_tail_bytes: Gauge,
     subscriber_bytes: Gauge,
     store_cache_bytes: Gauge,
+    subscribers_evicted: Counter,
+    /// What `subscribers_evicted` was last set from.
+    subscribers_evicted_seen: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Metrics {
@@ -249,6 +254,13 @@ impl Metrics {
              way to the socket (bounded by --catch-up-memory)",
             subscriber_bytes.clone(),
         );
+        let subscribers_evicted = Counter::default();
+        registry.register(
+            "subscribers_evicted",
+            "Subscriber connections closed because their client read nothing for \
+             --subscriber-stall-timeout while other subscribers waited for --catch-up-memory",
+            subscribers_evicted.clone(),
+        );
         let store_cache_bytes = Gauge::default();
         registry.register(
             "store_cache_bytes",
@@ -257,6 +269,8 @@ impl Metrics {
             store_cache_bytes.clone(),
         );
         Self {
+            subscribers_evicted,
+            subscribers_evicted_seen: Default::default(),
             live_tail_bytes,
             subscriber_bytes,
             store_cache_bytes,
@@ -419,6 +433,12 @@ impl Metrics {
             .set(snapshot.store.damaged_reads as i64);
         self.live_tail_bytes.set(snapshot.live_tail_bytes as i64);
         self.subscriber_bytes.set(snapshot.subscriber_bytes as i64);
+        let seen = self.subscribers_evicted_seen.fetch_max(
+            snapshot.subscribers_evicted,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.subscribers_evicted
+            .inc_by(snapshot.subscribers_evicted.saturating_sub(seen));
         self.store_cache_bytes
             .set(snapshot.store.cache_bytes as i64);
         let mut out = String::new();

@@ -112,8 +112,48 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Detecting<I> {
     }
 }
 
-/// Serves one accepted connection (plain or TLS) until it ends or the drain closes it. A client
-/// that has not shown which protocol it speaks within `first_bytes` is disconnected.
+/// Closes the connection a request came on: in every request's extensions, for the subscriptions
+/// whose clients stop reading while others wait for the memory they hold (see `budget`).
+#[derive(Clone, Default)]
+pub struct Disconnect(Arc<tokio::sync::Notify>);
+
+impl Disconnect {
+    /// Closes the connection (at once: what it had not written is dropped).
+    pub fn close(&self) {
+        self.0.notify_one();
+    }
+
+    /// `close` as the budget takes it.
+    pub fn evict(&self) -> crate::budget::Evict {
+        let this = self.clone();
+        Arc::new(move || this.close())
+    }
+}
+
+/// A connection's service: puts its [`Disconnect`] in every request.
+#[derive(Clone)]
+struct WithDisconnect<S> {
+    inner: S,
+    disconnect: Disconnect,
+}
+
+impl<S, B> hyper::service::Service<http::Request<B>> for WithDisconnect<S>
+where
+    S: hyper::service::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, mut request: http::Request<B>) -> Self::Future {
+        request.extensions_mut().insert(self.disconnect.clone());
+        self.inner.call(request)
+    }
+}
+
+/// Serves one accepted connection (plain or TLS) until it ends, the drain closes it, or its
+/// [`Disconnect`] does. A client that has not shown which protocol it speaks within
+/// `first_bytes` is disconnected.
 async fn serve_io<I, S>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
@@ -138,19 +178,34 @@ where
         matched: 0,
         spoke: spoke.clone(),
     };
+    let disconnect = Disconnect::default();
+    let service = WithDisconnect {
+        inner: service,
+        disconnect: disconnect.clone(),
+    };
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     let served = watcher.watch(connection.into_owned());
     tokio::pin!(served);
+    let closed = disconnect.0.notified();
+    tokio::pin!(closed);
     tokio::select! {
         result = &mut served => return result,
+        _ = &mut closed => return Err(EVICTED.into()),
         _ = tokio::time::sleep(first_bytes) => {}
     }
     if !spoke.load(Ordering::Relaxed) {
         // Dropping the connection closes the socket.
         return Err("no HTTP/1.1 request or HTTP/2 preface in time".into());
     }
-    served.await
+    tokio::select! {
+        result = &mut served => result,
+        // Dropping the connection closes the socket and drops the frames it held.
+        _ = &mut closed => Err(EVICTED.into()),
+    }
 }
+
+/// Why a connection was closed by its [`Disconnect`].
+const EVICTED: &str = "closed: a subscriber on it read nothing while others waited for memory";
 
 /// Everything `serve` needs besides the listener.
 #[derive(Debug, Clone)]
@@ -198,6 +253,9 @@ pub struct ServerConfig {
     pub live_buffer_bytes: usize,
     /// Catch-up reads running at once, over all subscribers (`--catch-up-reads`).
     pub catch_up_reads: usize,
+    /// How long a subscriber may hold memory without giving any back while others wait for it
+    /// before its connection is closed (`--subscriber-stall-timeout`).
+    pub subscriber_stall_timeout: Duration,
     /// Threads that decode large bodies at once (`--decode-threads`).
     pub decode_threads: usize,
     /// Large bodies that may wait for a decode thread; more get 429 (`--decode-queue`).
@@ -228,6 +286,7 @@ impl Default for ServerConfig {
             max_event_bytes: crate::fit::DEFAULT_MAX_EVENT_BYTES,
             live_buffer_bytes: crate::hub::DEFAULT_LIVE_BYTES,
             catch_up_reads: crate::subscribe::DEFAULT_CATCH_UP_READS,
+            subscriber_stall_timeout: crate::budget::DEFAULT_STALL_TIMEOUT,
             decode_threads: crate::decode::pool::default_threads(),
             decode_queue: crate::decode::pool::DEFAULT_QUEUE,
         }
@@ -275,6 +334,7 @@ pub async fn serve(
         max_event_bytes: config.max_event_bytes,
         live_buffer_bytes: config.live_buffer_bytes,
         catch_up_reads: config.catch_up_reads,
+        subscriber_stall_timeout: config.subscriber_stall_timeout,
         decode_threads: config.decode_threads,
         decode_queue: config.decode_queue,
     };

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{watch, Semaphore};
 
-use crate::budget::{Budget, Permit};
+use crate::budget::{Budget, Evict, Holder, Permit};
 use crate::hub::{event_bytes, Hub, Receiver, TryRecvError};
 use crate::log::{LogError, SharedLog, Wanted};
 use crate::wire::{EncodedEvent, Keys};
@@ -147,11 +147,27 @@ impl Registry {
     /// A registry whose subscriptions hold `catch_up_bytes` together and run at most
     /// `catch_up_reads` catch-up reads at once.
     pub fn with_limits(max: usize, catch_up_bytes: usize, catch_up_reads: usize) -> Self {
+        Self::with_stall(
+            max,
+            catch_up_bytes,
+            catch_up_reads,
+            crate::budget::DEFAULT_STALL_TIMEOUT,
+        )
+    }
+
+    /// A registry as [`Registry::with_limits`] whose subscribers holding bytes without giving
+    /// any back for `stall` are evicted when others wait for them (see `budget`).
+    pub fn with_stall(
+        max: usize,
+        catch_up_bytes: usize,
+        catch_up_reads: usize,
+        stall: std::time::Duration,
+    ) -> Self {
         Self {
             positions: Arc::default(),
             ids: Arc::default(),
             max,
-            budget: Budget::new(catch_up_bytes),
+            budget: Budget::with_stall(catch_up_bytes, stall),
             reads: Arc::new(Semaphore::new(catch_up_reads.max(1))),
             catching_up: Arc::default(),
         }
@@ -166,6 +182,12 @@ impl Registry {
     /// Bytes held for subscribers now, outside the live tail (pages and events being sent).
     pub fn held_bytes(&self) -> usize {
         self.budget.held()
+    }
+
+    /// Subscribers whose connection was closed because their client read nothing while others
+    /// waited for memory.
+    pub fn evicted(&self) -> u64 {
+        self.budget.evicted()
     }
 
     fn register(&self, position: u64) -> Result<Registered, SubscribeError> {
@@ -258,11 +280,14 @@ pub struct Subscription {
     from_oldest: Option<u64>,
     /// This subscription's entry in the registry: its position, for lag metrics.
     registered: Registered,
+    /// What it holds of the registry's budget.
+    holder: Holder,
 }
 
 impl Subscription {
     /// Positions a new subscription. The live receiver is attached before the start is resolved,
-    /// so nothing stored in between is missed.
+    /// so nothing stored in between is missed. `evict` closes its client's connection, should
+    /// the client stop reading while others wait for the bytes it holds (`None`: never).
     pub async fn new(
         log: SharedLog,
         hub: &Hub,
@@ -270,6 +295,7 @@ impl Subscription {
         shutdown: watch::Receiver<bool>,
         filter: Filter,
         start: Start,
+        evict: Option<Evict>,
     ) -> Result<Self, SubscribeError> {
         let live = hub.subscribe();
         let bounds = log.bounds();
@@ -297,6 +323,7 @@ impl Subscription {
             _ => i64::MIN,
         };
         let registered = registry.register(next)?;
+        let holder = registry.budget.holder(evict);
         Ok(Self {
             log,
             live,
@@ -310,6 +337,7 @@ impl Subscription {
             too_large: 0,
             from_oldest: matches!(start, Start::Beginning | Start::Since(_)).then_some(bounds.next),
             registered,
+            holder,
         })
     }
 
@@ -418,7 +446,7 @@ impl Subscription {
             .registered
             .registry
             .budget
-            .try_acquire(event_bytes(&event))
+            .try_acquire(&self.holder, event_bytes(&event))
         else {
             self.set_catching_up(true);
             return None;
@@ -452,7 +480,7 @@ impl Subscription {
         let page = tokio::select! {
             biased;
             _ = shutdown.changed() => return Err(SubscribeError::ShuttingDown),
-            page = registry.budget.acquire(want) => page,
+            page = registry.budget.acquire(&self.holder, want) => page,
         };
         let max_bytes = page.num_permits();
         let mut page = Some(page);
@@ -512,7 +540,7 @@ impl Subscription {
                     Err(_) => return Err(SubscribeError::Corrupt(sequence)),
                 };
             let size = event_bytes(&event);
-            let Some(permit) = registry.budget.take(&mut page, size) else {
+            let Some(permit) = registry.budget.take(&self.holder, &mut page, size) else {
                 // No room for it now: read again by the next page, which waits for its size.
                 if self.pending.is_empty() {
                     self.too_large = size;

@@ -10,14 +10,14 @@
 
 mod binary;
 mod nats;
+mod stall;
 
-use std::io::Write;
 use std::time::Duration;
 
 use binary::Process;
 use iqchannels_gateway::pb::client::{subscribe_request::Start, SubscribeRequest};
 use nats::{reachable, require, TestStream, SHARED_NATS};
-use prost::Message;
+use stall::{stalled_grpc, stalled_sse};
 
 /// The budgets given to the gateway under test (through their environment variables, so that
 /// a binary without them still starts: the test then shows what it holds).
@@ -105,84 +105,6 @@ async fn post_all(gateway: &Process, first_id: i64, sizes: &[usize]) {
             response.text().await
         );
     }
-}
-
-/// A Subscribe stream whose client reads the response headers and nothing more: it takes
-/// `window` bytes (its HTTP/2 window, so it gets that far into the log) and never opens its
-/// window again. Returns what keeps it open.
-async fn stalled_grpc(
-    addr: std::net::SocketAddr,
-    start: Option<Start>,
-    window: u32,
-) -> (h2::client::SendRequest<bytes::Bytes>, h2::RecvStream) {
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connects");
-    let (client, connection) = h2::client::Builder::new()
-        .initial_window_size(window)
-        .initial_connection_window_size(window)
-        .handshake::<_, bytes::Bytes>(tcp)
-        .await
-        .expect("HTTP/2 handshake");
-    tokio::spawn(connection);
-    let request = http::Request::post(format!(
-        "http://{addr}/iqchannels.gateway.v1.EventGateway/Subscribe"
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .body(())
-    .expect("a request");
-    let mut client = client.ready().await.expect("ready");
-    let (response, mut send) = client.send_request(request, false).expect("request sent");
-    let message = SubscribeRequest {
-        start,
-        include_raw_json: true,
-        ..SubscribeRequest::default()
-    }
-    .encode_to_vec();
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&message);
-    send.send_data(frame.into(), true)
-        .expect("request body sent");
-    let response = tokio::time::timeout(Duration::from_secs(10), response)
-        .await
-        .expect("headers in time")
-        .expect("a response");
-    assert_eq!(response.status(), 200);
-    (client, response.into_body())
-}
-
-/// An SSE stream whose client sends its request and never reads: its socket buffers fill and
-/// the server's writes stop.
-fn stalled_sse(addr: std::net::SocketAddr, query: &str) -> std::net::TcpStream {
-    let socket = socket2_free_connect(addr);
-    let mut writer = &socket;
-    write!(
-        writer,
-        "GET /v1/events:stream?{query} HTTP/1.1\r\nHost: gateway\r\nAccept: text/event-stream\r\n\r\n"
-    )
-    .expect("request sent");
-    socket
-}
-
-/// A plain TCP connection with a small receive buffer, so that a reader that stops reading
-/// stalls the server soon.
-fn socket2_free_connect(addr: std::net::SocketAddr) -> std::net::TcpStream {
-    let stream = std::net::TcpStream::connect(addr).expect("connects");
-    // SAFETY: setsockopt on a socket we own, with a valid int option.
-    unsafe {
-        use std::os::fd::AsRawFd;
-        let size: libc::c_int = 16 * 1024;
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
-    stream
 }
 
 /// The gateway's gauge of `name` from /metrics (0 when absent).

@@ -637,6 +637,14 @@ proptest! {
 mod found {
     use super::*;
 
+    /// Replays of a case that failed now and then (`MODEL_REPEAT` sets it).
+    static REPEAT: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
+        std::env::var("MODEL_REPEAT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20)
+    });
+
     fn replay(store: Store, ops: &[Op]) {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -656,6 +664,25 @@ mod found {
             replay(
                 Store::JetStream,
                 &[Op::Publish(Body::Plain(6, 2)), Op::Post(Body::Plain(2, 0))],
+            );
+        }
+    }
+
+    /// Found by a 2,000-case run on the memory store (2026-12-07, case 843): a subscriber from
+    /// the beginning of an empty log, filtered on `message_created`, never received the third
+    /// event of the batch that followed.
+    #[test]
+    fn a_filtered_subscriber_from_an_empty_beginning_gets_the_batch_after_it() {
+        for _ in 0..*REPEAT {
+            replay(
+                Store::Memory,
+                &[
+                    Op::Subscribe {
+                        start: 0,
+                        types: vec![0],
+                    },
+                    Op::Batch(vec![Body::Plain(4, 1), Body::Transitive, Body::Plain(7, 0)]),
+                ],
             );
         }
     }

@@ -185,9 +185,11 @@ pub(super) async fn stream(
     State(state): State<AppState>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
+    disconnect: Option<axum::Extension<crate::server::Disconnect>>,
 ) -> Response {
     let slot = PermitSlot::default();
-    match open(&state, &headers, query.as_deref(), slot.clone()).await {
+    let evict = disconnect.map(|axum::Extension(disconnect)| disconnect.evict());
+    match open(&state, &headers, query.as_deref(), slot.clone(), evict).await {
         // Each frame carries the budget's bytes of its event until hyper has written it.
         Ok(sse) => sse
             .into_response()
@@ -201,6 +203,7 @@ async fn open(
     headers: &HeaderMap,
     query: Option<&str>,
     slot: PermitSlot,
+    evict: Option<crate::budget::Evict>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, HttpError> {
     authorize(state, headers, query)?;
     let params = parse(query).map_err(HttpError::BadQuery)?;
@@ -213,7 +216,11 @@ async fn open(
         }
         (None, None) => Start::Live,
     };
-    let subscription = match state.gateway.subscribe(params.filter.clone(), start).await {
+    let subscription = match state
+        .gateway
+        .subscribe_evictable(params.filter.clone(), start, evict.clone())
+        .await
+    {
         Ok(subscription) => subscription,
         // A tail longer than what is retained starts at the oldest retained event, with the
         // same filter. (An expired `Last-Event-ID` is not a tail: it gets the explicit answer.)
@@ -222,7 +229,7 @@ async fn open(
         {
             state
                 .gateway
-                .subscribe(params.filter.clone(), Start::Beginning)
+                .subscribe_evictable(params.filter.clone(), Start::Beginning, evict)
                 .await
                 .map_err(HttpError::Subscribe)?
         }

@@ -138,6 +138,7 @@ impl Fixture {
             self.shutdown.subscribe(),
             filter,
             start,
+            None,
         )
         .await
     }
@@ -647,6 +648,7 @@ async fn catch_up_reads_run_at_most_the_configured_number_at_once() {
             fixture.shutdown.subscribe(),
             nothing.clone(),
             Start::Beginning,
+            None,
         )
         .await
         .unwrap();
@@ -676,6 +678,7 @@ async fn what_subscriptions_hold_stays_within_the_budget() {
         fixture.shutdown.subscribe(),
         Filter::default(),
         Start::Beginning,
+        None,
     )
     .await
     .unwrap();

@@ -1,0 +1,127 @@
+//! Slow subscribers cost nothing to others (DESIGN invariant 4), on the real binary: clients that
+//! stop reading (gRPC and SSE) hold all of `--catch-up-memory`, and a client that reads still
+//! gets every event, from the beginning and live. Their connections are closed once another has
+//! waited `--subscriber-stall-timeout` for the memory they hold; before that rule, the reader
+//! waited for ever.
+
+mod binary;
+mod stall;
+
+use std::time::Duration;
+
+use binary::Process;
+use iqchannels_gateway::pb::client::{subscribe_request::Start, SubscribeRequest};
+use stall::{stalled_grpc, stalled_sse};
+
+/// An event of about `bytes`, padded with a field the proto does not know (raw JSON only).
+fn event(id: i64, bytes: usize) -> String {
+    format!(
+        r#"{{"ChatEvent":{{"Id":{id},"Type":"message_created","ChatId":13}},"Padding":"{}"}}"#,
+        "x".repeat(bytes)
+    )
+}
+
+async fn post(http: &reqwest::Client, gateway: &Process, id: i64, bytes: usize) {
+    let response = http
+        .post(gateway.url("/v1/events"))
+        .header("content-type", "application/json")
+        .body(event(id, bytes))
+        .send()
+        .await
+        .expect("posted");
+    assert_eq!(response.status(), 200, "{:?}", response.text().await);
+}
+
+async fn metric(gateway: &Process, name: &str) -> u64 {
+    let text = reqwest::get(gateway.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .map_or(0, |value| value as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_gets_every_event_while_stalled_readers_hold_all_the_memory() {
+    let gateway = Process::start(&[
+        "--store",
+        "memory",
+        "--catch-up-memory",
+        "2097152",
+        "--subscriber-stall-timeout",
+        "1s",
+    ]);
+    let http = reqwest::Client::new();
+    // 60 events of 100 KB: three times the budget.
+    const EVENTS: i64 = 60;
+    for id in 1..=EVENTS {
+        post(&http, &gateway, id, 100_000).await;
+    }
+    // Readers that stop reading, from the beginning: together they hold all 2 MiB.
+    let mut grpc = Vec::new();
+    for _ in 0..8 {
+        grpc.push(stalled_grpc(gateway.addr, Some(Start::Beginning(())), 65_535).await);
+    }
+    let sse: Vec<_> = (0..4)
+        .map(|_| stalled_sse(gateway.addr, "from=beginning"))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = metric(&gateway, "iqgw_subscriber_held_bytes").await;
+    assert!(
+        held > 1_500_000,
+        "the stalled readers hold the budget: {held}"
+    );
+
+    // A reader that reads gets everything, from the beginning, then live.
+    let mut client = gateway.grpc().await;
+    let mut stream = client
+        .subscribe(SubscribeRequest {
+            start: Some(Start::Beginning(())),
+            ..SubscribeRequest::default()
+        })
+        .await
+        .expect("subscribed")
+        .into_inner();
+    for sequence in 1..=EVENTS as u64 {
+        let event = tokio::time::timeout(Duration::from_secs(20), stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("waited for sequence {sequence} in vain"))
+            .expect("the stream goes on")
+            .expect("an event");
+        assert_eq!(event.sequence, sequence);
+    }
+    post(&http, &gateway, EVENTS + 1, 100_000).await;
+    let live = tokio::time::timeout(Duration::from_secs(20), stream.message())
+        .await
+        .expect("the live event in time")
+        .expect("the stream goes on")
+        .expect("an event");
+    assert_eq!(live.sequence, EVENTS as u64 + 1);
+
+    // The stalled readers' connections were closed, and counted.
+    let evicted = metric(&gateway, "iqgw_subscribers_evicted_total").await;
+    assert!(evicted >= 1, "evictions counted: {evicted}");
+    let mut closed = 0;
+    for (_client, mut body) in grpc {
+        // A closed connection ends the stream with an error (or ends it) once what it had
+        // received is read.
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match body.data().await {
+                    Some(Ok(data)) => {
+                        let _ = body.flow_control().release_capacity(data.len());
+                    }
+                    _ => return,
+                }
+            }
+        })
+        .await;
+        closed += usize::from(ended.is_ok());
+    }
+    assert!(closed >= 1, "no stalled gRPC connection was closed");
+    drop(sse);
+}
