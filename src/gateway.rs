@@ -576,6 +576,7 @@ impl Gateway {
             live_tail_bytes: self.hub.bytes() as u64,
             subscriber_bytes: self.subscribers.held_bytes() as u64,
             subscribers_evicted: self.subscribers.evicted(),
+            catch_up_records: self.subscribers.catch_up_records(),
         };
         self.metrics.render(&snapshot)
     }

@@ -64,6 +64,8 @@ pub struct Snapshot {
     pub subscriber_bytes: u64,
     /// Subscribers evicted so far for stalling while others waited for memory.
     pub subscribers_evicted: u64,
+    /// Records catch-up reads looked at, and those they kept (copied and decoded).
+    pub catch_up_records: (u64, u64),
 }
 
 /// Every metric the gateway exports.
@@ -105,6 +107,10 @@ pub struct Metrics {
     subscribers_evicted: Counter,
     /// What `subscribers_evicted` was last set from.
     subscribers_evicted_seen: std::sync::atomic::AtomicU64,
+    catch_up_scanned: Counter,
+    catch_up_scanned_seen: std::sync::atomic::AtomicU64,
+    catch_up_kept: Counter,
+    catch_up_kept_seen: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Metrics {
@@ -261,6 +267,18 @@ impl Metrics {
              --subscriber-stall-timeout while other subscribers waited for --catch-up-memory",
             subscribers_evicted.clone(),
         );
+        let catch_up_scanned = Counter::default();
+        registry.register(
+            "catch_up_records_scanned",
+            "Records catch-up reads looked at (filter keys checked in place)",
+            catch_up_scanned.clone(),
+        );
+        let catch_up_kept = Counter::default();
+        registry.register(
+            "catch_up_records_kept",
+            "Records catch-up reads kept for their subscriber (copied and decoded)",
+            catch_up_kept.clone(),
+        );
         let store_cache_bytes = Gauge::default();
         registry.register(
             "store_cache_bytes",
@@ -271,6 +289,10 @@ impl Metrics {
         Self {
             subscribers_evicted,
             subscribers_evicted_seen: Default::default(),
+            catch_up_scanned,
+            catch_up_scanned_seen: Default::default(),
+            catch_up_kept,
+            catch_up_kept_seen: Default::default(),
             live_tail_bytes,
             subscriber_bytes,
             store_cache_bytes,
@@ -433,12 +455,28 @@ impl Metrics {
             .set(snapshot.store.damaged_reads as i64);
         self.live_tail_bytes.set(snapshot.live_tail_bytes as i64);
         self.subscriber_bytes.set(snapshot.subscriber_bytes as i64);
-        let seen = self.subscribers_evicted_seen.fetch_max(
-            snapshot.subscribers_evicted,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        self.subscribers_evicted
-            .inc_by(snapshot.subscribers_evicted.saturating_sub(seen));
+        // Totals kept elsewhere: each counter goes up by what is new since the last render.
+        let totals = [
+            (
+                &self.subscribers_evicted,
+                &self.subscribers_evicted_seen,
+                snapshot.subscribers_evicted,
+            ),
+            (
+                &self.catch_up_scanned,
+                &self.catch_up_scanned_seen,
+                snapshot.catch_up_records.0,
+            ),
+            (
+                &self.catch_up_kept,
+                &self.catch_up_kept_seen,
+                snapshot.catch_up_records.1,
+            ),
+        ];
+        for (counter, seen, total) in totals {
+            let before = seen.fetch_max(total, std::sync::atomic::Ordering::Relaxed);
+            counter.inc_by(total.saturating_sub(before));
+        }
         self.store_cache_bytes
             .set(snapshot.store.cache_bytes as i64);
         let mut out = String::new();

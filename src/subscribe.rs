@@ -130,6 +130,10 @@ pub struct Registry {
     reads: Arc<Semaphore>,
     /// Subscriptions reading from the log now, among which the budget is shared.
     catching_up: Arc<AtomicU64>,
+    /// Records catch-up reads have looked at (their filter keys checked), and those they kept
+    /// (copied and decoded): a filter that matches nothing costs the first only.
+    scanned: Arc<AtomicU64>,
+    kept: Arc<AtomicU64>,
 }
 
 impl Registry {
@@ -170,6 +174,8 @@ impl Registry {
             budget: Budget::with_stall(catch_up_bytes, stall),
             reads: Arc::new(Semaphore::new(catch_up_reads.max(1))),
             catching_up: Arc::default(),
+            scanned: Arc::default(),
+            kept: Arc::default(),
         }
     }
 
@@ -182,6 +188,14 @@ impl Registry {
     /// Bytes held for subscribers now, outside the live tail (pages and events being sent).
     pub fn held_bytes(&self) -> usize {
         self.budget.held()
+    }
+
+    /// `(records catch-up reads looked at, records they kept and decoded)` so far.
+    pub fn catch_up_records(&self) -> (u64, u64) {
+        (
+            self.scanned.load(Ordering::Relaxed),
+            self.kept.load(Ordering::Relaxed),
+        )
     }
 
     /// Subscribers whose connection was closed because their client read nothing while others
@@ -486,7 +500,9 @@ impl Subscription {
         let mut page = Some(page);
         let filter = self.filter.clone();
         let not_before = self.not_before;
+        let scanned_count = registry.scanned.clone();
         let wanted: Wanted = Arc::new(move |_, received_at_ms, payload: &[u8]| {
+            scanned_count.fetch_add(1, Ordering::Relaxed);
             // A payload whose keys do not decode is kept: decoding it below reports it.
             let kept = received_at_ms >= not_before
                 && crate::wire::keys_of(payload).is_none_or(|keys| filter.matches(&keys));
@@ -527,6 +543,9 @@ impl Subscription {
         }
         let mut next = scanned.next;
         self.too_large = 0;
+        registry
+            .kept
+            .fetch_add(scanned.records.len() as u64, Ordering::Relaxed);
         for record in scanned.records {
             let sequence = record.sequence;
             let event =
