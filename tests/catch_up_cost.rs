@@ -2,10 +2,12 @@
 //! over real sockets: 50 streams from the beginning whose filter matches nothing look at every
 //! stored record's filter keys in place and copy or decode none of them
 //! (`iqgw_catch_up_records_scanned_total` against `iqgw_catch_up_records_kept_total`), while a
-//! stream whose filter matches some gets exactly those, in order. The CPU this saves is measured
+//! stream whose filter matches some gets exactly those, in order; on the memory, embedded and
+//! JetStream stores. The CPU this saves is measured
 //! by `cargo bench --bench fanout -- --only filtered` (BENCHMARKS.md), not here.
 
 mod binary;
+mod nats;
 
 use std::time::Duration;
 
@@ -115,6 +117,17 @@ async fn check(gateway: Process) {
             .expect("in time")
             .expect("the stream goes on")
             .expect("an event");
+        let chat_event = event
+            .envelope
+            .as_ref()
+            .and_then(|e| e.chat_event.as_ref())
+            .expect("a chat event");
+        assert_eq!(
+            (chat_event.r#type.as_str(), chat_event.id % 5),
+            ("chat_closed", 0),
+            "sequence {}",
+            event.sequence
+        );
         assert_eq!(event.sequence, n * 5);
     }
     let kept = metric(&gateway, "iqgw_catch_up_records_kept_total").await;
@@ -142,4 +155,14 @@ async fn a_filter_that_matches_nothing_decodes_nothing_on_the_embedded_store() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filter_that_matches_nothing_decodes_nothing_on_the_memory_store() {
     check(Process::start(&["--store", "memory"])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_that_matches_nothing_decodes_nothing_on_jetstream() {
+    if !nats::require("nats-server", nats::reachable(nats::SHARED_NATS)) {
+        return;
+    }
+    let stream = nats::TestStream::new(nats::SHARED_NATS);
+    let store = format!("nats://{}", nats::SHARED_NATS);
+    check(Process::start(&stream.args(&store))).await;
 }

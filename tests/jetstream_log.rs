@@ -426,3 +426,43 @@ async fn records_of_the_earlier_form_on_the_stream_stay_readable() {
     }
     server.stop().await;
 }
+
+/// A batch is stored in its order, whatever its size: its records were sent concurrently, and a
+/// batch of more than 64 came out of order (the 64th item got sequence 128; found by
+/// tests/catch_up_cost.rs). Batches of several sizes, tiny to large, one after the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_stored_in_its_order_whatever_its_size() {
+    let Some((config, _guard)) = jetstream_config() else {
+        return;
+    };
+    let log = JetStreamLog::connect(config).await.unwrap();
+    let mut next_id = 1;
+    let mut expected = 1;
+    for size in [1usize, 65, 300, 3, 1000, 129] {
+        let batch: Vec<NewRecord> = (next_id..next_id + size as i64)
+            .map(|id| {
+                // Typing events (no id) among them: each has a subject of its own.
+                let mut r = record(id, id);
+                if id % 7 == 0 {
+                    r.event_id = None;
+                }
+                r
+            })
+            .collect();
+        let results = log.append(batch).await;
+        let got: Vec<u64> = results
+            .into_iter()
+            .map(|r| r.expect("stored").sequence)
+            .collect();
+        let want: Vec<u64> = (expected..expected + size as u64).collect();
+        assert_eq!(got, want, "a batch of {size}");
+        // What is read back is each record at its sequence.
+        tailed(&log, expected + size as u64 - 1).await;
+        let read = log.read(expected, size).await.expect("read back");
+        for (record, id) in read.iter().zip(next_id..) {
+            assert_eq!(record.payload, Bytes::from(format!("event {id}")));
+        }
+        next_id += size as i64;
+        expected += size as u64;
+    }
+}

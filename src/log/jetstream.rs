@@ -134,7 +134,12 @@ impl JetStreamLog {
         format!("{}.{event_id}", self.config.subject_prefix)
     }
 
-    async fn publish(&self, record: NewRecord) -> Result<Appended, LogError> {
+    /// Sends `record` to the stream (the server assigns sequences in the order records are
+    /// sent); the ack is awaited by [`JetStreamLog::confirm`].
+    async fn send(
+        &self,
+        record: NewRecord,
+    ) -> Result<(jetstream::context::PublishAckFuture, String), LogError> {
         let message = jetstream::message::PublishMessage::build()
             .payload(record.payload)
             .header(RECEIVED_AT, record.received_at_ms.to_string().as_str());
@@ -152,6 +157,15 @@ impl JetStreamLog {
             .send_publish(subject.clone(), message)
             .await
             .map_err(|error| self.publish_error(error))?;
+        Ok((ack, subject))
+    }
+
+    /// The outcome of a record [`JetStreamLog::send`] sent, once the stream has answered.
+    async fn confirm(
+        &self,
+        ack: jetstream::context::PublishAckFuture,
+        subject: String,
+    ) -> Result<Appended, LogError> {
         match ack.await {
             Ok(ack) => Ok(Appended {
                 sequence: ack.sequence,
@@ -635,10 +649,33 @@ impl EventLog for JetStreamLog {
             let error = LogError::Unavailable("not connected to NATS".into());
             return vec![Err(error); records.len()];
         }
-        // Published in order, acks awaited together: one round trip for the batch. Each record
-        // is stored or not on its own (NATS may go away, or the stream refuse one, mid-batch).
-        let results =
-            futures_util::future::join_all(records.into_iter().map(|r| self.publish(r))).await;
+        // Sent one after the other, so that the stream stores them in the batch's order (sent
+        // concurrently, a batch of more than 64 was stored out of order: tests/catch_up_cost.rs),
+        // and the acks awaited together: one round trip for the batch. Each record is stored or
+        // not on its own (NATS may go away, or the stream refuse one, mid-batch). Once a send
+        // fails for want of NATS, the rest are not sent (each would wait for its own timeout,
+        // and a later one stored before an earlier one would break the order): they fail the
+        // same way. A record refused for its size fails alone.
+        let mut sent = Vec::with_capacity(records.len());
+        let mut failed: Option<LogError> = None;
+        for record in records {
+            if let Some(error) = &failed {
+                sent.push(Err(error.clone()));
+                continue;
+            }
+            let result = self.send(record).await;
+            if let Err(error) = &result {
+                if !matches!(error, LogError::TooLarge(_)) {
+                    failed = Some(error.clone());
+                }
+            }
+            sent.push(result);
+        }
+        let results = futures_util::future::join_all(sent.into_iter().map(|sent| async move {
+            let (ack, subject) = sent?;
+            self.confirm(ack, subject).await
+        }))
+        .await;
         let stored = results.iter().filter_map(|r| r.as_ref().ok());
         if let Some(last) = stored.clone().map(|a| a.sequence).max() {
             self.shared.next.fetch_max(last + 1, Ordering::AcqRel);
