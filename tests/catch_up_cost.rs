@@ -17,19 +17,6 @@ use iqchannels_gateway::pb::client::{subscribe_request::Start, Filter, Subscribe
 const EVENTS: u64 = 5_000;
 const STREAMS: u64 = 50;
 
-async fn metric(gateway: &Process, name: &str) -> u64 {
-    let text = reqwest::get(gateway.url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse::<f64>().ok())
-        .map_or(0, |value| value as u64)
-}
-
 /// Every fifth event is `chat_closed`, the rest `message_created`.
 async fn store(gateway: &Process) {
     let http = reqwest::Client::new();
@@ -87,7 +74,7 @@ async fn check(gateway: Process) {
     // Every non-matching stream looks at every record once it has caught up.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     let scanned = loop {
-        let scanned = metric(&gateway, "iqgw_catch_up_records_scanned_total").await;
+        let scanned = gateway.metric("iqgw_catch_up_records_scanned_total").await;
         if scanned >= STREAMS * EVENTS || tokio::time::Instant::now() > deadline {
             break scanned;
         }
@@ -99,7 +86,7 @@ async fn check(gateway: Process) {
         STREAMS * EVENTS
     );
     assert_eq!(
-        metric(&gateway, "iqgw_catch_up_records_kept_total").await,
+        gateway.metric("iqgw_catch_up_records_kept_total").await,
         0,
         "a filter that matches nothing copies and decodes nothing"
     );
@@ -130,7 +117,7 @@ async fn check(gateway: Process) {
         );
         assert_eq!(event.sequence, n * 5);
     }
-    let kept = metric(&gateway, "iqgw_catch_up_records_kept_total").await;
+    let kept = gateway.metric("iqgw_catch_up_records_kept_total").await;
     assert!(
         (EVENTS / 5..EVENTS / 5 + 64).contains(&kept),
         "{kept} records kept for {} matching events",

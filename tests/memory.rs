@@ -4,12 +4,12 @@
 //! again, against the real binary, whose resident memory is read from /proc.
 
 mod binary;
+mod stall;
 
 use std::time::Duration;
 
 use binary::Process;
 use iqchannels_gateway::pb::client::{subscribe_request::Start, SubscribeRequest};
-use prost::Message;
 
 /// Each stored event's size: a padding field the proto does not know, kept in the raw JSON.
 const EVENT_BYTES: usize = 100 * 1024;
@@ -23,47 +23,6 @@ fn big_event(id: i64) -> String {
         r#"{{"ChatEvent":{{"Id":{id},"Type":"message_created","ChatId":13}},"Padding":"{}"}}"#,
         "x".repeat(EVENT_BYTES)
     )
-}
-
-/// A Subscribe stream from the beginning whose client reads the response headers and nothing
-/// more: its 16 KiB window is never released. Returns what keeps it open.
-async fn stalled_subscriber(
-    addr: std::net::SocketAddr,
-) -> (h2::client::SendRequest<bytes::Bytes>, h2::RecvStream) {
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connects");
-    let (client, connection) = h2::client::Builder::new()
-        .initial_window_size(16 * 1024)
-        .handshake::<_, bytes::Bytes>(tcp)
-        .await
-        .expect("HTTP/2 handshake");
-    tokio::spawn(connection);
-    let request = http::Request::post(format!(
-        "http://{addr}/iqchannels.gateway.v1.EventGateway/Subscribe"
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .body(())
-    .expect("a request");
-    let mut client = client.ready().await.expect("ready");
-    let (response, mut send) = client.send_request(request, false).expect("request sent");
-    let message = SubscribeRequest {
-        start: Some(Start::Beginning(())),
-        ..SubscribeRequest::default()
-    }
-    .encode_to_vec();
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&message);
-    send.send_data(frame.into(), true)
-        .expect("request body sent");
-    let response = tokio::time::timeout(Duration::from_secs(10), response)
-        .await
-        .expect("headers in time")
-        .expect("a response");
-    assert_eq!(response.status(), 200);
-    (client, response.into_body())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,7 +54,18 @@ async fn stalled_subscribers_hold_at_most_the_catch_up_budget_and_give_it_back()
 
     let mut streams = Vec::new();
     for _ in 0..STREAMS {
-        streams.push(stalled_subscriber(gateway.addr).await);
+        streams.push(
+            stall::stalled_request(
+                gateway.addr,
+                SubscribeRequest {
+                    start: Some(Start::Beginning(())),
+                    ..SubscribeRequest::default()
+                },
+                16 * 1024,
+                None,
+            )
+            .await,
+        );
     }
     // Let every subscription read what it will while its client does not read.
     tokio::time::sleep(Duration::from_secs(3)).await;

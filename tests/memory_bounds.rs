@@ -107,20 +107,6 @@ async fn post_all(gateway: &Process, first_id: i64, sizes: &[usize]) {
     }
 }
 
-/// The gateway's gauge of `name` from /metrics (0 when absent).
-async fn gauge(gateway: &Process, name: &str) -> u64 {
-    let text = reqwest::get(gateway.url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse::<f64>().ok())
-        .map_or(0, |value| value as u64)
-}
-
 /// The largest RSS (KiB) seen over `period`.
 async fn peak_rss(gateway: &Process, period: Duration) -> u64 {
     let until = tokio::time::Instant::now() + period;
@@ -256,9 +242,9 @@ async fn round(store: Store, random: &mut Random, scale: usize) {
     let live_bytes: usize = live.iter().sum();
     post_all(&gateway, 1 + stored.len() as i64, &live).await;
     let peak = peak_rss(&gateway, Duration::from_secs(3)).await;
-    let held = gauge(&gateway, "iqgw_subscriber_held_bytes").await;
-    let tail = gauge(&gateway, "iqgw_live_tail_bytes").await;
-    let cache = gauge(&gateway, "iqgw_store_cache_bytes").await;
+    let held = gateway.metric("iqgw_subscriber_held_bytes").await;
+    let tail = gateway.metric("iqgw_live_tail_bytes").await;
+    let cache = gateway.metric("iqgw_store_cache_bytes").await;
     let data = if data > 0 { data + live_bytes } else { 0 };
     let grown = peak.saturating_sub(baseline) as usize * 1024;
     let bound = store.budgets(catch_up) + data + connections * PER_CONNECTION + SLACK;

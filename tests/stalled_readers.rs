@@ -32,19 +32,6 @@ async fn post(http: &reqwest::Client, gateway: &Process, id: i64, bytes: usize) 
     assert_eq!(response.status(), 200, "{:?}", response.text().await);
 }
 
-async fn metric(gateway: &Process, name: &str) -> u64 {
-    let text = reqwest::get(gateway.url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse::<f64>().ok())
-        .map_or(0, |value| value as u64)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_gets_every_event_while_stalled_readers_hold_all_the_memory() {
     let gateway = Process::start(&[
@@ -70,7 +57,7 @@ async fn a_reader_gets_every_event_while_stalled_readers_hold_all_the_memory() {
         .map(|_| stalled_sse(gateway.addr, "from=beginning"))
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let held = metric(&gateway, "iqgw_subscriber_held_bytes").await;
+    let held = gateway.metric("iqgw_subscriber_held_bytes").await;
     assert!(
         held > 1_500_000,
         "the stalled readers hold the budget: {held}"
@@ -103,7 +90,7 @@ async fn a_reader_gets_every_event_while_stalled_readers_hold_all_the_memory() {
     assert_eq!(live.sequence, EVENTS as u64 + 1);
 
     // The stalled readers' connections were closed, and counted.
-    let evicted = metric(&gateway, "iqgw_subscribers_evicted_total").await;
+    let evicted = gateway.metric("iqgw_subscribers_evicted_total").await;
     assert!(evicted >= 1, "evictions counted: {evicted}");
     let mut closed = 0;
     for (_client, mut body) in grpc {

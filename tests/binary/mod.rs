@@ -160,6 +160,21 @@ impl Process {
         self.child.id()
     }
 
+    /// The value of the metric `name` (a series without labels) from /metrics; 0 when absent.
+    #[allow(dead_code)]
+    pub async fn metric(&self, name: &str) -> u64 {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+            .map_or(0, |value| value as u64)
+    }
+
     /// Resident memory of the process, KiB.
     pub fn rss_kib(&self) -> u64 {
         self.status_kib("VmRSS:")

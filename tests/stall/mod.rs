@@ -9,24 +9,45 @@ use std::time::Duration;
 use iqchannels_gateway::pb::client::{subscribe_request::Start, SubscribeRequest};
 use prost::Message;
 
-/// A Subscribe stream whose client reads the response headers and nothing more: it takes
-/// `window` bytes (its HTTP/2 window, so it gets that far into the log) and never opens its
-/// window again. Returns what keeps it open.
+/// A Subscribe stream (raw JSON included) whose client reads the response headers and nothing
+/// more: it takes `window` bytes (its HTTP/2 window, so it gets that far into the log) and never
+/// opens its window again. Returns what keeps it open.
 pub async fn stalled_grpc(
     addr: std::net::SocketAddr,
     start: Option<Start>,
     window: u32,
 ) -> (h2::client::SendRequest<bytes::Bytes>, h2::RecvStream) {
+    let request = SubscribeRequest {
+        start,
+        include_raw_json: true,
+        ..SubscribeRequest::default()
+    };
+    stalled_request(addr, request, window, Some(window)).await
+}
+
+/// `request` as a Subscribe stream whose client reads the response headers and nothing more,
+/// with a stream window of `window` bytes and a connection window of `connection_window`
+/// (HTTP/2's default when `None`), never opened again.
+pub async fn stalled_request(
+    addr: std::net::SocketAddr,
+    request: SubscribeRequest,
+    window: u32,
+    connection_window: Option<u32>,
+) -> (h2::client::SendRequest<bytes::Bytes>, h2::RecvStream) {
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .expect("connects");
-    let (client, connection) = h2::client::Builder::new()
-        .initial_window_size(window)
-        .initial_connection_window_size(window)
+    let mut builder = h2::client::Builder::new();
+    builder.initial_window_size(window);
+    if let Some(connection_window) = connection_window {
+        builder.initial_connection_window_size(connection_window);
+    }
+    let (client, connection) = builder
         .handshake::<_, bytes::Bytes>(tcp)
         .await
         .expect("HTTP/2 handshake");
     tokio::spawn(connection);
+    let message = request.encode_to_vec();
     let request = http::Request::post(format!(
         "http://{addr}/iqchannels.gateway.v1.EventGateway/Subscribe"
     ))
@@ -36,12 +57,6 @@ pub async fn stalled_grpc(
     .expect("a request");
     let mut client = client.ready().await.expect("ready");
     let (response, mut send) = client.send_request(request, false).expect("request sent");
-    let message = SubscribeRequest {
-        start,
-        include_raw_json: true,
-        ..SubscribeRequest::default()
-    }
-    .encode_to_vec();
     let mut frame = vec![0u8];
     frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
     frame.extend_from_slice(&message);
