@@ -37,6 +37,51 @@ pub(super) enum Access {
     ReadOnly,
 }
 
+/// The file a new store is built in before it is renamed to its place (see [`create`]).
+pub(super) fn creating_path(path: &Path) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".creating");
+    name.into()
+}
+
+/// Creates a new, empty store at `path`, whole or not at all: redb's file is built (tables,
+/// format) under [`creating_path`], synced, and only then renamed into place, so that a first
+/// start killed or out of disk space part way leaves no `events.redb` that cannot be opened;
+/// what it left under the temporary name is removed by the next start.
+fn create(path: &Path, cache_bytes: usize) -> Result<(), LogError> {
+    let creating = creating_path(path);
+    let build = || -> Result<(), Box<dyn std::error::Error>> {
+        match std::fs::remove_file(&creating) {
+            Ok(()) => tracing::info!(
+                path = %creating.display(),
+                "removed what an interrupted first start left"
+            ),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error.into()),
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&creating)?;
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create_file(file)?;
+        init(&db, None, Access::ReadWrite, path)?;
+        drop(db);
+        std::fs::File::open(&creating)?.sync_all()?;
+        std::fs::rename(&creating, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    };
+    build().map_err(|error| {
+        let _ = std::fs::remove_file(&creating);
+        unavailable(format!("cannot create {}: {error}", path.display()))
+    })
+}
+
 /// Opens (or creates) the store file at `path`. Nothing is written to it until its format is
 /// known to be one this build reads; then (for [`Access::ReadWrite`]) it is upgraded and the
 /// current format recorded, in the transaction that creates the tables.
@@ -48,10 +93,12 @@ pub(super) fn open_database(
 ) -> Result<Database, LogError> {
     let cannot_open =
         |e: &dyn std::fmt::Display| unavailable(format!("cannot open {}: {e}", path.display()));
+    if access == Access::ReadWrite && std::fs::symlink_metadata(path).is_err() {
+        create(path, cache_bytes)?;
+    }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(access == Access::ReadWrite)
-        .create(access == Access::ReadWrite)
         .truncate(false)
         .open(path)
         .map_err(|e| cannot_open(&e))?;
@@ -82,7 +129,14 @@ pub(super) fn open_database(
     if access == Access::ReadWrite {
         hold.release().map_err(|e| cannot_open(&e))?;
     }
-    let init = || -> Result<(), redb::Error> {
+    init(&db, found, access, path).map_err(unavailable)?;
+    Ok(db)
+}
+
+/// Creates the tables that do not exist yet, upgrades a file of format `found` (`None`: new),
+/// and records the current format, in one transaction.
+fn init(db: &Database, found: Option<u64>, access: Access, path: &Path) -> Result<(), redb::Error> {
+    {
         let txn = db.begin_write()?;
         txn.open_table(EVENTS)?;
         txn.open_table(IDS)?;
@@ -107,9 +161,7 @@ pub(super) fn open_database(
         drop(meta);
         txn.commit()?;
         Ok(())
-    };
-    init().map_err(unavailable)?;
-    Ok(db)
+    }
 }
 
 /// The format the file says it has: `None` for a new file (no tables yet), 1 for a file written
