@@ -254,7 +254,16 @@ pub async fn subscribe(
                         continue;
                     }
                 };
-                printer.print(&event)?;
+                match printer.render(&event) {
+                    Ok(text) => printer.write(&text)?,
+                    // Reported and passed, like an event that does not decode.
+                    Err(error) => {
+                        eprintln!(
+                            "event {} cannot be printed ({error}); skipped",
+                            event.sequence
+                        )
+                    }
+                }
                 last = Some(event.sequence);
                 received += 1;
                 if options.exit_after.is_some_and(|n| received >= n) {
@@ -338,12 +347,23 @@ impl Printer {
     }
 
     fn print(&mut self, event: &Event) -> Result<(), ClientError> {
+        let text = self.render(event)?;
+        self.write(&text)
+    }
+
+    /// The bytes `event` prints as; an error for an event this output cannot show (a number
+    /// JSON has no form for, stored by an earlier release).
+    fn render(&self, event: &Event) -> Result<Vec<u8>, ClientError> {
+        Ok(match self.output {
+            Output::Proto => event.encode_length_delimited_to_vec(),
+            Output::Json => format!("{}\n", webhook_json(event)?).into_bytes(),
+            Output::Lines => format!("{}\n", line(event)).into_bytes(),
+        })
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
         let mut out = self.stdout.lock();
-        match self.output {
-            Output::Proto => out.write_all(&event.encode_length_delimited_to_vec())?,
-            Output::Json => writeln!(out, "{}", webhook_json(event)?)?,
-            Output::Lines => writeln!(out, "{}", line(event))?,
-        }
+        out.write_all(bytes)?;
         out.flush()?;
         Ok(())
     }

@@ -347,8 +347,9 @@ fn value_kind(value: &[u8]) -> &'static str {
 }
 
 /// Writes the encoded `message` (at `base` in the envelope's encoding) to `out` with every
-/// opaque value whose range is in `cut` (sorted) replaced by `null`; fields with nothing to cut
-/// are copied as they are. `None` for bytes that do not parse.
+/// opaque value whose range is in `cut` (sorted, not overlapping) replaced by `null`, at any
+/// depth (inside other opaque values too); fields with nothing to cut are copied as they are.
+/// `None` for bytes that do not parse.
 fn rewrite(
     buf: &[u8],
     base: usize,
@@ -362,11 +363,15 @@ fn rewrite(
         // The first range to cut that does not end before this field's content.
         let first = cut.partition_point(|range| range.end <= at.start);
         let inside = cut.get(first).is_some_and(|range| range.start < at.end);
-        let kind = message_field(message, &field).map(|(_, kind)| kind);
+        // Into maps too: a `google.protobuf.Struct` holds its values in one.
+        let kind = (field.wire_type == WireType::LengthDelimited)
+            .then(|| message.get_field(field.number))
+            .flatten()
+            .and_then(|descriptor| descriptor.kind().as_message().cloned());
         match kind {
             Some(kind) if inside => {
                 out.extend_from_slice(&buf[field.start..field.after_key]);
-                if kind.full_name() == VALUE {
+                if kind.full_name() == VALUE && cut[first] == at {
                     encode_varint(NULL_LEN as u64, out);
                     out.extend_from_slice(&NULL);
                 } else {
@@ -386,6 +391,120 @@ fn rewrite(
         }
     }
     Some(())
+}
+
+/// The typed envelope with every number that is not finite (NaN, infinities: a typed gRPC
+/// `Publish` can carry them, JSON cannot) in its opaque values cut to `null`, and a `cut`
+/// deviation for each (at most [`CUTS_REPORTED`], then one that counts the rest). Such a number
+/// has no JSON form, so an event holding one could not be sent as JSON (SSE, the CLI) nor
+/// exported. Unchanged when there is none.
+pub fn finite(envelope: Envelope) -> (Envelope, Vec<Deviation>) {
+    let Some(descriptor) = descriptor("iqchannels.webhook.v1.Envelope") else {
+        return (envelope, Vec::new());
+    };
+    let encoded = envelope.encode_to_vec();
+    let mut values = Vec::new();
+    if collect(&encoded, 0, &descriptor, &mut String::new(), &mut values).is_none() {
+        return (envelope, Vec::new());
+    }
+    let mut found = Vec::new();
+    for value in &values {
+        let mut path = value.path.clone();
+        non_finite(&encoded, value.range.clone(), &mut path, &mut found);
+    }
+    if found.is_empty() {
+        return (envelope, Vec::new());
+    }
+    let ranges: Vec<Range<usize>> = found.iter().map(|(range, _, _)| range.clone()).collect();
+    let mut out = Vec::with_capacity(encoded.len());
+    let cut = rewrite(&encoded, 0, &descriptor, &ranges, &mut out)
+        .and_then(|()| Envelope::decode(out.as_slice()).ok());
+    let Some(cut) = cut else {
+        return (envelope, Vec::new());
+    };
+    let mut deviations: Vec<Deviation> = found
+        .iter()
+        .take(CUTS_REPORTED)
+        .map(|(_, path, number)| {
+            // Keys are the sender's: cut as the decode cuts paths.
+            let mut path = path.clone();
+            crate::decode::clip_to(&mut path, crate::decode::MAX_ERROR_TEXT);
+            Deviation {
+                pattern: crate::decode::path_pattern(&path),
+                path,
+                expected: "a finite number (JSON has no other)".to_owned(),
+                found: number.to_string(),
+                outcome: Outcome::Cut,
+            }
+        })
+        .collect();
+    if found.len() > CUTS_REPORTED {
+        deviations.push(more_cut(found.len() - CUTS_REPORTED));
+    }
+    (cut, deviations)
+}
+
+/// The numbers that are not finite in the encoded `google.protobuf.Value` at `range` of `buf`,
+/// each with the range of the `Value` that holds it and its path.
+fn non_finite(
+    buf: &[u8],
+    range: Range<usize>,
+    path: &mut String,
+    out: &mut Vec<(Range<usize>, String, f64)>,
+) {
+    let value = &buf[range.clone()];
+    for field in fields(value).map_while(|field| field) {
+        let content = range.start + field.content.start..range.start + field.content.end;
+        match (field.number, field.wire_type) {
+            // number_value
+            (2, WireType::SixtyFourBit) => {
+                let bytes: [u8; 8] = buf[content].try_into().unwrap_or([0; 8]);
+                let number = f64::from_le_bytes(bytes);
+                if !number.is_finite() {
+                    out.push((range.clone(), path.clone(), number));
+                }
+            }
+            // struct_value: its `fields` map, entries of key (1) and value (2)
+            (5, WireType::LengthDelimited) => {
+                for entry in fields(&buf[content.clone()]).map_while(|field| field) {
+                    if entry.number != 1 || entry.wire_type != WireType::LengthDelimited {
+                        continue;
+                    }
+                    let at = content.start + entry.content.start;
+                    let mut key = "";
+                    let mut item = None;
+                    for part in fields(&buf[at..content.start + entry.content.end]).map_while(|f| f)
+                    {
+                        let part_range = at + part.content.start..at + part.content.end;
+                        match part.number {
+                            1 => key = std::str::from_utf8(&buf[part_range]).unwrap_or("?"),
+                            2 => item = Some(part_range),
+                            _ => {}
+                        }
+                    }
+                    if let Some(item) = item {
+                        let len = path.len();
+                        path.push('.');
+                        path.push_str(key);
+                        non_finite(buf, item, path, out);
+                        path.truncate(len);
+                    }
+                }
+            }
+            // list_value: its `values`
+            (6, WireType::LengthDelimited) => {
+                let items = fields(&buf[content.clone()]).map_while(|field| field);
+                for (index, item) in items.filter(|item| item.number == 1).enumerate() {
+                    let len = path.len();
+                    path.push_str(&format!("[{index}]"));
+                    let at = content.start + item.content.start..content.start + item.content.end;
+                    non_finite(buf, at, path, out);
+                    path.truncate(len);
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 #[cfg(test)]

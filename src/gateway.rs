@@ -284,7 +284,9 @@ impl Gateway {
     /// what a JSON body must (a type, and a positive id unless transitive).
     pub async fn ingest_envelope(&self, envelope: Envelope) -> Result<Ingested, IngestError> {
         decode::validate(&envelope)?;
-        let (record, identity, deviations) = self.record(envelope, Bytes::new(), Vec::new())?;
+        // JSON has no NaN nor infinities; a typed envelope may carry them in opaque values.
+        let (envelope, deviations) = crate::fit::finite(envelope);
+        let (record, identity, deviations) = self.record(envelope, Bytes::new(), deviations)?;
         self.note_deviations(&deviations);
         let appended = self.append_one(record).await?;
         Ok(Ingested {

@@ -359,3 +359,90 @@ proptest! {
         }
     }
 }
+
+/// A number that is not finite wherever it is in an opaque value: top level, in a struct, in a
+/// list, nested; each cut to `null` with its path, every other value left as it was.
+#[test]
+fn numbers_that_are_not_finite_are_cut_wherever_they_are() {
+    use prost_types::value::Kind;
+    use prost_types::{ListValue, Struct, Value};
+    let number = |n: f64| Value {
+        kind: Some(Kind::NumberValue(n)),
+    };
+    let list = |items: Vec<Value>| Value {
+        kind: Some(Kind::ListValue(ListValue { values: items })),
+    };
+    let object = |members: Vec<(&str, Value)>| Value {
+        kind: Some(Kind::StructValue(Struct {
+            fields: members
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+        })),
+    };
+    let null = Value {
+        kind: Some(Kind::NullValue(0)),
+    };
+    let body = br#"{"ChatEvent":{"Id":5,"Type":"t","ChatId":1},"Rels":{"Projects":[{"Id":1},{"Id":2}],"Clients":[{"Id":3}]}}"#;
+    let mut envelope = crate::decode::decode(body).unwrap().envelope;
+    let rels = envelope.rels.as_mut().unwrap();
+    rels.projects[0].options = Some(number(f64::NAN));
+    rels.projects[1].permissions = Some(object(vec![
+        ("a", number(1.5)),
+        ("b", number(f64::INFINITY)),
+        ("c", list(vec![number(2.0), number(f64::NEG_INFINITY)])),
+    ]));
+    rels.clients[0].details = Some(crate::pb::webhook::v1::ClientDetails {
+        fields: Some(list(vec![
+            object(vec![("deep", list(vec![number(f64::NAN)]))]),
+            number(3.0),
+        ])),
+        ..Default::default()
+    });
+    let (cut, deviations) = finite(envelope);
+    let rels = cut.rels.unwrap();
+    assert_eq!(rels.projects[0].options, Some(null.clone()));
+    assert_eq!(
+        rels.projects[1].permissions,
+        Some(object(vec![
+            ("a", number(1.5)),
+            ("b", null.clone()),
+            ("c", list(vec![number(2.0), null.clone()])),
+        ]))
+    );
+    assert_eq!(
+        rels.clients[0].details.as_ref().unwrap().fields,
+        Some(list(vec![
+            object(vec![("deep", list(vec![null.clone()]))]),
+            number(3.0),
+        ]))
+    );
+    let mut paths: Vec<(String, String)> = deviations
+        .iter()
+        .map(|d| (d.path.clone(), d.found.clone()))
+        .collect();
+    paths.sort();
+    assert_eq!(
+        paths,
+        vec![
+            (
+                "Rels.Clients[0].Details.Fields[0].deep[0]".to_owned(),
+                "NaN".to_owned()
+            ),
+            ("Rels.Projects[0].Options".to_owned(), "NaN".to_owned()),
+            (
+                "Rels.Projects[1].Permissions.b".to_owned(),
+                "inf".to_owned()
+            ),
+            (
+                "Rels.Projects[1].Permissions.c[1]".to_owned(),
+                "-inf".to_owned()
+            ),
+        ]
+    );
+    assert!(deviations.iter().all(|d| d.outcome == Outcome::Cut));
+
+    // Nothing to cut: the same envelope, no deviation.
+    let plain = crate::decode::decode(body).unwrap().envelope;
+    assert_eq!(finite(plain.clone()), (plain, Vec::new()));
+}
