@@ -172,6 +172,23 @@ mod raw {
 
 /// The sequence of an event that does not decode: field 1 alone (prost skips the other fields
 /// without descending into them).
+/// Moves the cursor `last` to `sequence`, the next event's: only forward. A server that sends
+/// sequence 0 or one that does not increase is refused (DATA_LOSS, which stops the client):
+/// printing it, or resuming after it, would repeat events or skip others.
+fn move_cursor(last: &mut Option<u64>, sequence: u64) -> Result<(), ClientError> {
+    if sequence == 0 || last.is_some_and(|last| sequence <= last) {
+        let after = last.map_or("the start".to_owned(), |last| format!("sequence {last}"));
+        return Err(Status::data_loss(format!(
+            "the server sent sequence {sequence} after {after}: sequences only increase; \
+             stopped without printing it (resume with --after {})",
+            last.unwrap_or(0)
+        ))
+        .into());
+    }
+    *last = Some(sequence);
+    Ok(())
+}
+
 fn sequence_of(bytes: Bytes) -> Option<u64> {
     #[derive(Clone, PartialEq, Message)]
     struct Sequence {
@@ -249,11 +266,12 @@ pub async fn subscribe(
                             ))
                             .into());
                         };
+                        move_cursor(&mut last, sequence)?;
                         eprintln!("event {sequence} cannot be decoded ({error}); skipped");
-                        last = Some(sequence);
                         continue;
                     }
                 };
+                move_cursor(&mut last, event.sequence)?;
                 match printer.render(&event) {
                     Ok(text) => printer.write(&text)?,
                     // Reported and passed, like an event that does not decode.
@@ -264,7 +282,6 @@ pub async fn subscribe(
                         )
                     }
                 }
-                last = Some(event.sequence);
                 received += 1;
                 if options.exit_after.is_some_and(|n| received >= n) {
                     return Ok::<bool, ClientError>(true);
@@ -778,6 +795,31 @@ mod tests {
         ] {
             assert!(!transient(&status), "{status:?}");
         }
+    }
+
+    /// A server sending 5, 3, 5, 0, 2^64-1 had every one printed, and the CLI then resumed
+    /// after 2^64-1: the cursor moves forward only, and the first sequence that does not
+    /// increase stops the client (DATA_LOSS, fatal) without moving it.
+    #[test]
+    fn the_cursor_only_moves_forward() {
+        let mut last = None;
+        let sent = [5u64, 3, 5, 0, u64::MAX];
+        let taken: Vec<bool> = sent
+            .iter()
+            .map(|&sequence| move_cursor(&mut last, sequence).is_ok())
+            .collect();
+        assert_eq!(taken, [true, false, false, false, true]);
+        let mut last = Some(5);
+        let error = move_cursor(&mut last, 3).expect_err("backwards");
+        assert!(fatal(&error), "{error}");
+        assert!(
+            error.to_string().contains("sequence 3 after sequence 5"),
+            "{error}"
+        );
+        assert_eq!(last, Some(5), "not moved");
+        let mut none = None;
+        assert!(move_cursor(&mut none, 0).is_err(), "0 is no sequence");
+        assert_eq!(none, None);
     }
 
     #[tokio::test(start_paused = true)]

@@ -2,7 +2,8 @@
 //! binary: the first `serve` on an empty data directory is killed (SIGKILL) at moments spread
 //! over its first milliseconds, where it creates `events.redb`; the next start must open the
 //! store, store an event, and `verify` must find it whole. Before, a kill in the first ~8 ms left
-//! a file that every later start and `verify` refused ("I/O error: invalid data").
+//! a file that every later start and `verify` refused ("I/O error: invalid data"). And
+//! `verify` and `export` say what `events.redb` is when it is no store file.
 
 mod binary;
 
@@ -68,4 +69,45 @@ async fn a_first_start_killed_at_any_moment_leaves_a_store_that_opens() {
     }
     // Some kills came after the store was made: the moments cover both sides.
     assert!(left_a_file > 0, "no kill came after the store was created");
+}
+
+/// `verify` and `export` name what `events.redb` is when it is no store file (issue 19, point
+/// 8): they said "does not exist" for a directory, a FIFO and a link to `/dev/zero`.
+#[test]
+fn verify_and_export_name_what_is_there_instead_of_a_store() {
+    let cases: [(&str, fn(&std::path::Path), &str); 4] = [
+        ("nothing", |_| {}, "does not exist"),
+        (
+            "a directory",
+            |path| std::fs::create_dir(path).expect("a directory"),
+            "is a directory",
+        ),
+        (
+            "a FIFO",
+            |path| {
+                let status = Command::new("mkfifo").arg(path).status().expect("mkfifo");
+                assert!(status.success());
+            },
+            "is a named pipe (FIFO)",
+        ),
+        (
+            "a link to /dev/zero",
+            |path| std::os::unix::fs::symlink("/dev/zero", path).expect("a link"),
+            "is a link to /dev/zero, which is a character device",
+        ),
+    ];
+    for (name, make, said) in cases {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        make(&dir.path().join("events.redb"));
+        for command in ["verify", "export"] {
+            let output = Command::new(gateway_binary())
+                .args([command, "--data-dir"])
+                .arg(dir.path())
+                .output()
+                .expect("runs");
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(!output.status.success(), "{name}: {command}");
+            assert!(stderr.contains(said), "{name}: {command}: {stderr}");
+        }
+    }
 }

@@ -644,6 +644,53 @@ pub enum Scanned {
     Unreadable(String),
 }
 
+/// Why `path` is not a store file to read (`None` when it is a regular file, or a link to one):
+/// what it is instead, in words.
+fn not_a_file(path: &Path) -> Option<String> {
+    fn kind(file_type: std::fs::FileType) -> &'static str {
+        use std::os::unix::fs::FileTypeExt;
+        if file_type.is_dir() {
+            "a directory"
+        } else if file_type.is_fifo() {
+            "a named pipe (FIFO)"
+        } else if file_type.is_socket() {
+            "a socket"
+        } else if file_type.is_char_device() {
+            "a character device"
+        } else if file_type.is_block_device() {
+            "a block device"
+        } else {
+            "not a regular file"
+        }
+    }
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            return Some("does not exist".to_owned())
+        }
+        Err(error) => return Some(format!("cannot be looked at: {error}")),
+    };
+    if meta.is_file() {
+        return None;
+    }
+    if !meta.file_type().is_symlink() {
+        return Some(format!("is {}, not a store file", kind(meta.file_type())));
+    }
+    let target = std::fs::read_link(path)
+        .map(|target| target.display().to_string())
+        .unwrap_or_else(|_| "?".to_owned());
+    match std::fs::metadata(path) {
+        Ok(followed) if followed.is_file() => None,
+        Ok(followed) => Some(format!(
+            "is a link to {target}, which is {}, not a store file",
+            kind(followed.file_type())
+        )),
+        Err(error) => Some(format!(
+            "is a link to {target}, which cannot be read: {error}"
+        )),
+    }
+}
+
 /// Reads every retained record of the store in `dir`, one at a time, for `verify` and `export`:
 /// a damaged page costs the records on it, not the scan. The gateway must not be running on it
 /// (redb allows one process per file). The file is never changed (neither repaired nor
@@ -653,8 +700,8 @@ pub fn scan(
     mut visit: impl FnMut(u64, Scanned) -> Result<(), LogError>,
 ) -> Result<Bounds, LogError> {
     let path = dir.join("events.redb");
-    if !path.is_file() {
-        return Err(unavailable(format!("{} does not exist", path.display())));
+    if let Some(what) = not_a_file(&path) {
+        return Err(unavailable(format!("{} {what}", path.display())));
     }
     let db = open_database(
         &path,
