@@ -75,7 +75,9 @@ async fn a_first_start_killed_at_any_moment_leaves_a_store_that_opens() {
 /// 8): they said "does not exist" for a directory, a FIFO and a link to `/dev/zero`.
 #[test]
 fn verify_and_export_name_what_is_there_instead_of_a_store() {
-    let cases: [(&str, fn(&std::path::Path), &str); 4] = [
+    /// What is put in place of the store, and what the commands must say.
+    type Case = (&'static str, fn(&std::path::Path), &'static str);
+    let cases: [Case; 4] = [
         ("nothing", |_| {}, "does not exist"),
         (
             "a directory",
