@@ -186,3 +186,57 @@ async fn sse_sends_every_stored_body_never_null() {
     );
     assert!(!text.contains(r#""event":null"#), "{text}");
 }
+
+/// `since=` takes the times gRPC's `since_time` takes (issue 19, point 8: SSE refused any time
+/// before 1970 while gRPC took year 1): from 0001-01-01 to 9999-12-31, before 1970 too; before
+/// year 1 is refused by both.
+#[tokio::test]
+async fn sse_since_takes_the_range_grpc_takes() {
+    let server = TestServer::start().await;
+    server
+        .store(event_json(1, "chat_closed", 13, "user", 1))
+        .await;
+    let http = reqwest::Client::new();
+    for since in [
+        "0001-01-01T00:00:00Z",
+        "1969-07-20T20:17:40.5Z",
+        "1970-01-01T00:00:00Z",
+        "2000-01-01 00:00:00Z",
+    ] {
+        let mut stream = http
+            .get(server.url(&format!("/v1/events:stream?since={since}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(stream.status(), 200, "{since}");
+        let events = read_events(&mut stream, 1).await;
+        assert_eq!(events[0].0, 1, "{since}: every event is after it");
+    }
+    let refused = http
+        .get(server.url("/v1/events:stream?since=0000-12-31T00:00:00Z"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    let text = refused.text().await.unwrap();
+    assert!(text.contains("since"), "{text}");
+    // gRPC answers the same times the same way.
+    let mut grpc = server.grpc().await;
+    let before_year_1 = grpc
+        .subscribe(iqchannels_gateway::pb::client::SubscribeRequest {
+            start: Some(
+                iqchannels_gateway::pb::client::subscribe_request::Start::SinceTime(
+                    prost_types::Timestamp {
+                        seconds: -62_135_596_801,
+                        nanos: 0,
+                    },
+                ),
+            ),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        before_year_1.err().map(|s| s.code()),
+        Some(tonic::Code::InvalidArgument)
+    );
+}

@@ -42,6 +42,28 @@ enum StartParam {
 /// Bytes of a parameter's name or value echoed in an error at most.
 const ECHOED: usize = 40;
 
+/// Milliseconds since the Unix epoch of `since=`: RFC 3339 from 0001-01-01 to 9999-12-31, the
+/// range gRPC's `since_time` takes (before 1970 too), or the looser forms humantime reads
+/// (`2026-12-07 10:00:00Z`).
+fn since_ms(value: &str) -> Result<i64, String> {
+    /// 0001-01-01T00:00:00Z, as gRPC's `since_time` allows.
+    const MIN_SECONDS: i64 = -62_135_596_800;
+    if let Ok(at) =
+        time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339)
+    {
+        let seconds = at.unix_timestamp();
+        if seconds < MIN_SECONDS {
+            return Err("since: before 0001-01-01T00:00:00Z".to_owned());
+        }
+        return Ok(seconds * 1000 + i64::from(at.millisecond()));
+    }
+    let at = humantime::parse_rfc3339_weak(value).map_err(|e| format!("since: {e}"))?;
+    Ok(at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0))
+}
+
 fn parse(query: Option<&str>) -> Result<Params, String> {
     let mut params = Params::default();
     let mut start_key: Option<String> = None;
@@ -97,15 +119,7 @@ fn parse(query: Option<&str>) -> Result<Params, String> {
             "after" => Some(StartParam::Start(Start::After(value.parse().map_err(
                 |_| format!("after: `{}` is not a sequence", shown(&value, ECHOED)),
             )?))),
-            "since" => {
-                let time =
-                    humantime::parse_rfc3339_weak(&value).map_err(|e| format!("since: {e}"))?;
-                let ms = time
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis() as i64)
-                    .unwrap_or(0);
-                Some(StartParam::Start(Start::Since(ms)))
-            }
+            "since" => Some(StartParam::Start(Start::Since(since_ms(&value)?))),
             "tail" => Some(StartParam::Tail(value.parse().map_err(|_| {
                 format!("tail: `{}` is not a count", shown(&value, ECHOED))
             })?)),
