@@ -194,6 +194,39 @@ struct Service {
 }
 
 impl Service {
+    /// `Publish`, uncounted (see [`EventGateway::publish`]).
+    async fn publish_inner(
+        &self,
+        mut request: Request<PublishRequest>,
+    ) -> Result<Response<PublishResponse>, Status> {
+        self.authorize(&request, Scope::Publish)?;
+        // The body's bytes stay reserved in the budget until the event is answered.
+        let _held = request.extensions_mut().remove::<edge::Held>();
+        let _permit = self.gateway.admit().ok_or_else(|| {
+            Status::resource_exhausted("too many requests in flight; retry shortly")
+        })?;
+        let ingested = match request.into_inner().event {
+            Some(publish_request::Event::RawJson(body)) => {
+                self.gateway.ingest_json(body.into()).await
+            }
+            Some(publish_request::Event::Envelope(envelope)) => {
+                self.gateway.ingest_envelope(envelope).await
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "event: expected `envelope` or `raw_json`",
+                ))
+            }
+        }
+        .map_err(ingest_status)?;
+        Ok(Response::new(PublishResponse {
+            sequence: ingested.appended.sequence,
+            duplicate: ingested.appended.duplicate,
+            deviations: ingested.deviations.iter().map(Into::into).collect(),
+            conflict: ingested.conflict,
+        }))
+    }
+
     /// Checks the bearer token in the request's metadata for `scope`.
     fn authorize<T>(&self, request: &Request<T>, scope: Scope) -> Result<(), Status> {
         if !self.auth.enabled() {
@@ -207,6 +240,40 @@ impl Service {
                 AuthError::Forbidden => Status::permission_denied(error.to_string()),
             })
     }
+}
+
+/// Counts one `Publish` when dropped: with its result once answered, else as `cancelled` (tonic
+/// drops a call whose deadline passed, and hyper one whose client reset it).
+struct ObservedPublish<'a> {
+    gateway: &'a Gateway,
+    started: std::time::Instant,
+    result: Option<&'static str>,
+}
+
+impl Drop for ObservedPublish<'_> {
+    fn drop(&mut self) {
+        self.gateway.metrics().observe_request(
+            "publish",
+            self.result.unwrap_or("cancelled"),
+            self.started.elapsed(),
+        );
+    }
+}
+
+/// The `result` label of a `Publish` refused with `status`: the word of the HTTP status its code
+/// stands for (a message too large is `too_large`, not `overloaded`).
+fn publish_result(status: &Status) -> &'static str {
+    use tonic::Code;
+    let http = match status.code() {
+        Code::InvalidArgument => 400,
+        Code::Unauthenticated | Code::PermissionDenied => 401,
+        Code::ResourceExhausted if status.message().contains("too large") => 413,
+        Code::ResourceExhausted => 429,
+        Code::Unavailable => 503,
+        Code::DeadlineExceeded | Code::Cancelled => return "cancelled",
+        _ => 500,
+    };
+    crate::metrics::result_word(http)
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<WireEvent, Status>> + Send>>;
@@ -255,34 +322,21 @@ impl EventGateway for Service {
 
     async fn publish(
         &self,
-        mut request: Request<PublishRequest>,
+        request: Request<PublishRequest>,
     ) -> Result<Response<PublishResponse>, Status> {
-        self.authorize(&request, Scope::Publish)?;
-        // The body's bytes stay reserved in the budget until the event is answered.
-        let _held = request.extensions_mut().remove::<edge::Held>();
-        let _permit = self.gateway.admit().ok_or_else(|| {
-            Status::resource_exhausted("too many requests in flight; retry shortly")
-        })?;
-        let ingested = match request.into_inner().event {
-            Some(publish_request::Event::RawJson(body)) => {
-                self.gateway.ingest_json(body.into()).await
-            }
-            Some(publish_request::Event::Envelope(envelope)) => {
-                self.gateway.ingest_envelope(envelope).await
-            }
-            None => {
-                return Err(Status::invalid_argument(
-                    "event: expected `envelope` or `raw_json`",
-                ))
-            }
-        }
-        .map_err(ingest_status)?;
-        Ok(Response::new(PublishResponse {
-            sequence: ingested.appended.sequence,
-            duplicate: ingested.appended.duplicate,
-            deviations: ingested.deviations.iter().map(Into::into).collect(),
-            conflict: ingested.conflict,
-        }))
+        // Counted like HTTP ingest, under route="publish"; a call dropped before its answer
+        // (its deadline passed, or its client cancelled it) as "cancelled".
+        let mut observed = ObservedPublish {
+            gateway: &self.gateway,
+            started: std::time::Instant::now(),
+            result: None,
+        };
+        let answer = self.publish_inner(request).await;
+        observed.result = Some(match &answer {
+            Ok(_) => "ok",
+            Err(status) => publish_result(status),
+        });
+        answer
     }
 
     async fn get_event(

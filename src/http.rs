@@ -146,15 +146,10 @@ async fn observe(
 ) -> Response {
     let started = std::time::Instant::now();
     let response = next.run(request).await;
-    let result = match response.status().as_u16() {
-        200 => "ok",
-        400 => "invalid",
-        401 => "unauthorized",
-        413 => "too_large",
-        415 => "unsupported_media_type",
-        429 => "overloaded",
-        503 => "unavailable",
-        _ => "error",
+    let result = match response.extensions().get::<Abandoned>() {
+        // Not the sender's event: its client went away before the body was whole.
+        Some(Abandoned) => "abandoned",
+        None => crate::metrics::result_word(response.status().as_u16()),
     };
     observed
         .gateway
@@ -162,6 +157,11 @@ async fn observe(
         .observe_request(observed.route, result, started.elapsed());
     response
 }
+
+/// Marks the answer to a request whose client stopped sending its body part way (a closed
+/// connection, a reset stream): counted as `abandoned`, not as an invalid event.
+#[derive(Clone, Copy)]
+struct Abandoned;
 
 async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
     if let Err(error) = state.config.metrics_auth.check(&headers) {
@@ -908,6 +908,9 @@ impl IntoResponse for HttpError {
             other => json!({"error": other.to_string()}),
         };
         let mut response = (status, Json(body)).into_response();
+        if matches!(self, Self::BodyRead) {
+            response.extensions_mut().insert(Abandoned);
+        }
         let headers = response.headers_mut();
         if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
             headers.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));

@@ -68,6 +68,22 @@ pub struct Snapshot {
     pub catch_up_records: (u64, u64),
 }
 
+/// The `result` label of an ingest request answered with `status` (also gRPC `Publish`'s, by the
+/// status its code maps to).
+pub fn result_word(status: u16) -> &'static str {
+    match status {
+        200 => "ok",
+        400 => "invalid",
+        401 | 403 => "unauthorized",
+        408 => "timeout",
+        413 => "too_large",
+        415 => "unsupported_media_type",
+        429 => "overloaded",
+        503 => "unavailable",
+        _ => "error",
+    }
+}
+
 /// Every metric the gateway exports.
 pub struct Metrics {
     registry: Registry,

@@ -94,3 +94,78 @@ async fn metrics_count_ingest_results_duplicates_and_subscribers() {
     assert_eq!(value(&text, "iqgw_subscriber_lag_max_events"), 0.0);
     assert!(!text.contains("chat_closed"), "no event content in metrics");
 }
+
+/// gRPC `Publish` is counted like HTTP ingest, under `route="publish"` (issue 19, point 8: it
+/// made no series), and an HTTP upload whose client went away part way is `abandoned`, not an
+/// invalid event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_is_counted_and_an_abandoned_upload_is_not_invalid() {
+    use iqchannels_gateway::pb::client::{publish_request, PublishRequest};
+    use std::io::Write;
+    let server = TestServer::start().await;
+    let mut grpc = server.grpc().await;
+    let publish = |body: &str| PublishRequest {
+        event: Some(publish_request::Event::RawJson(body.as_bytes().to_vec())),
+    };
+    grpc.publish(publish(&event_json(5, "chat_closed", 1, "user", 1)))
+        .await
+        .expect("stored");
+    for _ in 0..2 {
+        let refused = grpc
+            .publish(publish(r#"{"ChatEvent":{"Type":"chat_closed"}}"#))
+            .await;
+        assert_eq!(
+            refused.err().map(|s| s.code()),
+            Some(tonic::Code::InvalidArgument)
+        );
+    }
+    // An upload that promises 1,000 bytes, sends 20 and goes away.
+    let mut socket = std::net::TcpStream::connect(server.addr).expect("connects");
+    write!(
+        socket,
+        "POST /v1/events HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n\
+         Content-Length: 1000\r\n\r\n{{\"ChatEvent\":{{\"Id\""
+    )
+    .expect("sent");
+    drop(socket);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let text = loop {
+        let text = scrape(&server).await;
+        if text.contains("result=\"abandoned\"") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        value(
+            &text,
+            "iqgw_ingest_requests_total{route=\"publish\",result=\"ok\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "iqgw_ingest_requests_total{route=\"publish\",result=\"invalid\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &text,
+            "iqgw_ingest_requests_total{route=\"events\",result=\"abandoned\"}"
+        ),
+        1.0
+    );
+    assert!(
+        !text.contains("route=\"events\",result=\"invalid\""),
+        "the abandoned upload is no invalid event:\n{text}"
+    );
+    assert!(
+        text.lines().any(
+            |line| line.starts_with("iqgw_ingest_duration_seconds_count{")
+                && line.contains("route=\"publish\"")
+        ),
+        "the duration histogram has publish:\n{text}"
+    );
+}
