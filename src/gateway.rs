@@ -296,12 +296,13 @@ impl Gateway {
         })
     }
 
-    /// Whether a duplicate's content differs from the event stored under its id (a redelivery
-    /// is the same event; another event under a reused id is a sender bug worth seeing). Decided
-    /// by the digests kept with the record (the same body bytes, or the same typed form), never
-    /// by decoding the stored body; only a record of an earlier release (no digests) or one
-    /// typed by other protos is decoded (counted). Counted, and the id logged once. A lookup
-    /// that fails says "no conflict".
+    /// Whether a duplicate's `ChatEvent` differs from the event stored under its id (a
+    /// redelivery is the same event, its `Rels` possibly refreshed; another `ChatEvent` under a
+    /// reused id is a sender bug worth seeing). Decided by the digests kept with the record (the
+    /// same body bytes, the same typed form, the same `ChatEvent`), never by decoding the stored
+    /// body; only a record of an earlier release (without the digests it needs) or one typed by
+    /// other protos is decoded (counted). Conflicts are counted and their id logged once;
+    /// refreshed redeliveries are counted apart. A lookup that fails says "no conflict".
     async fn conflict(&self, new: &NewIdentity, appended: &Appended) -> bool {
         if !appended.duplicate {
             return false;
@@ -319,24 +320,41 @@ impl Gateway {
         else {
             return false;
         };
-        let (conflict, event_id) = match stored {
+        let stored_event = |payload: Option<Bytes>| payload.and_then(|p| record::stored(p).ok());
+        let (verdict, event_id) = match stored {
             Identity::Digests(digests, keys) => {
-                let conflict = match new.digests.same_event(&digests) {
-                    Some(same) => !same,
+                let verdict = match new.digests.same_event(&digests) {
+                    Some(true) => Redelivery::Same,
+                    Some(false) => match new.digests.same_chat_event(&digests) {
+                        Some(true) => Redelivery::Refreshed,
+                        Some(false) => Redelivery::Conflict,
+                        // Kept before `ChatEvent` digests were: its typed form tells.
+                        None => match stored_event(payload) {
+                            Some(stored) => self.compare_typed(&stored.envelope, new),
+                            None => Redelivery::Same,
+                        },
+                    },
                     // Typed by other protos: the stored body, typed by this build's.
-                    None => match payload.and_then(|payload| record::stored(payload).ok()) {
-                        Some(stored) => !self.retyped_is(&stored, &new.envelope).await,
-                        None => false,
+                    None => match stored_event(payload) {
+                        Some(stored) => self.compare_retyped(&stored, new).await,
+                        None => Redelivery::Same,
                     },
                 };
-                (conflict, keys.event_id)
+                (verdict, keys.event_id)
             }
             Identity::Legacy(stored) => {
-                let conflict = stored.envelope != new.envelope
-                    && !self.retyped_is(&stored, &new.envelope).await;
-                (conflict, stored.keys.map_or(0, |k| k.event_id))
+                let verdict = if stored.envelope == new.envelope {
+                    Redelivery::Same
+                } else {
+                    self.compare_retyped(&stored, new).await
+                };
+                (verdict, stored.keys.map_or(0, |k| k.event_id))
             }
         };
+        if verdict == Redelivery::Refreshed {
+            self.metrics.observe_refreshed();
+        }
+        let conflict = verdict == Redelivery::Conflict;
         if conflict {
             if let Some(event_id) = self.metrics.observe_conflict(Some(event_id)) {
                 tracing::warn!(
@@ -350,23 +368,47 @@ impl Gateway {
         conflict
     }
 
-    /// Whether the stored event's original body, typed by this build's protos, is `envelope`.
-    /// An event stored by an earlier release lacks the fields its protos did not have yet, so a
-    /// redelivery after an upgrade differs from it in bytes and is still the same event. The
-    /// one place a stored body is decoded again (counted in the metrics), on the decode pool.
-    async fn retyped_is(&self, stored: &StoredEvent, envelope: &Bytes) -> bool {
+    /// How a new event compares with the stored event whose original body, typed by this
+    /// build's protos, may differ from its stored typed form: an event stored by an earlier
+    /// release lacks the fields its protos did not have yet, so a redelivery after an upgrade
+    /// differs from it in bytes and is still the same event. The one place a stored body is
+    /// decoded again (counted in the metrics), on the decode pool. Without a body (a typed
+    /// Publish), its typed form tells.
+    async fn compare_retyped(&self, stored: &StoredEvent, new: &NewIdentity) -> Redelivery {
         if stored.raw_json.is_empty() {
-            return false;
+            return self.compare_typed(&stored.envelope, new);
         }
         self.metrics.observe_stored_body_decode();
-        let (raw_json, envelope) = (stored.raw_json.clone(), envelope.clone());
+        let raw_json = stored.raw_json.clone();
+        let (envelope, chat_event) = (new.envelope.clone(), new.chat_event.clone());
         self.decoder
             .run_waiting(raw_json.len(), move || {
-                decode::decode_with(&raw_json, Policy::Tolerant)
-                    .is_ok_and(|decoded| decoded.envelope.encode_to_vec() == envelope.as_ref())
+                match decode::decode_with(&raw_json, Policy::Tolerant) {
+                    Ok(decoded) if decoded.envelope.encode_to_vec() == envelope.as_ref() => {
+                        Redelivery::Same
+                    }
+                    Ok(decoded) if chat_event_bytes(&decoded.envelope) == chat_event => {
+                        Redelivery::Refreshed
+                    }
+                    Ok(_) => Redelivery::Conflict,
+                    // The stored body no longer decodes: nothing to hold against the new one.
+                    Err(_) => Redelivery::Same,
+                }
             })
             .await
-            .unwrap_or(false)
+            .unwrap_or(Redelivery::Same)
+    }
+
+    /// How a new event, not the same as the stored one, compares with the stored typed form
+    /// `envelope`: the same `ChatEvent` (refreshed `Rels`) or another. Decodes the stored
+    /// envelope (counted with the stored-body decodes).
+    fn compare_typed(&self, envelope: &Bytes, new: &NewIdentity) -> Redelivery {
+        self.metrics.observe_stored_body_decode();
+        match Envelope::decode(envelope.clone()) {
+            Ok(stored) if chat_event_bytes(&stored) == new.chat_event => Redelivery::Refreshed,
+            Ok(_) => Redelivery::Conflict,
+            Err(_) => Redelivery::Same,
+        }
     }
 
     /// Counts deviations, and logs each field pattern the first time it deviates (the pattern
@@ -591,6 +633,28 @@ pub struct NewIdentity {
     pub digests: Digests,
     /// Its typed envelope as decoded (before any cut), for records of earlier releases.
     pub envelope: Bytes,
+    /// Its typed `ChatEvent`, encoded.
+    pub chat_event: Bytes,
+}
+
+/// The encoded `ChatEvent` of `envelope` (empty without one).
+fn chat_event_bytes(envelope: &Envelope) -> Bytes {
+    envelope
+        .chat_event
+        .as_ref()
+        .map_or_else(Bytes::new, |event| event.encode_to_vec().into())
+}
+
+/// How a duplicate compares with the event stored under its id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Redelivery {
+    /// The same event (the same body, or the same typed form).
+    Same,
+    /// The same `ChatEvent` with other `Rels`: the vendor builds `Rels` when it sends, so a
+    /// retry may carry newer snapshots of the chat or the client. The same event.
+    Refreshed,
+    /// Another `ChatEvent` under a reused id: a sender bug worth seeing.
+    Conflict,
 }
 
 /// What the log stores for an event: its compact record ([`record`]): the typed envelope (cut to
@@ -604,7 +668,8 @@ pub fn stored_record(
     max_event_bytes: usize,
 ) -> Result<(Bytes, NewIdentity, Vec<Deviation>), crate::fit::TooLarge> {
     let decoded: Bytes = envelope.encode_to_vec().into();
-    let digests = Digests::of(&raw_json, &decoded);
+    let chat_event: Bytes = chat_event_bytes(&envelope);
+    let digests = Digests::of(&raw_json, &decoded, &chat_event);
     // Cuts change no id or key: both are read before the envelope goes to the cut.
     let keys = decode::keys(&envelope);
     let indices = decode::indices(&envelope);
@@ -629,6 +694,7 @@ pub fn stored_record(
         NewIdentity {
             digests,
             envelope: decoded,
+            chat_event,
         },
         deviations,
     ))

@@ -102,6 +102,9 @@ pub struct Metrics {
     deviations: Family<DeviationLabels, Counter>,
     /// Duplicates whose content differs from the stored event.
     conflicts: Counter,
+    /// Duplicates with the stored `ChatEvent` and other `Rels` (the vendor's refreshed
+    /// snapshots): the same event, not a conflict.
+    refreshed: Counter,
     /// Stored bodies decoded again to decide a duplicate's conflict (records without digests).
     stored_body_decodes: Counter,
     /// Event ids logged as conflicting (bounded: cleared when full), to log each once.
@@ -202,9 +205,16 @@ impl Metrics {
         let conflicts = Counter::default();
         registry.register(
             "duplicate_conflicts",
-            "Duplicates whose content differs from the event stored under the same id (a sender \
-             reusing ids)",
+            "Duplicates whose ChatEvent differs from the event stored under the same id (a \
+             sender reusing ids)",
             conflicts.clone(),
+        );
+        let refreshed = Counter::default();
+        registry.register(
+            "duplicate_refreshes",
+            "Duplicates with the stored ChatEvent and other Rels (a redelivery carrying newer \
+             snapshots of the chat, the client...): the same event, not stored again",
+            refreshed.clone(),
         );
         let stored_body_decodes = Counter::default();
         registry.register(
@@ -324,6 +334,7 @@ impl Metrics {
             duplicates,
             deviations,
             deviation_patterns: Default::default(),
+            refreshed,
             conflicts,
             stored_body_decodes,
             conflict_ids: Default::default(),
@@ -436,6 +447,11 @@ impl Metrics {
     }
 
     /// Counts a stored body decoded again for a conflict check.
+    pub fn observe_refreshed(&self) {
+        self.refreshed.inc();
+    }
+
+    /// Counts one decode of a stored body or typed form to compare a duplicate with it.
     pub fn observe_stored_body_decode(&self) {
         self.stored_body_decodes.inc();
     }

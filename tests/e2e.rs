@@ -1031,3 +1031,74 @@ async fn a_cursor_ahead_of_the_newest_event_is_refused_with_out_of_range() {
         .expect("SSE answers");
     assert_eq!(response.status(), 416);
 }
+
+/// A redelivery with the same `ChatEvent` and other `Rels` (the vendor builds `Rels` when it
+/// sends: a retry may carry a newer snapshot of the chat or the client) is the same event: a
+/// duplicate without `conflict`, counted apart (issue 19, point 8: it was a conflict, logged as
+/// a sender bug). Another `ChatEvent` under the id still is one; over HTTP and gRPC alike.
+#[tokio::test]
+async fn a_redelivery_with_refreshed_rels_is_no_conflict_another_chat_event_is() {
+    let server = TestServer::start().await;
+    let body =
+        |rels: &str, chat_event: &str| format!(r#"{{"ChatEvent":{chat_event},"Rels":{rels}}}"#);
+    let chat_event = r#"{"Id":77,"Type":"message_created","ChatId":13,"MessageId":5}"#;
+    let first = server
+        .store(body(r#"{"Chats":[{"Id":13,"Open":true}]}"#, chat_event))
+        .await;
+    // Newer snapshots in Rels, and its keys in another order.
+    let (status, refreshed) = server
+        .post_event(body(
+            r#"{"Clients":[{"Id":3,"Name":"Ann"}],"Chats":[{"Id":13,"Open":false}]}"#,
+            chat_event,
+        ))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        refreshed,
+        serde_json::json!({"sequence": first, "duplicate": true})
+    );
+    let mut client = server.grpc().await;
+    let published = client
+        .publish(PublishRequest {
+            event: Some(publish_request::Event::RawJson(
+                body("null", chat_event).into_bytes(),
+            )),
+        })
+        .await
+        .expect("publish")
+        .into_inner();
+    assert!(published.duplicate && !published.conflict, "{published:?}");
+    // Another ChatEvent under the same id is a conflict.
+    let (status, conflict) = server
+        .post_event(body(
+            r#"{"Chats":[{"Id":13}]}"#,
+            r#"{"Id":77,"Type":"message_created","ChatId":13,"MessageId":6}"#,
+        ))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        conflict,
+        serde_json::json!({"sequence": first, "duplicate": true, "conflict": true})
+    );
+    let metrics = reqwest::get(server.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("iqgw_duplicate_refreshes_total 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("iqgw_duplicate_conflicts_total 1"),
+        "{metrics}"
+    );
+    // Nothing was decoded again to tell: the digests did.
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("iqgw_conflict_check_decodes_total") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}

@@ -67,6 +67,10 @@ struct Compact {
     /// The encoded [`Content`], compressed by `codec`.
     #[prost(bytes = "bytes", tag = "7")]
     content: Bytes,
+    /// SHA-256 of the typed `ChatEvent` alone (empty in records written before it was kept): a
+    /// redelivery whose `ChatEvent` is the same is the same event, whatever its `Rels`.
+    #[prost(bytes = "bytes", tag = "8")]
+    chat_event_digest: Bytes,
 }
 
 /// The compressed part of a compact record.
@@ -97,15 +101,30 @@ pub struct Digests {
     pub envelope: [u8; 32],
     /// Which protos typed it ([`typing`]).
     pub typing: u64,
+    /// SHA-256 of the typed `ChatEvent` alone, as encoded (`None` in records written before it
+    /// was kept).
+    pub chat_event: Option<[u8; 32]>,
 }
 
 impl Digests {
-    /// The digests of an event with this body (empty for none) and this encoded envelope.
-    pub fn of(raw_json: &[u8], envelope: &[u8]) -> Self {
+    /// The digests of an event with this body (empty for none), this encoded envelope and its
+    /// encoded `ChatEvent`.
+    pub fn of(raw_json: &[u8], envelope: &[u8], chat_event: &[u8]) -> Self {
         Self {
             body: (!raw_json.is_empty()).then(|| Sha256::digest(raw_json).into()),
             envelope: Sha256::digest(envelope).into(),
             typing: typing(),
+            chat_event: Some(Sha256::digest(chat_event).into()),
+        }
+    }
+
+    /// Whether the stored event with `stored` digests has this event's `ChatEvent`, when both
+    /// were typed alike and the stored record kept its digest; `None` when only a decode can
+    /// tell.
+    pub fn same_chat_event(&self, stored: &Digests) -> Option<bool> {
+        match (self.chat_event, stored.chat_event) {
+            (Some(new), Some(old)) if self.typing == stored.typing => Some(new == old),
+            _ => None,
         }
     }
 
@@ -231,6 +250,10 @@ pub fn encode(parts: &Parts<'_>) -> Bytes {
             .map_or_else(Bytes::new, |d| Bytes::copy_from_slice(&d)),
         envelope_digest: Bytes::copy_from_slice(&parts.digests.envelope),
         typing: parts.digests.typing,
+        chat_event_digest: parts
+            .digests
+            .chat_event
+            .map_or_else(Bytes::new, |digest| Bytes::copy_from_slice(&digest)),
         codec,
         content_len,
         content: content.into(),
@@ -341,6 +364,7 @@ pub fn identity(payload: &Bytes) -> Result<Identity, CorruptRecord> {
             body: digest(&outer.body_digest),
             envelope,
             typing: outer.typing,
+            chat_event: digest(&outer.chat_event_digest),
         },
         outer.keys.unwrap_or_default(),
     ))
@@ -547,15 +571,33 @@ mod tests {
             let Identity::Digests(digests, _) = identity(&payload).unwrap() else {
                 panic!("a compact record has digests");
             };
-            let again = Digests::of(body, &old.envelope);
+            let chat_event = crate::pb::webhook::v1::Envelope::decode(old.envelope.clone())
+                .unwrap()
+                .chat_event
+                .unwrap()
+                .encode_to_vec();
+            let again = Digests::of(body, &old.envelope, &chat_event);
             assert_eq!(again.same_event(&digests), Some(true));
-            let other = Digests::of(b"{}", b"other");
+            assert_eq!(again.same_chat_event(&digests), Some(true));
+            let other = Digests::of(b"{}", b"other", b"another");
             assert_eq!(other.same_event(&digests), Some(false));
+            assert_eq!(other.same_chat_event(&digests), Some(false));
+            // The same ChatEvent with other Rels: refreshed.
+            let refreshed = Digests::of(b"{}", b"other", &chat_event);
+            assert_eq!(refreshed.same_event(&digests), Some(false));
+            assert_eq!(refreshed.same_chat_event(&digests), Some(true));
             let retyped = Digests {
                 typing: digests.typing ^ 1,
                 ..other
             };
             assert_eq!(retyped.same_event(&digests), None, "other protos: decode");
+            assert_eq!(retyped.same_chat_event(&digests), None);
+            // A record kept before ChatEvent digests: only a decode tells.
+            let older = Digests {
+                chat_event: None,
+                ..digests.clone()
+            };
+            assert_eq!(refreshed.same_chat_event(&older), None);
         }
     }
 
@@ -693,7 +735,13 @@ mod train {
             let envelope = decoded.envelope.encode_to_vec();
             let keys = crate::decode::keys(&decoded.envelope);
             let indices = crate::decode::indices(&decoded.envelope);
-            let digests = Digests::of(&raw, &envelope);
+            let chat_event = decoded
+                .envelope
+                .chat_event
+                .as_ref()
+                .map(prost::Message::encode_to_vec)
+                .unwrap_or_default();
+            let digests = Digests::of(&raw, &envelope, &chat_event);
             out.push(content(&Parts {
                 envelope: &envelope,
                 raw_json: &raw,
