@@ -46,6 +46,8 @@ pub struct GrpcLimits {
     pub health_reflection_calls: usize,
     /// The byte budget of request bodies, shared with the HTTP edge.
     pub budget: crate::request_budget::BodyBudget,
+    /// `--request-timeout`: how long an `EventGateway` request message may take to arrive.
+    pub message_timeout: std::time::Duration,
 }
 
 /// The tonic routes for everything gRPC the gateway serves on its port.
@@ -80,6 +82,7 @@ pub fn routes(
         auth: auth.clone(),
         budget: limits.budget,
         max_message_bytes: limits.max_message_bytes,
+        message_timeout: limits.message_timeout,
         health_reflection_message_bytes: small,
         health_reflection_calls: limits.health_reflection_calls.max(1),
         calls: std::sync::Arc::new(tokio::sync::Semaphore::new(

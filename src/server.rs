@@ -348,6 +348,7 @@ pub async fn serve(
         health_reflection_message_bytes: config.max_health_reflection_message_bytes,
         health_reflection_calls: config.max_health_reflection_calls,
         budget: budget.clone(),
+        message_timeout: config.request_timeout,
     };
     let grpc = crate::grpc::routes(gateway.clone(), limits, config.grpc_auth.clone())?;
     let http = HttpConfig {

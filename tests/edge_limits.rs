@@ -758,3 +758,50 @@ fn a_request_budget_below_the_largest_body_stops_the_gateway_at_start() {
     );
     assert_eq!(status.code(), Some(1), "the env var is read too: {said}");
 }
+
+/// A Publish whose message stalls is refused once `--request-timeout` has passed
+/// (DEADLINE_EXCEEDED) and gives its reservation back (found from outside: 70 such streams of
+/// a 5-byte header each held 64 MiB of the budget for as long as they stayed open, and every
+/// larger webhook got 429); an HTTP upload of the same size is stored after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_whose_message_stalls_is_refused_at_the_request_timeout() {
+    let server = TestServer::with_config(ServerConfig {
+        request_timeout: Duration::from_secs(1),
+        ..budgeted()
+    })
+    .await;
+    let started = Instant::now();
+    let stalled = stalled_publish(server.addr).await;
+    body_bytes_become(&server, MIB).await;
+    let response = tokio::time::timeout(WAIT, stalled._response)
+        .await
+        .expect("answered in time")
+        .expect("a response");
+    body_bytes_become(&server, 0).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "not before the timeout: {:?}",
+        started.elapsed()
+    );
+    // Trailers-only, or trailers after the headers: grpc-status 4 (DEADLINE_EXCEEDED).
+    let mut status = response
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap_or_default().to_owned());
+    let message = response
+        .headers()
+        .get("grpc-message")
+        .map(|v| v.to_str().unwrap_or_default().to_owned());
+    if status.is_none() {
+        let mut body = response.into_body();
+        while let Some(Ok(_)) = body.data().await {}
+        let trailers = body.trailers().await.expect("trailers").expect("some");
+        status = trailers
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap_or_default().to_owned());
+    }
+    assert_eq!(status.as_deref(), Some("4"), "{message:?}");
+    drop((stalled._client, stalled._stream, stalled._connection));
+    let (code, _) = server.post_event(event_of(9, MIB - 4096)).await;
+    assert_eq!(code, 200);
+}

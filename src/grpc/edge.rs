@@ -4,7 +4,10 @@
 //!   without one), and each request message reserves its declared length in the shared
 //!   [`BodyBudget`] as soon as its 5-byte gRPC header arrives (RESOURCE_EXHAUSTED at once when it
 //!   does not fit, or when it is over `--max-body-bytes`). The reservation travels with the
-//!   request ([`Held`]), so the handler keeps it until it has answered.
+//!   request ([`Held`]), so the handler keeps it until it has answered. A message that has not
+//!   arrived whole within `--request-timeout` of the call's start is refused
+//!   (DEADLINE_EXCEEDED), and its reservation given back: a client that declares a large
+//!   message and stalls cannot hold the budget.
 //! - `grpc.health.v1` and reflection calls (open to anyone): at most
 //!   `--max-health-reflection-calls` open at once (watches and reflection streams included;
 //!   more get RESOURCE_EXHAUSTED), each request message at most
@@ -14,6 +17,7 @@
 //!   [`MAX_STATUS_TEXT`]): grpc-core clients refuse metadata over 16 KiB and would see
 //!   RESOURCE_EXHAUSTED instead of the real code.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
@@ -54,6 +58,8 @@ pub struct Edge {
     pub budget: BodyBudget,
     /// `--max-body-bytes`: the largest `EventGateway` request message.
     pub max_message_bytes: usize,
+    /// `--request-timeout`: an `EventGateway` request message not whole by then is refused.
+    pub message_timeout: std::time::Duration,
     /// `--max-health-reflection-message-bytes`.
     pub health_reflection_message_bytes: usize,
     /// `--max-health-reflection-calls`.
@@ -132,6 +138,10 @@ pub async fn edge(State(edge): State<Arc<Edge>>, request: Request, next: Next) -
                 header: [0; 5],
                 have: 0,
                 skip: 0,
+                deadline: Some((
+                    Box::pin(tokio::time::sleep(edge.message_timeout)),
+                    edge.message_timeout,
+                )),
             })
         }
         Kind::Open(service) => {
@@ -159,6 +169,7 @@ pub async fn edge(State(edge): State<Arc<Edge>>, request: Request, next: Next) -
                 header: [0; 5],
                 have: 0,
                 skip: 0,
+                deadline: None,
             })
         }
         Kind::Other => body,
@@ -215,6 +226,8 @@ struct Metered {
     have: usize,
     /// Bytes of the current message still to pass.
     skip: usize,
+    /// When a message still arriving is refused (`--request-timeout`), and that timeout.
+    deadline: Option<(Pin<Box<tokio::time::Sleep>>, std::time::Duration)>,
 }
 
 impl Metered {
@@ -275,7 +288,27 @@ impl http_body::Body for Metered {
         if let Some((code, message)) = this.refusal.get() {
             return Poll::Ready(Some(Err(Box::new(Status::new(*code, message.clone())))));
         }
-        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if polled.is_pending() {
+            // Waiting for the client: past the deadline, a message it started (or has yet to
+            // start) is refused and its reservation given back with the body.
+            if let Some((deadline, timeout)) = this.deadline.as_mut() {
+                if deadline.as_mut().poll(cx).is_ready() {
+                    let status = Status::deadline_exceeded(format!(
+                        "the request message did not arrive within {} (--request-timeout)",
+                        humantime::format_duration(*timeout)
+                    ));
+                    let _ = this
+                        .refusal
+                        .set((status.code(), status.message().to_owned()));
+                    if let Some(reservation) = this.reservation.take() {
+                        drop(reservation);
+                    }
+                    return Poll::Ready(Some(Err(Box::new(status))));
+                }
+            }
+        }
+        match ready!(polled) {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     if let Err(status) = this.scan(data) {
@@ -467,6 +500,7 @@ mod tests {
                 header: [0; 5],
                 have: 0,
                 skip: 0,
+                deadline: None,
             };
             for chunk in body.chunks(split) {
                 metered.scan(chunk).expect("fits");
@@ -484,6 +518,7 @@ mod tests {
             header: [0; 5],
             have: 0,
             skip: 0,
+            deadline: None,
         };
         let refused = metered
             .scan(&body)
