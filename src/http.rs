@@ -320,7 +320,10 @@ fn decode_batch(body: &Bytes, array: bool, policy: Policy) -> Result<Batch, Deco
             // Kept: every error `results` may show, and the first of each run `omitted` may
             // show; the others are only counted.
             let shown = batch.rejected <= DETAILED_ERRORS + 1 || index == DETAILED_ITEMS;
-            let starts_run = !continues && runs_kept <= MAX_RUNS;
+            // Runs are counted from where `results` stops (the runs before are answered item
+            // by item): `omitted` shows up to MAX_RUNS of them, each error with its first item.
+            let past_results = batch.rejected > DETAILED_ERRORS || index >= DETAILED_ITEMS;
+            let starts_run = !continues && past_results && runs_kept <= MAX_RUNS;
             if starts_run {
                 runs_kept += 1;
             }

@@ -565,3 +565,41 @@ proptest! {
         })?;
     }
 }
+
+/// Past the items answered one by one, `omitted` lists up to 100 runs, each rejected run with
+/// its error (found from outside: with valid and invalid items alternating, it listed two runs
+/// and counted the rest, leaving out the sequences of 898 stored items, because the runs
+/// answered in `results` were counted against the 100).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn omitted_lists_a_hundred_runs_after_the_detailed_items() {
+    let server = TestServer::with_config(server_config()).await;
+    let body: String = (1..=2000)
+        .map(|i| {
+            if i % 2 == 0 {
+                format!(r#"{{"ChatEvent":{{"Id":{i},"Type":"chat_closed"}}}}"#) + "\n"
+            } else {
+                "{}\n".to_owned()
+            }
+        })
+        .collect();
+    let (_, answer) = post_batch(&server, "application/x-ndjson", body.into_bytes()).await;
+    let omitted = answer["omitted"].as_array().expect("omitted");
+    assert_eq!(omitted.len(), 101, "100 runs and one that counts the rest");
+    let listed = &omitted[..100];
+    let rejected: Vec<&serde_json::Value> = listed
+        .iter()
+        .filter(|run| run.get("error").is_some())
+        .collect();
+    assert_eq!(rejected.len(), 50, "{omitted:?}");
+    assert!(
+        rejected.iter().all(|run| run["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("ChatEvent"))),
+        "each rejected run says why: {rejected:?}"
+    );
+    let stored = listed
+        .iter()
+        .filter(|run| run.get("sequence").is_some() || run.get("first_sequence").is_some())
+        .count();
+    assert_eq!(stored, 50, "{omitted:?}");
+}
