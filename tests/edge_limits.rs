@@ -805,3 +805,49 @@ async fn a_publish_whose_message_stalls_is_refused_at_the_request_timeout() {
     let (code, _) = server.post_event(event_of(9, MIB - 4096)).await;
     assert_eq!(code, 200);
 }
+
+/// An unknown `grpc-encoding` is refused (UNIMPLEMENTED) with the header's first bytes only
+/// (found from outside: an 8,000-byte value came back as about 770 bytes of the status text).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_grpc_encoding_is_refused_without_echoing_it_whole() {
+    let server = TestServer::with_config(budgeted()).await;
+    let tcp = TcpStream::connect(server.addr).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("HTTP/2");
+    let _connection = AbortOnDrop(tokio::spawn(async move {
+        let _ = connection.await;
+    }));
+    let mut client = client.ready().await.expect("ready");
+    for path in [
+        "/iqchannels.gateway.v1.EventGateway/Publish",
+        "/grpc.health.v1.Health/Check",
+    ] {
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{}{path}", server.addr))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("grpc-encoding", "g".repeat(8000))
+            .body(())
+            .expect("request");
+        let (response, mut stream) = client.send_request(request, false).expect("sent");
+        let _ = stream.send_data(bytes::Bytes::from_static(&[1, 0, 0, 0, 1, 0]), true);
+        let response = tokio::time::timeout(WAIT, response)
+            .await
+            .expect("answered")
+            .expect("a response");
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap_or_default().to_owned())
+                .unwrap_or_default()
+        };
+        assert_eq!(header("grpc-status"), "12", "{path}");
+        let message = header("grpc-message");
+        assert!(
+            message.len() < 400 && message.contains("ggg"),
+            "{path}: {} bytes: {message}",
+            message.len()
+        );
+    }
+}

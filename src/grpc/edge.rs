@@ -116,6 +116,18 @@ type Refusal = Arc<OnceLock<(Code, String)>>;
 pub async fn edge(State(edge): State<Arc<Edge>>, request: Request, next: Next) -> Response {
     let refusal = Refusal::default();
     let (mut parts, body) = request.into_parts();
+    // The gateway takes uncompressed messages only; tonic's refusal would quote the header
+    // whole, so a client could make it repeat kilobytes.
+    if let Some(encoding) = parts.headers.get("grpc-encoding") {
+        if encoding.as_bytes() != b"identity" {
+            let mut named = String::from_utf8_lossy(encoding.as_bytes()).into_owned();
+            crate::decode::clip_to(&mut named, 64);
+            return answer(Status::unimplemented(format!(
+                "Content is compressed with `{named}` which isn't supported; send messages \
+                 uncompressed (grpc-encoding: identity)"
+            )));
+        }
+    }
     let mut call = None;
     let body = match kind(parts.uri.path()) {
         Kind::Gateway(scope) => {
