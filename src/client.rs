@@ -513,15 +513,39 @@ pub struct PublishSummary {
     pub stored: u64,
     /// Events the gateway already had.
     pub duplicates: u64,
-    /// Where each event is whose id the gateway already had with different content (a sender
-    /// reusing ids): not stored, the first event stays.
-    pub conflicts: Vec<String>,
-    /// `(where, why)` for every rejected event: one the gateway refused (invalid, or over its
-    /// size limit); the events after it are still sent.
-    pub rejected: Vec<(String, String)>,
+    /// Events whose id the gateway already had with another `ChatEvent` (a sender reusing
+    /// ids): not stored, the first event stays.
+    pub conflicts: u64,
+    /// Where the first [`LISTED`] of them are.
+    pub conflicts_listed: Vec<String>,
+    /// Events the gateway refused (invalid, or over its size limit); the events after each are
+    /// still sent.
+    pub rejected: u64,
+    /// `(where, why)` for the first [`LISTED`] of them: the rest are only counted, so that
+    /// memory stays small whatever the input.
+    pub rejected_listed: Vec<(String, String)>,
     /// Set when sending stopped early, on an error that is not about one event (the gateway
     /// unreachable, a token refused, ...): the events from there on were not sent.
     pub stopped: Option<Stopped>,
+}
+
+/// Rejected events (and conflicts) `publish` lists at most; the others are counted.
+pub const LISTED: usize = 1000;
+
+impl PublishSummary {
+    fn reject(&mut self, place: String, reason: String) {
+        self.rejected += 1;
+        if self.rejected_listed.len() < LISTED {
+            self.rejected_listed.push((place, reason));
+        }
+    }
+
+    fn conflict(&mut self, place: String) {
+        self.conflicts += 1;
+        if self.conflicts_listed.len() < LISTED {
+            self.conflicts_listed.push(place);
+        }
+    }
 }
 
 /// Where `publish` stopped, and why.
@@ -576,7 +600,7 @@ pub async fn publish(
         let body = match item.body {
             Ok(body) => body,
             Err(reason) => {
-                summary.rejected.push((item.place, reason));
+                summary.reject(item.place, reason);
                 advance(&progress, item.read, total_bytes);
                 continue;
             }
@@ -594,11 +618,11 @@ pub async fn publish(
         };
         let place = item.place;
         match answer {
-            Ok(answer) if answer.get_ref().conflict => summary.conflicts.push(place),
+            Ok(answer) if answer.get_ref().conflict => summary.conflict(place),
             Ok(answer) if answer.get_ref().duplicate => summary.duplicates += 1,
             Ok(_) => summary.stored += 1,
             Err(status) if refuses_the_event(&status) => {
-                summary.rejected.push((place, status.message().to_owned()));
+                summary.reject(place, status.message().to_owned());
             }
             Err(status) => {
                 progress.abandon();

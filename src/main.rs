@@ -532,24 +532,36 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
 
 async fn publish(args: PublishArgs) -> anyhow::Result<()> {
     let summary = client::publish(&args.connect.connection(), &args.files, args.retry_for).await?;
-    let conflicts = if summary.conflicts.is_empty() {
+    let conflicts = if summary.conflicts == 0 {
         String::new()
     } else {
-        format!(", conflicts {}", summary.conflicts.len())
+        format!(", conflicts {}", summary.conflicts)
     };
     println!(
         "stored {}, duplicates {}{conflicts}, rejected {}",
-        summary.stored,
-        summary.duplicates,
-        summary.rejected.len()
+        summary.stored, summary.duplicates, summary.rejected
     );
-    for place in &summary.conflicts {
+    for place in &summary.conflicts_listed {
         println!(
             "conflict {place}: the gateway has an event with this id and different content; not stored"
         );
     }
-    for (place, reason) in &summary.rejected {
+    let unlisted = summary.conflicts - summary.conflicts_listed.len() as u64;
+    if unlisted > 0 {
+        println!(
+            "… {unlisted} more conflicts (the first {} are listed)",
+            client::LISTED
+        );
+    }
+    for (place, reason) in &summary.rejected_listed {
         println!("rejected {place}: {reason}");
+    }
+    let unlisted = summary.rejected - summary.rejected_listed.len() as u64;
+    if unlisted > 0 {
+        println!(
+            "… {unlisted} more rejected (the first {} are listed)",
+            client::LISTED
+        );
     }
     if let Some(stopped) = &summary.stopped {
         println!(
@@ -557,7 +569,7 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
             stopped.at, stopped.reason, stopped.unsent
         );
     }
-    if !summary.rejected.is_empty() || !summary.conflicts.is_empty() || summary.stopped.is_some() {
+    if summary.rejected > 0 || summary.conflicts > 0 || summary.stopped.is_some() {
         std::process::exit(1);
     }
     Ok(())

@@ -194,3 +194,42 @@ fn assert_bounded(peak_kib: u64, baseline_kib: u64, input_bytes: u64) {
          event (bound {GROWTH_KIB} KiB, and half the input)"
     );
 }
+
+/// Rejected events are counted, and the first 1,000 listed: what `publish` keeps of them is
+/// bounded too (found from outside: 400,000 invalid lines took it to 109 MiB, every reason kept
+/// until the end). 20,000 lines here (each is a round trip): the listing shows the bound.
+#[test]
+fn rejections_are_counted_and_the_first_thousand_listed_with_a_small_peak_rss() {
+    let process = Process::start(&["--store", "memory"]);
+    let (code, out, baseline_kib) = publish_measured(&process, &["-"], Some(event(999_999_998)));
+    assert_eq!(code, 0, "{out}");
+    let lines = 20_000;
+    let mut input = Vec::with_capacity(lines * 40);
+    for i in 0..lines {
+        input.extend_from_slice(format!("{{\"ChatEvent\":{{\"Type\":\"x{i}\"}}}}\n").as_bytes());
+    }
+    let size = input.len() as u64;
+    let (code, out, peak_kib) = publish_measured(&process, &["-"], Some(input));
+    eprintln!("publish of {lines} invalid lines: peak RSS {peak_kib} KiB");
+    assert_eq!(code, 1, "rejected events make publish fail");
+    let mut printed = out.lines();
+    assert_eq!(
+        printed.next(),
+        Some(format!("stored 0, duplicates 0, rejected {lines}").as_str())
+    );
+    let listed: Vec<&str> = printed.collect();
+    assert_eq!(listed.len(), 1001, "{:?}", listed.last());
+    assert!(
+        listed[0].starts_with("rejected stdin#1: ChatEvent.Id"),
+        "{}",
+        listed[0]
+    );
+    assert_eq!(
+        listed[1000],
+        format!(
+            "… {} more rejected (the first 1000 are listed)",
+            lines - 1000
+        )
+    );
+    assert_bounded(peak_kib, baseline_kib, size.max(64 << 20));
+}
