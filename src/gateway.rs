@@ -222,18 +222,15 @@ impl Gateway {
     /// Stores several decoded webhook bodies (each with its original JSON) with one append (one
     /// sync). One result per item, in order: an item the store did not take (JetStream stores
     /// each on its own) has its storage error, and does not stop the others.
-    pub async fn ingest_batch(
-        &self,
-        items: Vec<(Decoded, Bytes)>,
-    ) -> Vec<Result<Ingested, LogError>> {
+    pub async fn ingest_batch(&self, items: Vec<Built>) -> Vec<Result<Ingested, LogError>> {
         if items.is_empty() {
             return Vec::new();
         }
         let mut records = Vec::with_capacity(items.len());
         // Per item: its deviations and identity, or why it cannot be stored (too large).
         let mut kept = Vec::with_capacity(items.len());
-        for (decoded, raw_json) in items {
-            match self.record(decoded.envelope, raw_json, decoded.deviations) {
+        for Built { event_id, built } in items {
+            match self.finish(event_id, built) {
                 Ok((record, identity, deviations)) => {
                     self.note_deviations(&deviations);
                     records.push(record);
@@ -278,6 +275,11 @@ impl Gateway {
             });
         }
         results
+    }
+
+    /// `--max-event-bytes`: what [`built`] of a batch's items takes.
+    pub fn max_event_bytes(&self) -> usize {
+        self.max_event_bytes
     }
 
     /// Stores a typed envelope (gRPC Publish); there is no original JSON to keep. It must carry
@@ -655,6 +657,27 @@ enum Redelivery {
     Refreshed,
     /// Another `ChatEvent` under a reused id: a sender bug worth seeing.
     Conflict,
+}
+
+/// An event's record as [`stored_record`] built it (or why it cannot be stored), with its id:
+/// what a batch keeps of each item once decoded, on the decode pool, so that its typed form is
+/// dropped at once (a body of many small items would otherwise hold all their envelopes).
+pub struct Built {
+    event_id: Option<i64>,
+    built: Result<(Bytes, NewIdentity, Vec<Deviation>), crate::fit::TooLarge>,
+}
+
+/// The record of a decoded item of `raw_json` (see [`Built`]).
+pub fn built(decoded: Decoded, raw_json: Bytes, max_event_bytes: usize) -> Built {
+    Built {
+        event_id: decode::dedup_id(&decoded.envelope),
+        built: stored_record(
+            decoded.envelope,
+            raw_json,
+            decoded.deviations,
+            max_event_bytes,
+        ),
+    }
 }
 
 /// What the log stores for an event: its compact record ([`record`]): the typed envelope (cut to

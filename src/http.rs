@@ -17,7 +17,7 @@ mod stream;
 
 use crate::auth::{AuthError, GrpcAuth, HeadCheck, IngestAuth, MetricsAuth};
 use crate::decode::pool::Busy;
-use crate::decode::{self, BatchItem, DecodeError, Decoded, Policy};
+use crate::decode::{self, BatchItem, DecodeError, Policy};
 use crate::gateway::{Gateway, IngestError, Ingested};
 use crate::log::LogError;
 
@@ -290,13 +290,18 @@ enum Slot {
 /// A batch split into items and decoded.
 struct Batch {
     slots: Vec<Slot>,
-    /// The valid items, each with its own bytes of the body.
-    events: Vec<(Decoded, Bytes)>,
+    /// The valid items' records, built as they were decoded.
+    events: Vec<crate::gateway::Built>,
     rejected: usize,
 }
 
 /// Splits and decodes a batch body (a JSON array, or NDJSON): on a decode worker.
-fn decode_batch(body: &Bytes, array: bool, policy: Policy) -> Result<Batch, DecodeError> {
+fn decode_batch(
+    body: &Bytes,
+    array: bool,
+    policy: Policy,
+    max_event_bytes: usize,
+) -> Result<Batch, DecodeError> {
     let mut batch = Batch {
         slots: Vec::new(),
         events: Vec::new(),
@@ -308,7 +313,11 @@ fn decode_batch(body: &Bytes, array: bool, policy: Policy) -> Result<Batch, Deco
     let each = |item: BatchItem| match item.decoded {
         Ok(decoded) => {
             batch.slots.push(Slot::Event);
-            batch.events.push((decoded, body.slice(item.range)));
+            batch.events.push(crate::gateway::built(
+                decoded,
+                body.slice(item.range),
+                max_event_bytes,
+            ));
             previous = None;
         }
         Err(error) => {
@@ -364,6 +373,7 @@ async fn post_batch(
     let (_permit, content_type, body) = accept(&state, request, &allowed).await?;
     let body = body.slice_ref(decode::strip_bom(&body));
     let policy = state.gateway.decode_policy();
+    let max_event_bytes = state.gateway.max_event_bytes();
     let array = content_type == "application/json";
     let Batch {
         slots,
@@ -372,7 +382,9 @@ async fn post_batch(
     } = state
         .gateway
         .decoder()
-        .run(body.len(), move || decode_batch(&body, array, policy))
+        .run(body.len(), move || {
+            decode_batch(&body, array, policy, max_event_bytes)
+        })
         .await
         .map_err(HttpError::Busy)?
         .map_err(HttpError::Invalid)?;
