@@ -213,6 +213,23 @@ struct StoredBounds {
 
 /// The bounds as stored: read at open and after every reopen (a commit reported as failed may
 /// have reached the disk all the same).
+/// `Some(next sequence)` when retention has emptied the store past `from` (nothing is left, and
+/// `from` is below the next sequence): seen in the reading transaction itself, so that a read
+/// racing a sweep reports the truncation instead of an end of the log (a subscriber from the
+/// beginning then moves on to the oldest event, instead of failing later with OUT_OF_RANGE).
+fn emptied_past(
+    txn: &redb::ReadTransaction,
+    events: &redb::ReadOnlyTable<u64, &[u8]>,
+    from: u64,
+) -> Result<Option<u64>, redb::Error> {
+    if events.first()?.is_some() {
+        return Ok(None);
+    }
+    let meta = txn.open_table(META)?;
+    let next = meta.get(NEXT)?.map_or(1, |v| v.value());
+    Ok((from < next).then_some(next))
+}
+
 fn read_bounds(db: &Database) -> Result<StoredBounds, LogError> {
     let read = || -> Result<StoredBounds, redb::Error> {
         let txn = db.begin_read()?;
@@ -277,6 +294,16 @@ impl EventLog for EmbeddedLog {
                     let (key, value) = entry?;
                     records.push(decode_record(key.value(), value.value()));
                 }
+                if records.is_empty() {
+                    if let Some(next) = emptied_past(&txn, &events, from)? {
+                        // Below, as a record found past `from` would be: truncated.
+                        records.push(Record {
+                            sequence: next,
+                            received_at_ms: 0,
+                            payload: Bytes::new(),
+                        });
+                    }
+                }
                 Ok(records)
             })
             .await
@@ -340,6 +367,9 @@ impl EventLog for EmbeddedLog {
                         scanned.records.push(decode_record(sequence, value));
                     }
                     scanned.next = sequence + 1;
+                }
+                if looked_first.is_none() {
+                    looked_first = emptied_past(&txn, &events, from)?;
                 }
                 Ok((scanned, looked_first))
             })
