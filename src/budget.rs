@@ -66,6 +66,9 @@ impl std::fmt::Debug for Budget {
 pub struct Holder(Arc<HolderState>);
 
 struct HolderState {
+    /// Set while the gateway reads its next page (waiting for a read slot, reading): what it
+    /// holds then is not its client's doing.
+    busy: AtomicBool,
     held: AtomicUsize,
     /// Milliseconds since the budget's epoch when bytes were last given back (or it began).
     progress_ms: AtomicU64,
@@ -77,6 +80,17 @@ struct HolderState {
 impl HolderState {
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+impl Holder {
+    /// Marks the gateway at work for this holder (`true`) or done (`false`, which also counts as
+    /// progress: what it reads next has just been handed to it).
+    pub fn set_busy(&self, busy: bool) {
+        self.0.busy.store(busy, Ordering::Relaxed);
+        if !busy {
+            self.0.progress_ms.store(self.0.now_ms(), Ordering::Relaxed);
+        }
     }
 }
 
@@ -92,6 +106,11 @@ impl Permit {
             .0
             .held
             .fetch_add(permit.num_permits(), Ordering::Relaxed);
+        // Bytes just given to it: its client has had no time to read them yet.
+        holder
+            .0
+            .progress_ms
+            .store(holder.0.now_ms(), Ordering::Relaxed);
         Self {
             permit: Some(permit),
             holder: holder.0.clone(),
@@ -171,6 +190,7 @@ impl Budget {
     /// A new holder; `evict` ends its connection (`None`: never evicted).
     pub fn holder(&self, evict: Option<Evict>) -> Holder {
         let state = Arc::new(HolderState {
+            busy: AtomicBool::new(false),
             held: AtomicUsize::new(0),
             progress_ms: AtomicU64::new(self.epoch.elapsed().as_millis() as u64),
             evict,
@@ -235,6 +255,7 @@ impl Budget {
         };
         for holder in holders {
             if Arc::ptr_eq(&holder, &waiter.0)
+                || holder.busy.load(Ordering::Relaxed)
                 || holder.held.load(Ordering::Relaxed) == 0
                 || now_ms.saturating_sub(holder.progress_ms.load(Ordering::Relaxed)) < stall_ms
             {
@@ -304,16 +325,51 @@ impl PermitSlot {
 }
 
 /// A response body whose data frames carry the permits of the events encoded in them: the
-/// permits are given back when the frame's bytes are dropped (written to the socket).
+/// permits are given back when the frame's bytes are dropped (written to the socket). A frame
+/// is handed to hyper in pieces of at most [`PIECE`] bytes, each with its share of the permits,
+/// so that a client reading a large event slowly gives bytes back as it reads (and is seen to
+/// make progress, see [`Budget::acquire`]), not only once the whole event is written.
 pub struct HeldBody<B> {
     inner: B,
     slot: PermitSlot,
+    /// The rest of the frame being handed over, with its permits.
+    rest: Option<(Bytes, Option<Permit>)>,
 }
+
+/// The largest piece of a frame handed to hyper at once.
+pub const PIECE: usize = 64 * 1024;
 
 impl<B> HeldBody<B> {
     /// Wraps `inner`, whose stream puts its events' permits in `slot`.
     pub fn new(inner: B, slot: PermitSlot) -> Self {
-        Self { inner, slot }
+        Self {
+            inner,
+            slot,
+            rest: None,
+        }
+    }
+
+    /// The next piece of `bytes` (carrying `permit`), the rest kept for the next poll.
+    fn piece(&mut self, mut bytes: Bytes, mut permit: Option<Permit>) -> Frame<Bytes> {
+        if bytes.len() > PIECE {
+            let rest = bytes.split_off(PIECE);
+            // The piece's share of the permits, in proportion to its bytes (the rest keeps
+            // what is left, at least one permit while it has bytes).
+            let share = permit.as_mut().and_then(|held| {
+                let n = held.num_permits();
+                let part = (n as u128 * PIECE as u128 / (PIECE + rest.len()) as u128) as usize;
+                held.split(part.min(n.saturating_sub(1)))
+            });
+            self.rest = Some((rest, permit));
+            permit = share;
+        }
+        match permit {
+            Some(permit) => Frame::data(Bytes::from_owner(Carried {
+                bytes,
+                _permit: permit,
+            })),
+            None => Frame::data(bytes),
+        }
     }
 }
 
@@ -341,31 +397,40 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
+        if let Some((bytes, permit)) = this.rest.take() {
+            return Poll::Ready(Some(Ok(this.piece(bytes, permit))));
+        }
         let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,
             other => return other,
         };
         let frame = match frame.into_data() {
-            Ok(bytes) => match this.slot.take() {
-                // Every event handed over so far is in this frame or an earlier one: the
-                // encoder yields all it has encoded.
-                Some(permit) if !bytes.is_empty() => Frame::data(Bytes::from_owner(Carried {
-                    bytes,
-                    _permit: permit,
-                })),
-                _ => Frame::data(bytes),
-            },
+            // Every event handed over so far is in this frame or an earlier one: the encoder
+            // yields all it has encoded.
+            Ok(bytes) if !bytes.is_empty() => {
+                let permit = this.slot.take();
+                this.piece(bytes, permit)
+            }
+            Ok(bytes) => Frame::data(bytes),
             Err(frame) => frame,
         };
         Poll::Ready(Some(Ok(frame)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let mut hint = self.inner.size_hint();
+        if let Some((rest, _)) = &self.rest {
+            let rest = rest.len() as u64;
+            hint.set_lower(hint.lower() + rest);
+            if let Some(upper) = hint.upper() {
+                hint.set_upper(upper + rest);
+            }
+        }
+        hint
     }
 }
 
@@ -398,6 +463,36 @@ mod tests {
             .expect("larger than the budget: all of it");
         assert_eq!(huge.num_permits(), 1000);
         assert!(budget.try_acquire(&holder, 1).is_none());
+    }
+
+    /// A large frame goes to hyper in pieces of at most PIECE bytes, each carrying its share of
+    /// the permits: a client reading slowly gives bytes back as it reads.
+    #[tokio::test]
+    async fn a_large_frame_gives_its_bytes_back_piece_by_piece() {
+        use http_body_util::BodyExt;
+        let budget = Budget::new(1_000_000);
+        let holder = budget.holder(None);
+        let slot = PermitSlot::default();
+        slot.put(budget.try_acquire(&holder, 300_000).expect("free"));
+        let frame = Bytes::from(vec![7u8; 200 * 1024]);
+        let mut body = HeldBody::new(http_body_util::Full::new(frame.clone()), slot);
+        let mut pieces = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let data = frame.expect("a frame").into_data().expect("data");
+            assert!(data.len() <= PIECE, "{}", data.len());
+            pieces.push(data);
+        }
+        assert_eq!(pieces.len(), 4, "200 KiB in pieces of 64 KiB");
+        assert_eq!(pieces.concat(), frame.to_vec(), "the same bytes");
+        assert_eq!(budget.held(), 300_000);
+        let mut before = budget.held();
+        for piece in pieces {
+            drop(piece);
+            assert!(budget.held() < before, "each piece gives some back");
+            before = budget.held();
+        }
+        assert_eq!(budget.held(), 0);
+        assert_eq!(holder.0.held.load(Ordering::Relaxed), 0);
     }
 
     /// A holder whose client reads nothing is evicted once another has waited the stall

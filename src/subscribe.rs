@@ -514,11 +514,17 @@ impl Subscription {
         // done: this future may wait unpolled for a long time (a stream whose client stopped
         // reading is not polled), and must not hold a slot meanwhile.
         let (log, reads) = (self.log.clone(), registry.reads.clone());
+        // Busy until the read is done (cleared by the task: this future may not be polled
+        // again soon), so that the bytes of its page do not count against its client.
+        let holder = self.holder.clone();
+        holder.set_busy(true);
         let read = tokio::spawn(async move {
-            let Ok(_slot) = reads.acquire_owned().await else {
-                return Err(LogError::Closed);
+            let scanned = match reads.acquire_owned().await {
+                Ok(_slot) => log.scan(from, SCAN_RECORDS, max_bytes, wanted).await,
+                Err(_) => Err(LogError::Closed),
             };
-            log.scan(from, SCAN_RECORDS, max_bytes, wanted).await
+            holder.set_busy(false);
+            scanned
         });
         let scanned = tokio::select! {
             biased;

@@ -112,3 +112,76 @@ async fn a_reader_gets_every_event_while_stalled_readers_hold_all_the_memory() {
     assert!(closed >= 1, "no stalled gRPC connection was closed");
     drop(sse);
 }
+
+/// Readers that read slowly but steadily are never closed, however large the events, while
+/// another waits for the memory they hold (found from outside: a reader draining 900 KB events
+/// at 50 KB/s was closed as stalled, since an event's bytes came back only once all of it was
+/// written; they now come back in pieces of 64 KiB as the client reads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_readers_are_not_closed_while_others_wait() {
+    let gateway = Process::start(&[
+        "--store",
+        "memory",
+        "--catch-up-memory",
+        "4194304",
+        "--subscriber-stall-timeout",
+        "2s",
+    ]);
+    let http = reqwest::Client::new();
+    for id in 1..=30 {
+        post(&http, &gateway, id, 900_000).await;
+    }
+    // Three readers that take about 64 KB a second each, from the beginning.
+    let received: Vec<std::sync::Arc<std::sync::atomic::AtomicUsize>> =
+        (0..3).map(|_| std::sync::Arc::default()).collect();
+    let mut readers = Vec::new();
+    for count in &received {
+        let request = SubscribeRequest {
+            start: Some(Start::Beginning(())),
+            include_raw_json: true,
+            ..SubscribeRequest::default()
+        };
+        let (client, mut body) =
+            stall::stalled_request(gateway.addr, request, 65_535, Some(65_535)).await;
+        let count = count.clone();
+        readers.push(tokio::spawn(async move {
+            let _client = client;
+            while let Some(Ok(data)) = body.data().await {
+                count.fetch_add(data.len(), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let _ = body.flow_control().release_capacity(data.len());
+            }
+        }));
+    }
+    // Another subscriber waits for memory meanwhile.
+    let mut client = gateway.grpc().await;
+    let mut waiting = client
+        .subscribe(SubscribeRequest {
+            start: Some(Start::Beginning(())),
+            ..SubscribeRequest::default()
+        })
+        .await
+        .expect("subscribed")
+        .into_inner();
+    let waiter = tokio::spawn(async move {
+        let mut got = 0;
+        while let Ok(Some(_)) = waiting.message().await {
+            got += 1;
+        }
+        got
+    });
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(
+        gateway.metric("iqgw_subscribers_evicted_total").await,
+        0,
+        "no slow reader was closed"
+    );
+    for (i, count) in received.iter().enumerate() {
+        let bytes = count.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(bytes > 300_000, "reader {i} went on reading: {bytes} bytes");
+    }
+    for reader in readers {
+        reader.abort();
+    }
+    waiter.abort();
+}
