@@ -27,8 +27,19 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// without giving any back (its client reads nothing) while another waits for them.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Ends a holder's connection (see [`Budget::holder`]).
-pub type Evict = Arc<dyn Fn() + Send + Sync>;
+/// A holder's connection, as the budget sees it (see [`Budget::holder`]).
+pub trait Connection: Send + Sync {
+    /// Closes it (what it had not written is dropped).
+    fn close(&self);
+
+    /// Whether its peer took in bytes within the last `stall` (the kernel's count of bytes the
+    /// peer acknowledged): a client reading slowly behind large socket buffers does, though none
+    /// of the bytes held for it may have reached the socket for a while. `false` when unknown.
+    fn took_bytes_within(&self, stall: Duration) -> bool;
+}
+
+/// A holder's connection: closed when it stalls while others wait.
+pub type Evict = Arc<dyn Connection>;
 
 /// A shared byte budget.
 ///
@@ -262,6 +273,9 @@ impl Budget {
                 continue;
             }
             let Some(evict) = &holder.evict else { continue };
+            if evict.took_bytes_within(self.stall) {
+                continue;
+            }
             if !holder.evicted.swap(true, Ordering::Relaxed) {
                 self.evicted.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
@@ -270,7 +284,7 @@ impl Budget {
                     "a subscriber's client read nothing while others waited for memory \
                      (--catch-up-memory); its connection is closed (it resumes from its cursor)"
                 );
-                evict();
+                evict.close();
             }
         }
     }
@@ -503,12 +517,18 @@ mod tests {
         let stall = Duration::from_secs(10);
         let budget = Budget::with_stall(1000, stall);
         let evicted = Arc::new(Mutex::new(Vec::new()));
-        let holder = |name: &'static str| {
-            let evicted = evicted.clone();
-            budget.holder(Some(Arc::new(move || {
-                evicted.lock().unwrap().push(name);
-            })))
-        };
+        /// A connection whose peer never takes anything in; closing it is recorded.
+        struct Recorded(&'static str, Arc<Mutex<Vec<&'static str>>>);
+        impl Connection for Recorded {
+            fn close(&self) {
+                self.1.lock().unwrap().push(self.0);
+            }
+            fn took_bytes_within(&self, _: Duration) -> bool {
+                false
+            }
+        }
+        let holder =
+            |name: &'static str| budget.holder(Some(Arc::new(Recorded(name, evicted.clone()))));
         let (stalled, reading, idle, waiter) = (
             holder("stalled"),
             holder("reading"),

@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -112,22 +112,92 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Detecting<I> {
     }
 }
 
-/// Closes the connection a request came on: in every request's extensions, for the subscriptions
-/// whose clients stop reading while others wait for the memory they hold (see `budget`).
-#[derive(Clone, Default)]
-pub struct Disconnect(Arc<tokio::sync::Notify>);
+/// The connection a request came on: in every request's extensions, so that the subscriptions
+/// whose clients stop reading while others wait for the memory they hold can close it, and tell
+/// a client that reads slowly from one that reads nothing (see `budget`).
+#[derive(Clone)]
+pub struct Disconnect(Arc<ConnectionState>);
+
+struct ConnectionState {
+    close: tokio::sync::Notify,
+    /// The TCP socket (under TLS too), for the kernel's count of bytes its peer acknowledged.
+    fd: Option<std::os::fd::RawFd>,
+    /// That count when last looked at, and when it last changed (ms since `since`).
+    acked: AtomicU64,
+    changed_ms: AtomicU64,
+    since: tokio::time::Instant,
+}
 
 impl Disconnect {
-    /// Closes the connection (at once: what it had not written is dropped).
-    pub fn close(&self) {
-        self.0.notify_one();
+    fn new(fd: Option<std::os::fd::RawFd>) -> Self {
+        let state = ConnectionState {
+            close: tokio::sync::Notify::new(),
+            fd,
+            acked: AtomicU64::new(0),
+            changed_ms: AtomicU64::new(0),
+            since: tokio::time::Instant::now(),
+        };
+        state
+            .acked
+            .store(bytes_acked(fd).unwrap_or(0), Ordering::Relaxed);
+        Self(Arc::new(state))
     }
 
-    /// `close` as the budget takes it.
-    pub fn evict(&self) -> crate::budget::Evict {
-        let this = self.clone();
-        Arc::new(move || this.close())
+    /// Closes the connection (at once: what it had not written is dropped).
+    pub fn close(&self) {
+        self.0.close.notify_one();
     }
+
+    /// This connection as the budget takes it.
+    pub fn evict(&self) -> crate::budget::Evict {
+        Arc::new(self.clone())
+    }
+}
+
+impl crate::budget::Connection for Disconnect {
+    fn close(&self) {
+        Disconnect::close(self);
+    }
+
+    fn took_bytes_within(&self, stall: Duration) -> bool {
+        let state = &self.0;
+        let Some(acked) = bytes_acked(state.fd) else {
+            return false;
+        };
+        let now_ms = state.since.elapsed().as_millis() as u64;
+        if state.acked.swap(acked, Ordering::Relaxed) != acked {
+            state.changed_ms.store(now_ms, Ordering::Relaxed);
+            return true;
+        }
+        now_ms.saturating_sub(state.changed_ms.load(Ordering::Relaxed)) < stall.as_millis() as u64
+    }
+}
+
+/// The bytes the peer of TCP socket `fd` has acknowledged (Linux `TCP_INFO`), `None` elsewhere
+/// or when it cannot be read.
+#[cfg(target_os = "linux")]
+fn bytes_acked(fd: Option<std::os::fd::RawFd>) -> Option<u64> {
+    let fd = fd?;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, a plain C struct we own; an fd
+    // that is no longer a TCP socket makes it fail (checked), never write elsewhere.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let done = libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        );
+        (done == 0 && len as usize >= std::mem::size_of::<libc::tcp_info>())
+            .then_some(info.tcpi_bytes_acked)
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn bytes_acked(_: Option<std::os::fd::RawFd>) -> Option<u64> {
+    None
 }
 
 /// A connection's service: puts its [`Disconnect`] in every request.
@@ -160,6 +230,7 @@ async fn serve_io<I, S>(
     service: S,
     watcher: hyper_util::server::graceful::Watcher,
     first_bytes: Duration,
+    fd: Option<std::os::fd::RawFd>,
 ) -> Result<(), BoxError>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -178,7 +249,7 @@ where
         matched: 0,
         spoke: spoke.clone(),
     };
-    let disconnect = Disconnect::default();
+    let disconnect = Disconnect::new(fd);
     let service = WithDisconnect {
         inner: service,
         disconnect: disconnect.clone(),
@@ -186,7 +257,7 @@ where
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     let served = watcher.watch(connection.into_owned());
     tokio::pin!(served);
-    let closed = disconnect.0.notified();
+    let closed = disconnect.0.close.notified();
     tokio::pin!(closed);
     tokio::select! {
         result = &mut served => return result,
@@ -416,6 +487,7 @@ pub async fn serve(
             refused.note(config.max_connections);
             continue;
         };
+        let fd = Some(std::os::fd::AsRawFd::as_raw_fd(&stream));
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, %peer, "could not set TCP_NODELAY");
         }
@@ -429,12 +501,12 @@ pub async fn serve(
         tokio::spawn(async move {
             gateway.metrics().connection_opened();
             let served = match tls {
-                None => serve_io(&builder, stream, service, watcher, first_bytes).await,
+                None => serve_io(&builder, stream, service, watcher, first_bytes, fd).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
                     {
                         Ok(Ok(stream)) => {
-                            serve_io(&builder, stream, service, watcher, first_bytes).await
+                            serve_io(&builder, stream, service, watcher, first_bytes, fd).await
                         }
                         Ok(Err(error)) => Err(error.into()),
                         Err(_) => Err("TLS handshake timed out".into()),

@@ -185,3 +185,71 @@ async fn slow_readers_are_not_closed_while_others_wait() {
     }
     waiter.abort();
 }
+
+/// SSE readers taking about 50 KB a second are never closed while another waits, though the
+/// kernel's socket buffers (megabytes) mean none of the bytes held for them reach the socket for
+/// many seconds: the kernel's count of bytes the client acknowledged shows that it reads (found
+/// from outside: such readers were closed as "read nothing").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_sse_readers_behind_large_socket_buffers_are_not_closed() {
+    use std::io::{Read, Write};
+    let gateway = Process::start(&[
+        "--store",
+        "memory",
+        "--catch-up-memory",
+        "4194304",
+        "--subscriber-stall-timeout",
+        "2s",
+    ]);
+    let http = reqwest::Client::new();
+    for id in 1..=30 {
+        post(&http, &gateway, id, 900_000).await;
+    }
+    let addr = gateway.addr;
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut socket = std::net::TcpStream::connect(addr).expect("connects");
+                write!(
+                    socket,
+                    "GET /v1/events:stream?from=beginning HTTP/1.1\r\nHost: gateway\r\n\r\n"
+                )
+                .expect("sent");
+                let started = std::time::Instant::now();
+                let (mut total, mut buffer) = (0usize, [0u8; 5000]);
+                while started.elapsed() < Duration::from_secs(12) {
+                    match socket.read(&mut buffer) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => total += n,
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                total
+            })
+        })
+        .collect();
+    let mut client = gateway.grpc().await;
+    let mut waiting = client
+        .subscribe(SubscribeRequest {
+            start: Some(Start::Beginning(())),
+            ..SubscribeRequest::default()
+        })
+        .await
+        .expect("subscribed")
+        .into_inner();
+    let waiter = tokio::spawn(async move { while let Ok(Some(_)) = waiting.message().await {} });
+    let totals: Vec<usize> = tokio::task::spawn_blocking(move || {
+        readers
+            .into_iter()
+            .map(|reader| reader.join().expect("reads"))
+            .collect()
+    })
+    .await
+    .expect("joins");
+    assert_eq!(
+        gateway.metric("iqgw_subscribers_evicted_total").await,
+        0,
+        "no slow SSE reader was closed; they read {totals:?} bytes"
+    );
+    waiter.abort();
+}
