@@ -500,9 +500,7 @@ impl Subscription {
         let mut page = Some(page);
         let filter = self.filter.clone();
         let not_before = self.not_before;
-        let scanned_count = registry.scanned.clone();
         let wanted: Wanted = Arc::new(move |_, received_at_ms, payload: &[u8]| {
-            scanned_count.fetch_add(1, Ordering::Relaxed);
             // A payload whose keys do not decode is kept: decoding it below reports it.
             let kept = received_at_ms >= not_before
                 && crate::wire::keys_of(payload).is_none_or(|keys| filter.matches(&keys));
@@ -549,6 +547,10 @@ impl Subscription {
         }
         let mut next = scanned.next;
         self.too_large = 0;
+        // Counted once per read, never per record: the records looked at are those it passed.
+        registry
+            .scanned
+            .fetch_add(scanned.next.saturating_sub(from), Ordering::Relaxed);
         registry
             .kept
             .fetch_add(scanned.records.len() as u64, Ordering::Relaxed);

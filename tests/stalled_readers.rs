@@ -32,22 +32,48 @@ async fn post(http: &reqwest::Client, gateway: &Process, id: i64, bytes: usize) 
     assert_eq!(response.status(), 200, "{:?}", response.text().await);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reader_gets_every_event_while_stalled_readers_hold_all_the_memory() {
+/// A gateway on the memory store with these budgets, holding `events` events of about `bytes`.
+async fn with_events(
+    catch_up_memory: usize,
+    stall_timeout: &str,
+    events: i64,
+    bytes: usize,
+) -> (Process, reqwest::Client) {
+    let catch_up_memory = catch_up_memory.to_string();
     let gateway = Process::start(&[
         "--store",
         "memory",
         "--catch-up-memory",
-        "2097152",
+        &catch_up_memory,
         "--subscriber-stall-timeout",
-        "1s",
+        stall_timeout,
     ]);
     let http = reqwest::Client::new();
+    for id in 1..=events {
+        post(&http, &gateway, id, bytes).await;
+    }
+    (gateway, http)
+}
+
+/// A gRPC subscriber from the beginning that reads everything it is sent, in a task.
+async fn reader_from_the_beginning(gateway: &Process) -> tokio::task::JoinHandle<()> {
+    let mut client = gateway.grpc().await;
+    let mut stream = client
+        .subscribe(SubscribeRequest {
+            start: Some(Start::Beginning(())),
+            ..SubscribeRequest::default()
+        })
+        .await
+        .expect("subscribed")
+        .into_inner();
+    tokio::spawn(async move { while let Ok(Some(_)) = stream.message().await {} })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_gets_every_event_while_stalled_readers_hold_all_the_memory() {
     // 60 events of 100 KB: three times the budget.
     const EVENTS: i64 = 60;
-    for id in 1..=EVENTS {
-        post(&http, &gateway, id, 100_000).await;
-    }
+    let (gateway, http) = with_events(2_097_152, "1s", EVENTS, 100_000).await;
     // Readers that stop reading, from the beginning: together they hold all 2 MiB.
     let mut grpc = Vec::new();
     for _ in 0..8 {
@@ -119,18 +145,7 @@ async fn a_reader_gets_every_event_while_stalled_readers_hold_all_the_memory() {
 /// written; they now come back in pieces of 64 KiB as the client reads).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_readers_are_not_closed_while_others_wait() {
-    let gateway = Process::start(&[
-        "--store",
-        "memory",
-        "--catch-up-memory",
-        "4194304",
-        "--subscriber-stall-timeout",
-        "2s",
-    ]);
-    let http = reqwest::Client::new();
-    for id in 1..=30 {
-        post(&http, &gateway, id, 900_000).await;
-    }
+    let (gateway, _http) = with_events(4_194_304, "2s", 30, 900_000).await;
     // Three readers that take about 64 KB a second each, from the beginning.
     let received: Vec<std::sync::Arc<std::sync::atomic::AtomicUsize>> =
         (0..3).map(|_| std::sync::Arc::default()).collect();
@@ -154,22 +169,7 @@ async fn slow_readers_are_not_closed_while_others_wait() {
         }));
     }
     // Another subscriber waits for memory meanwhile.
-    let mut client = gateway.grpc().await;
-    let mut waiting = client
-        .subscribe(SubscribeRequest {
-            start: Some(Start::Beginning(())),
-            ..SubscribeRequest::default()
-        })
-        .await
-        .expect("subscribed")
-        .into_inner();
-    let waiter = tokio::spawn(async move {
-        let mut got = 0;
-        while let Ok(Some(_)) = waiting.message().await {
-            got += 1;
-        }
-        got
-    });
+    let waiter = reader_from_the_beginning(&gateway).await;
     tokio::time::sleep(Duration::from_secs(12)).await;
     assert_eq!(
         gateway.metric("iqgw_subscribers_evicted_total").await,
@@ -193,18 +193,7 @@ async fn slow_readers_are_not_closed_while_others_wait() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_sse_readers_behind_large_socket_buffers_are_not_closed() {
     use std::io::{Read, Write};
-    let gateway = Process::start(&[
-        "--store",
-        "memory",
-        "--catch-up-memory",
-        "4194304",
-        "--subscriber-stall-timeout",
-        "2s",
-    ]);
-    let http = reqwest::Client::new();
-    for id in 1..=30 {
-        post(&http, &gateway, id, 900_000).await;
-    }
+    let (gateway, _http) = with_events(4_194_304, "2s", 30, 900_000).await;
     let addr = gateway.addr;
     let readers: Vec<_> = (0..3)
         .map(|_| {
@@ -228,16 +217,7 @@ async fn slow_sse_readers_behind_large_socket_buffers_are_not_closed() {
             })
         })
         .collect();
-    let mut client = gateway.grpc().await;
-    let mut waiting = client
-        .subscribe(SubscribeRequest {
-            start: Some(Start::Beginning(())),
-            ..SubscribeRequest::default()
-        })
-        .await
-        .expect("subscribed")
-        .into_inner();
-    let waiter = tokio::spawn(async move { while let Ok(Some(_)) = waiting.message().await {} });
+    let waiter = reader_from_the_beginning(&gateway).await;
     let totals: Vec<usize> = tokio::task::spawn_blocking(move || {
         readers
             .into_iter()

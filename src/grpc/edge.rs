@@ -116,18 +116,6 @@ type Refusal = Arc<OnceLock<(Code, String)>>;
 pub async fn edge(State(edge): State<Arc<Edge>>, request: Request, next: Next) -> Response {
     let refusal = Refusal::default();
     let (mut parts, body) = request.into_parts();
-    // The gateway takes uncompressed messages only; tonic's refusal would quote the header
-    // whole, so a client could make it repeat kilobytes.
-    if let Some(encoding) = parts.headers.get("grpc-encoding") {
-        if encoding.as_bytes() != b"identity" {
-            let mut named = String::from_utf8_lossy(encoding.as_bytes()).into_owned();
-            crate::decode::clip_to(&mut named, 64);
-            return answer(Status::unimplemented(format!(
-                "Content is compressed with `{named}` which isn't supported; send messages \
-                 uncompressed (grpc-encoding: identity)"
-            )));
-        }
-    }
     let mut call = None;
     let body = match kind(parts.uri.path()) {
         Kind::Gateway(scope) => {
@@ -313,9 +301,7 @@ impl http_body::Body for Metered {
                     let _ = this
                         .refusal
                         .set((status.code(), status.message().to_owned()));
-                    if let Some(reservation) = this.reservation.take() {
-                        drop(reservation);
-                    }
+                    this.reservation = None;
                     return Poll::Ready(Some(Err(Box::new(status))));
                 }
             }
@@ -430,7 +416,10 @@ fn set_status(headers: &mut HeaderMap, code: Code, message: String) {
 /// where tonic's services put what the client named: reflection's "symbol '...' not found") cut
 /// to [`MAX_ERROR_TEXT`] bytes, then the whole to [`MAX_STATUS_TEXT`]; `…` marks each cut.
 pub fn cut_status_text(text: &str) -> String {
-    let mut out = match (text.find('\''), text.rfind('\'')) {
+    // Quoted with `'` (reflection's symbols) or a backtick (tonic's `grpc-encoding` refusal).
+    let open = text.find(['\'', '`']);
+    let close = open.and_then(|open| text.rfind(&text[open..=open]));
+    let mut out = match (open, close) {
         (Some(open), Some(close)) if close > open + 1 + MAX_ERROR_TEXT => {
             let mut quoted = text[open + 1..close].to_owned();
             crate::decode::clip(&mut quoted);

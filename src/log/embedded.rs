@@ -294,17 +294,12 @@ impl EventLog for EmbeddedLog {
                     let (key, value) = entry?;
                     records.push(decode_record(key.value(), value.value()));
                 }
-                if records.is_empty() {
-                    if let Some(next) = emptied_past(&txn, &events, from)? {
-                        // Below, as a record found past `from` would be: truncated.
-                        records.push(Record {
-                            sequence: next,
-                            received_at_ms: 0,
-                            payload: Bytes::new(),
-                        });
-                    }
-                }
-                Ok(records)
+                let emptied = if records.is_empty() {
+                    emptied_past(&txn, &events, from)?
+                } else {
+                    None
+                };
+                Ok((records, emptied))
             })
             .await
             .map_err(|error| match error {
@@ -318,11 +313,12 @@ impl EventLog for EmbeddedLog {
                 }
                 other => other,
             })?;
+        let (records, emptied) = records;
         // Retention may have run between the check and the read.
-        match records.first() {
-            Some(record) if record.sequence != from => Err(LogError::Truncated {
+        match records.first().map(|record| record.sequence).or(emptied) {
+            Some(oldest) if oldest != from => Err(LogError::Truncated {
                 requested: from,
-                oldest: record.sequence,
+                oldest,
             }),
             _ => Ok(records),
         }
