@@ -150,6 +150,7 @@ async fn follow(
         start: Some(start),
         include_raw_json: false,
         include_references: false,
+        ..Default::default()
     };
     let mut events = match stream(client, request, args.token.as_deref()).await {
         Ok(events) => events,

@@ -69,18 +69,25 @@ fn event(payload: bytes::Bytes) -> Result<StoredEvent, String> {
         .map_err(|error| format!("payload does not decode: {error}"))
 }
 
-/// Checks every retained record of the store in `dir`: it must be readable, its payload and
-/// typed envelope must decode, and its raw body (if any) must be JSON.
+/// Checks every retained record of the store in `dir`: it must be readable and whole (its
+/// checksum, its body's digest), its payload and typed envelope must decode, its raw body (if
+/// any) must be JSON, and the typed form and the raw body must name the same event (`Id` and
+/// `Type`).
 pub fn verify(dir: &Path) -> Result<Report, LogError> {
     let mut report = Report::default();
     let bounds = scan(dir, |sequence, scanned| {
         let checked = match scanned {
-            Scanned::Record(record) => event(record.payload).and_then(|stored| {
-                line(&stored)?;
-                crate::pb::webhook::v1::Envelope::decode(stored.envelope)
-                    .map(drop)
-                    .map_err(|error| format!("envelope does not decode: {error}"))
-            }),
+            Scanned::Record(record) => {
+                let payload = record.payload.clone();
+                event(record.payload).and_then(|stored| {
+                    crate::wire::record::check_digests(&payload, &stored)
+                        .map_err(|error| error.to_string())?;
+                    line(&stored)?;
+                    let envelope = crate::pb::webhook::v1::Envelope::decode(stored.envelope)
+                        .map_err(|error| format!("envelope does not decode: {error}"))?;
+                    agree(&envelope, &stored.raw_json)
+                })
+            }
             Scanned::Unreadable(why) => Err(why),
         };
         match checked {
@@ -101,7 +108,14 @@ pub fn export(dir: &Path, out: &mut impl Write) -> Result<Report, LogError> {
     let mut report = Report::default();
     let bounds = scan(dir, |sequence, scanned| {
         let line = match scanned {
-            Scanned::Record(record) => event(record.payload).and_then(|stored| line(&stored)),
+            Scanned::Record(record) => {
+                let payload = record.payload.clone();
+                event(record.payload).and_then(|stored| {
+                    crate::wire::record::check_digests(&payload, &stored)
+                        .map_err(|error| error.to_string())?;
+                    line(&stored)
+                })
+            }
             Scanned::Unreadable(why) => Err(why),
         };
         match line {
@@ -118,6 +132,32 @@ pub fn export(dir: &Path, out: &mut impl Write) -> Result<Report, LogError> {
     report.first = bounds.first;
     report.next = bounds.next;
     Ok(report)
+}
+
+/// Whether the typed `envelope` and the original body `raw` (empty for none) name the same event:
+/// the body decoded again (tolerantly, as the gateway would) has the same `ChatEvent.Id` and
+/// `Type`.
+fn agree(envelope: &crate::pb::webhook::v1::Envelope, raw: &[u8]) -> Result<(), String> {
+    if raw.is_empty() {
+        return Ok(());
+    }
+    let again = crate::decode::decode(raw)
+        .map_err(|error| format!("the original body no longer decodes: {error}"))?;
+    let name = |envelope: &crate::pb::webhook::v1::Envelope| {
+        envelope
+            .chat_event
+            .as_ref()
+            .map(|event| (event.id, event.r#type.clone()))
+            .unwrap_or_default()
+    };
+    let (typed, original) = (name(envelope), name(&again.envelope));
+    if typed != original {
+        return Err(format!(
+            "the typed form is event {} of type {:?}, the original body event {} of type {:?}",
+            typed.0, typed.1, original.0, original.1
+        ));
+    }
+    Ok(())
 }
 
 /// One NDJSON line for a stored event.

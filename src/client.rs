@@ -79,7 +79,7 @@ impl Connection {
     async fn subscribe_raw(
         &self,
         request: SubscribeRequest,
-    ) -> Result<tonic::Streaming<Bytes>, ClientError> {
+    ) -> Result<(tonic::Streaming<Bytes>, Option<String>), ClientError> {
         let mut grpc =
             tonic::client::Grpc::new(self.service().await?).max_decoding_message_size(MAX_MESSAGE);
         grpc.ready()
@@ -87,10 +87,15 @@ impl Connection {
             .map_err(|e| Status::unavailable(format!("connection not ready: {e}")))?;
         let path =
             http::uri::PathAndQuery::from_static("/iqchannels.gateway.v1.EventGateway/Subscribe");
-        Ok(grpc
+        let response = grpc
             .server_streaming(tonic::Request::new(request), path, raw::Codec)
-            .await?
-            .into_inner())
+            .await?;
+        let store = response
+            .metadata()
+            .get(crate::grpc::STORE)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        Ok((response.into_inner(), store))
     }
 
     async fn service(&self) -> Result<InterceptedService<Channel, Authorization>, ClientError> {
@@ -225,6 +230,9 @@ pub struct SubscribeOptions {
     pub reconnect: bool,
     /// Ask for the entities each event points at (`include_references`).
     pub references: bool,
+    /// The store the cursor came from (`--store-id`): sent with the resume, which another store
+    /// refuses. Learnt from the first subscription otherwise, and sent with every reconnection.
+    pub store: Option<String>,
 }
 
 /// Follows the gateway's events until interrupted (or `exit_after`), reconnecting and resuming
@@ -240,6 +248,7 @@ pub async fn subscribe(
         _ => None,
     };
     let mut stop = stop_signal()?;
+    let mut store = options.store.clone();
     let mut received = 0u64;
     let mut backoff = Duration::from_millis(200);
     let outcome = loop {
@@ -252,9 +261,13 @@ pub async fn subscribe(
             start,
             include_raw_json: options.output == Output::Json,
             include_references: options.references,
+            store: store.clone().unwrap_or_default(),
         };
         let attempt = async {
-            let mut stream = connection.subscribe_raw(request).await?;
+            let (mut stream, serving) = connection.subscribe_raw(request).await?;
+            if let Some(serving) = serving {
+                store = Some(serving);
+            }
             while let Some(bytes) = stream.message().await? {
                 let event = match Event::decode(bytes.clone()) {
                     Ok(event) => event,
@@ -310,6 +323,9 @@ pub async fn subscribe(
         Some(sequence) => eprintln!("cursor: {sequence}"),
         None => eprintln!("cursor: none (no event received)"),
     }
+    if let Some(store) = &store {
+        eprintln!("store: {store}");
+    }
     outcome
 }
 
@@ -343,6 +359,7 @@ fn fatal(error: &ClientError) -> bool {
                 | Code::Unauthenticated
                 | Code::PermissionDenied
                 | Code::NotFound
+                | Code::FailedPrecondition
         ),
         ClientError::Io(_) | ClientError::Usage(_) | ClientError::Json(_) => true,
         ClientError::Connect(_) => false,
@@ -564,7 +581,8 @@ pub struct Stopped {
 /// one being sent, so memory stays small whatever the size of the input). An event the gateway
 /// cannot take for now (busy, its store unavailable, or the gateway unreachable) is sent again,
 /// with a growing pause, for up to `retry_for`; redelivery is safe, the gateway deduplicates by
-/// event id. Shows a progress bar for large inputs on a terminal; returns the totals.
+/// event id (and a transitive event by the idempotency key each event is sent with, unique to
+/// this run). Shows a progress bar for large inputs on a terminal; returns the totals.
 pub async fn publish(
     connection: &Connection,
     inputs: &[String],
@@ -575,6 +593,9 @@ pub async fn publish(
     let progress = progress_bar(total_bytes);
     let mut summary = PublishSummary::default();
     let mut retry = Retry::new(retry_for);
+    // Each event's idempotency key is this run's and its place in the run.
+    let run = format!("publish-{}", nuid::next());
+    let mut sent = 0u64;
     let mut client = loop {
         match connection.connect().await {
             Ok(client) => break client,
@@ -605,8 +626,11 @@ pub async fn publish(
                 continue;
             }
         };
+        sent += 1;
         let request = PublishRequest {
             event: Some(publish_request::Event::RawJson(body.to_vec())),
+            // Resent after an unknown outcome, a transitive event is still stored once.
+            idempotency_key: format!("{run}-{sent}"),
         };
         drop(body);
         let mut retry = Retry::new(retry_for);

@@ -15,6 +15,8 @@ pub use tolerant::MAX_VALUE_DEPTH;
 
 pub use resolve::{indices, references, references_len, Indices, REFERENCE_FIELDS};
 
+use std::sync::LazyLock;
+
 use crate::pb::webhook::v1::Envelope;
 use crate::wire::Keys;
 
@@ -41,6 +43,9 @@ pub enum Outcome {
     /// An opaque value cut to `null` where it would nest deeper than stock protobuf decoders
     /// read (DESIGN invariant 9); the raw JSON keeps it.
     Cut,
+    /// A key spelled as one of the vendor's SDKs has spelled it ([`respelling`]: `BirthDay` for
+    /// `Birthday`), typed into the field of the usual spelling; the raw JSON keeps it as sent.
+    Respelled,
     /// A string or key with an unpaired UTF-16 surrogate escape (`"\ud800"`: valid JSON, but no
     /// protobuf string can hold it), each replaced by U+FFFD; the raw JSON keeps the escape.
     Replaced,
@@ -54,6 +59,7 @@ impl Outcome {
             Outcome::Dropped => "dropped",
             Outcome::Cut => "cut",
             Outcome::Replaced => "replaced",
+            Outcome::Respelled => "respelled",
         }
     }
 }
@@ -340,11 +346,77 @@ fn decode_one(body: &[u8], policy: Policy) -> Result<Decoded, DecodeError> {
         }
     };
     // The fast parse reads a body that fits the protos exactly; anything else goes to the
-    // tolerant decode, or is explained by the tracked parse (which names the field).
+    // tolerant decode, or is explained by the tracked parse (which names the field). A body that
+    // may hold a respelled key goes to the tolerant decode at once: the fast parse would skip it
+    // as unknown.
+    if may_be_respelled(body) {
+        return tolerated(body, text, None, policy);
+    }
     match serde_json::from_str(text) {
         Ok(envelope) => checked(body, envelope),
-        Err(error) => tolerated(body, text, &error, policy),
+        Err(error) => tolerated(body, text, Some(&error), policy),
     }
+}
+
+/// The keys the vendor's SDKs have spelled otherwise (../shared/SCHEMA.md, "Key spellings"): for
+/// a message (protobuf full name), each other spelling and the usual one (the field's
+/// `json_name`).
+const RESPELLINGS: &[(&str, &[(&str, &str)])] = &[
+    // The widget reads `BirthDay` (2024); the 2021 fixture has `Birthday`.
+    (
+        "iqchannels.webhook.v1.ClientDetails",
+        &[("BirthDay", "Birthday")],
+    ),
+    // The Kotlin SDK, 2025-11-19 to 2025-12-10.
+    (
+        "iqchannels.webhook.v1.Client",
+        &[("PersonalManagerID", "PersonalManagerId")],
+    ),
+    // The Swift SDK until 2024-04.
+    (
+        "iqchannels.webhook.v1.SingleChoice",
+        &[
+            ("id", "Id"),
+            ("chatMessageId", "ChatMessageId"),
+            ("clientId", "ClientId"),
+            ("deleted", "Deleted"),
+            ("createdAt", "CreatedAt"),
+            ("updatedAt", "UpdatedAt"),
+        ],
+    ),
+    ("iqchannels.webhook.v1.Chat", &[("IsOpen", "Open")]),
+    ("iqchannels.webhook.v1.ChatEvent", &[("IsPublic", "Public")]),
+];
+
+/// The usual spelling of `key` in the message `message` (a protobuf full name), when `key` is a
+/// spelling the vendor's SDKs have used for it.
+pub(crate) fn respelling(message: &str, key: &str) -> Option<&'static str> {
+    RESPELLINGS
+        .iter()
+        .find(|(name, _)| *name == message)?
+        .1
+        .iter()
+        .find(|(other, _)| *other == key)
+        .map(|(_, usual)| *usual)
+}
+
+/// Whether `body` may hold a respelled key: one of [`RESPELLINGS`] in quotes, or a JSON escape
+/// of an ASCII letter (`"Birth\u0044ay"`, which no encoder of the vendor's writes). The fast
+/// parse would skip such a key as unknown; the tolerant decode types it. A false alarm (the text
+/// inside a string value) only costs the slower decode.
+fn may_be_respelled(body: &[u8]) -> bool {
+    static FINDERS: LazyLock<Vec<memchr::memmem::Finder<'static>>> = LazyLock::new(|| {
+        RESPELLINGS
+            .iter()
+            .flat_map(|(_, keys)| keys.iter())
+            .map(|(other, _)| {
+                memchr::memmem::Finder::new(format!("\"{other}\"").as_bytes()).into_owned()
+            })
+            .collect()
+    });
+    let escaped_letter = memchr::memmem::find_iter(body, b"\\u00")
+        .any(|at| matches!(body.get(at + 4), Some(b'4'..=b'7')));
+    escaped_letter || FINDERS.iter().any(|finder| finder.find(body).is_some())
 }
 
 /// The checks after a successful fast parse of `body` into `envelope`: it fits the protos, so
@@ -359,26 +431,44 @@ fn checked(body: &[u8], envelope: Envelope) -> Result<Decoded, DecodeError> {
 }
 
 /// A body the fast parse refused with `fast`: decoded tolerantly, or explained.
+///
+/// `fast` is `None` when the fast parse was not tried (the body may hold a respelled key): then
+/// the strict policy too reads it tolerantly, and refuses it for its first deviation.
 fn tolerated(
     body: &[u8],
     text: &str,
-    fast: &serde_json::Error,
+    fast: Option<&serde_json::Error>,
     policy: Policy,
 ) -> Result<Decoded, DecodeError> {
+    let explained = |fast: Option<&serde_json::Error>| match fast {
+        Some(fast) => explain(body, fast),
+        None => match serde_json::from_str::<Envelope>(text) {
+            Err(fast) => explain(body, &fast),
+            Ok(_) => DecodeError::at(".", "expected a webhook body"),
+        },
+    };
     // A "syntax" error of the fast parse may be a number out of range in a typed field (`1e400`),
     // which is valid JSON: only text that does not parse even when ignored is malformed.
-    let malformed = (fast.is_syntax() || fast.is_eof())
+    let malformed = fast.is_none_or(|fast| fast.is_syntax() || fast.is_eof())
         && (too_deep(body).is_some()
             || serde_json::from_str::<serde::de::IgnoredAny>(text).is_err());
-    if policy == Policy::Strict || malformed {
-        return Err(explain(body, fast));
+    if (policy == Policy::Strict && fast.is_some()) || malformed {
+        return Err(explained(fast));
     }
     too_deep_check(body)?;
     let tolerated = match tolerant::decode(text) {
         Ok(tolerated) => tolerated,
-        Err(tolerant::Refusal::Syntax) => return Err(explain(body, fast)),
+        Err(tolerant::Refusal::Syntax) => return Err(explained(fast)),
         Err(tolerant::Refusal::Invalid(error)) => return Err(error),
     };
+    if policy == Policy::Strict {
+        if let Some(deviation) = tolerated.deviations.first() {
+            return Err(DecodeError::at(
+                &deviation.path,
+                format!("expected {}, found {}", deviation.expected, deviation.found),
+            ));
+        }
+    }
     let transitive = tolerated
         .envelope
         .chat_event
@@ -453,7 +543,7 @@ pub fn decode_array(
 ) -> Result<(), DecodeError> {
     let mut lines = Lines::new(body);
     let done = match std::str::from_utf8(body) {
-        Ok(text) => decode_array_fast(text, &mut lines, &mut each),
+        Ok(text) => decode_array_fast(text, policy, &mut lines, &mut each),
         Err(_) => Err(0),
     };
     match done {
@@ -466,6 +556,7 @@ pub fn decode_array(
 /// after the first `n` items (which were handed over).
 fn decode_array_fast(
     text: &str,
+    policy: Policy,
     lines: &mut Lines<'_>,
     each: &mut impl FnMut(BatchItem),
 ) -> Result<(), usize> {
@@ -503,9 +594,15 @@ fn decode_array_fast(
             return Err(handed);
         };
         let end = at + stream.byte_offset();
+        let item = &body[at..end];
+        let decoded = if may_be_respelled(item) {
+            decode_with(item, policy)
+        } else {
+            checked(item, envelope)
+        };
         each(BatchItem {
             range: at..end,
-            decoded: checked(&body[at..end], envelope).map_err(|error| error.placed(lines, at)),
+            decoded: decoded.map_err(|error| error.placed(lines, at)),
         });
         handed += 1;
         at = skip_whitespace(end);
@@ -616,6 +713,40 @@ pub fn dedup_id(envelope: &Envelope) -> Option<i64> {
         .as_ref()
         .filter(|event| !event.transitive)
         .map(|event| event.id)
+}
+
+/// The deduplication key of a transitive event (it has no `ChatEvent.Id`) sent with the
+/// sender's idempotency key `key`, as a single event (`index` `None`) or as item `index` of a
+/// batch: the first 8 bytes of SHA-256(key, 0, the item's place), with the sign bit set. Negative, so never a
+/// `ChatEvent.Id` (always positive where it is the key): the same key and item is stored once,
+/// whatever the retries.
+pub fn idempotency_id(key: &str, index: Option<usize>) -> i64 {
+    use sha2::{Digest as _, Sha256};
+    let mut digest = Sha256::new().chain_update(key.as_bytes()).chain_update([0]);
+    if let Some(index) = index {
+        digest.update((index as u64).to_le_bytes());
+    }
+    let digest = digest.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    (u64::from_le_bytes(first) | 1 << 63) as i64
+}
+
+/// The longest idempotency key taken (`Idempotency-Key`, `webhook-id`, gRPC `idempotency_key`).
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// Checks a sender's idempotency key: 1 to [`MAX_IDEMPOTENCY_KEY`] bytes of visible ASCII.
+pub fn check_idempotency_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(format!(
+            "an idempotency key is 1 to {MAX_IDEMPOTENCY_KEY} bytes, this one {}",
+            key.len()
+        ));
+    }
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("an idempotency key is visible ASCII (no spaces or control bytes)".into());
+    }
+    Ok(())
 }
 
 /// `text` (JSON) on one line: without the whitespace between its tokens, its numbers and strings

@@ -193,7 +193,14 @@ impl Gateway {
 
     /// Stores one webhook JSON body. The body is kept verbatim beside the typed message, without
     /// a leading byte-order mark ([`decode::strip_bom`]).
-    pub async fn ingest_json(&self, body: Bytes) -> Result<Ingested, IngestError> {
+    ///
+    /// `key` is the sender's idempotency key, if any: a transitive event sent with it is stored
+    /// once, however often it is sent again with the same key.
+    pub async fn ingest_json(
+        &self,
+        body: Bytes,
+        key: Option<&str>,
+    ) -> Result<Ingested, IngestError> {
         let body = body.slice_ref(decode::strip_bom(&body));
         let (policy, max_event_bytes) = (self.policy, self.max_event_bytes);
         // Decoding and building the record (the cut to fit, the digests, compression) both cost
@@ -209,6 +216,7 @@ impl Gateway {
                 })
             })
             .await??;
+        let event_id = event_id.or_else(|| key.map(|key| decode::idempotency_id(key, None)));
         let (record, identity, deviations) = self.finish(event_id, built)?;
         self.note_deviations(&deviations);
         let appended = self.append_one(record).await?;
@@ -284,11 +292,16 @@ impl Gateway {
 
     /// Stores a typed envelope (gRPC Publish); there is no original JSON to keep. It must carry
     /// what a JSON body must (a type, and a positive id unless transitive).
-    pub async fn ingest_envelope(&self, envelope: Envelope) -> Result<Ingested, IngestError> {
+    pub async fn ingest_envelope(
+        &self,
+        envelope: Envelope,
+        key: Option<&str>,
+    ) -> Result<Ingested, IngestError> {
         decode::validate(&envelope)?;
         // JSON has no NaN nor infinities; a typed envelope may carry them in opaque values.
         let (envelope, deviations) = crate::fit::finite(envelope);
-        let (record, identity, deviations) = self.record(envelope, Bytes::new(), deviations)?;
+        let (record, identity, deviations) =
+            self.record(envelope, Bytes::new(), deviations, key)?;
         self.note_deviations(&deviations);
         let appended = self.append_one(record).await?;
         Ok(Ingested {
@@ -456,8 +469,10 @@ impl Gateway {
         envelope: Envelope,
         raw_json: Bytes,
         deviations: Vec<Deviation>,
+        key: Option<&str>,
     ) -> Result<(NewRecord, NewIdentity, Vec<Deviation>), IngestError> {
-        let event_id = decode::dedup_id(&envelope);
+        let event_id = decode::dedup_id(&envelope)
+            .or_else(|| key.map(|key| decode::idempotency_id(key, None)));
         let built = stored_record(envelope, raw_json, deviations, self.max_event_bytes);
         self.finish(event_id, built)
     }
@@ -551,6 +566,11 @@ impl Gateway {
             Some(sequence) => self.get_by_sequence(sequence).await,
             None => Ok(None),
         }
+    }
+
+    /// The identity of the store this gateway serves ([`crate::log::EventLog::identity`]).
+    pub fn store_identity(&self) -> String {
+        self.log.identity()
     }
 
     /// Whether the gateway takes ingest now: not draining and the log is healthy.
@@ -659,12 +679,34 @@ enum Redelivery {
     Conflict,
 }
 
+/// Why a resume with a cursor from the store `theirs` is refused by a gateway serving `ours`.
+pub fn other_store(theirs: &str, ours: &str) -> String {
+    let cut = |text: &str| text.chars().take(200).collect::<String>();
+    format!(
+        "the cursor is from the store {:?}, and this gateway serves {:?} (a restored backup, or a \
+         stream deleted and created again): its sequences name other events; resume from the \
+         beginning or by time",
+        cut(theirs),
+        cut(ours)
+    )
+}
+
 /// An event's record as [`stored_record`] built it (or why it cannot be stored), with its id:
 /// what a batch keeps of each item once decoded, on the decode pool, so that its typed form is
 /// dropped at once (a body of many small items would otherwise hold all their envelopes).
 pub struct Built {
     event_id: Option<i64>,
     built: Result<(Bytes, NewIdentity, Vec<Deviation>), crate::fit::TooLarge>,
+}
+
+impl Built {
+    /// Gives a transitive event (no deduplication key) the key of item `index` of a request
+    /// sent with the idempotency key `key` ([`decode::idempotency_id`]).
+    pub fn keyed(&mut self, key: Option<&str>, index: usize) {
+        if let (None, Some(key)) = (self.event_id, key) {
+            self.event_id = Some(decode::idempotency_id(key, Some(index)));
+        }
+    }
 }
 
 /// The record of a decoded item of `raw_json` (see [`Built`]).

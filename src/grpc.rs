@@ -208,12 +208,18 @@ impl Service {
         let _permit = self.gateway.admit().ok_or_else(|| {
             Status::resource_exhausted("too many requests in flight; retry shortly")
         })?;
-        let ingested = match request.into_inner().event {
+        let request = request.into_inner();
+        let key = (!request.idempotency_key.is_empty()).then_some(&*request.idempotency_key);
+        if let Some(key) = key {
+            crate::decode::check_idempotency_key(key)
+                .map_err(|error| Status::invalid_argument(format!("idempotency_key: {error}")))?;
+        }
+        let ingested = match request.event {
             Some(publish_request::Event::RawJson(body)) => {
-                self.gateway.ingest_json(body.into()).await
+                self.gateway.ingest_json(body.into(), key).await
             }
             Some(publish_request::Event::Envelope(envelope)) => {
-                self.gateway.ingest_envelope(envelope).await
+                self.gateway.ingest_envelope(envelope, key).await
             }
             None => {
                 return Err(Status::invalid_argument(
@@ -296,6 +302,13 @@ impl EventGateway for Service {
             .get::<crate::server::Disconnect>()
             .map(crate::server::Disconnect::evict);
         let request = request.into_inner();
+        let store = self.gateway.store_identity();
+        if !request.store.is_empty() && request.store != store {
+            return Err(Status::failed_precondition(crate::gateway::other_store(
+                &request.store,
+                &store,
+            )));
+        }
         let filter = request.filter.map(filter_from).unwrap_or_default();
         let start = match request.start {
             None => Start::Live,
@@ -320,7 +333,11 @@ impl EventGateway for Service {
             form,
             slot,
         };
-        Ok(Response::new(Box::pin(stream)))
+        let mut response = Response::new(Box::pin(stream) as EventStream);
+        if let Ok(value) = store.parse() {
+            response.metadata_mut().insert(STORE, value);
+        }
+        Ok(response)
     }
 
     async fn publish(
@@ -488,7 +505,11 @@ fn decode_status(error: DecodeError) -> Status {
 fn log_status(error: LogError) -> Status {
     match error {
         LogError::Truncated { .. } => Status::out_of_range(error.to_string()),
-        LogError::Unavailable(_) | LogError::Closed => Status::unavailable(error.to_string()),
+        LogError::Unavailable(_) | LogError::Closed => {
+            outcome(Status::unavailable(error.to_string()), NOT_STORED)
+        }
+        // May be stored: retrying is safe for an event with an id or an idempotency key.
+        LogError::Unknown(_) => outcome(Status::unavailable(error.to_string()), UNKNOWN),
         // Refused for good: the message says "too large" (clients tell it from "busy").
         LogError::TooLarge(_) => Status::resource_exhausted(error.to_string()),
         // Not retryable: reconnecting would meet the same damaged record.
@@ -498,6 +519,26 @@ fn log_status(error: LogError) -> Status {
             Status::failed_precondition(error.to_string())
         }
     }
+}
+
+/// The header that names the store a subscription reads ([`crate::log::EventLog::identity`]):
+/// what a client sends back as `SubscribeRequest.store` (SSE: `store=`) when it resumes.
+pub const STORE: &str = "iqgw-store";
+
+/// The metadata key that says of an UNAVAILABLE `Publish` whether the event may be stored:
+/// [`NOT_STORED`] or [`UNKNOWN`] (the same words as HTTP's `"outcome"`).
+pub const OUTCOME: &str = "iqgw-outcome";
+/// The store did not take the event.
+pub const NOT_STORED: &str = "not_stored";
+/// The store's answer was lost: the event may be stored.
+pub const UNKNOWN: &str = "unknown";
+
+fn outcome(mut status: Status, outcome: &'static str) -> Status {
+    status.metadata_mut().insert(
+        OUTCOME,
+        tonic::metadata::MetadataValue::from_static(outcome),
+    );
+    status
 }
 
 fn ingest_status(error: IngestError) -> Status {

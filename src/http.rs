@@ -198,8 +198,26 @@ async fn post_event(
     State(state): State<AppState>,
     request: Request,
 ) -> Result<Json<Ingested>, HttpError> {
+    let key = idempotency_key(request.headers())?;
     let (_permit, _, body) = accept(&state, request, &["application/json"]).await?;
-    Ok(Json(state.gateway.ingest_json(body).await?))
+    Ok(Json(state.gateway.ingest_json(body, key.as_deref()).await?))
+}
+
+/// The sender's idempotency key: `Idempotency-Key`, else Standard Webhooks' `webhook-id` (the
+/// same for every retry of a delivery). A transitive event sent with one is stored once.
+fn idempotency_key(headers: &header::HeaderMap) -> Result<Option<String>, HttpError> {
+    let Some((name, value)) = ["idempotency-key", "webhook-id"]
+        .iter()
+        .find_map(|name| headers.get(*name).map(|value| (*name, value)))
+    else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .map_err(|_| HttpError::BadHeader(format!("{name}: expected visible ASCII")))?;
+    decode::check_idempotency_key(key)
+        .map_err(|error| HttpError::BadHeader(format!("{name}: {error}")))?;
+    Ok(Some(key.to_owned()))
 }
 
 /// Everything an ingest request goes through before its body is decoded, cheapest and least
@@ -370,6 +388,7 @@ async fn post_batch(
         "application/json-seq",
     ];
     let allowed = ["application/json", ndjson[0], ndjson[1], ndjson[2]];
+    let key = idempotency_key(request.headers())?;
     let (_permit, content_type, body) = accept(&state, request, &allowed).await?;
     let body = body.slice_ref(decode::strip_bom(&body));
     let policy = state.gateway.decode_policy();
@@ -377,7 +396,7 @@ async fn post_batch(
     let array = content_type == "application/json";
     let Batch {
         slots,
-        events,
+        mut events,
         rejected,
     } = state
         .gateway
@@ -388,6 +407,14 @@ async fn post_batch(
         .await
         .map_err(HttpError::Busy)?
         .map_err(HttpError::Invalid)?;
+    // A transitive item of a request with an idempotency key is keyed by its place in the body.
+    let places = slots
+        .iter()
+        .enumerate()
+        .filter(|(_, slot)| matches!(slot, Slot::Event));
+    for ((index, _), event) in places.zip(events.iter_mut()) {
+        event.keyed(key.as_deref(), index);
+    }
     // One result per stored item: JetStream stores each on its own, so some may fail while
     // others are stored (answered per item); nothing stored at all is a 503 (retry the batch).
     let ingested = state.gateway.ingest_batch(events).await;
@@ -397,8 +424,17 @@ async fn post_batch(
         .filter(|item| matches!(item, Err(LogError::TooLarge(_))))
         .count();
     let unavailable = ingested.iter().filter(|item| item.is_err()).count() - too_large;
+    let unknown = ingested
+        .iter()
+        .filter(|item| matches!(item, Err(LogError::Unknown(_))))
+        .count();
     if unavailable > 0 && unavailable == ingested.len() {
-        if let Some(error) = ingested.iter().find_map(|item| item.as_ref().err()) {
+        // Some may be stored: the answer says so, whatever became of the others.
+        let error = ingested
+            .iter()
+            .find(|item| matches!(item, Err(LogError::Unknown(_))))
+            .or_else(|| ingested.iter().find(|item| item.is_err()));
+        if let Some(Err(error)) = error {
             return Err(HttpError::Storage(error.clone()));
         }
     }
@@ -442,6 +478,7 @@ async fn post_batch(
         duplicates,
         rejected: rejected + too_large,
         unavailable,
+        unknown,
         omitted_errors: rejected - detailed_errors,
         omitted_deviations,
         results: Results {
@@ -469,6 +506,10 @@ struct BatchAnswer<'a> {
     /// Items not stored because storage failed (only when some were); send them again.
     #[serde(skip_serializing_if = "is_zero")]
     unavailable: usize,
+    /// Of `unavailable`, the items whose outcome is unknown: the store's answer was lost, they
+    /// may be stored (sent again, an event with an id or an idempotency key is stored once).
+    #[serde(skip_serializing_if = "is_zero")]
+    unknown: usize,
     /// Rejected items not answered in full (they are in `omitted`).
     #[serde(skip_serializing_if = "is_zero")]
     omitted_errors: usize,
@@ -512,6 +553,8 @@ enum Run<'a> {
         to: usize,
         error: String,
         retry: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        outcome: Option<&'static str>,
     },
     /// Past [`MAX_RUNS`]: what the remaining items came to, counted.
     Rest {
@@ -521,6 +564,8 @@ enum Run<'a> {
         duplicates: usize,
         rejected: usize,
         unavailable: usize,
+        #[serde(skip_serializing_if = "is_zero")]
+        unknown: usize,
     },
 }
 
@@ -551,6 +596,7 @@ impl<'a> Run<'a> {
                 to: index,
                 error: error.to_string(),
                 retry: retryable(error),
+                outcome: outcome_word(error),
             },
             Outcome::Rejected { error, .. } => {
                 let error = (*error)?;
@@ -601,6 +647,7 @@ impl<'a> Run<'a> {
                     duplicates,
                     rejected,
                     unavailable,
+                    unknown,
                     ..
                 },
                 outcome,
@@ -609,6 +656,10 @@ impl<'a> Run<'a> {
                 match outcome {
                     Outcome::Stored(item) if item.appended.duplicate => *duplicates += 1,
                     Outcome::Stored(_) => *stored += 1,
+                    Outcome::Unstored(LogError::Unknown(_)) => {
+                        *unavailable += 1;
+                        *unknown += 1;
+                    }
                     Outcome::Unstored(error) if retryable(error) => *unavailable += 1,
                     Outcome::Unstored(_) => *rejected += 1,
                     Outcome::Rejected { .. } => *rejected += 1,
@@ -658,6 +709,7 @@ fn runs<'a>(
                 duplicates: 0,
                 rejected: 0,
                 unavailable: 0,
+                unknown: 0,
             };
             // Counts the item (a rest run takes any).
             rest.extend(index, &outcome);
@@ -685,11 +737,24 @@ fn retryable(error: &LogError) -> bool {
     !matches!(error, LogError::TooLarge(_))
 }
 
+/// Whether an event storage did not acknowledge may be stored all the same: `"unknown"` (the
+/// store's answer was lost), `"not_stored"` (storage failed before it took the event). `None`
+/// for a refusal that is not storage's (too large).
+fn outcome_word(error: &LogError) -> Option<&'static str> {
+    match error {
+        LogError::Unknown(_) => Some("unknown"),
+        LogError::TooLarge(_) => None,
+        _ => Some("not_stored"),
+    }
+}
+
 /// An item storage did not take.
 #[derive(serde::Serialize)]
 struct Unstored {
     error: String,
     retry: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outcome: Option<&'static str>,
 }
 
 impl serde::Serialize for Results<'_> {
@@ -705,6 +770,7 @@ impl serde::Serialize for Results<'_> {
                     Some((_, Err(error))) => seq.serialize_element(&Unstored {
                         error: error.to_string(),
                         retry: retryable(error),
+                        outcome: outcome_word(error),
                     })?,
                     None => return Err(S::Error::custom("fewer results than stored items")),
                 },
@@ -886,6 +952,10 @@ enum HttpError {
     Timeout,
     #[error("not found")]
     NotFound,
+    #[error("{0}")]
+    BadHeader(String),
+    #[error("{0}")]
+    OtherStore(String),
 }
 
 impl From<IngestError> for HttpError {
@@ -910,7 +980,8 @@ impl IntoResponse for HttpError {
             | Self::UnsupportedCharset(_)
             | Self::UnsupportedEncoding => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::BadQuery(_) => StatusCode::BAD_REQUEST,
+            Self::BadQuery(_) | Self::BadHeader(_) => StatusCode::BAD_REQUEST,
+            Self::OtherStore(_) => StatusCode::PRECONDITION_FAILED,
             Self::Subscribe(error) => subscribe_status(error),
             Self::Auth(AuthError::Unauthenticated) => StatusCode::UNAUTHORIZED,
             Self::Auth(AuthError::Forbidden) => StatusCode::FORBIDDEN,
@@ -920,6 +991,10 @@ impl IntoResponse for HttpError {
         };
         let body = match &self {
             Self::Invalid(error) => json!(ErrorBody::from(error)),
+            Self::Storage(error) => match outcome_word(error) {
+                Some(outcome) => json!({"error": self.to_string(), "outcome": outcome}),
+                None => json!({"error": self.to_string()}),
+            },
             other => json!({"error": other.to_string()}),
         };
         let mut response = (status, Json(body)).into_response();

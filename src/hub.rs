@@ -314,6 +314,10 @@ mod tests {
         async fn seek_time(&self, _: i64) -> Result<u64, LogError> {
             Ok(1)
         }
+        fn identity(&self) -> String {
+            "test".into()
+        }
+
         fn bounds(&self) -> Bounds {
             Bounds { first: 1, next: 1 }
         }

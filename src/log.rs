@@ -122,9 +122,16 @@ pub enum LogError {
         /// retention, the oldest of all. Always greater than `requested`.
         oldest: u64,
     },
-    /// The storage failed (disk, network); nothing was acknowledged. Callers answer "retry".
+    /// The storage failed (disk, network) before the record reached it: it is not stored.
+    /// Callers answer "retry".
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// Whether the record was stored is not known: it was sent to the store, whose answer never
+    /// came (NATS went away, or its acknowledgement timed out). It may be stored. Callers answer
+    /// "retry" with `"outcome": "unknown"`: sent again, an event with an id (or an idempotency
+    /// key) is stored once; a transitive event without a key may be stored twice.
+    #[error("the outcome is unknown, the event may have been stored: {0}")]
+    Unknown(String),
     /// The log is closed (the gateway is shutting down).
     #[error("the event log is closed")]
     Closed,
@@ -268,6 +275,37 @@ pub trait EventLog: Send + Sync + 'static {
     fn healthy(&self) -> bool {
         true
     }
+
+    /// What this store is, for the life of its events: the embedded file's random id (made when
+    /// the file is created), the JetStream stream's name and creation time. A cursor (a
+    /// sequence) means something only in the store it came from: a subscriber sends the identity
+    /// back when it resumes, and a cursor from another store (a restored backup, a recreated
+    /// stream) is refused.
+    fn identity(&self) -> String;
+
+    /// Set (once) when the store under the gateway was replaced (a JetStream stream deleted and
+    /// created again): every cursor, cache and bound the gateway holds is void. The gateway
+    /// stops serving and exits, so that it starts again on the new store (`main`).
+    fn replaced(&self) -> watch::Receiver<Option<String>> {
+        watch::channel(None).1
+    }
+}
+
+/// A random 64-bit number for a store's identity (not a secret: only different from every other
+/// store's).
+pub fn random_id() -> u64 {
+    use sha2::{Digest as _, Sha256};
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let digest = Sha256::new()
+        .chain_update(nuid::next().as_bytes())
+        .chain_update(nanos.to_le_bytes())
+        .chain_update(std::process::id().to_le_bytes())
+        .finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(first)
 }
 
 /// The largest payload a store takes, and what raises it.

@@ -31,7 +31,7 @@ enum Command {
     /// Run the gateway: HTTP/1.1 (JSON ingest, health) and gRPC on one address.
     Serve(Box<ServeArgs>),
     /// Follow a gateway's events (gRPC Subscribe), reconnecting and resuming by itself.
-    Subscribe(SubscribeArgs),
+    Subscribe(Box<SubscribeArgs>),
     /// Send events from files (JSON, JSON array or NDJSON; `-` = stdin) through gRPC Publish.
     Publish(PublishArgs),
     /// Print one stored event, by sequence or by ChatEvent.Id.
@@ -137,6 +137,11 @@ struct SubscribeArgs {
     /// Start after this sequence (resume with the cursor printed on exit).
     #[arg(long, conflicts_with = "since")]
     after: Option<u64>,
+    /// The store the cursor came from (the `store:` line printed on exit beside `cursor:`): a
+    /// gateway serving another store (a restored backup, a stream created again) refuses the
+    /// resume instead of starting at a sequence that names other events.
+    #[arg(long, requires = "after")]
+    store_id: Option<String>,
     /// Start with events received at or after this time (RFC 3339, e.g. 2026-11-24T21:00:00Z).
     #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
     since: Option<std::time::SystemTime>,
@@ -464,7 +469,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(*args).await,
-        Command::Subscribe(args) => subscribe(args).await,
+        Command::Subscribe(args) => subscribe(*args).await,
         Command::Publish(args) => publish(args).await,
         Command::Get(args) => get(args).await,
         Command::Verify(args) => {
@@ -525,6 +530,7 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
         exit_after: args.exit_after,
         reconnect: !args.no_reconnect,
         references: args.references,
+        store: args.store_id,
     };
     client::subscribe(&args.connect.connection(), options).await?;
     Ok(())
@@ -678,7 +684,33 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 poll: Duration::from_secs(5),
             }),
     };
-    server::serve(listener, log, config, server::shutdown_signal()).await?;
+    // A store replaced under the gateway (a JetStream stream deleted and created again) voids
+    // every cursor and cache: stop serving (subscribers resume elsewhere, and are refused there
+    // if their cursor came from the old store) and exit with an error, to be started again.
+    let mut replaced = log.replaced();
+    let reason = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+    let noted = reason.clone();
+    let stop = async move {
+        let store_replaced = async {
+            match replaced.wait_for(Option::is_some).await {
+                Ok(why) => why.clone(),
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = server::shutdown_signal() => {}
+            why = store_replaced => {
+                if let Ok(mut noted) = noted.lock() {
+                    *noted = why;
+                }
+            }
+        }
+    };
+    server::serve(listener, log, config, stop).await?;
+    let reason = reason.lock().ok().and_then(|reason| reason.clone());
+    if let Some(reason) = reason {
+        anyhow::bail!("the store was replaced: {reason}; start the gateway again");
+    }
     Ok(())
 }
 

@@ -258,7 +258,7 @@ impl Metrics {
         let store_damaged_reads = Gauge::default();
         registry.register(
             "store_damaged_reads",
-            "Reads that found the store damaged (records that cannot be read; run `verify`)",
+            "Reads that found the store damaged (pages that do not read, records whose checksum does not match; run `verify`)",
             store_damaged_reads.clone(),
         );
         let connections = Gauge::default();
@@ -483,8 +483,11 @@ impl Metrics {
         self.synced_records
             .set(snapshot.store.synced_records as i64);
         self.store_bytes.set(snapshot.store.size_bytes as i64);
+        // The store's own (pages that do not read) and the records' (checksums that do not match).
+        let damaged_records =
+            crate::wire::record::DAMAGED_READS.load(std::sync::atomic::Ordering::Relaxed);
         self.store_damaged_reads
-            .set(snapshot.store.damaged_reads as i64);
+            .set(snapshot.store.damaged_reads.saturating_add(damaged_records) as i64);
         self.live_tail_bytes.set(snapshot.live_tail_bytes as i64);
         self.subscriber_bytes.set(snapshot.subscriber_bytes as i64);
         // Totals kept elsewhere: each counter goes up by what is new since the last render.

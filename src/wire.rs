@@ -61,6 +61,7 @@ impl From<&crate::decode::Deviation> for crate::pb::gateway::v1::Deviation {
             Outcome::Dropped => DeviationOutcome::Dropped,
             Outcome::Cut => DeviationOutcome::Cut,
             Outcome::Replaced => DeviationOutcome::Replaced,
+            Outcome::Respelled => DeviationOutcome::Respelled,
         };
         Self {
             path: deviation.path.clone(),

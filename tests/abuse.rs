@@ -153,6 +153,7 @@ async fn uploads_awaiting_a_signature_check_do_not_take_the_slots_of_authenticat
         event: Some(publish_request::Event::RawJson(
             event_json(1, "chat_closed", 1, "user", 1).into_bytes(),
         )),
+        ..Default::default()
     });
     request
         .metadata_mut()

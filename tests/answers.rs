@@ -192,6 +192,7 @@ async fn grpc_says_resource_exhausted_for_an_oversize_message_and_invalid_argume
     let oversize = client
         .publish(PublishRequest {
             event: Some(publish_request::Event::RawJson(vec![b' '; 100 * 1024])),
+            ..Default::default()
         })
         .await
         .expect_err("too large");

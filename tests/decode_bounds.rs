@@ -154,6 +154,7 @@ async fn a_full_decode_pool_refuses_at_once_and_small_bodies_still_pass() {
                         event: Some(publish_request::Event::RawJson(tolerant_body(
                             1_000_000, 270_000, 32,
                         ))),
+                        ..Default::default()
                     })
                     .await
                 })

@@ -258,6 +258,7 @@ async fn include_raw_json_returns_the_exact_posted_bytes() {
             start: beginning(),
             include_raw_json: true,
             include_references: false,
+            ..Default::default()
         },
     )
     .await;
@@ -303,6 +304,7 @@ async fn publish_takes_raw_json_or_a_typed_envelope() {
     let raw = client
         .publish(PublishRequest {
             event: Some(publish_request::Event::RawJson(CHAT_CLOSED.to_vec())),
+            ..Default::default()
         })
         .await
         .expect("raw JSON publish")
@@ -314,6 +316,7 @@ async fn publish_takes_raw_json_or_a_typed_envelope() {
         .envelope;
     let publish = |envelope| PublishRequest {
         event: Some(publish_request::Event::Envelope(envelope)),
+        ..Default::default()
     };
     let typed = client
         .publish(publish(envelope.clone()))
@@ -347,6 +350,7 @@ async fn publish_takes_raw_json_or_a_typed_envelope() {
             event: Some(publish_request::Event::RawJson(
                 br#"{"ChatEvent": {"Id": "x", "Type": "typing"}}"#.to_vec(),
             )),
+            ..Default::default()
         })
         .await
         .expect_err("wrong type");
@@ -364,7 +368,10 @@ async fn publish_takes_raw_json_or_a_typed_envelope() {
     assert_eq!(no_type.code(), Code::InvalidArgument);
     assert!(no_type.message().contains("ChatEvent.Type"), "{no_type:?}");
     let empty = client
-        .publish(PublishRequest { event: None })
+        .publish(PublishRequest {
+            event: None,
+            ..Default::default()
+        })
         .await
         .expect_err("no event");
     assert_eq!(empty.code(), Code::InvalidArgument);
@@ -950,6 +957,7 @@ async fn a_different_event_reusing_an_id_is_a_duplicate_marked_as_a_conflict() {
     let published = client
         .publish(PublishRequest {
             event: Some(publish_request::Event::RawJson(typing.as_bytes().to_vec())),
+            ..Default::default()
         })
         .await
         .expect("publish")
@@ -1063,6 +1071,7 @@ async fn a_redelivery_with_refreshed_rels_is_no_conflict_another_chat_event_is()
             event: Some(publish_request::Event::RawJson(
                 body("null", chat_event).into_bytes(),
             )),
+            ..Default::default()
         })
         .await
         .expect("publish")

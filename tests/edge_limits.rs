@@ -254,6 +254,7 @@ async fn a_publish_that_does_not_fit_the_budget_is_refused_then_stored_once_ther
     let mut client = server.grpc().await;
     let publish = |id| PublishRequest {
         event: Some(publish_request::Event::RawJson(event_of(id, 100 << 10))),
+        ..Default::default()
     };
     let refused = client.publish(publish(9)).await.expect_err("no room");
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");

@@ -157,6 +157,7 @@ async fn scenario(log: SharedLog) {
             }),
             rels: None,
         })),
+        ..Default::default()
     };
     let refused = client
         .publish(typed(0, false))
@@ -177,6 +178,7 @@ async fn scenario(log: SharedLog) {
     let published = client
         .publish(PublishRequest {
             event: Some(publish_request::Event::RawJson(odd_body(102).into_bytes())),
+            ..Default::default()
         })
         .await
         .expect("raw publish")
@@ -398,4 +400,57 @@ async fn half_an_emoji_in_a_text_is_stored_replaced_in_the_typed_form_and_kept_i
         .expect("Rels");
     assert_eq!(rels.chat_messages[0].text, "Спасибо \u{FFFD}");
     server.stop().await;
+}
+
+/// Keys spelled as the vendor's SDKs have spelled them (issue 19, point 8): typed into the usual
+/// fields, each reported `respelled` with the key as sent, and the raw JSON kept byte for byte.
+#[tokio::test]
+async fn keys_spelled_as_the_vendors_sdks_spelled_them_are_typed_and_kept_as_sent() {
+    let server = TestServer::start().await;
+    let body = r#"{"ChatEvent": {"Id": 42, "Type": "message_created", "ChatId": 13, "IsPublic": true},
+        "Rels": {"Clients": [{"Id": 7, "PersonalManagerID": 99, "Details": {"BirthDay": "13.08.1899"}}],
+                 "ChatMessages": [{"Id": 5, "SingleChoices": [{"id": 3, "chatMessageId": 5, "title": "Да"}]}]}}"#;
+    let (status, answer) = server.post_event(body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        paths(&answer),
+        expected(&[
+            ("ChatEvent.IsPublic", "respelled"),
+            ("Rels.Clients[0].PersonalManagerID", "respelled"),
+            ("Rels.Clients[0].Details.BirthDay", "respelled"),
+            ("Rels.ChatMessages[0].SingleChoices[0].id", "respelled"),
+            (
+                "Rels.ChatMessages[0].SingleChoices[0].chatMessageId",
+                "respelled"
+            ),
+        ])
+    );
+    let mut client = server.grpc().await;
+    let mut stream = subscribe(
+        &mut client,
+        SubscribeRequest {
+            include_raw_json: true,
+            ..subscription(
+                Filter::default(),
+                Some(subscribe_request::Start::Beginning(())),
+            )
+        },
+    )
+    .await;
+    let event = next_event(&mut stream).await;
+    assert_eq!(event.raw_json, body.as_bytes());
+    assert!(event
+        .deviations
+        .iter()
+        .all(|d| d.outcome() == DeviationOutcome::Respelled));
+    let envelope = event.envelope.expect("typed");
+    assert!(envelope.chat_event.expect("ChatEvent").public);
+    let rels = envelope.rels.expect("Rels");
+    assert_eq!(rels.clients[0].personal_manager_id, Some(99));
+    assert_eq!(
+        rels.clients[0].details.as_ref().expect("Details").birthday,
+        "13.08.1899"
+    );
+    let choice = &rels.chat_messages[0].single_choices[0];
+    assert_eq!((choice.id, choice.chat_message_id), (3, 5));
 }

@@ -106,6 +106,7 @@ async fn publish_is_counted_and_an_abandoned_upload_is_not_invalid() {
     let mut grpc = server.grpc().await;
     let publish = |body: &str| PublishRequest {
         event: Some(publish_request::Event::RawJson(body.as_bytes().to_vec())),
+        ..Default::default()
     };
     grpc.publish(publish(&event_json(5, "chat_closed", 1, "user", 1)))
         .await

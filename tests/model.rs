@@ -473,6 +473,7 @@ async fn run(store: Store, ops: &[Op]) -> Result<(), String> {
                 let published = grpc
                     .publish(PublishRequest {
                         event: Some(publish_request::Event::RawJson(body.json().into_bytes())),
+                        ..Default::default()
                     })
                     .await;
                 let got = match published {

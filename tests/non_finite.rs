@@ -51,6 +51,7 @@ async fn numbers_json_cannot_hold_are_cut_at_ingest_and_every_reader_gets_the_ev
     let answer = grpc
         .publish(PublishRequest {
             event: Some(publish_request::Event::Envelope(envelope)),
+            ..Default::default()
         })
         .await
         .expect("stored")

@@ -197,6 +197,7 @@ async fn grpc_tokens_are_checked_with_their_scopes() {
             event: Some(publish_request::Event::RawJson(
                 event_json(1, "chat_closed", 1, "user", 1).into_bytes(),
             )),
+            ..Default::default()
         })
     };
     let none = client.publish(publish()).await.unwrap_err();

@@ -268,6 +268,7 @@ async fn a_publish_still_arriving_when_draining_starts_finishes_and_is_stored() 
     let (response, mut send) = client.send_request(request, false).unwrap();
     let message = PublishRequest {
         event: Some(publish_request::Event::RawJson(binary::event(7))),
+        ..Default::default()
     }
     .encode_to_vec();
     let mut framed = vec![0u8];

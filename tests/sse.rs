@@ -156,6 +156,7 @@ async fn sse_sends_every_stored_body_never_null() {
                 }),
                 rels: None,
             })),
+            ..Default::default()
         })
         .await
         .expect("typed publish");

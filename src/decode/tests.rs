@@ -585,6 +585,7 @@ fn a_batch_decodes_each_item_from_its_exact_bytes() {
     let mut items = Vec::new();
     decode_array_fast(
         std::str::from_utf8(&body).expect("UTF-8"),
+        Policy::Tolerant,
         &mut Lines::new(&body),
         &mut |item| items.push(item),
     )
@@ -1370,4 +1371,204 @@ fn ndjson_errors_are_placed_on_the_body_s_lines() {
         (Some(4), Some(1)),
         "an error the parser does not place is at the item's start"
     );
+}
+
+/// A body with every key that has another spelling, each spelled as `spell` says (the usual
+/// spelling, or the other one), with the values `values`.
+fn respelled_body(spell: &dyn Fn(&str, &str) -> String, values: &[i64; 6]) -> String {
+    let [a, b, c, d, e, f] = values;
+    format!(
+        r#"{{"ChatEvent": {{"Id": 7, "Type": "message_created", "{public}": true}},
+            "Rels": {{
+              "Chats": [{{"Id": 3, "{open}": true}}],
+              "Clients": [{{"Id": 4, "{manager}": {a}, "Details": {{"{birthday}": "13.08.1899"}}}}],
+              "ChatMessages": [{{"Id": 5, "SingleChoices": [{{
+                "{id}": {b}, "{message}": {c}, "{client}": {d}, "{deleted}": true,
+                "{created}": {e}, "{updated}": {f}, "title": "Yes"}}]}}]}}}}"#,
+        public = spell("ChatEvent", "IsPublic"),
+        open = spell("Chat", "IsOpen"),
+        manager = spell("Client", "PersonalManagerID"),
+        birthday = spell("ClientDetails", "BirthDay"),
+        id = spell("SingleChoice", "id"),
+        message = spell("SingleChoice", "chatMessageId"),
+        client = spell("SingleChoice", "clientId"),
+        deleted = spell("SingleChoice", "deleted"),
+        created = spell("SingleChoice", "createdAt"),
+        updated = spell("SingleChoice", "updatedAt"),
+    )
+}
+
+fn usual(message: &str, other: &str) -> String {
+    respelling(&format!("iqchannels.webhook.v1.{message}"), other)
+        .unwrap_or_else(|| panic!("{message}.{other} is not a known spelling"))
+        .to_owned()
+}
+
+#[test]
+fn every_spelling_of_the_vendors_sdks_is_typed_into_the_usual_field_and_named() {
+    let values = [11, 12, 13, 14, 15, 16];
+    let expected = decode_str(&respelled_body(&usual, &values)).unwrap();
+    let details = &expected.rels.as_ref().unwrap().clients[0].details;
+    assert_eq!(details.as_ref().unwrap().birthday, "13.08.1899");
+    let body = respelled_body(&|_, other| other.to_owned(), &values);
+    let decoded = decode(body.as_bytes()).unwrap();
+    assert_eq!(
+        decoded.envelope, expected,
+        "the same event, whatever the spelling"
+    );
+    let seen: Vec<(&str, &str, &str, Outcome)> = decoded
+        .deviations
+        .iter()
+        .map(|d| {
+            (
+                d.path.as_str(),
+                d.expected.as_str(),
+                d.found.as_str(),
+                d.outcome,
+            )
+        })
+        .collect();
+    let respelled = |path, usual, other| (path, usual, other, Outcome::Respelled);
+    assert_eq!(
+        seen,
+        [
+            respelled(
+                "ChatEvent.IsPublic",
+                "the key \"Public\"",
+                "the key \"IsPublic\""
+            ),
+            respelled(
+                "Rels.Chats[0].IsOpen",
+                "the key \"Open\"",
+                "the key \"IsOpen\""
+            ),
+            respelled(
+                "Rels.Clients[0].PersonalManagerID",
+                "the key \"PersonalManagerId\"",
+                "the key \"PersonalManagerID\""
+            ),
+            respelled(
+                "Rels.Clients[0].Details.BirthDay",
+                "the key \"Birthday\"",
+                "the key \"BirthDay\""
+            ),
+            respelled(
+                "Rels.ChatMessages[0].SingleChoices[0].id",
+                "the key \"Id\"",
+                "the key \"id\""
+            ),
+            respelled(
+                "Rels.ChatMessages[0].SingleChoices[0].chatMessageId",
+                "the key \"ChatMessageId\"",
+                "the key \"chatMessageId\""
+            ),
+            respelled(
+                "Rels.ChatMessages[0].SingleChoices[0].clientId",
+                "the key \"ClientId\"",
+                "the key \"clientId\""
+            ),
+            respelled(
+                "Rels.ChatMessages[0].SingleChoices[0].deleted",
+                "the key \"Deleted\"",
+                "the key \"deleted\""
+            ),
+            respelled(
+                "Rels.ChatMessages[0].SingleChoices[0].createdAt",
+                "the key \"CreatedAt\"",
+                "the key \"createdAt\""
+            ),
+            respelled(
+                "Rels.ChatMessages[0].SingleChoices[0].updatedAt",
+                "the key \"UpdatedAt\"",
+                "the key \"updatedAt\""
+            ),
+        ]
+    );
+    // A batch reads each item as a single body would.
+    let mut items = Vec::new();
+    decode_array(
+        format!("[{}, {}]", respelled_body(&usual, &values), body).as_bytes(),
+        Policy::Tolerant,
+        |item| items.push(item.decoded.unwrap()),
+    )
+    .unwrap();
+    assert_eq!(items[0].envelope, expected);
+    assert_eq!(items[0].deviations, []);
+    assert_eq!(items[1].envelope, expected);
+    assert_eq!(items[1].deviations, decoded.deviations);
+}
+
+#[test]
+fn a_respelled_key_is_typed_only_in_its_own_message_and_escapes_do_not_hide_it() {
+    // `id` is a spelling in SingleChoice only: elsewhere it is an unknown key.
+    let decoded =
+        decode(br#"{"ChatEvent": {"Id": 7, "id": 9, "Type": "typing"}, "Rels": null}"#).unwrap();
+    assert_eq!(decoded.envelope.chat_event.unwrap().id, 7);
+    assert_eq!(decoded.deviations, []);
+    // A key written with escaped letters is the same key.
+    let decoded = decode(
+        br#"{"ChatEvent": {"Id": 7, "Type": "typing"}, "Rels": {"Clients": [{"Id": 1,
+             "Details": {"Birth\u0044ay": "01.01.2000"}}]}}"#,
+    )
+    .unwrap();
+    let rels = decoded.envelope.rels.unwrap();
+    assert_eq!(
+        rels.clients[0].details.as_ref().unwrap().birthday,
+        "01.01.2000"
+    );
+    assert_eq!(
+        decoded.deviations[0].path,
+        "Rels.Clients[0].Details.BirthDay"
+    );
+    assert_eq!(decoded.deviations[0].outcome, Outcome::Respelled);
+    // Both spellings: the last one is kept, as for a key given twice.
+    let decoded = decode(
+        br#"{"ChatEvent": {"Id": 7, "Type": "typing"}, "Rels": {"Clients": [{"Id": 1,
+             "Details": {"Birthday": "01.01.2000", "BirthDay": "02.02.2002"}}]}}"#,
+    )
+    .unwrap();
+    let rels = decoded.envelope.rels.unwrap();
+    assert_eq!(
+        rels.clients[0].details.as_ref().unwrap().birthday,
+        "02.02.2002"
+    );
+    let outcomes: Vec<Outcome> = decoded.deviations.iter().map(|d| d.outcome).collect();
+    assert_eq!(outcomes, [Outcome::Respelled, Outcome::Dropped]);
+}
+
+#[test]
+fn the_strict_decode_refuses_a_respelled_key_by_its_path() {
+    let body = br#"{"ChatEvent": {"Id": 7, "Type": "typing", "IsPublic": true}, "Rels": null}"#;
+    let error = decode_with(body, Policy::Strict).unwrap_err();
+    assert_eq!(error.path, "ChatEvent.IsPublic");
+    assert!(error.message.contains("\"Public\""), "{}", error.message);
+    // A body that only mentions a spelling inside a value is read as usual.
+    let body = br#"{"ChatEvent": {"Id": 7, "Type": "typing", "Text": "\"id\" \u0041"}}"#;
+    let decoded = decode_with(body, Policy::Strict).unwrap();
+    assert_eq!(decoded.deviations, []);
+}
+
+proptest::proptest! {
+    /// Whatever mix of spellings and values: the typed event is the usually spelled one's, and
+    /// each respelled key is one deviation.
+    #[test]
+    fn any_mix_of_spellings_types_the_same_event(
+        respell in proptest::collection::vec(proptest::bool::ANY, 10),
+        values in proptest::array::uniform6(proptest::num::i64::ANY),
+    ) {
+        let others = [
+            "IsPublic", "IsOpen", "PersonalManagerID", "BirthDay", "id", "chatMessageId",
+            "clientId", "deleted", "createdAt", "updatedAt",
+        ];
+        let spell = |message: &str, other: &str| {
+            let index = others.iter().position(|o| *o == other).unwrap();
+            if respell[index] { other.to_owned() } else { usual(message, other) }
+        };
+        let expected = decode_str(&respelled_body(&usual, &values)).unwrap();
+        let decoded = decode(respelled_body(&spell, &values).as_bytes()).unwrap();
+        proptest::prop_assert_eq!(&decoded.envelope, &expected);
+        let respelled = respell.iter().filter(|r| **r).count();
+        proptest::prop_assert_eq!(decoded.deviations.len(), respelled);
+        proptest::prop_assert!(decoded.deviations.iter().all(|d| d.outcome == Outcome::Respelled));
+    }
 }

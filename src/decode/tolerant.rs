@@ -599,7 +599,13 @@ impl<'a> Walk<'a> {
         cursor.open(b'{')?;
         let mut first = true;
         while let Some(key) = cursor.next_key(&mut first)? {
-            let Some(field) = descriptor.get_field_by_json_name(&key.text) else {
+            let respelled = match descriptor.get_field_by_json_name(&key.text) {
+                Some(field) => Some((field, None)),
+                None => super::respelling(descriptor.full_name(), &key.text).and_then(|usual| {
+                    Some((descriptor.get_field_by_json_name(usual)?, Some(usual)))
+                }),
+            };
+            let Some((field, usual)) = respelled else {
                 // Unknown to the proto: kept in the raw JSON only. A key with an unpaired
                 // surrogate (no field's name) is reported, as the strict decode refuses it.
                 if key.replaced {
@@ -619,7 +625,13 @@ impl<'a> Walk<'a> {
                 cursor.skip()?;
                 continue;
             };
+            // A respelling: the path names the key as sent (one of a few short, known
+            // spellings), the field is typed as if spelled as usual.
+            let found = usual.map(|_| format!("the key {:?}", key.text));
             self.path.push(Segment::Key(key.text));
+            if let (Some(usual), Some(found)) = (usual, found) {
+                self.deviate(&format!("the key {usual:?}"), &found, Outcome::Respelled);
+            }
             let number = field.number();
             let earlier = written.iter().position(|(n, _)| *n == number);
             if let Some(i) = earlier {

@@ -31,6 +31,8 @@ struct Params {
     start: Option<StartParam>,
     /// Add the resolved references to each event's data.
     references: bool,
+    /// The store the cursor (`after=`, `Last-Event-ID`) came from (the `iqgw-store` header).
+    store: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -137,10 +139,14 @@ fn parse(query: Option<&str>) -> Result<Params, String> {
                 None
             }
             "token" => None,
+            "store" => {
+                params.store = Some(value.into_owned());
+                None
+            }
             other => {
                 return Err(format!(
                     "unknown parameter `{}`; expected type, project, channel, chat, client, user, \
-                     actor, from, after, since, tail, references or token",
+                     actor, from, after, since, tail, references, store or token",
                     shown(other, ECHOED)
                 ))
             }
@@ -205,9 +211,15 @@ pub(super) async fn stream(
     let evict = disconnect.map(|axum::Extension(disconnect)| disconnect.evict());
     match open(&state, &headers, query.as_deref(), slot.clone(), evict).await {
         // Each frame carries the budget's bytes of its event until hyper has written it.
-        Ok(sse) => sse
-            .into_response()
-            .map(|body| axum::body::Body::new(HeldBody::new(body, slot))),
+        Ok(sse) => {
+            let mut response = sse
+                .into_response()
+                .map(|body| axum::body::Body::new(HeldBody::new(body, slot)));
+            if let Ok(store) = state.gateway.store_identity().parse() {
+                response.headers_mut().insert(crate::grpc::STORE, store);
+            }
+            response
+        }
         Err(error) => error.into_response(),
     }
 }
@@ -221,6 +233,14 @@ async fn open(
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, HttpError> {
     authorize(state, headers, query)?;
     let params = parse(query).map_err(HttpError::BadQuery)?;
+    if let Some(theirs) = &params.store {
+        let ours = state.gateway.store_identity();
+        if *theirs != ours {
+            return Err(HttpError::OtherStore(crate::gateway::other_store(
+                theirs, &ours,
+            )));
+        }
+    }
     let resume = last_event_id(headers)?;
     let start = match (resume, params.start) {
         (Some(last), _) => Start::After(last),

@@ -93,6 +93,8 @@ struct Shared {
     fault: Arc<AtomicBool>,
     /// Reads that found the file damaged.
     damaged_reads: AtomicU64,
+    /// The file's random id (`meta` key `store_id`).
+    store_id: u64,
 }
 
 struct AppendRequest {
@@ -123,6 +125,7 @@ impl EmbeddedLog {
         let fault = Arc::new(AtomicBool::new(false));
         let db = open_database(&path, cache_bytes, &fault, Access::ReadWrite)?;
         let StoredBounds {
+            store_id,
             first,
             first_time,
             next,
@@ -141,6 +144,7 @@ impl EmbeddedLog {
             stats: WriterStats::default(),
             fault,
             damaged_reads: AtomicU64::new(0),
+            store_id,
         });
         let (requests, queue) = mpsc::channel(QUEUE);
         let writer = tokio::spawn(writer(shared.clone(), queue, retention));
@@ -203,6 +207,8 @@ impl Shared {
 
 /// What the file says of the log's range.
 struct StoredBounds {
+    /// The file's random id.
+    store_id: u64,
     first: u64,
     /// The received time of the oldest record (`i64::MAX` when empty).
     first_time: i64,
@@ -246,7 +252,9 @@ fn read_bounds(db: &Database) -> Result<StoredBounds, LogError> {
         let oldest = events.first()?;
         let first = oldest.as_ref().map_or(next, |(k, _)| k.value());
         let first_time = oldest.map_or(i64::MAX, |(_, v)| header(v.value()).0);
+        let store_id = meta.get(open::STORE_ID_KEY)?.map_or(0, |v| v.value());
         Ok(StoredBounds {
+            store_id,
             first,
             first_time,
             next,
@@ -426,6 +434,10 @@ impl EventLog for EmbeddedLog {
 
     fn committed(&self) -> watch::Receiver<u64> {
         self.shared.committed.subscribe()
+    }
+
+    fn identity(&self) -> String {
+        format!("embedded:{:016x}", self.shared.store_id)
     }
 
     fn healthy(&self) -> bool {

@@ -44,6 +44,8 @@ const CACHE: usize = 8192;
 pub const DEFAULT_CACHE_BYTES: usize = 16 << 20;
 /// How often the connection to NATS is checked (see `connect_options`).
 const PING_INTERVAL: Duration = Duration::from_secs(2);
+/// How often the stream's bounds and identity are checked.
+const REFRESH: Duration = Duration::from_secs(2);
 /// Direct gets in flight at once during a catch-up read.
 const READ_CONCURRENCY: usize = 32;
 
@@ -71,10 +73,33 @@ struct Shared {
     /// Payload bytes in `recent`.
     cache_held: AtomicU64,
     cache_bytes: usize,
+    /// The stream's creation time (nanoseconds since the Unix epoch) when the gateway opened it:
+    /// its identity. A stream of that name created at another time is another stream.
+    created: i128,
+    /// Set when the stream was deleted or created again ([`EventLog::replaced`]).
+    replaced: watch::Sender<Option<String>>,
 }
 
 fn unavailable(error: impl std::fmt::Display) -> LogError {
     LogError::Unavailable(error.to_string())
+}
+
+/// A record that was sent but whose acknowledgement did not come: refused by the stream (its
+/// answer says so: not stored), or unknown (no answer in time, or the connection went away
+/// after the record left: it may be stored).
+fn unacknowledged(error: jetstream::context::PublishError) -> LogError {
+    use jetstream::context::PublishErrorKind;
+    let answered = std::error::Error::source(&error)
+        .is_some_and(|source| source.downcast_ref::<jetstream::Error>().is_some());
+    match error.kind() {
+        // The stream answered with a refusal, or no stream listens on the subject.
+        PublishErrorKind::StreamNotFound
+        | PublishErrorKind::WrongLastMessageId
+        | PublishErrorKind::WrongLastSequence
+        | PublishErrorKind::MaxPayloadExceeded => unavailable(error),
+        PublishErrorKind::Other if answered => unavailable(error),
+        _ => LogError::Unknown(error.to_string()),
+    }
 }
 
 impl JetStreamLog {
@@ -105,6 +130,7 @@ impl JetStreamLog {
             );
         }
         let info = stream.get_info().await.map_err(unavailable)?;
+        let created = info.created.unix_timestamp_nanos();
         let next = info.state.last_sequence + 1;
         let first = first_retained(&info.state);
         let shared = Arc::new(Shared {
@@ -117,9 +143,15 @@ impl JetStreamLog {
             recent: Mutex::new(VecDeque::new()),
             cache_held: AtomicU64::new(0),
             cache_bytes: config.cache_bytes.max(1),
+            created,
+            replaced: watch::channel(None).0,
         });
         tokio::spawn(tail(client.clone(), stream.clone(), shared.clone(), next));
-        tokio::spawn(refresh_first(stream.clone(), Arc::downgrade(&shared)));
+        tokio::spawn(refresh_first(
+            context.clone(),
+            config.stream.clone(),
+            Arc::downgrade(&shared),
+        ));
         tracing::info!(stream = %config.stream, first, next, "JetStream store connected");
         Ok(Self {
             client,
@@ -183,7 +215,7 @@ impl JetStreamLog {
                     duplicate: true,
                 })
             }
-            Err(error) => Err(unavailable(error)),
+            Err(error) => Err(unacknowledged(error)),
         }
     }
 
@@ -617,20 +649,59 @@ async fn tail(
     }
 }
 
-/// Keeps `first` current as JetStream's retention removes old events.
-async fn refresh_first(stream: stream::Stream, shared: std::sync::Weak<Shared>) {
+/// Keeps `first` current as JetStream's retention removes old events, and notices a stream
+/// that is no longer the one the gateway opened (deleted, or deleted and created again: another
+/// creation time, or a last sequence below what was acknowledged).
+async fn refresh_first(context: jetstream::Context, name: String, shared: std::sync::Weak<Shared>) {
+    let mut missing = 0;
     loop {
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(REFRESH).await;
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        if let Ok(info) = stream.get_info().await {
-            shared
-                .first
-                .fetch_max(first_retained(&info.state), Ordering::AcqRel);
-            shared
-                .next
-                .fetch_max(info.state.last_sequence + 1, Ordering::AcqRel);
+        let replaced = match context.get_stream(&name).await {
+            Ok(stream) => {
+                missing = 0;
+                let info = stream.cached_info();
+                let created = info.created.unix_timestamp_nanos();
+                let last = info.state.last_sequence;
+                let acknowledged = shared.next.load(Ordering::Acquire).saturating_sub(1);
+                if created != shared.created {
+                    Some(format!(
+                        "the stream {name} was deleted and created again (created at {}, not \
+                         at {} as when the gateway opened it)",
+                        info.created,
+                        time::OffsetDateTime::from_unix_timestamp_nanos(shared.created)
+                            .map_or_else(|_| shared.created.to_string(), |t| t.to_string())
+                    ))
+                } else if last < acknowledged {
+                    Some(format!(
+                        "the stream {name} went back to sequence {last}, below the {acknowledged} \
+                         the gateway had seen stored"
+                    ))
+                } else {
+                    shared
+                        .first
+                        .fetch_max(first_retained(&info.state), Ordering::AcqRel);
+                    shared.next.fetch_max(last + 1, Ordering::AcqRel);
+                    None
+                }
+            }
+            // Twice in a row (a single answer may come from a server that is catching up).
+            Err(error) if is_stream_not_found(&error.kind()) => {
+                missing += 1;
+                (missing >= 2).then(|| format!("the stream {name} was deleted"))
+            }
+            Err(_) => None,
+        };
+        if let Some(reason) = replaced {
+            tracing::error!(
+                stream = %name,
+                "{reason}: every sequence and cursor into it is void; the gateway stops and \
+                 must start again to serve the stream as it is now"
+            );
+            shared.replaced.send_replace(Some(reason));
+            return;
         }
     }
 }
@@ -781,6 +852,15 @@ impl EventLog for JetStreamLog {
 
     fn healthy(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+            && self.shared.replaced.borrow().is_none()
+    }
+
+    fn identity(&self) -> String {
+        format!("jetstream:{}:{}", self.config.stream, self.shared.created)
+    }
+
+    fn replaced(&self) -> watch::Receiver<Option<String>> {
+        self.shared.replaced.subscribe()
     }
 
     fn max_payload(&self) -> Option<super::PayloadLimit> {

@@ -17,6 +17,8 @@ pub struct MemoryLog {
     committed: watch::Sender<u64>,
     /// What is kept; the oldest records go first.
     retention: Retention,
+    /// A random id: each memory store is another store.
+    id: u64,
 }
 
 struct Inner {
@@ -82,6 +84,7 @@ impl MemoryLog {
             inner,
             committed: watch::channel(0).0,
             retention,
+            id: super::random_id(),
         }
     }
 
@@ -180,6 +183,10 @@ impl EventLog for MemoryLog {
             .records
             .partition_point(|record| record.received_at_ms < at_ms);
         Ok(inner.first + index as u64)
+    }
+
+    fn identity(&self) -> String {
+        format!("memory:{:016x}", self.id)
     }
 
     fn bounds(&self) -> Bounds {

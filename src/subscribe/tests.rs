@@ -614,6 +614,10 @@ impl EventLog for Counting {
     async fn seek_time(&self, at_ms: i64) -> Result<u64, LogError> {
         self.inner.seek_time(at_ms).await
     }
+    fn identity(&self) -> String {
+        "test".into()
+    }
+
     fn bounds(&self) -> crate::log::Bounds {
         self.inner.bounds()
     }

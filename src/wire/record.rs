@@ -24,8 +24,15 @@ use crate::decode::{Indices, REFERENCE_FIELDS};
 /// First byte of a compact record (a field number of 0 is not protobuf: no [`StoredEvent`]
 /// starts with it).
 const MARK: u8 = 0x00;
-/// The compact form's version this build writes (and the newest it reads).
-const VERSION: u8 = 1;
+/// The compact form's version this build writes (and the newest it reads): [`VERSION_1`] with a
+/// checksum of the whole record (CRC-32C of the mark, the version and the [`Compact`] message,
+/// four bytes little-endian, between the version and the message), checked by every read.
+const VERSION: u8 = 2;
+/// The first compact form, without a checksum (written until December 2026; still read, its
+/// zstd frame checked by its own checksum, its body against its digest by `verify`).
+const VERSION_1: u8 = 1;
+/// The checksum's length in a record of [`VERSION`].
+const CHECKSUM_BYTES: usize = 4;
 /// zstd level: fast to compress (a few ms per MB), a third to a tenth of JSON's size.
 const LEVEL: i32 = 3;
 /// The largest content a record may say it holds (a damaged length is refused, not allocated).
@@ -258,11 +265,56 @@ pub fn encode(parts: &Parts<'_>) -> Bytes {
         content_len,
         content: content.into(),
     };
-    let mut out = Vec::with_capacity(2 + outer.encoded_len());
-    out.push(MARK);
-    out.push(VERSION);
+    seal(&outer)
+}
+
+/// `outer` as a record of [`VERSION`]: the mark, the version, the checksum, the message.
+fn seal(outer: &Compact) -> Bytes {
+    let mut out = Vec::with_capacity(2 + CHECKSUM_BYTES + outer.encoded_len());
+    out.extend_from_slice(&[MARK, VERSION, 0, 0, 0, 0]);
     outer.encode(&mut out).expect("a Vec grows as needed");
+    let checksum = checksum(&out);
+    out[2..2 + CHECKSUM_BYTES].copy_from_slice(&checksum.to_le_bytes());
     out.into()
+}
+
+/// The CRC-32C of a record of [`VERSION`] (its checksum's own bytes left out).
+fn checksum(record: &[u8]) -> u32 {
+    let head = record.get(..2).unwrap_or(record);
+    let message = record.get(2 + CHECKSUM_BYTES..).unwrap_or_default();
+    crc32c::crc32c_append(crc32c::crc32c(head), message)
+}
+
+/// How many reads of a record's content found it damaged (a checksum that does not match, or a
+/// record that does not parse) since the process started: `iqgw_damaged_record_reads_total`.
+pub static DAMAGED_READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn damaged(why: impl Into<String>) -> CorruptRecord {
+    CorruptRecord(why.into())
+}
+
+/// The [`Compact`] message of a compact record, its checksum checked (a record of [`VERSION`]),
+/// or `None` for a version this build does not read. A record whose checksum does not match is
+/// an error, whatever part of it was damaged.
+fn message(payload: &[u8]) -> Result<Option<&[u8]>, CorruptRecord> {
+    match payload.get(1) {
+        Some(&VERSION) => {
+            let stored = payload
+                .get(2..2 + CHECKSUM_BYTES)
+                .ok_or_else(|| damaged("truncated record"))?;
+            let stored = u32::from_le_bytes(stored.try_into().unwrap_or_default());
+            if checksum(payload) != stored {
+                return Err(damaged(
+                    "the record's checksum does not match: its bytes were changed after it was \
+                     written",
+                ));
+            }
+            Ok(payload.get(2 + CHECKSUM_BYTES..))
+        }
+        Some(&VERSION_1) => Ok(payload.get(2..)),
+        Some(_) => Ok(None),
+        None => Err(damaged("truncated record")),
+    }
 }
 
 /// Whether `payload` is a compact record (else a [`StoredEvent`] of an earlier release).
@@ -303,30 +355,26 @@ struct Head {
     content_len: u64,
 }
 
-/// The [`Head`] of a compact record this build reads.
+/// The [`Head`] of a compact record this build reads, its checksum checked (`None` when it does
+/// not match: a filter then keeps the record, and the read that follows reports it).
 fn head(payload: &[u8]) -> Option<Head> {
-    match payload.get(1) {
-        Some(&VERSION) => Head::decode(payload.get(2..)?).ok(),
-        _ => None,
-    }
+    Head::decode(message(payload).ok()??).ok()
 }
 
 fn outer(payload: &Bytes) -> Result<Compact, CorruptRecord> {
-    match payload.get(1) {
-        Some(&VERSION) => {
-            let outer = Compact::decode(payload.slice(2..))?;
-            // Every compact record has one: without it, the record is not whole.
-            if outer.envelope_digest.len() != 32 {
-                return Err(CorruptRecord("record without its envelope digest".into()));
-            }
-            Ok(outer)
-        }
-        Some(version) => Err(CorruptRecord(format!(
-            "compact record version {version}, written by a newer release (this one reads \
-             {VERSION})"
-        ))),
-        None => Err(CorruptRecord("truncated record".into())),
+    let Some(message) = message(payload)? else {
+        return Err(CorruptRecord(format!(
+            "compact record version {}, written by a newer release (this one reads up to \
+             {VERSION})",
+            payload.get(1).copied().unwrap_or_default()
+        )));
+    };
+    let outer = Compact::decode(payload.slice_ref(message)).map_err(|e| damaged(e.to_string()))?;
+    // Every compact record has one: without it, the record is not whole.
+    if outer.envelope_digest.len() != 32 {
+        return Err(damaged("record without its envelope digest"));
     }
+    Ok(outer)
 }
 
 /// The filter keys of a record, without decompressing its content.
@@ -373,6 +421,12 @@ pub fn identity(payload: &Bytes) -> Result<Identity, CorruptRecord> {
 /// A record's content as a [`StoredEvent`] (the compact one decompressed, its references rebuilt
 /// from the envelope: the bytes a subscriber is sent, built here once), and its keys.
 pub fn stored(payload: Bytes) -> Result<StoredEvent, CorruptRecord> {
+    read(payload).inspect_err(|_| {
+        DAMAGED_READS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    })
+}
+
+fn read(payload: Bytes) -> Result<StoredEvent, CorruptRecord> {
     if !is_compact(&payload) {
         return Ok(StoredEvent::decode(payload)?);
     }
@@ -425,6 +479,27 @@ pub fn stored(payload: Bytes) -> Result<StoredEvent, CorruptRecord> {
         deviations: content.deviations,
         references,
     })
+}
+
+/// Checks a record's content, read by [`stored`], against what its record says of it (`verify`):
+/// the original body against its digest (what finds a change in a record written before
+/// records had a checksum, [`VERSION_1`]). A record of an earlier release has no digest.
+pub fn check_digests(payload: &Bytes, content: &StoredEvent) -> Result<(), CorruptRecord> {
+    if !is_compact(payload) {
+        return Ok(());
+    }
+    let outer = outer(payload)?;
+    let body = (!content.raw_json.is_empty()).then(|| Sha256::digest(&content.raw_json));
+    match body {
+        Some(digest) if outer.body_digest.as_ref() != digest.as_slice() => Err(CorruptRecord(
+            "the original body does not match its digest: it was changed after it was written"
+                .into(),
+        )),
+        None if !outer.body_digest.is_empty() => {
+            Err(CorruptRecord("the original body is missing".into()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The encoded `References` of the entities at `indices` (one more than the index, 0 for none;
@@ -614,14 +689,83 @@ mod tests {
         };
         outer.codec = CODEC_ZSTD;
         outer.content = zstd::bulk::compress(&content, 3).unwrap().into();
-        let mut plain = vec![MARK, VERSION];
-        outer.encode(&mut plain).unwrap();
-        assert_eq!(stored(Bytes::from(plain)).unwrap(), old);
+        assert_eq!(stored(seal(&outer)).unwrap(), old);
         outer.codec = CODEC_NONE;
         outer.content = content.into();
-        let mut none = vec![MARK, VERSION];
-        outer.encode(&mut none).unwrap();
-        assert_eq!(stored(Bytes::from(none)).unwrap(), old);
+        assert_eq!(stored(seal(&outer)).unwrap(), old);
+    }
+
+    #[test]
+    fn a_record_of_the_first_compact_version_without_a_checksum_reads_as_it_did() {
+        let (payload, old) = compact(FIXTURES[0]);
+        let mut first = vec![MARK, VERSION_1];
+        super::outer(&payload).unwrap().encode(&mut first).unwrap();
+        let first = Bytes::from(first);
+        assert_eq!(stored(first.clone()).unwrap(), old);
+        assert_eq!(keys(&first).unwrap(), old.keys.clone().unwrap());
+        assert_eq!(crate::wire::keys_of(&first), old.keys);
+        assert!(matches!(identity(&first).unwrap(), Identity::Digests(..)));
+    }
+
+    #[test]
+    fn the_mark_and_version_bytes_changed_are_never_read_as_others() {
+        for fixture in FIXTURES {
+            let (payload, old) = compact(fixture);
+            for at in 0..2 {
+                for flip in 1..=255u8 {
+                    let mut damaged = payload.to_vec();
+                    damaged[at] ^= flip;
+                    // Read, it can only be the event as written (a version 2 record taken for a
+                    // version 1 one still holds its content).
+                    if let Ok(read) = stored(Bytes::from(damaged)) {
+                        assert_eq!(read, old, "byte {at} changed by {flip:#x}");
+                    }
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever byte of a record is changed (the keys and digests outside the compressed
+        /// content included, and content stored uncompressed), no read takes it for whole: the
+        /// content, the keys, the identity are errors, and a filter keeps it (to be reported).
+        #[test]
+        fn any_changed_byte_of_a_record_is_found_by_every_read(
+            fixture in 0..2usize,
+            uncompressed in proptest::bool::ANY,
+            at in proptest::num::usize::ANY,
+            flip in 1..=255u8,
+        ) {
+            let (mut payload, _) = compact(FIXTURES[fixture]);
+            if uncompressed {
+                let mut outer = super::outer(&payload).unwrap();
+                let Ok(content) = super::read(payload.clone()) else { unreachable!() };
+                let parts = super::content(&Parts {
+                    envelope: &content.envelope,
+                    raw_json: &content.raw_json,
+                    keys: &content.keys.clone().unwrap_or_default(),
+                    deviations: &content.deviations,
+                    references: &crate::decode::indices(
+                        &crate::pb::webhook::v1::Envelope::decode(content.envelope.clone()).unwrap(),
+                    ),
+                    digests: &Digests::of(&content.raw_json, &content.envelope, b""),
+                });
+                outer.codec = CODEC_NONE;
+                outer.content_len = parts.len() as u64;
+                outer.content = parts.into();
+                payload = seal(&outer);
+                proptest::prop_assert!(stored(payload.clone()).is_ok());
+            }
+            let mut damaged = payload.to_vec();
+            // The mark and version: `the_mark_and_version_bytes_changed_are_never_read_as_others`.
+            let at = 2 + at % (damaged.len() - 2);
+            damaged[at] ^= flip;
+            let damaged = Bytes::from(damaged);
+            proptest::prop_assert!(stored(damaged.clone()).is_err(), "byte {} of {}", at, payload.len());
+            proptest::prop_assert!(keys(&damaged).is_err());
+            proptest::prop_assert!(identity(&damaged).is_err());
+            proptest::prop_assert!(crate::wire::keys_of(&damaged).is_none());
+        }
     }
 
     #[test]

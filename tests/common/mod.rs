@@ -182,6 +182,7 @@ pub fn subscription(filter: Filter, start: Option<subscribe_request::Start>) -> 
         start,
         include_raw_json: false,
         include_references: false,
+        ..Default::default()
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use redb::Database;
+use redb::{Database, ReadableTable};
 
 use super::storage::Storage;
 use super::{panic_text, unavailable, EVENTS, IDS, META};
@@ -13,6 +13,9 @@ use crate::log::LogError;
 
 /// The `meta` key holding the store's format version; a file without it is format 1.
 const FORMAT_KEY: &str = "format";
+/// The `meta` key holding the store's random id ([`crate::log::EventLog::identity`]), made when
+/// the file is created (or first opened by a release that keeps one).
+pub(super) const STORE_ID_KEY: &str = "store_id";
 
 /// The store format this build writes, and the newest it opens.
 ///
@@ -158,6 +161,9 @@ fn init(db: &Database, found: Option<u64>, access: Access, path: &Path) -> Resul
             }
         }
         meta.insert(FORMAT_KEY, FORMAT)?;
+        if meta.get(STORE_ID_KEY)?.is_none() {
+            meta.insert(STORE_ID_KEY, crate::log::random_id())?;
+        }
         drop(meta);
         txn.commit()?;
         Ok(())
