@@ -9,8 +9,11 @@ use std::path::Path;
 use prost::Message;
 
 use crate::log::embedded::{scan, Scanned};
+
+mod salvage;
 use crate::log::LogError;
 use crate::wire::StoredEvent;
+pub use salvage::{salvage, Salvaged};
 
 /// What a scan found.
 #[derive(Debug, Default)]
@@ -101,6 +104,64 @@ pub fn verify(dir: &Path) -> Result<Report, LogError> {
     Ok(report)
 }
 
+/// What `export` did: read the store through its index, or (`--salvage`, or when the index
+/// cannot be read at all) salvaged it record by record.
+#[derive(Debug)]
+pub enum Exported {
+    /// Through the index: every retained sequence, readable or not.
+    Indexed(Report),
+    /// Record by record ([`salvage`]), with why the index was not used (`None`: asked for).
+    Salvaged(Salvaged, Option<String>),
+}
+
+impl Exported {
+    /// Whether something could not be exported.
+    pub fn incomplete(&self) -> bool {
+        match self {
+            Exported::Indexed(report) => report.unreadable_count() > 0,
+            // Without the index, what is missing is not known: a salvage is never complete.
+            Exported::Salvaged(..) => true,
+        }
+    }
+}
+
+impl std::fmt::Display for Exported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exported::Indexed(report) => write!(f, "{report}"),
+            Exported::Salvaged(salvaged, why) => {
+                if let Some(why) = why {
+                    writeln!(f, "the store cannot be read through its index ({why})")?;
+                }
+                write!(f, "{salvaged}")
+            }
+        }
+    }
+}
+
+/// `export` as the command runs it: through the index; record by record when `salvage` is
+/// asked for, or when the index cannot be read at all (the file exists but does not open, or
+/// the pages that locate its records are damaged): nothing was written then.
+pub fn export_or_salvage(
+    dir: &Path,
+    out: &mut impl Write,
+    salvage_only: bool,
+) -> Result<Exported, LogError> {
+    let path = dir.join("events.redb");
+    if salvage_only {
+        return Ok(Exported::Salvaged(salvage(&path, out)?, None));
+    }
+    match export(dir, out) {
+        Ok(report) => Ok(Exported::Indexed(report)),
+        Err(error @ LogError::NewerFormat { .. }) => Err(error),
+        Err(error) if path.is_file() => {
+            let why = error.to_string();
+            Ok(Exported::Salvaged(salvage(&path, out)?, Some(why)))
+        }
+        Err(error) => Err(error),
+    }
+}
+
 /// Writes every readable event of the store in `dir` to `out`, one line each, in sequence order:
 /// the original webhook body (compacted onto one line when it spans several), or the protobuf
 /// JSON mapping of the envelope for an event that has none (a typed gRPC Publish).
@@ -161,7 +222,7 @@ fn agree(envelope: &crate::pb::webhook::v1::Envelope, raw: &[u8]) -> Result<(), 
 }
 
 /// One NDJSON line for a stored event.
-fn line(stored: &StoredEvent) -> Result<String, String> {
+pub(crate) fn line(stored: &StoredEvent) -> Result<String, String> {
     if stored.raw_json.is_empty() {
         return crate::pb::to_json("iqchannels.webhook.v1.Envelope", &stored.envelope)
             .map(|value| value.to_string())

@@ -60,6 +60,10 @@ struct ExportArgs {
     /// Write the NDJSON here instead of stdout.
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Read the file record by record for checksummed records, without its index (done by
+    /// itself when the index cannot be read): for a store whose export skipped much.
+    #[arg(long)]
+    salvage: bool,
 }
 
 /// Where the gateway is, for the client commands.
@@ -486,19 +490,27 @@ async fn main() -> anyhow::Result<()> {
                     let file = std::fs::File::create(path)
                         .with_context(|| format!("cannot create {}", path.display()))?;
                     let mut out = std::io::BufWriter::new(file);
-                    let report = iqchannels_gateway::admin::export(&args.store.data_dir, &mut out)?;
+                    let report = iqchannels_gateway::admin::export_or_salvage(
+                        &args.store.data_dir,
+                        &mut out,
+                        args.salvage,
+                    )?;
                     std::io::Write::flush(&mut out)?;
                     report
                 }
                 None => {
                     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-                    let report = iqchannels_gateway::admin::export(&args.store.data_dir, &mut out)?;
+                    let report = iqchannels_gateway::admin::export_or_salvage(
+                        &args.store.data_dir,
+                        &mut out,
+                        args.salvage,
+                    )?;
                     std::io::Write::flush(&mut out)?;
                     report
                 }
             };
             eprint!("exported: {report}");
-            if report.unreadable_count() > 0 {
+            if report.incomplete() {
                 std::process::exit(1);
             }
             Ok(())

@@ -467,6 +467,18 @@ fn subscribe_prints_its_cursor_and_exits_0_on_sigterm_and_sigint_never_before_wh
         (code, out.lines().next()),
         (0, Some("stored 41, duplicates 0, rejected 0"))
     );
+    // The store the cursor belongs to is printed beside it.
+    let (_, _, first) = run(
+        &process,
+        &["subscribe", "--from-beginning", "--exit-after", "1"],
+        None,
+    );
+    let store = first
+        .lines()
+        .find_map(|line| line.strip_prefix("store: "))
+        .expect("the store is named")
+        .to_owned();
+    assert!(store.starts_with("memory:"), "{first}");
     for (signal, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGINT, "SIGINT")] {
         // Nothing arrives after 41: the cursor is still 41, not `none`.
         let subscriber = cli(&process, &["subscribe", "--after", "41"])
@@ -478,7 +490,7 @@ fn subscribe_prints_its_cursor_and_exits_0_on_sigterm_and_sigint_never_before_wh
         send_signal(&subscriber, signal);
         let (code, err) = exit_of(subscriber);
         assert_eq!(code, 0, "{name}: {err}");
-        assert_eq!(err, "cursor: 41\n", "{name}");
+        assert_eq!(err, format!("cursor: 41\nstore: {store}\n"), "{name}");
 
         // One event arrives: the cursor is its sequence.
         let mut subscriber = cli(&process, &["subscribe", "--after", "40"])
@@ -491,7 +503,7 @@ fn subscribe_prints_its_cursor_and_exits_0_on_sigterm_and_sigint_never_before_wh
         send_signal(&subscriber, signal);
         let (code, err) = exit_of(subscriber);
         assert_eq!(code, 0, "{name}: {err}");
-        assert_eq!(err, "cursor: 41\n", "{name}");
+        assert_eq!(err, format!("cursor: 41\nstore: {store}\n"), "{name}");
         wait_for_subscribers(&process, 0);
     }
 
@@ -510,7 +522,10 @@ fn subscribe_prints_its_cursor_and_exits_0_on_sigterm_and_sigint_never_before_wh
     let (code, err) = exit_of(subscriber);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("reconnecting"), "{err}");
-    assert!(err.ends_with("cursor: 41\n"), "{listen}: {err}");
+    assert!(
+        err.ends_with(&format!("cursor: 41\nstore: {store}\n")),
+        "{listen}: {err}"
+    );
 }
 
 /// An event of `bytes` bytes or more (a long message text in `Rels`).

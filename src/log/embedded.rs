@@ -729,6 +729,19 @@ fn not_a_file(path: &Path) -> Option<String> {
     }
 }
 
+/// The next sequence the store recorded in `meta`, read alone (its pages may be whole when the
+/// events' are not).
+fn recorded_next(db: &Database) -> Option<u64> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let txn = db.begin_read().ok()?;
+        let meta = txn.open_table(META).ok()?;
+        let next = meta.get(NEXT).ok()??.value();
+        Some(next)
+    }))
+    .ok()
+    .flatten()
+}
+
 /// Reads every retained record of the store in `dir`, one at a time, for `verify` and `export`:
 /// a damaged page costs the records on it, not the scan. The gateway must not be running on it
 /// (redb allows one process per file). The file is never changed (neither repaired nor
@@ -741,16 +754,44 @@ pub fn scan(
     if let Some(what) = not_a_file(&path) {
         return Err(unavailable(format!("{} {what}", path.display())));
     }
-    let db = open_database(
+    // Quiet the default panic message while redb trips over damaged pages; each is reported.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let opened = open_database(
         &path,
         DEFAULT_CACHE_BYTES,
         &Arc::new(AtomicBool::new(false)),
         Access::ReadOnly,
-    )?;
-    let StoredBounds { first, next, .. } = read_bounds(&db)?;
-    // Quiet the default panic message while redb trips over damaged pages; each is reported.
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    );
+    let db = match opened {
+        Ok(db) => db,
+        Err(error) => {
+            std::panic::set_hook(hook);
+            return Err(error);
+        }
+    };
+    let scanned = scan_open(&db, &mut visit);
+    open::close(db);
+    std::panic::set_hook(hook);
+    scanned
+}
+
+/// [`scan`] over the opened database.
+fn scan_open(
+    db: &Database,
+    visit: &mut impl FnMut(u64, Scanned) -> Result<(), LogError>,
+) -> Result<Bounds, LogError> {
+    let bounds = read_bounds(db);
+    // The pages of the first and last records may be among the damaged ones: then every
+    // sequence up to the next one the store recorded is tried, and those before the first
+    // record found that the store does not hold were removed by retention, not lost.
+    let (first, next, mut before_first) = match bounds {
+        Ok(StoredBounds { first, next, .. }) => (first, next, false),
+        Err(error) => match recorded_next(db) {
+            Some(next) => (1, next, true),
+            None => return Err(error),
+        },
+    };
     let mut outcome = Ok(());
     for sequence in first..next {
         let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
@@ -762,7 +803,11 @@ pub fn scan(
             },
         ));
         let scanned = match read {
-            Ok(Ok(Some(record))) => Scanned::Record(record),
+            Ok(Ok(Some(record))) => {
+                before_first = false;
+                Scanned::Record(record)
+            }
+            Ok(Ok(None)) if before_first => continue,
             Ok(Ok(None)) => Scanned::Unreadable("missing".to_owned()),
             Ok(Err(error)) => Scanned::Unreadable(error.to_string()),
             Err(panic) => Scanned::Unreadable(panic_text(panic)),
@@ -772,7 +817,6 @@ pub fn scan(
             break;
         }
     }
-    std::panic::set_hook(hook);
     outcome.map(|()| Bounds { first, next })
 }
 

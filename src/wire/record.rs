@@ -285,6 +285,85 @@ fn checksum(record: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(head), message)
 }
 
+/// What [`sealed_len`] found at the start of some bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sealed {
+    /// A whole record of [`VERSION`] of this many bytes, its checksum matching.
+    Found(usize),
+    /// It may be one, but more bytes are needed: at least this many in all.
+    NeedMore(usize),
+    /// Not a record of [`VERSION`].
+    No,
+}
+
+/// Whether `bytes` starts with a whole record of [`VERSION`] (for the salvage of a store whose
+/// index is damaged, `admin::salvage`): its fields are read in order (prost writes them by
+/// increasing tag), and after each one the checksum of what was read is compared with the
+/// record's, so that a record is found without knowing its length.
+pub fn sealed_len(bytes: &[u8]) -> Sealed {
+    if bytes.len() < 2 + CHECKSUM_BYTES + 1 {
+        return Sealed::NeedMore(2 + CHECKSUM_BYTES + 1);
+    }
+    if bytes[0] != MARK || bytes[1] != VERSION {
+        return Sealed::No;
+    }
+    let stored = u32::from_le_bytes([bytes[2], bytes[3], bytes[4], bytes[5]]);
+    let head = crc32c::crc32c(&bytes[..2]);
+    let mut at = 2 + CHECKSUM_BYTES;
+    let mut last_tag = 0;
+    let mut crc = head;
+    loop {
+        let mut rest = &bytes[at..];
+        let available = rest.len();
+        let Ok((tag, wire_type)) = decode_key(&mut rest) else {
+            // A key cut short, or not a key: more bytes tell, up to a key's length.
+            return if available < 10 {
+                Sealed::NeedMore(at + 10)
+            } else {
+                Sealed::No
+            };
+        };
+        if tag <= last_tag || tag > 8 {
+            return Sealed::No;
+        }
+        last_tag = tag;
+        let field_len = match wire_type {
+            WireType::LengthDelimited => {
+                let Ok(len) = decode_varint(&mut rest) else {
+                    return if available < 20 {
+                        Sealed::NeedMore(at + 20)
+                    } else {
+                        Sealed::No
+                    };
+                };
+                if len > MAX_CONTENT + (1 << 20) {
+                    return Sealed::No;
+                }
+                (available - rest.len()) + len as usize
+            }
+            WireType::Varint => match decode_varint(&mut rest) {
+                Ok(_) => available - rest.len(),
+                Err(_) if available < 10 => return Sealed::NeedMore(at + 10),
+                Err(_) => return Sealed::No,
+            },
+            WireType::SixtyFourBit => (available - rest.len()) + 8,
+            _ => return Sealed::No,
+        };
+        let end = at + field_len;
+        if end > bytes.len() {
+            return Sealed::NeedMore(end);
+        }
+        crc = crc32c::crc32c_append(crc, &bytes[at..end]);
+        at = end;
+        if crc == stored {
+            return Sealed::Found(at);
+        }
+        if tag == 8 {
+            return Sealed::No;
+        }
+    }
+}
+
 /// How many reads of a record's content found it damaged (a checksum that does not match, or a
 /// record that does not parse) since the process started: `iqgw_damaged_record_reads_total`.
 pub static DAMAGED_READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -726,6 +805,30 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// A record is found at its start whatever follows it, and its length is exact; cut
+        /// short, it needs more; a byte changed, it is not one.
+        #[test]
+        fn a_sealed_record_is_found_by_its_checksum_alone(
+            fixture in 0..2usize,
+            after in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+            cut in proptest::num::usize::ANY,
+            at in proptest::num::usize::ANY,
+        ) {
+            let (payload, _) = compact(FIXTURES[fixture]);
+            let mut bytes = payload.to_vec();
+            bytes.extend_from_slice(&after);
+            proptest::prop_assert_eq!(sealed_len(&bytes), Sealed::Found(payload.len()));
+            let cut = cut % payload.len();
+            proptest::prop_assert!(
+                matches!(sealed_len(&bytes[..cut]), Sealed::NeedMore(_) | Sealed::No),
+                "cut at {}", cut
+            );
+            let mut damaged = payload.to_vec();
+            let at = at % damaged.len();
+            damaged[at] ^= 0x40;
+            proptest::prop_assert_ne!(sealed_len(&damaged), Sealed::Found(payload.len()));
+        }
+
         /// Whatever byte of a record is changed (the keys and digests outside the compressed
         /// content included, and content stored uncompressed), no read takes it for whole: the
         /// content, the keys, the identity are errors, and a filter keeps it (to be reported).

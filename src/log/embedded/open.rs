@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use redb::{Database, ReadableTable};
 
-use super::storage::Storage;
+use super::storage::{Hold, Storage};
 use super::{panic_text, unavailable, EVENTS, IDS, META};
 use crate::log::LogError;
 
@@ -105,7 +105,22 @@ pub(super) fn open_database(
         .truncate(false)
         .open(path)
         .map_err(|e| cannot_open(&e))?;
+    let file_len = file.metadata().map_err(|e| cannot_open(&e))?.len();
+    let expected = layout_len(&file);
     let (storage, hold) = Storage::held(file, fault.clone()).map_err(|e| cannot_open(&e))?;
+    // An offline scan of a file cut short (copied in part, a disk that lost its end): the
+    // missing bytes read as zeros, so that what is left can be read; the pages that were there
+    // fail their checksums, and cost their records only.
+    if access == Access::ReadOnly {
+        if let Some(expected) = expected.filter(|&expected| expected > file_len) {
+            hold.pad_to(expected);
+            tracing::warn!(
+                path = %path.display(),
+                missing = expected - file_len,
+                "the store file is shorter than its header says; the missing bytes read as zeros"
+            );
+        }
+    }
     // redb asserts (panics) on some kinds of damage its crash recovery does not cover, such as
     // bytes appended past its layout; refuse to start with a clear error instead of crashing.
     let created = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -120,7 +135,27 @@ pub(super) fn open_database(
         ))
     })?;
     let db = created.map_err(|e| cannot_open(&e))?;
-    let found = stored_format(&db, path)?;
+    match checked(&db, path, &hold, access) {
+        Ok(()) => Ok(db),
+        Err(error) => {
+            close(db);
+            Err(error)
+        }
+    }
+}
+
+/// Drops a database, whose drop may walk damaged pages (redb panics on them): a damaged store
+/// costs an error, never a crash.
+pub(super) fn close(db: Database) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(db)));
+}
+
+/// The format of the just opened `db` checked, the held writes released (read-write), the
+/// tables made and the format recorded.
+fn checked(db: &Database, path: &Path, hold: &Hold, access: Access) -> Result<(), LogError> {
+    let cannot_open =
+        |e: &dyn std::fmt::Display| unavailable(format!("cannot open {}: {e}", path.display()));
+    let found = stored_format(db, path)?;
     if let Some(found) = found.filter(|&found| found > FORMAT) {
         // Dropped while held: what redb wrote at open never reaches the file.
         return Err(LogError::NewerFormat {
@@ -132,8 +167,50 @@ pub(super) fn open_database(
     if access == Access::ReadWrite {
         hold.release().map_err(|e| cannot_open(&e))?;
     }
-    init(&db, found, access, path).map_err(unavailable)?;
-    Ok(db)
+    // The commit walks the pages of the tables it touches: redb panics on damaged ones.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        init(db, found, access, path)
+    }))
+    .map_err(|panic| LogError::Damaged {
+        from: 0,
+        detail: format!(
+            "{}: the pages that locate its tables do not parse: {}",
+            path.display(),
+            panic_text(panic)
+        ),
+    })?
+    .map_err(unavailable)
+}
+
+/// The length redb's header says its file has (redb 2's header, file format 3: the page size and
+/// the regions' layout at bytes 12 to 31), `None` when the header cannot be read. Used only to
+/// read a file cut short (`Hold::pad_to`): redb itself refuses one.
+pub(super) fn layout_len(file: &std::fs::File) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    const MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
+    let mut header = [0u8; 32];
+    file.read_exact_at(&mut header, 0).ok()?;
+    if header[..9] != MAGIC {
+        return None;
+    }
+    let field = |at: usize| {
+        u64::from(u32::from_le_bytes([
+            header[at],
+            header[at + 1],
+            header[at + 2],
+            header[at + 3],
+        ]))
+    };
+    let (page, region_header, region_data) = (field(12), field(16), field(20));
+    let (full_regions, trailing) = (field(24), field(28));
+    let full = (region_header + region_data).checked_mul(page)?;
+    let trailing = if trailing > 0 {
+        (region_header + trailing).checked_mul(page)?
+    } else {
+        0
+    };
+    page.checked_add(full_regions.checked_mul(full)?)?
+        .checked_add(trailing)
 }
 
 /// Creates the tables that do not exist yet, upgrades a file of format `found` (`None`: new),

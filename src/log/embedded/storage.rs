@@ -77,6 +77,14 @@ impl Storage {
 }
 
 impl Hold {
+    /// Makes the file look `len` bytes long to redb (zeros past its end), when it is shorter:
+    /// for an offline scan of a file cut short, which redb refuses to open at all.
+    pub(super) fn pad_to(&self, len: u64) {
+        if let Some(held) = self.inner.lock().as_mut() {
+            held.len = held.len.max(len);
+        }
+    }
+
     /// Writes what was held to the file, in order, and lets later writes through. Without it
     /// (the database dropped while held) the file is left as it was found.
     pub(super) fn release(&self) -> Result<(), std::io::Error> {

@@ -424,3 +424,35 @@ async fn a_scan_reads_a_format_1_store_without_changing_it_even_after_a_crash() 
         assert_eq!(stored_format(&dir), None);
     }
 }
+
+/// The length read from redb's header is the file's, as redb keeps it, however the file grew:
+/// what a scan pads a file cut short to.
+#[tokio::test]
+async fn the_layout_read_from_the_header_is_the_files_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(dir.path(), Retention::default()).unwrap();
+    let path = dir.path().join("events.redb");
+    let mut id = 0;
+    for batch in [1usize, 10, 100, 1000, 3000] {
+        let records = (0..batch)
+            .map(|_| {
+                id += 1;
+                NewRecord {
+                    event_id: Some(id),
+                    received_at_ms: id,
+                    payload: Bytes::from(vec![b'x'; 500 + (id as usize % 3000)]),
+                }
+            })
+            .collect();
+        log.append_all(records).await.unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let len = file.metadata().unwrap().len();
+        assert_eq!(open::layout_len(&file), Some(len), "after {id} records");
+    }
+    log.close().await;
+    let file = std::fs::File::open(&path).unwrap();
+    assert_eq!(
+        open::layout_len(&file),
+        Some(file.metadata().unwrap().len())
+    );
+}
