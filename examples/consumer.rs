@@ -74,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut cursor = Cursor {
         last: args.after.filter(|&sequence| sequence > 0),
+        store: None,
         printed: 0,
     };
     let mut backoff = BACKOFF.0;
@@ -122,6 +123,9 @@ struct Cursor {
     /// The sequence of the last event printed; `None` before the first when started without
     /// `--after`. A real service stores it together with the effect of handling the event.
     last: Option<u64>,
+    /// The store `last` belongs to (the `iqgw-store` header of the first subscription), sent
+    /// back with every resume: a gateway serving another store refuses it.
+    store: Option<String>,
     /// Events printed so far.
     printed: u64,
 }
@@ -150,10 +154,13 @@ async fn follow(
         start: Some(start),
         include_raw_json: false,
         include_references: false,
-        ..Default::default()
+        store: cursor.store.clone().unwrap_or_default(),
     };
     let mut events = match stream(client, request, args.token.as_deref()).await {
-        Ok(events) => events,
+        Ok((events, store)) => {
+            cursor.store = cursor.store.take().or(store);
+            events
+        }
         Err(status) => return End::Failed(status),
     };
     loop {
@@ -177,7 +184,7 @@ async fn stream(
     client: &mut EventGatewayClient<Channel>,
     request: SubscribeRequest,
     token: Option<&str>,
-) -> Result<tonic::Streaming<Event>, Status> {
+) -> Result<(tonic::Streaming<Event>, Option<String>), Status> {
     let mut request = Request::new(request);
     if let Some(token) = token {
         let value = format!("Bearer {token}")
@@ -185,7 +192,13 @@ async fn stream(
             .map_err(|_| Status::invalid_argument("the token is not valid in a header"))?;
         request.metadata_mut().insert("authorization", value);
     }
-    Ok(client.subscribe(request).await?.into_inner())
+    let response = client.subscribe(request).await?;
+    let store = response
+        .metadata()
+        .get("iqgw-store")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    Ok((response.into_inner(), store))
 }
 
 /// A failure of this client to decode an event (tonic reports it as INTERNAL).
@@ -199,6 +212,7 @@ fn is_fatal(code: Code) -> bool {
         code,
         Code::InvalidArgument
             | Code::OutOfRange
+            | Code::FailedPrecondition
             | Code::DataLoss
             | Code::Unauthenticated
             | Code::PermissionDenied

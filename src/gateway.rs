@@ -562,6 +562,10 @@ impl Gateway {
         &self,
         event_id: i64,
     ) -> Result<Option<EncodedEvent>, SubscribeError> {
+        // Ids are positive; the store's negative keys are transitive events' idempotency keys.
+        if event_id <= 0 {
+            return Ok(None);
+        }
         match self.log.find_event(event_id).await? {
             Some(sequence) => self.get_by_sequence(sequence).await,
             None => Ok(None),

@@ -233,6 +233,20 @@ async fn an_idempotency_key_is_checked_and_keys_a_transitive_event_only() {
     assert_eq!(again["sequence"], first["sequence"]);
     let (_, other) = post(&http, &gateway, "/v1/events", transitive_in("b", 10), &key).await;
     assert_eq!(other["conflict"], true, "{other}");
+    // The key is the store's own: GetEvent by id never finds a transitive event by it.
+    let internal = iqchannels_gateway::decode::idempotency_id("same", None);
+    let found = gateway
+        .grpc()
+        .await
+        .get_event(iqchannels_gateway::pb::client::GetEventRequest {
+            key: Some(iqchannels_gateway::pb::client::get_event_request::Key::EventId(internal)),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        found.expect_err("not by its key").code(),
+        tonic::Code::NotFound
+    );
     // Without a key, a transitive event is stored each time it is sent.
     let (_, one) = post(&http, &gateway, "/v1/events", transitive("a"), &[]).await;
     let (_, two) = post(&http, &gateway, "/v1/events", transitive("a"), &[]).await;

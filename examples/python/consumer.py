@@ -11,8 +11,9 @@ The same program as examples/consumer.rs:
   A real service stores the cursor with the effect of handling the event and passes it back as
   --after when it restarts;
 - which errors to retry: UNAVAILABLE, transport errors and a stream that ends are retried;
-  OUT_OF_RANGE (the cursor was removed by retention), INVALID_ARGUMENT and authentication errors
-  are not;
+  OUT_OF_RANGE (the cursor was removed by retention), FAILED_PRECONDITION (the gateway serves
+  another store than the one the cursor came from: its `iqgw-store` header, sent back as
+  `store`), INVALID_ARGUMENT and authentication errors are not;
 - an event this program cannot decode (say, nested deeper than protobuf's recursion limit) is
   reported with its sequence and passed, never reconnected to forever: each event's bytes are
   decoded here, one at a time, not by the gRPC stub.
@@ -42,6 +43,7 @@ BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 FATAL = {
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.DATA_LOSS,
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.PERMISSION_DENIED,
@@ -142,15 +144,20 @@ def main():
     event_filter = gateway_pb2.Filter(event_types=args.types, chat_ids=args.chats)
 
     last = args.after or None  # the cursor: the last sequence handled
+    store = None  # the store the cursor belongs to: sent back with every resume
     printed = 0
     backoff = BACKOFF_MIN
     while True:
         if last is None:
             request = gateway_pb2.SubscribeRequest(filter=event_filter, beginning={})
         else:
-            request = gateway_pb2.SubscribeRequest(filter=event_filter, after_sequence=last)
+            request = gateway_pb2.SubscribeRequest(
+                filter=event_filter, after_sequence=last, store=store or ""
+            )
         call = subscribe(request, metadata=metadata)
         try:
+            if store is None:
+                store = dict(call.initial_metadata()).get("iqgw-store")
             for data in call:
                 try:
                     event = gateway_pb2.Event.FromString(data)
