@@ -24,11 +24,14 @@ pub(super) const STORE_ID_KEY: &str = "store_id";
 /// - 3: the same tables; new payloads are compact records (`wire::record`: compressed, the
 ///   references pointers into the envelope), which a release of format 2 would misread as
 ///   damaged. Payloads of formats 1 and 2 stay as they are and are read as they were.
+/// - 4: the same tables; new compact records carry a checksum (`wire::record` version 2), which
+///   a release of format 3 would serve as damaged; `meta` holds the store's id (`store_id`).
+///   Records of earlier formats stay as they are.
 ///
 /// A file of a newer format is refused and left untouched. Bump it when the layout of the
 /// tables or of their values changes in a way an older release would misread, and add the step
 /// from the previous format where [`open_database`] upgrades.
-pub const FORMAT: u64 = 3;
+pub const FORMAT: u64 = 4;
 
 /// Whether the file may be changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -226,7 +229,9 @@ fn init(db: &Database, found: Option<u64>, access: Access, path: &Path) -> Resul
         // fields 4 (deviations) and 5 (references) existed reads them as empty, which is what
         // they were. From 2 to 3 nothing is rewritten either: the old payloads stay readable
         // (`wire::record::stored` tells them from compact records by their first byte), and
-        // only new events are written compact. A later format adds its step here.
+        // only new events are written compact. From 3 to 4 nothing is rewritten either: new
+        // records carry a checksum, old ones are read as they are, and the store gets its id
+        // (below). A later format adds its step here.
         if let Some(found) = found.filter(|&found| found < FORMAT) {
             if access == Access::ReadWrite {
                 tracing::info!(
