@@ -153,7 +153,8 @@ pub fn export_or_salvage(
     }
     match export(dir, out) {
         Ok(report) => Ok(Exported::Indexed(report)),
-        Err(error @ LogError::NewerFormat { .. }) => Err(error),
+        // Not a damaged store: newer, in use by a running gateway, or empty.
+        Err(error @ (LogError::NewerFormat { .. } | LogError::Misconfigured(_))) => Err(error),
         Err(error) if path.is_file() => {
             let why = error.to_string();
             Ok(Exported::Salvaged(salvage(&path, out)?, Some(why)))

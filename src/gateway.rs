@@ -577,6 +577,11 @@ impl Gateway {
         self.log.identity()
     }
 
+    /// Whether a cursor learnt under the store identity `theirs` may resume here.
+    pub fn holds_cursors_of(&self, theirs: &str) -> bool {
+        self.log.holds_cursors_of(theirs)
+    }
+
     /// Whether the gateway takes ingest now: not draining and the log is healthy.
     pub fn ready(&self) -> bool {
         self.accepting.load(Ordering::Relaxed) && !*self.shutdown.borrow() && self.log.healthy()

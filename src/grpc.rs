@@ -303,7 +303,7 @@ impl EventGateway for Service {
             .map(crate::server::Disconnect::evict);
         let request = request.into_inner();
         let store = self.gateway.store_identity();
-        if !request.store.is_empty() && request.store != store {
+        if !request.store.is_empty() && !self.gateway.holds_cursors_of(&request.store) {
             return Err(Status::failed_precondition(crate::gateway::other_store(
                 &request.store,
                 &store,

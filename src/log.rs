@@ -283,6 +283,12 @@ pub trait EventLog: Send + Sync + 'static {
     /// stream) is refused.
     fn identity(&self) -> String;
 
+    /// Whether a cursor learnt under `identity` (the identity of this store, now or at an
+    /// earlier run of it) belongs to this store's history.
+    fn holds_cursors_of(&self, identity: &str) -> bool {
+        identity == self.identity()
+    }
+
     /// Set (once) when the store under the gateway was replaced (a JetStream stream deleted and
     /// created again): every cursor, cache and bound the gateway holds is void. The gateway
     /// stops serving and exits, so that it starts again on the new store (`main`).

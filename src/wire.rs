@@ -114,6 +114,10 @@ pub fn keys_of(payload: &[u8]) -> Option<Keys> {
     if record::is_compact(payload) {
         return record::keys_of_compact(payload);
     }
+    // Not a record (empty, or damaged): a filter keeps it, and the read reports it.
+    if payload.first() != Some(&record::LEGACY_FIRST) {
+        return None;
+    }
     KeysOnly::decode(payload)
         .ok()
         .map(|only| only.keys.unwrap_or_default())

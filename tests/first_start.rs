@@ -85,8 +85,14 @@ async fn a_first_start_killed_at_any_moment_leaves_a_store_that_opens() {
 fn verify_and_export_name_what_is_there_instead_of_a_store() {
     /// What is put in place of the store, and what the commands must say.
     type Case = (&'static str, fn(&std::path::Path), &'static str);
-    let cases: [Case; 4] = [
+    let cases: [Case; 5] = [
         ("nothing", |_| {}, "does not exist"),
+        // A first start never leaves one (it builds the store aside): a store lost.
+        (
+            "an empty file",
+            |path| drop(std::fs::File::create(path).expect("a file")),
+            "is empty: it holds no store",
+        ),
         (
             "a directory",
             |path| std::fs::create_dir(path).expect("a directory"),
@@ -120,4 +126,38 @@ fn verify_and_export_name_what_is_there_instead_of_a_store() {
             assert!(stderr.contains(said), "{name}: {command}: {stderr}");
         }
     }
+}
+
+/// `export` of a store a running gateway holds is refused, as `verify`'s is: never a salvage of
+/// a file being written (found from outside).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_refuses_a_store_in_use() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let gateway = Process::embedded(dir.path(), &[]);
+    for command in ["verify", "export"] {
+        let output = Command::new(gateway_binary())
+            .args([command, "--data-dir"])
+            .arg(dir.path())
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{command}: {stderr}");
+        assert!(
+            stderr.contains("in use by another process"),
+            "{command}: {stderr}"
+        );
+        assert!(!stderr.contains("salvaged"), "{command}: {stderr}");
+        assert!(output.stdout.is_empty(), "{command}");
+    }
+    drop(gateway);
+    // And a gateway does not start on an empty file.
+    let empty = tempfile::tempdir().expect("a temporary directory");
+    std::fs::File::create(empty.path().join("events.redb")).expect("a file");
+    let serve = Command::new(gateway_binary())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(empty.path())
+        .output()
+        .expect("runs");
+    assert!(!serve.status.success());
+    assert!(String::from_utf8_lossy(&serve.stderr).contains("is empty"));
 }

@@ -64,11 +64,47 @@ async fn a_cursor_from_another_embedded_store_is_refused_everywhere() {
     assert!(identity.starts_with("embedded:"), "{identity}");
     first.terminate();
     assert!(first.wait_exit(Duration::from_secs(30)).is_some());
-    // The same file: the same store, and the resume goes on.
-    let again = Process::embedded(one.path(), &[]);
-    assert_eq!(store_of(&again).await, identity, "kept in the file");
+    // A backup of the file as it is now (the gateway stopped).
+    let backup = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        one.path().join("events.redb"),
+        backup.path().join("events.redb"),
+    )
+    .unwrap();
+    // The same file: the same store (another run of it), and a cursor of the earlier run resumes.
+    let mut again = Process::embedded(one.path(), &[]);
+    let later = store_of(&again).await;
+    assert_ne!(later, identity, "each run has its own epoch");
+    assert_eq!(
+        later.split('.').next(),
+        identity.split('.').next(),
+        "kept in the file"
+    );
     resume(&again, 2, &identity).await.expect("the same store");
-    drop(again);
+    for id in 4..=6 {
+        assert_eq!(again.post_event(id).await, 200);
+    }
+    again.terminate();
+    assert!(again.wait_exit(Duration::from_secs(30)).is_some());
+    // The backup restored, and new events stored under the sequences the others had: a cursor
+    // learnt after the backup names other events here, and is refused; one from before is not.
+    std::fs::copy(
+        backup.path().join("events.redb"),
+        one.path().join("events.redb"),
+    )
+    .unwrap();
+    let restored = Process::embedded(one.path(), &[]);
+    for id in 104..=106 {
+        assert_eq!(restored.post_event(id).await, 200);
+    }
+    let status = resume(&restored, 5, &later)
+        .await
+        .expect_err("a cursor of the lost run");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    resume(&restored, 2, &identity)
+        .await
+        .expect("a cursor from before the backup");
+    drop(restored);
 
     // Another store (a backup restored, a new file): refused, whatever the sequence.
     let other = Process::embedded(two.path(), &[]);

@@ -3,7 +3,8 @@
 //! carry a checksum (`wire::record`, version 2), which is how a record is told from anything
 //! else without redb's help. Each record is stored beside the time it was received; the events
 //! are written in that order (the store's sequences follow it), those received within the same
-//! millisecond by id. redb copies pages on write, so a record may be found several times: once
+//! millisecond in the order they are found in the file (a page holds its records in sequence
+//! order). redb copies pages on write, so a record may be found several times: once
 //! each is written.
 //!
 //! What this cannot give back: records written before records had a checksum (their bytes
@@ -119,7 +120,9 @@ pub fn salvage(path: &Path, out: &mut impl Write) -> Result<Salvaged, LogError> 
         }
         start += size as u64 - 8;
     }
-    found.sort_by_key(|record| (record.received_at_ms, record.event_id, record.offset));
+    // Within one millisecond (a batch), in the order found: a page holds its records in
+    // sequence order.
+    found.sort_by_key(|record| (record.received_at_ms, record.offset));
     let mut seen: HashSet<Vec<u8>> = HashSet::new();
     for record in found {
         let mut payload = vec![0u8; record.len];

@@ -139,8 +139,9 @@ fn parse(query: Option<&str>) -> Result<Params, String> {
                 None
             }
             "token" => None,
+            // Empty: no store named, as gRPC's empty `store`.
             "store" => {
-                params.store = Some(value.into_owned());
+                params.store = (!value.is_empty()).then(|| value.into_owned());
                 None
             }
             other => {
@@ -235,7 +236,7 @@ async fn open(
     let params = parse(query).map_err(HttpError::BadQuery)?;
     if let Some(theirs) = &params.store {
         let ours = state.gateway.store_identity();
-        if *theirs != ours {
+        if !state.gateway.holds_cursors_of(theirs) {
             return Err(HttpError::OtherStore(crate::gateway::other_store(
                 theirs, &ours,
             )));

@@ -95,6 +95,56 @@ struct Shared {
     damaged_reads: AtomicU64,
     /// The file's random id (`meta` key `store_id`).
     store_id: u64,
+    /// This run's epoch: a random number recorded in the file when the store is opened
+    /// (`meta` key `epoch:<hex>`, the next sequence then), part of the store's identity.
+    epoch: u64,
+    /// Every epoch this file has recorded: a cursor learnt in one of them belongs to this
+    /// file's history; one from an epoch it does not hold came from another copy of the store
+    /// (a restored backup, a copy run elsewhere), whose sequences name other events.
+    epochs: std::collections::HashSet<u64>,
+}
+
+/// The `meta` keys of epochs start with this (`epoch:` and 16 hex digits).
+const EPOCH_PREFIX: &str = "epoch:";
+
+/// Records a new epoch in `db` (durably, before the store serves anything) and reads the ones
+/// recorded before.
+fn start_epoch(
+    db: &Database,
+    next: u64,
+) -> Result<(u64, std::collections::HashSet<u64>), LogError> {
+    let epoch = crate::log::random_id();
+    let record = || -> Result<std::collections::HashSet<u64>, redb::Error> {
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate);
+        let mut epochs = std::collections::HashSet::new();
+        {
+            let mut meta = txn.open_table(META)?;
+            for entry in meta.range(EPOCH_PREFIX..)? {
+                let (key, _) = entry?;
+                let Some(hex) = key.value().strip_prefix(EPOCH_PREFIX) else {
+                    break;
+                };
+                if let Ok(known) = u64::from_str_radix(hex, 16) {
+                    epochs.insert(known);
+                }
+            }
+            meta.insert(format!("{EPOCH_PREFIX}{epoch:016x}").as_str(), next)?;
+        }
+        txn.commit()?;
+        epochs.insert(epoch);
+        Ok(epochs)
+    };
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(record))
+        .map_err(|panic| LogError::Damaged {
+            from: 0,
+            detail: format!(
+                "the page that holds its epochs does not parse: {}",
+                panic_text(panic)
+            ),
+        })?
+        .map(|epochs| (epoch, epochs))
+        .map_err(unavailable)
 }
 
 struct AppendRequest {
@@ -123,14 +173,32 @@ impl EmbeddedLog {
             .map_err(|e| unavailable(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join("events.redb");
         let fault = Arc::new(AtomicBool::new(false));
-        let db = open_database(&path, cache_bytes, &fault, Access::ReadWrite)?;
+        // redb panics on damaged pages; each is turned into a clear error, so its own message
+        // is kept quiet while the store opens (nothing else runs yet).
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let opened = open_database(&path, cache_bytes, &fault, Access::ReadWrite).and_then(|db| {
+            let bounds = read_bounds(&db).and_then(|bounds| {
+                let epochs = start_epoch(&db, bounds.next)?;
+                Ok((bounds, epochs))
+            });
+            match bounds {
+                Ok((bounds, epochs)) => Ok((db, bounds, epochs)),
+                Err(error) => {
+                    open::close(db);
+                    Err(error)
+                }
+            }
+        });
+        std::panic::set_hook(hook);
+        let (db, bounds, (epoch, epochs)) = opened?;
         let StoredBounds {
             store_id,
             first,
             first_time,
             next,
             last_time,
-        } = read_bounds(&db)?;
+        } = bounds;
         let shared = Arc::new(Shared {
             path,
             cache_bytes,
@@ -145,6 +213,8 @@ impl EmbeddedLog {
             fault,
             damaged_reads: AtomicU64::new(0),
             store_id,
+            epoch,
+            epochs,
         });
         let (requests, queue) = mpsc::channel(QUEUE);
         let writer = tokio::spawn(writer(shared.clone(), queue, retention));
@@ -237,29 +307,39 @@ fn emptied_past(
 }
 
 fn read_bounds(db: &Database) -> Result<StoredBounds, LogError> {
-    let read = || -> Result<StoredBounds, redb::Error> {
+    let read = || -> Result<Result<StoredBounds, String>, redb::Error> {
         let txn = db.begin_read()?;
         let events = txn.open_table(EVENTS)?;
         let meta = txn.open_table(META)?;
         let last = events.last()?;
         let last_time = last.as_ref().map_or(0, |(_, v)| header(v.value()).0);
         let last = last.map(|(k, _)| k.value());
-        let next = meta
-            .get(NEXT)?
-            .map(|v| v.value())
+        let recorded = meta.get(NEXT)?.map(|v| v.value());
+        let next = recorded
             .unwrap_or(1)
-            .max(last.map_or(1, |l| l + 1));
+            .max(last.map_or(1, |l| l.saturating_add(1)));
         let oldest = events.first()?;
         let first = oldest.as_ref().map_or(next, |(k, _)| k.value());
+        // What a whole index cannot say: its first record after its last, or a last record
+        // that is not the one before the next sequence the store recorded (every commit records
+        // it; retention only ever removes the oldest). A damaged key or entry count says so.
+        if let (Some(last), Some(recorded)) = (last, recorded) {
+            if first > last || last.checked_add(1) != Some(recorded) {
+                return Ok(Err(format!(
+                    "its index is damaged: its records run from sequence {first} to {last}, \
+                     and the next sequence it recorded is {recorded}"
+                )));
+            }
+        }
         let first_time = oldest.map_or(i64::MAX, |(_, v)| header(v.value()).0);
         let store_id = meta.get(open::STORE_ID_KEY)?.map_or(0, |v| v.value());
-        Ok(StoredBounds {
+        Ok(Ok(StoredBounds {
             store_id,
             first,
             first_time,
             next,
             last_time,
-        })
+        }))
     };
     // redb panics on a damaged page; say so instead of crashing the gateway at start.
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(read))
@@ -270,7 +350,35 @@ fn read_bounds(db: &Database) -> Result<StoredBounds, LogError> {
                 panic_text(panic)
             ),
         })?
-        .map_err(unavailable)
+        .map_err(unavailable)?
+        .map_err(|detail| LogError::Damaged { from: 0, detail })
+}
+
+/// Checks that the records' keys are in order and below `next` (an index whose pages parse may
+/// still hold a damaged key: redb finds records by keys it takes to be in order). Reads every
+/// key once; stops at a page that does not parse (the scan reports its records).
+fn check_order(db: &Database, next: u64) -> Result<(), LogError> {
+    let walk = || -> Result<Option<String>, redb::Error> {
+        let txn = db.begin_read()?;
+        let events = txn.open_table(EVENTS)?;
+        let mut previous: Option<u64> = None;
+        for entry in events.iter()? {
+            let key = entry?.0.value();
+            if previous.is_some_and(|previous| key <= previous) || key >= next {
+                return Ok(Some(format!(
+                    "its index is damaged: sequence {key} comes after {} (the next sequence is \
+                     {next})",
+                    previous.map_or("the start".into(), |p| p.to_string())
+                )));
+            }
+            previous = Some(key);
+        }
+        Ok(None)
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(walk)) {
+        Ok(Ok(Some(detail))) => Err(LogError::Damaged { from: 0, detail }),
+        _ => Ok(()),
+    }
 }
 
 #[async_trait]
@@ -437,7 +545,23 @@ impl EventLog for EmbeddedLog {
     }
 
     fn identity(&self) -> String {
-        format!("embedded:{:016x}", self.shared.store_id)
+        format!(
+            "embedded:{:016x}.{:016x}",
+            self.shared.store_id, self.shared.epoch
+        )
+    }
+
+    fn holds_cursors_of(&self, identity: &str) -> bool {
+        let Some((id, epoch)) = identity
+            .strip_prefix("embedded:")
+            .and_then(|rest| rest.split_once('.'))
+        else {
+            return false;
+        };
+        u64::from_str_radix(id, 16) == Ok(self.shared.store_id)
+            && id.len() == 16
+            && epoch.len() == 16
+            && u64::from_str_radix(epoch, 16).is_ok_and(|epoch| self.shared.epochs.contains(&epoch))
     }
 
     fn healthy(&self) -> bool {
@@ -729,19 +853,6 @@ fn not_a_file(path: &Path) -> Option<String> {
     }
 }
 
-/// The next sequence the store recorded in `meta`, read alone (its pages may be whole when the
-/// events' are not).
-fn recorded_next(db: &Database) -> Option<u64> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let txn = db.begin_read().ok()?;
-        let meta = txn.open_table(META).ok()?;
-        let next = meta.get(NEXT).ok()??.value();
-        Some(next)
-    }))
-    .ok()
-    .flatten()
-}
-
 /// Reads every retained record of the store in `dir`, one at a time, for `verify` and `export`:
 /// a damaged page costs the records on it, not the scan. The gateway must not be running on it
 /// (redb allows one process per file). The file is never changed (neither repaired nor
@@ -781,17 +892,10 @@ fn scan_open(
     db: &Database,
     visit: &mut impl FnMut(u64, Scanned) -> Result<(), LogError>,
 ) -> Result<Bounds, LogError> {
-    let bounds = read_bounds(db);
-    // The pages of the first and last records may be among the damaged ones: then every
-    // sequence up to the next one the store recorded is tried, and those before the first
-    // record found that the store does not hold were removed by retention, not lost.
-    let (first, next, mut before_first) = match bounds {
-        Ok(StoredBounds { first, next, .. }) => (first, next, false),
-        Err(error) => match recorded_next(db) {
-            Some(next) => (1, next, true),
-            None => return Err(error),
-        },
-    };
+    // Pages of the first and last records that do not parse, or a damaged index: the scan
+    // would miss or invent records; `export` salvages the records by their checksums instead.
+    let StoredBounds { first, next, .. } = read_bounds(db)?;
+    check_order(db, next)?;
     let mut outcome = Ok(());
     for sequence in first..next {
         let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
@@ -803,11 +907,7 @@ fn scan_open(
             },
         ));
         let scanned = match read {
-            Ok(Ok(Some(record))) => {
-                before_first = false;
-                Scanned::Record(record)
-            }
-            Ok(Ok(None)) if before_first => continue,
+            Ok(Ok(Some(record))) => Scanned::Record(record),
             Ok(Ok(None)) => Scanned::Unreadable("missing".to_owned()),
             Ok(Err(error)) => Scanned::Unreadable(error.to_string()),
             Err(panic) => Scanned::Unreadable(panic_text(panic)),
@@ -884,10 +984,18 @@ fn commit(
             for batch in batches {
                 let mut batch_results = Vec::with_capacity(batch.len());
                 for record in batch {
-                    let found = match record.event_id {
+                    let mut found = match record.event_id {
                         Some(id) => ids.get(id)?.map(|v| v.value()),
                         None => None,
                     };
+                    // An entry whose event is no longer stored under it is stale (retention
+                    // could not clear it: the record's id was damaged): the event is new again.
+                    if let (Some(sequence), Some(id)) = (found, record.event_id) {
+                        let stored = events.get(sequence)?;
+                        if stored.is_none_or(|value| header(value.value()).1 != id) {
+                            found = None;
+                        }
+                    }
                     if let Some(sequence) = found {
                         batch_results.push(Appended {
                             sequence,

@@ -461,10 +461,30 @@ pub fn keys(payload: &Bytes) -> Result<Keys, CorruptRecord> {
     if is_compact(payload) {
         Ok(outer(payload)?.keys.unwrap_or_default())
     } else {
-        Ok(StoredEvent::decode(payload.clone())?
-            .keys
-            .unwrap_or_default())
+        Ok(legacy(payload)?.keys.unwrap_or_default())
     }
+}
+
+/// The first byte of every record of an earlier release: its envelope's tag (field 1,
+/// length-delimited), which prost writes first and never leaves out (an envelope always has its
+/// `ChatEvent`).
+pub const LEGACY_FIRST: u8 = 0x0A;
+
+/// A record of an earlier release (a bare [`StoredEvent`]), which has no checksum: it must at
+/// least start with its envelope and have one. An empty record (a value cut to its header) or
+/// anything else is damaged, never an empty event.
+fn legacy(payload: &Bytes) -> Result<StoredEvent, CorruptRecord> {
+    if payload.first() != Some(&LEGACY_FIRST) {
+        return Err(CorruptRecord(match payload.first() {
+            None => "empty record".into(),
+            Some(byte) => format!("a record cannot start with byte {byte:#04x}"),
+        }));
+    }
+    let stored = StoredEvent::decode(payload.clone())?;
+    if stored.envelope.is_empty() {
+        return Err(CorruptRecord("record without its envelope".into()));
+    }
+    Ok(stored)
 }
 
 /// What a stored record says of its content's identity: its digests (a compact record), or the
@@ -480,7 +500,7 @@ pub enum Identity {
 /// The identity of the record `payload`.
 pub fn identity(payload: &Bytes) -> Result<Identity, CorruptRecord> {
     if !is_compact(payload) {
-        return Ok(Identity::Legacy(StoredEvent::decode(payload.clone())?));
+        return Ok(Identity::Legacy(legacy(payload)?));
     }
     let outer = outer(payload)?;
     let digest = |bytes: &Bytes| <[u8; 32]>::try_from(bytes.as_ref()).ok();
@@ -507,7 +527,7 @@ pub fn stored(payload: Bytes) -> Result<StoredEvent, CorruptRecord> {
 
 fn read(payload: Bytes) -> Result<StoredEvent, CorruptRecord> {
     if !is_compact(&payload) {
-        return Ok(StoredEvent::decode(payload)?);
+        return legacy(&payload);
     }
     let outer = outer(&payload)?;
     if outer.content_len > MAX_CONTENT {
@@ -868,6 +888,27 @@ mod tests {
             proptest::prop_assert!(keys(&damaged).is_err());
             proptest::prop_assert!(identity(&damaged).is_err());
             proptest::prop_assert!(crate::wire::keys_of(&damaged).is_none());
+        }
+    }
+
+    /// A record cut to nothing (its value cut to the store's 16-byte header) or to zeros is
+    /// damaged, never an empty event that a filter passes over (found from outside).
+    #[test]
+    fn an_empty_or_zeroed_record_is_damaged_not_an_empty_event() {
+        for len in 0..=64 {
+            let zeros = Bytes::from(vec![0u8; len]);
+            assert!(stored(zeros.clone()).is_err(), "{len} zeros");
+            assert!(keys(&zeros).is_err(), "{len} zeros");
+            assert!(identity(&zeros).is_err(), "{len} zeros");
+            assert_eq!(crate::wire::keys_of(&zeros), None, "{len} zeros");
+        }
+        let (_, old) = compact(FIXTURES[0]);
+        let legacy = Bytes::from(old.encode_to_vec());
+        for cut in 0..legacy.len().min(64) {
+            let cut = legacy.slice(..cut);
+            if let Ok(read) = stored(cut.clone()) {
+                assert!(!read.envelope.is_empty(), "a record of {} bytes", cut.len());
+            }
         }
     }
 

@@ -109,8 +109,24 @@ pub(super) fn open_database(
         .open(path)
         .map_err(|e| cannot_open(&e))?;
     let file_len = file.metadata().map_err(|e| cannot_open(&e))?.len();
+    // A new store is built aside and renamed into place whole: an empty file is a store lost
+    // (a copy that failed, a redirection over it), never one to start afresh in.
+    if file_len == 0 {
+        return Err(LogError::Misconfigured(format!(
+            "{} is empty: it holds no store (a copy that failed, or a file emptied by mistake?); \
+             restore the store, or remove the file to start a new, empty one",
+            path.display()
+        )));
+    }
     let expected = layout_len(&file);
-    let (storage, hold) = Storage::held(file, fault.clone()).map_err(|e| cannot_open(&e))?;
+    let in_use = |error: redb::DatabaseError| match error {
+        redb::DatabaseError::DatabaseAlreadyOpen => LogError::Misconfigured(format!(
+            "{} is in use by another process (a running gateway?): stop it first",
+            path.display()
+        )),
+        other => cannot_open(&other),
+    };
+    let (storage, hold) = Storage::held(file, fault.clone()).map_err(in_use)?;
     // An offline scan of a file cut short (copied in part, a disk that lost its end): the
     // missing bytes read as zeros, so that what is left can be read; the pages that were there
     // fail their checksums, and cost their records only.
@@ -137,7 +153,7 @@ pub(super) fn open_database(
             path.display()
         ))
     })?;
-    let db = created.map_err(|e| cannot_open(&e))?;
+    let db = created.map_err(in_use)?;
     match checked(&db, path, &hold, access) {
         Ok(()) => Ok(db),
         Err(error) => {

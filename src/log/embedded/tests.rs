@@ -456,3 +456,68 @@ async fn the_layout_read_from_the_header_is_the_files_length() {
         Some(file.metadata().unwrap().len())
     );
 }
+
+/// A record under a key past the next sequence the store recorded (a damaged key in a page that
+/// parses) is a damaged index: the store is not opened, `scan` says so at once instead of
+/// walking every sequence up to it (found from outside: 2^40 took hours), and a redelivery never
+/// resolves to it.
+#[tokio::test]
+async fn a_key_past_the_recorded_next_sequence_is_a_damaged_index() {
+    let dir = tempfile::tempdir().unwrap();
+    store_with_two_records(dir.path()).await;
+    {
+        let db = Database::open(dir.path().join("events.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut events = txn.open_table(EVENTS).unwrap();
+            let value = events.remove(2).unwrap().unwrap().value().to_vec();
+            events.insert(1u64 << 40, value.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let started = std::time::Instant::now();
+    match scan(dir.path(), |_, _| Ok(())) {
+        Err(LogError::Damaged { detail, .. }) => {
+            assert!(detail.contains("index is damaged"), "{detail}")
+        }
+        other => panic!("a damaged index must be reported: {other:?}"),
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    match EmbeddedLog::open(dir.path(), Retention::default()) {
+        Err(LogError::Damaged { detail, .. }) => {
+            assert!(detail.contains("index is damaged"), "{detail}")
+        }
+        Err(other) => panic!("{other}"),
+        Ok(_) => panic!("a damaged index must not be served"),
+    }
+}
+
+/// A dedup entry whose event is no longer stored under it (its record's id damaged, so
+/// retention could not remove the entry) does not swallow a redelivery: it is stored again.
+#[tokio::test]
+async fn a_stale_dedup_entry_does_not_take_a_redelivery_for_a_duplicate() {
+    let dir = tempfile::tempdir().unwrap();
+    store_with_two_records(dir.path()).await;
+    {
+        let db = Database::open(dir.path().join("events.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            // Event 1's entry points at sequence 2, which holds event 2.
+            let mut ids = txn.open_table(IDS).unwrap();
+            ids.insert(1, 2).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let log = EmbeddedLog::open(dir.path(), Retention::default()).unwrap();
+    let appended = log.append_all(vec![record(1, 3)]).await.unwrap();
+    assert_eq!(
+        appended,
+        [Appended {
+            sequence: 3,
+            duplicate: false
+        }]
+    );
+    assert_eq!(log.find_event(1).await.unwrap(), Some(3));
+    let appended = log.append_all(vec![record(2, 4)]).await.unwrap();
+    assert!(appended[0].duplicate, "a true duplicate is still one");
+}
