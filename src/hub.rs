@@ -340,7 +340,11 @@ mod tests {
         let record = |id| NewRecord {
             event_id: Some(id),
             received_at_ms: 0,
-            payload: bytes::Bytes::new(),
+            payload: prost::Message::encode_to_vec(&crate::wire::StoredEvent {
+                raw_json: bytes::Bytes::from(format!("{{\"id\":{id}}}")),
+                ..crate::wire::StoredEvent::default()
+            })
+            .into(),
         };
         log.append_all(vec![record(1), record(2)]).await.unwrap();
         let first = tokio::time::timeout(std::time::Duration::from_secs(5), receiver.recv())

@@ -115,7 +115,7 @@ pub fn keys_of(payload: &[u8]) -> Option<Keys> {
         return record::keys_of_compact(payload);
     }
     // Not a record (empty, or damaged): a filter keeps it, and the read reports it.
-    if payload.first() != Some(&record::LEGACY_FIRST) {
+    if !record::may_start_legacy(payload.first()) {
         return None;
     }
     KeysOnly::decode(payload)

@@ -465,24 +465,26 @@ pub fn keys(payload: &Bytes) -> Result<Keys, CorruptRecord> {
     }
 }
 
-/// The first byte of every record of an earlier release: its envelope's tag (field 1,
-/// length-delimited), which prost writes first and never leaves out (an envelope always has its
-/// `ChatEvent`).
-pub const LEGACY_FIRST: u8 = 0x0A;
+/// Whether `byte` can start a record of an earlier release (a bare [`StoredEvent`]): the tag of
+/// one of its fields, all length-delimited (prost writes the envelope's first, and an event has
+/// one). An empty record (a value cut to its header) has none.
+pub fn may_start_legacy(byte: Option<&u8>) -> bool {
+    matches!(byte, Some(0x0A | 0x12 | 0x1A | 0x22 | 0x2A))
+}
 
-/// A record of an earlier release (a bare [`StoredEvent`]), which has no checksum: it must at
-/// least start with its envelope and have one. An empty record (a value cut to its header) or
-/// anything else is damaged, never an empty event.
+/// A record of an earlier release, which has no checksum: it must at least start as one and hold
+/// an event (an envelope or a body). An empty record or anything else is damaged, never an
+/// empty event.
 fn legacy(payload: &Bytes) -> Result<StoredEvent, CorruptRecord> {
-    if payload.first() != Some(&LEGACY_FIRST) {
+    if !may_start_legacy(payload.first()) {
         return Err(CorruptRecord(match payload.first() {
             None => "empty record".into(),
             Some(byte) => format!("a record cannot start with byte {byte:#04x}"),
         }));
     }
     let stored = StoredEvent::decode(payload.clone())?;
-    if stored.envelope.is_empty() {
-        return Err(CorruptRecord("record without its envelope".into()));
+    if stored.envelope.is_empty() && stored.raw_json.is_empty() {
+        return Err(CorruptRecord("record without an event".into()));
     }
     Ok(stored)
 }
@@ -907,7 +909,11 @@ mod tests {
         for cut in 0..legacy.len().min(64) {
             let cut = legacy.slice(..cut);
             if let Ok(read) = stored(cut.clone()) {
-                assert!(!read.envelope.is_empty(), "a record of {} bytes", cut.len());
+                assert!(
+                    !read.envelope.is_empty() || !read.raw_json.is_empty(),
+                    "a record of {} bytes",
+                    cut.len()
+                );
             }
         }
     }
