@@ -72,6 +72,19 @@ fn event(payload: bytes::Bytes) -> Result<StoredEvent, String> {
         .map_err(|error| format!("payload does not decode: {error}"))
 }
 
+/// A record's event, checked against its record's digests (`verify`, `export`, the salvage).
+pub(crate) fn checked_event(payload: bytes::Bytes) -> Result<StoredEvent, String> {
+    let stored = event(payload.clone())?;
+    crate::wire::record::check_digests(&payload, &stored).map_err(|error| error.to_string())?;
+    Ok(stored)
+}
+
+/// Writes one line of an export.
+pub(crate) fn write_line(out: &mut impl Write, line: &str) -> Result<(), LogError> {
+    writeln!(out, "{line}")
+        .map_err(|error| LogError::Unavailable(format!("cannot write the export: {error}")))
+}
+
 /// Checks every retained record of the store in `dir`: it must be readable and whole (its
 /// checksum, its body's digest), its payload and typed envelope must decode, its raw body (if
 /// any) must be JSON, and the typed form and the raw body must name the same event (`Id` and
@@ -80,17 +93,12 @@ pub fn verify(dir: &Path) -> Result<Report, LogError> {
     let mut report = Report::default();
     let bounds = scan(dir, |sequence, scanned| {
         let checked = match scanned {
-            Scanned::Record(record) => {
-                let payload = record.payload.clone();
-                event(record.payload).and_then(|stored| {
-                    crate::wire::record::check_digests(&payload, &stored)
-                        .map_err(|error| error.to_string())?;
-                    line(&stored)?;
-                    let envelope = crate::pb::webhook::v1::Envelope::decode(stored.envelope)
-                        .map_err(|error| format!("envelope does not decode: {error}"))?;
-                    agree(&envelope, &stored.raw_json)
-                })
-            }
+            Scanned::Record(record) => checked_event(record.payload).and_then(|stored| {
+                line(&stored)?;
+                let envelope = crate::pb::webhook::v1::Envelope::decode(stored.envelope)
+                    .map_err(|error| format!("envelope does not decode: {error}"))?;
+                agree(&envelope, &stored.raw_json)
+            }),
             Scanned::Unreadable(why) => Err(why),
         };
         match checked {
@@ -171,20 +179,13 @@ pub fn export(dir: &Path, out: &mut impl Write) -> Result<Report, LogError> {
     let bounds = scan(dir, |sequence, scanned| {
         let line = match scanned {
             Scanned::Record(record) => {
-                let payload = record.payload.clone();
-                event(record.payload).and_then(|stored| {
-                    crate::wire::record::check_digests(&payload, &stored)
-                        .map_err(|error| error.to_string())?;
-                    line(&stored)
-                })
+                checked_event(record.payload).and_then(|stored| line(&stored))
             }
             Scanned::Unreadable(why) => Err(why),
         };
         match line {
             Ok(line) => {
-                writeln!(out, "{line}").map_err(|error| {
-                    LogError::Unavailable(format!("cannot write the export: {error}"))
-                })?;
+                write_line(out, &line)?;
                 report.readable += 1;
             }
             Err(why) => report.unreadable(sequence, why),

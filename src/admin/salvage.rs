@@ -138,19 +138,10 @@ pub fn salvage(path: &Path, out: &mut impl Write) -> Result<Salvaged, LogError> 
             report.copies += 1;
             continue;
         }
-        let payload = bytes::Bytes::from(payload);
-        let line = crate::wire::record::stored(payload.clone())
-            .map_err(|error| error.to_string())
-            .and_then(|stored| {
-                crate::wire::record::check_digests(&payload, &stored)
-                    .map_err(|error| error.to_string())?;
-                super::line(&stored)
-            });
+        let line = super::checked_event(payload.into()).and_then(|stored| super::line(&stored));
         match line {
             Ok(line) => {
-                writeln!(out, "{line}").map_err(|error| {
-                    LogError::Unavailable(format!("cannot write the export: {error}"))
-                })?;
+                super::write_line(out, &line)?;
                 report.written += 1;
             }
             Err(why) => {

@@ -135,14 +135,7 @@ fn start_epoch(
         epochs.insert(epoch);
         Ok(epochs)
     };
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(record))
-        .map_err(|panic| LogError::Damaged {
-            from: 0,
-            detail: format!(
-                "the page that holds its epochs does not parse: {}",
-                panic_text(panic)
-            ),
-        })?
+    parsing("the page that holds its epochs", record)?
         .map(|epochs| (epoch, epochs))
         .map_err(unavailable)
 }
@@ -342,14 +335,7 @@ fn read_bounds(db: &Database) -> Result<StoredBounds, LogError> {
         }))
     };
     // redb panics on a damaged page; say so instead of crashing the gateway at start.
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read))
-        .map_err(|panic| LogError::Damaged {
-            from: 0,
-            detail: format!(
-                "the pages that hold its first and last records do not parse: {}",
-                panic_text(panic)
-            ),
-        })?
+    parsing("the pages that hold its first and last records", read)?
         .map_err(unavailable)?
         .map_err(|detail| LogError::Damaged { from: 0, detail })
 }
@@ -582,6 +568,17 @@ impl EventLog for EmbeddedLog {
 }
 
 /// The message of a caught panic.
+/// Runs `work`, which reads pages of the file: a page that does not parse (redb panics on it) is
+/// [`LogError::Damaged`], saying that `what` does not parse.
+fn parsing<T>(what: &str, work: impl FnOnce() -> T) -> Result<T, LogError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).map_err(|panic| {
+        LogError::Damaged {
+            from: 0,
+            detail: format!("{what} does not parse: {}", panic_text(panic)),
+        }
+    })
+}
+
 fn panic_text(panic: Box<dyn std::any::Any + Send>) -> String {
     panic
         .downcast_ref::<&str>()

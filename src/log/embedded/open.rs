@@ -8,7 +8,7 @@ use std::sync::Arc;
 use redb::{Database, ReadableTable};
 
 use super::storage::{Hold, Storage};
-use super::{panic_text, unavailable, EVENTS, IDS, META};
+use super::{parsing, unavailable, EVENTS, IDS, META};
 use crate::log::LogError;
 
 /// The `meta` key holding the store's format version; a file without it is format 1.
@@ -187,18 +187,8 @@ fn checked(db: &Database, path: &Path, hold: &Hold, access: Access) -> Result<()
         hold.release().map_err(|e| cannot_open(&e))?;
     }
     // The commit walks the pages of the tables it touches: redb panics on damaged ones.
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        init(db, found, access, path)
-    }))
-    .map_err(|panic| LogError::Damaged {
-        from: 0,
-        detail: format!(
-            "{}: the pages that locate its tables do not parse: {}",
-            path.display(),
-            panic_text(panic)
-        ),
-    })?
-    .map_err(unavailable)
+    let what = format!("{}: the pages that locate its tables", path.display());
+    parsing(&what, || init(db, found, access, path))?.map_err(unavailable)
 }
 
 /// The length redb's header says its file has (redb 2's header, file format 3: the page size and
@@ -280,14 +270,9 @@ fn stored_format(db: &Database, path: &Path) -> Result<Option<u64>, LogError> {
         };
         Ok(Some(meta.get(FORMAT_KEY)?.map_or(1, |v| v.value())))
     };
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(read))
-        .map_err(|panic| LogError::Damaged {
-            from: 0,
-            detail: format!(
-                "{}: the page that holds its format does not parse: {}",
-                path.display(),
-                panic_text(panic)
-            ),
-        })?
-        .map_err(unavailable)
+    parsing(
+        &format!("{}: the page that holds its format", path.display()),
+        read,
+    )?
+    .map_err(unavailable)
 }
