@@ -3,7 +3,7 @@
 //! A short cut reads through the index, every event, in order (the missing bytes read as zeros:
 //! redb refused the file whole, and every event was lost to `export`); past what the index
 //! survives, the file is read record by record for checksummed records, and each event found is
-//! exported once, in the order received, with a summary of what was done. Before, every cut
+//! exported once, with a summary of what was done. Before, every cut
 //! gave "damaged beyond crash recovery" and nothing.
 
 mod binary;
@@ -66,12 +66,18 @@ async fn export_reads_what_a_store_cut_short_still_holds() {
         let damaged = tempfile::tempdir().expect("a directory");
         std::fs::write(damaged.path().join("events.redb"), &whole[..len - cut]).unwrap();
         let (code, ids, said) = export(damaged.path());
-        // Each event at most once, in the order received (their ids' order here).
-        assert!(
-            ids.windows(2).all(|pair| pair[0] < pair[1]),
-            "cut {cut}: out of order or twice: {said}"
-        );
+        // Each event at most once, none made up.
+        let distinct: std::collections::HashSet<i64> = ids.iter().copied().collect();
+        assert_eq!(distinct.len(), ids.len(), "cut {cut}: an event twice: {said}");
         assert!(ids.iter().all(|id| (1..=EVENTS).contains(id)), "cut {cut}");
+        // Through the index, in sequence order; salvaged, in the order received (a batch's
+        // events share a millisecond: their order within it is not known).
+        if !said.contains("salvaged") {
+            assert!(
+                ids.windows(2).all(|pair| pair[0] < pair[1]),
+                "cut {cut}: out of order: {said}"
+            );
+        }
         if cut <= 64 << 10 {
             assert_eq!(ids, every, "cut {cut}: {said}");
             assert_eq!(code, Some(0), "cut {cut}: {said}");
