@@ -68,7 +68,11 @@ async fn export_reads_what_a_store_cut_short_still_holds() {
         let (code, ids, said) = export(damaged.path());
         // Each event at most once, none made up.
         let distinct: std::collections::HashSet<i64> = ids.iter().copied().collect();
-        assert_eq!(distinct.len(), ids.len(), "cut {cut}: an event twice: {said}");
+        assert_eq!(
+            distinct.len(),
+            ids.len(),
+            "cut {cut}: an event twice: {said}"
+        );
         assert!(ids.iter().all(|id| (1..=EVENTS).contains(id)), "cut {cut}");
         // Through the index, in sequence order; salvaged, in the order received (a batch's
         // events share a millisecond: their order within it is not known).
