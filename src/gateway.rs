@@ -578,8 +578,8 @@ impl Gateway {
     }
 
     /// Whether a cursor learnt under the store identity `theirs` may resume here.
-    pub fn holds_cursors_of(&self, theirs: &str) -> bool {
-        self.log.holds_cursors_of(theirs)
+    pub fn holds_cursors_of(&self, theirs: &str, after: Option<u64>) -> bool {
+        self.log.holds_cursors_of(theirs, after)
     }
 
     /// Whether the gateway takes ingest now: not draining and the log is healthy.

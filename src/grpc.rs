@@ -303,7 +303,11 @@ impl EventGateway for Service {
             .map(crate::server::Disconnect::evict);
         let request = request.into_inner();
         let store = self.gateway.store_identity();
-        if !request.store.is_empty() && !self.gateway.holds_cursors_of(&request.store) {
+        let after = match request.start {
+            Some(subscribe_request::Start::AfterSequence(sequence)) => Some(sequence),
+            _ => None,
+        };
+        if !request.store.is_empty() && !self.gateway.holds_cursors_of(&request.store, after) {
             return Err(Status::failed_precondition(crate::gateway::other_store(
                 &request.store,
                 &store,

@@ -137,8 +137,9 @@ pub enum LogError {
     Closed,
     /// Stored records cannot be read: the store is damaged. Retrying will not help.
     #[error(
-        "records from sequence {from} cannot be read: the store is damaged ({detail}); stop the \
-         gateway and run `iqchannels-gateway verify` (and `export` to rebuild the store)"
+        "the store is damaged{}: {detail}; with the gateway stopped, `iqchannels-gateway verify` \
+         shows the damage and `export` writes what can be read, to rebuild the store",
+        if *from > 0 { format!(" from sequence {from}") } else { String::new() }
     )]
     Damaged {
         /// The first sequence of the read that failed.
@@ -283,9 +284,11 @@ pub trait EventLog: Send + Sync + 'static {
     /// stream) is refused.
     fn identity(&self) -> String;
 
-    /// Whether a cursor learnt under `identity` (the identity of this store, now or at an
-    /// earlier run of it) belongs to this store's history.
-    fn holds_cursors_of(&self, identity: &str) -> bool {
+    /// Whether a cursor (`after`, the last sequence a client received; `None` for a start that
+    /// names none) learnt under `identity` belongs to this store's history: the identity of
+    /// this store now, or of an earlier run of it that got that far.
+    fn holds_cursors_of(&self, identity: &str, after: Option<u64>) -> bool {
+        let _ = after;
         identity == self.identity()
     }
 

@@ -134,9 +134,10 @@ fn verify_and_export_name_what_is_there_instead_of_a_store() {
 async fn export_refuses_a_store_in_use() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let gateway = Process::embedded(dir.path(), &[]);
-    for command in ["verify", "export"] {
+    for command in ["verify", "export", "export --salvage"] {
         let output = Command::new(gateway_binary())
-            .args([command, "--data-dir"])
+            .args(command.split(' '))
+            .arg("--data-dir")
             .arg(dir.path())
             .output()
             .expect("runs");

@@ -84,6 +84,16 @@ async fn a_cursor_from_another_embedded_store_is_refused_everywhere() {
     for id in 4..=6 {
         assert_eq!(again.post_event(id).await, 200);
     }
+    // A copy taken while it runs (a snapshot): it holds this run's events up to 6.
+    let live = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        one.path().join("events.redb"),
+        live.path().join("events.redb"),
+    )
+    .unwrap();
+    for id in 7..=8 {
+        assert_eq!(again.post_event(id).await, 200);
+    }
     again.terminate();
     assert!(again.wait_exit(Duration::from_secs(30)).is_some());
     // The backup restored, and new events stored under the sequences the others had: a cursor
@@ -105,6 +115,25 @@ async fn a_cursor_from_another_embedded_store_is_refused_everywhere() {
         .await
         .expect("a cursor from before the backup");
     drop(restored);
+    // The copy taken while the second run went on: its cursors up to what the copy holds
+    // resume, later ones (learnt after the copy) are refused once new events fill the gap.
+    std::fs::copy(
+        live.path().join("events.redb"),
+        one.path().join("events.redb"),
+    )
+    .unwrap();
+    let from_snapshot = Process::embedded(one.path(), &[]);
+    for id in 207..=209 {
+        assert_eq!(from_snapshot.post_event(id).await, 200);
+    }
+    let status = resume(&from_snapshot, 8, &later)
+        .await
+        .expect_err("a cursor past the snapshot");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    resume(&from_snapshot, 6, &later)
+        .await
+        .expect("a cursor the snapshot holds");
+    drop(from_snapshot);
 
     // Another store (a backup restored, a new file): refused, whatever the sequence.
     let other = Process::embedded(two.path(), &[]);

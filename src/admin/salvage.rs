@@ -75,6 +75,13 @@ pub fn salvage(path: &Path, out: &mut impl Write) -> Result<Salvaged, LogError> 
         LogError::Unavailable(format!("cannot read {}: {error}", path.display()))
     };
     let file = std::fs::File::open(path).map_err(cannot)?;
+    // A gateway holds its store's file locked (redb's lock): never salvage a file being written.
+    if held_by_another(&file) {
+        return Err(LogError::Misconfigured(format!(
+            "{} is in use by another process (a running gateway?): stop it first",
+            path.display()
+        )));
+    }
     let len = file.metadata().map_err(cannot)?.len();
     let mut report = Salvaged {
         bytes: len,
@@ -183,4 +190,13 @@ fn record_at(
             }
         }
     }
+}
+
+/// Whether another process holds `file` locked (as redb does its store's file). The lock taken
+/// here goes with the file when it is closed.
+fn held_by_another(file: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock(2) on a descriptor this function borrows open; no memory is involved.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    locked != 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
 }

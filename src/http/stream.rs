@@ -234,15 +234,20 @@ async fn open(
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, HttpError> {
     authorize(state, headers, query)?;
     let params = parse(query).map_err(HttpError::BadQuery)?;
+    let resume = last_event_id(headers)?;
     if let Some(theirs) = &params.store {
-        let ours = state.gateway.store_identity();
-        if !state.gateway.holds_cursors_of(theirs) {
+        let after = match (resume, params.start) {
+            (Some(last), _) => Some(last),
+            (None, Some(StartParam::Start(Start::After(after)))) => Some(after),
+            _ => None,
+        };
+        if !state.gateway.holds_cursors_of(theirs, after) {
+            let ours = state.gateway.store_identity();
             return Err(HttpError::OtherStore(crate::gateway::other_store(
                 theirs, &ours,
             )));
         }
     }
-    let resume = last_event_id(headers)?;
     let start = match (resume, params.start) {
         (Some(last), _) => Start::After(last),
         (None, Some(StartParam::Start(start))) => start,

@@ -98,41 +98,69 @@ struct Shared {
     /// This run's epoch: a random number recorded in the file when the store is opened
     /// (`meta` key `epoch:<hex>`, the next sequence then), part of the store's identity.
     epoch: u64,
-    /// Every epoch this file has recorded: a cursor learnt in one of them belongs to this
-    /// file's history; one from an epoch it does not hold came from another copy of the store
-    /// (a restored backup, a copy run elsewhere), whose sequences name other events.
-    epochs: std::collections::HashSet<u64>,
+    /// Every earlier epoch this file has recorded, with where it ended (the next sequence when
+    /// the file was next opened): a cursor learnt in one of them, up to where it ended, belongs
+    /// to this file's history. One from an epoch it does not hold, or past where that epoch
+    /// ended here, came from another copy of the store (a restored backup, a copy taken while it
+    /// ran, a copy run elsewhere), whose sequences name other events.
+    epochs: std::collections::HashMap<u64, u64>,
 }
 
-/// The `meta` keys of epochs start with this (`epoch:` and 16 hex digits).
+/// The `meta` keys of epochs start with this (`epoch:` and 16 hex digits; the value: the next
+/// sequence when it started).
 const EPOCH_PREFIX: &str = "epoch:";
+/// And where each ended (`epoch_end:` and its 16 hex digits; the value: the next sequence when
+/// the file was next opened, which is all that run left in it).
+const EPOCH_END_PREFIX: &str = "epoch_end:";
 
-/// Records a new epoch in `db` (durably, before the store serves anything) and reads the ones
-/// recorded before.
+/// The epochs whose `meta` keys start with `prefix`, with their values.
+fn recorded_epochs(
+    meta: &redb::Table<&str, u64>,
+    prefix: &str,
+) -> Result<Vec<(u64, u64)>, redb::Error> {
+    let mut found = Vec::new();
+    for entry in meta.range(prefix..)? {
+        let (key, value) = entry?;
+        let Some(hex) = key.value().strip_prefix(prefix) else {
+            break;
+        };
+        if let Ok(epoch) = u64::from_str_radix(hex, 16) {
+            found.push((epoch, value.value()));
+        }
+    }
+    Ok(found)
+}
+
+/// Records a new epoch in `db` (durably, before the store serves anything), ends the earlier
+/// ones that have no end yet at `next` (what they left in the file), and reads them all.
 fn start_epoch(
     db: &Database,
     next: u64,
-) -> Result<(u64, std::collections::HashSet<u64>), LogError> {
+) -> Result<(u64, std::collections::HashMap<u64, u64>), LogError> {
     let epoch = crate::log::random_id();
-    let record = || -> Result<std::collections::HashSet<u64>, redb::Error> {
+    let record = || -> Result<std::collections::HashMap<u64, u64>, redb::Error> {
         let mut txn = db.begin_write()?;
         txn.set_durability(Durability::Immediate);
-        let mut epochs = std::collections::HashSet::new();
+        let mut epochs = std::collections::HashMap::new();
         {
             let mut meta = txn.open_table(META)?;
-            for entry in meta.range(EPOCH_PREFIX..)? {
-                let (key, _) = entry?;
-                let Some(hex) = key.value().strip_prefix(EPOCH_PREFIX) else {
-                    break;
+            let ended: std::collections::HashMap<u64, u64> =
+                recorded_epochs(&meta, EPOCH_END_PREFIX)?
+                    .into_iter()
+                    .collect();
+            for (known, _) in recorded_epochs(&meta, EPOCH_PREFIX)? {
+                let end = match ended.get(&known) {
+                    Some(&end) => end,
+                    None => {
+                        meta.insert(format!("{EPOCH_END_PREFIX}{known:016x}").as_str(), next)?;
+                        next
+                    }
                 };
-                if let Ok(known) = u64::from_str_radix(hex, 16) {
-                    epochs.insert(known);
-                }
+                epochs.insert(known, end);
             }
             meta.insert(format!("{EPOCH_PREFIX}{epoch:016x}").as_str(), next)?;
         }
         txn.commit()?;
-        epochs.insert(epoch);
         Ok(epochs)
     };
     parsing("the page that holds its epochs", record)?
@@ -537,17 +565,30 @@ impl EventLog for EmbeddedLog {
         )
     }
 
-    fn holds_cursors_of(&self, identity: &str) -> bool {
+    fn holds_cursors_of(&self, identity: &str, after: Option<u64>) -> bool {
         let Some((id, epoch)) = identity
             .strip_prefix("embedded:")
             .and_then(|rest| rest.split_once('.'))
         else {
             return false;
         };
-        u64::from_str_radix(id, 16) == Ok(self.shared.store_id)
-            && id.len() == 16
-            && epoch.len() == 16
-            && u64::from_str_radix(epoch, 16).is_ok_and(|epoch| self.shared.epochs.contains(&epoch))
+        if id.len() != 16 || epoch.len() != 16 {
+            return false;
+        }
+        if u64::from_str_radix(id, 16) != Ok(self.shared.store_id) {
+            return false;
+        }
+        let Ok(epoch) = u64::from_str_radix(epoch, 16) else {
+            return false;
+        };
+        if epoch == self.shared.epoch {
+            return true;
+        }
+        // An earlier run of this file: what it received is what it left here.
+        self.shared
+            .epochs
+            .get(&epoch)
+            .is_some_and(|&end| after.is_none_or(|after| after < end))
     }
 
     fn healthy(&self) -> bool {
@@ -1008,7 +1049,7 @@ fn commit(
                     value.extend_from_slice(&record.event_id.unwrap_or(0).to_be_bytes());
                     value.extend_from_slice(&record.payload);
                     events.insert(next, value.as_slice())?;
-                    bytes += value.len() as u64;
+                    bytes = bytes.saturating_add(value.len() as u64);
                     if let Some(id) = record.event_id {
                         ids.insert(id, next)?;
                     }
@@ -1055,11 +1096,11 @@ fn apply_retention(
     let oldest_allowed = retention.oldest_allowed_ms();
     let mut count = events.len()?;
     loop {
-        let (time, id, size) = match events.first()? {
-            Some((_, value)) => {
+        let (sequence, time, id, size) = match events.first()? {
+            Some((key, value)) => {
                 let value = value.value();
                 let (time, id) = header(value);
-                (time, id, value.len() as u64)
+                (key.value(), time, id, value.len() as u64)
             }
             None => break,
         };
@@ -1070,7 +1111,10 @@ fn apply_retention(
             break;
         }
         events.pop_first()?;
-        ids.remove(id)?;
+        // Only its own entry: a damaged id must not take another event's dedup with it.
+        if ids.get(id)?.is_some_and(|entry| entry.value() == sequence) {
+            ids.remove(id)?;
+        }
         count -= 1;
         bytes = bytes.saturating_sub(size);
     }

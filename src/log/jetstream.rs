@@ -44,6 +44,8 @@ const CACHE: usize = 8192;
 pub const DEFAULT_CACHE_BYTES: usize = 16 << 20;
 /// How often the connection to NATS is checked (see `connect_options`).
 const PING_INTERVAL: Duration = Duration::from_secs(2);
+/// Records of a batch waiting for their acks at once (below the client's permits, 5,000).
+const ACKS_IN_FLIGHT: usize = 1024;
 /// How often the stream's bounds and identity are checked.
 const REFRESH: Duration = Duration::from_secs(2);
 /// Direct gets in flight at once during a catch-up read.
@@ -727,26 +729,36 @@ impl EventLog for JetStreamLog {
         // fails for want of NATS, the rest are not sent (each would wait for its own timeout,
         // and a later one stored before an earlier one would break the order): they fail the
         // same way. A record refused for its size fails alone.
-        let mut sent = Vec::with_capacity(records.len());
+        //
+        // At most `ACKS_IN_FLIGHT` records wait for their acks at once: the client holds a
+        // permit for each (5,000 by default) until its ack is awaited, so a larger batch sent
+        // whole would wait for ever for a permit (found from outside: 5,001 items hung).
+        let mut results = Vec::with_capacity(records.len());
         let mut failed: Option<LogError> = None;
-        for record in records {
-            if let Some(error) = &failed {
-                sent.push(Err(error.clone()));
-                continue;
-            }
-            let result = self.send(record).await;
-            if let Err(error) = &result {
-                if !matches!(error, LogError::TooLarge(_)) {
-                    failed = Some(error.clone());
+        let mut records = records.into_iter().peekable();
+        while records.peek().is_some() {
+            let mut sent = Vec::with_capacity(ACKS_IN_FLIGHT);
+            for record in records.by_ref().take(ACKS_IN_FLIGHT) {
+                if let Some(error) = &failed {
+                    sent.push(Err(error.clone()));
+                    continue;
                 }
+                let result = self.send(record).await;
+                if let Err(error) = &result {
+                    if !matches!(error, LogError::TooLarge(_)) {
+                        failed = Some(error.clone());
+                    }
+                }
+                sent.push(result);
             }
-            sent.push(result);
+            results.extend(
+                futures_util::future::join_all(sent.into_iter().map(|sent| async move {
+                    let (ack, subject) = sent?;
+                    self.confirm(ack, subject).await
+                }))
+                .await,
+            );
         }
-        let results = futures_util::future::join_all(sent.into_iter().map(|sent| async move {
-            let (ack, subject) = sent?;
-            self.confirm(ack, subject).await
-        }))
-        .await;
         let stored = results.iter().filter_map(|r| r.as_ref().ok());
         if let Some(last) = stored.clone().map(|a| a.sequence).max() {
             self.shared.next.fetch_max(last + 1, Ordering::AcqRel);

@@ -521,3 +521,41 @@ async fn a_stale_dedup_entry_does_not_take_a_redelivery_for_a_duplicate() {
     let appended = log.append_all(vec![record(2, 4)]).await.unwrap();
     assert!(appended[0].duplicate, "a true duplicate is still one");
 }
+
+/// Retention removes a record's dedup entry only when it points at that record: a record whose
+/// id was damaged into another event's never takes that event's dedup with it (found from
+/// outside: the other event was then stored twice).
+#[tokio::test]
+async fn retention_never_removes_another_events_dedup_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    store_with_two_records(dir.path()).await;
+    {
+        let db = Database::open(dir.path().join("events.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            // Record 1's id damaged into event 2's.
+            let mut events = txn.open_table(EVENTS).unwrap();
+            let mut value = events.get(1).unwrap().unwrap().value().to_vec();
+            value[8..16].copy_from_slice(&2i64.to_be_bytes());
+            events.insert(1, value.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let retention = Retention {
+        max_events: Some(2),
+        ..Retention::default()
+    };
+    let log = EmbeddedLog::open(dir.path(), retention).unwrap();
+    // A third event: retention removes sequence 1.
+    log.append_all(vec![record(3, 3)]).await.unwrap();
+    assert_eq!(log.bounds().first, 2);
+    let again = log.append_all(vec![record(2, 4)]).await.unwrap();
+    assert_eq!(
+        again,
+        [Appended {
+            sequence: 2,
+            duplicate: true
+        }],
+        "event 2 is still stored once"
+    );
+}
