@@ -655,19 +655,22 @@ async fn tail(
 /// that is no longer the one the gateway opened (deleted, or deleted and created again: another
 /// creation time, or a last sequence below what was acknowledged).
 async fn refresh_first(context: jetstream::Context, name: String, shared: std::sync::Weak<Shared>) {
-    let mut missing = 0;
+    // A reset is taken for one only when seen twice in a row (2 s apart): a single answer may
+    // come from a server catching up after a restart or an election.
+    let mut seen = 0;
     loop {
         tokio::time::sleep(REFRESH).await;
         let Some(shared) = shared.upgrade() else {
             return;
         };
+        // What was acknowledged before asking: the answer holds at least that (an append acked
+        // while the request is in flight may not be in it).
+        let acknowledged = shared.next.load(Ordering::Acquire).saturating_sub(1);
         let replaced = match context.get_stream(&name).await {
             Ok(stream) => {
-                missing = 0;
                 let info = stream.cached_info();
                 let created = info.created.unix_timestamp_nanos();
                 let last = info.state.last_sequence;
-                let acknowledged = shared.next.load(Ordering::Acquire).saturating_sub(1);
                 if created != shared.created {
                     Some(format!(
                         "the stream {name} was deleted and created again (created at {}, not \
@@ -689,14 +692,14 @@ async fn refresh_first(context: jetstream::Context, name: String, shared: std::s
                     None
                 }
             }
-            // Twice in a row (a single answer may come from a server that is catching up).
             Err(error) if is_stream_not_found(&error.kind()) => {
-                missing += 1;
-                (missing >= 2).then(|| format!("the stream {name} was deleted"))
+                Some(format!("the stream {name} was deleted"))
             }
-            Err(_) => None,
+            // Not an answer about the stream (NATS away, an election): nothing seen.
+            Err(_) => continue,
         };
-        if let Some(reason) = replaced {
+        seen = if replaced.is_some() { seen + 1 } else { 0 };
+        if let Some(reason) = replaced.filter(|_| seen >= 2) {
             tracing::error!(
                 stream = %name,
                 "{reason}: every sequence and cursor into it is void; the gateway stops and \
