@@ -75,9 +75,8 @@ struct Shared {
     /// Payload bytes in `recent`.
     cache_held: AtomicU64,
     cache_bytes: usize,
-    /// The stream's creation time (nanoseconds since the Unix epoch) when the gateway opened it:
-    /// its identity. A stream of that name created at another time is another stream.
-    created: i128,
+    /// What the stream the gateway opened is ([`Origin`]): its identity.
+    origin: Origin,
     /// Set when the stream was deleted or created again ([`EventLog::replaced`]).
     replaced: watch::Sender<Option<String>>,
 }
@@ -132,7 +131,7 @@ impl JetStreamLog {
             );
         }
         let info = stream.get_info().await.map_err(unavailable)?;
-        let created = info.created.unix_timestamp_nanos();
+        let origin = Origin::of(&info);
         let next = info.state.last_sequence + 1;
         let first = first_retained(&info.state);
         let shared = Arc::new(Shared {
@@ -145,7 +144,7 @@ impl JetStreamLog {
             recent: Mutex::new(VecDeque::new()),
             cache_held: AtomicU64::new(0),
             cache_bytes: config.cache_bytes.max(1),
-            created,
+            origin,
             replaced: watch::channel(None).0,
         });
         tokio::spawn(tail(client.clone(), stream.clone(), shared.clone(), next));
@@ -651,9 +650,46 @@ async fn tail(
     }
 }
 
+/// What a stream is, beyond its name: on a cluster, its Raft group (named by the meta layer
+/// when the stream is created, the same on every replica and across elections and restarts); on
+/// a single server, its creation time. A stream created again gets another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Origin {
+    Raft(String),
+    Created(i128),
+}
+
+impl Origin {
+    fn of(info: &stream::Info) -> Self {
+        match info.cluster.as_ref().and_then(|c| c.raft_group.clone()) {
+            Some(group) => Origin::Raft(group),
+            None => Origin::Created(info.created.unix_timestamp_nanos()),
+        }
+    }
+
+    /// Whether `self` shows another stream than `opened`. Only like with like: an answer
+    /// without the cluster's part (a server catching up) says nothing.
+    fn other_than(&self, opened: &Origin) -> bool {
+        match (self, opened) {
+            (Origin::Raft(now), Origin::Raft(then)) => now != then,
+            (Origin::Created(now), Origin::Created(then)) => now != then,
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Raft(group) => write!(f, "raft-{group}"),
+            Origin::Created(nanos) => write!(f, "created-{nanos}"),
+        }
+    }
+}
+
 /// Keeps `first` current as JetStream's retention removes old events, and notices a stream
 /// that is no longer the one the gateway opened (deleted, or deleted and created again: another
-/// creation time, or a last sequence below what was acknowledged).
+/// [`Origin`]).
 async fn refresh_first(context: jetstream::Context, name: String, shared: std::sync::Weak<Shared>) {
     // A reset is taken for one only when seen twice in a row (2 s apart): a single answer may
     // come from a server catching up after a restart or an election.
@@ -663,26 +699,16 @@ async fn refresh_first(context: jetstream::Context, name: String, shared: std::s
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        // What was acknowledged before asking: the answer holds at least that (an append acked
-        // while the request is in flight may not be in it).
-        let acknowledged = shared.next.load(Ordering::Acquire).saturating_sub(1);
         let replaced = match context.get_stream(&name).await {
             Ok(stream) => {
                 let info = stream.cached_info();
-                let created = info.created.unix_timestamp_nanos();
+                let origin = Origin::of(info);
                 let last = info.state.last_sequence;
-                if created != shared.created {
+                if origin.other_than(&shared.origin) {
                     Some(format!(
-                        "the stream {name} was deleted and created again (created at {}, not \
-                         at {} as when the gateway opened it)",
-                        info.created,
-                        time::OffsetDateTime::from_unix_timestamp_nanos(shared.created)
-                            .map_or_else(|_| shared.created.to_string(), |t| t.to_string())
-                    ))
-                } else if last < acknowledged {
-                    Some(format!(
-                        "the stream {name} went back to sequence {last}, below the {acknowledged} \
-                         the gateway had seen stored"
+                        "the stream {name} was deleted and created again (it is {origin}, not \
+                         {} as when the gateway opened it)",
+                        shared.origin
                     ))
                 } else {
                     shared
@@ -871,7 +897,7 @@ impl EventLog for JetStreamLog {
     }
 
     fn identity(&self) -> String {
-        format!("jetstream:{}:{}", self.config.stream, self.shared.created)
+        format!("jetstream:{}:{}", self.config.stream, self.shared.origin)
     }
 
     fn replaced(&self) -> watch::Receiver<Option<String>> {
