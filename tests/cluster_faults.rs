@@ -383,6 +383,27 @@ async fn acknowledged_events_survive_leader_kills_frozen_followers_restarts_and_
             .collect(),
     );
 
+    // Before the clock starts: each replica takes an event (a new stream's leader and its
+    // subjects' interest take a moment to reach every node; a post meanwhile is a 503 with no
+    // fault to explain it).
+    let http = reqwest::Client::new();
+    for (r, gateway) in gateways.iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let posted = http
+                .post(format!("{gateway}/v1/events"))
+                .header("content-type", "application/json")
+                .body(event(3_000_000_000 + r as i64))
+                .send()
+                .await;
+            if posted.is_ok_and(|response| response.status() == 200) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "replica {r} never took an event");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     let seen: Vec<Arc<Mutex<Seen>>> = (0..2).map(|_| Arc::default()).collect();
     let subscribers: Vec<_> = (0..2)
         .map(|r| spawn_subscriber(gateways[r].clone(), seen[r].clone()))
