@@ -15,8 +15,6 @@ pub use tolerant::MAX_VALUE_DEPTH;
 
 pub use resolve::{indices, references, references_len, Indices, REFERENCE_FIELDS};
 
-use std::sync::LazyLock;
-
 use crate::pb::webhook::v1::Envelope;
 use crate::wire::Keys;
 
@@ -401,22 +399,23 @@ pub(crate) fn respelling(message: &str, key: &str) -> Option<&'static str> {
 }
 
 /// Whether `body` may hold a respelled key: one of [`RESPELLINGS`] in quotes, or a JSON escape
-/// of an ASCII letter (`"Birth\u0044ay"`, which no encoder of the vendor's writes). The fast
+/// of an ASCII letter (`"Birth\\u0044ay"`, which no encoder of the vendor's writes). The fast
 /// parse would skip such a key as unknown; the tolerant decode types it. A false alarm (the text
-/// inside a string value) only costs the slower decode.
+/// inside a string value) only costs the slower decode. One pass over the body, at its quotes
+/// and backslashes (it runs on every body).
 fn may_be_respelled(body: &[u8]) -> bool {
-    static FINDERS: LazyLock<Vec<memchr::memmem::Finder<'static>>> = LazyLock::new(|| {
+    memchr::memchr2_iter(b'"', b'\\', body).any(|at| {
+        let rest = &body[at + 1..];
+        if body[at] == b'\\' {
+            return rest.starts_with(b"u00") && matches!(rest.get(3), Some(b'4'..=b'7'));
+        }
         RESPELLINGS
             .iter()
             .flat_map(|(_, keys)| keys.iter())
-            .map(|(other, _)| {
-                memchr::memmem::Finder::new(format!("\"{other}\"").as_bytes()).into_owned()
+            .any(|(other, _)| {
+                rest.starts_with(other.as_bytes()) && rest.get(other.len()) == Some(&b'"')
             })
-            .collect()
-    });
-    let escaped_letter = memchr::memmem::find_iter(body, b"\\u00")
-        .any(|at| matches!(body.get(at + 4), Some(b'4'..=b'7')));
-    escaped_letter || FINDERS.iter().any(|finder| finder.find(body).is_some())
+    })
 }
 
 /// The checks after a successful fast parse of `body` into `envelope`: it fits the protos, so

@@ -77,10 +77,7 @@ pub fn salvage(path: &Path, out: &mut impl Write) -> Result<Salvaged, LogError> 
     let file = std::fs::File::open(path).map_err(cannot)?;
     // A gateway holds its store's file locked (redb's lock): never salvage a file being written.
     if held_by_another(&file) {
-        return Err(LogError::Misconfigured(format!(
-            "{} is in use by another process (a running gateway?): stop it first",
-            path.display()
-        )));
+        return Err(crate::log::embedded::in_use(path));
     }
     let len = file.metadata().map_err(cannot)?.len();
     let mut report = Salvaged {

@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 pub use super::Retention;
 use super::{Appended, Bounds, EventLog, LogError, LogStats, NewRecord, Record, RETENTION_SWEEP};
+pub(crate) use open::in_use;
 pub use open::FORMAT;
 use open::{open_database, Access};
 

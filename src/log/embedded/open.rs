@@ -120,10 +120,7 @@ pub(super) fn open_database(
     }
     let expected = layout_len(&file);
     let in_use = |error: redb::DatabaseError| match error {
-        redb::DatabaseError::DatabaseAlreadyOpen => LogError::Misconfigured(format!(
-            "{} is in use by another process (a running gateway?): stop it first",
-            path.display()
-        )),
+        redb::DatabaseError::DatabaseAlreadyOpen => in_use(path),
         other => cannot_open(&other),
     };
     let (storage, hold) = Storage::held(file, fault.clone()).map_err(in_use)?;
@@ -161,6 +158,14 @@ pub(super) fn open_database(
             Err(error)
         }
     }
+}
+
+/// The store file at `path` is held by another process (redb's lock on it).
+pub(crate) fn in_use(path: &Path) -> LogError {
+    LogError::Misconfigured(format!(
+        "{} is in use by another process (a running gateway?): stop it first",
+        path.display()
+    ))
 }
 
 /// Drops a database, whose drop may walk damaged pages (redb panics on them): a damaged store
