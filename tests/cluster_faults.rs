@@ -557,6 +557,12 @@ async fn acknowledged_events_survive_leader_kills_frozen_followers_restarts_and_
         }
     }
     for (answered, body) in &unavailable_with_quorum {
+        // Before any fault, on a loaded machine, a node may not yet route the new stream's
+        // subjects: NATS answers "no responders", which is certainly not stored (seen twice
+        // under `.ci/run`, never alone; see the issue note).
+        if *answered < faults[0] && body.contains("no stream found") {
+            continue;
+        }
         assert!(
             faults.iter().any(|&fault| {
                 let window = if fault == quorum_back {
