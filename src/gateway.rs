@@ -787,7 +787,7 @@ pub fn stored_event(envelope: &Envelope, raw_json: Bytes, deviations: &[Deviatio
     }
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

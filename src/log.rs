@@ -190,7 +190,9 @@ pub trait EventLog: Send + Sync + 'static {
     }
 
     /// Up to `limit` records from `from` on, consecutive: the first is `from` itself, and a page
-    /// ends before any sequence that is missing. Empty at the end of the log.
+    /// ends before any sequence that is missing. Empty at the end of the log. The one exception:
+    /// a hole the store knows holds no loss (on JetStream, transitive events removed by their
+    /// own retention) is passed over, and the page starts at the record after it.
     /// [`LogError::Truncated`] when `from` is no longer stored (older than the oldest retained
     /// record, or removed); never a later record in its place.
     async fn read(&self, from: u64, limit: usize) -> Result<Vec<Record>, LogError>;

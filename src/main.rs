@@ -43,6 +43,26 @@ enum Command {
     /// bodies, in order, and report what was skipped (exit status 1 if anything was); post the
     /// output to a new gateway to rebuild the store.
     Export(ExportArgs),
+    /// Copy a JetStream stream of the layout of releases before 0.9 (a subject per event) into a
+    /// new stream of today's, in order; run again after an interruption, it goes on. Stop the
+    /// gateways writing to the old stream first.
+    MigrateStream(Box<MigrateArgs>),
+}
+
+#[derive(clap::Args)]
+struct MigrateArgs {
+    /// NATS server(s) of the old stream (`nats://HOST:PORT`, comma separated).
+    #[arg(long, env = "IQGW_STORE", value_parser = parse_nats_store)]
+    store: String,
+    /// The new stream (created if missing, with the flags' settings: --nats-replicas,
+    /// --nats-duplicate-window, --retention-max-age); the old one is --nats-stream.
+    #[arg(long)]
+    to: String,
+    /// The new stream's max_age, as the gateways that will serve it are started with.
+    #[arg(long, env = "IQGW_RETENTION_MAX_AGE", value_parser = humantime::parse_duration)]
+    retention_max_age: Option<Duration>,
+    #[command(flatten)]
+    nats: NatsArgs,
 }
 
 /// Which embedded store (the gateway must not be running on it).
@@ -382,7 +402,8 @@ struct NatsArgs {
     /// JetStream stream name; created if missing, checked for compatibility if present.
     #[arg(long, env = "IQGW_NATS_STREAM", default_value = "IQCHANNELS_EVENTS")]
     nats_stream: String,
-    /// Subject prefix; each event is published to `<prefix>.<ChatEvent.Id>`.
+    /// Subject prefix; events are published to `<prefix>.e.<ChatEvent.Id mod 16384>`, transitive
+    /// ones to `<prefix>.t.0`.
     #[arg(
         long,
         env = "IQGW_NATS_SUBJECT_PREFIX",
@@ -395,10 +416,13 @@ struct NatsArgs {
     #[arg(long, env = "IQGW_NATS_REPLICAS", default_value_t = 1)]
     nats_replicas: usize,
     /// JetStream duplicate window, e.g. `1h` (at most --retention-max-age); an existing stream
-    /// must have it. Redeliveries after it are still stored once (one message per subject), see
-    /// README.
+    /// must have it. A redelivery after it is stored again, as a new event (README).
     #[arg(long, env = "IQGW_NATS_DUPLICATE_WINDOW", default_value = "1h", value_parser = humantime::parse_duration)]
     nats_duplicate_window: Duration,
+    /// How long transitive events (typing) are kept on NATS, at most --retention-max-age;
+    /// every gateway removes older ones. `0` keeps them as long as other events.
+    #[arg(long, env = "IQGW_NATS_TRANSITIVE_MAX_AGE", default_value = "24h", value_parser = humantime::parse_duration)]
+    nats_transitive_max_age: Duration,
     /// How long to wait for JetStream's ack before answering 503.
     #[arg(long, env = "IQGW_NATS_ACK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     nats_ack_timeout: Duration,
@@ -445,6 +469,15 @@ enum Store {
     Nats(String),
 }
 
+fn parse_nats_store(value: &str) -> Result<String, String> {
+    match parse_store(value)? {
+        Store::Nats(list) => Ok(list),
+        _ => Err(format!(
+            "`{value}`: expected nats://HOST:PORT (a comma-separated list of NATS servers)"
+        )),
+    }
+}
+
 fn parse_store(value: &str) -> Result<Store, String> {
     match value.trim() {
         "embedded" => Ok(Store::Embedded),
@@ -476,6 +509,43 @@ async fn main() -> anyhow::Result<()> {
         Command::Subscribe(args) => subscribe(*args).await,
         Command::Publish(args) => publish(args).await,
         Command::Get(args) => get(args).await,
+        Command::MigrateStream(args) => {
+            init_logging(LogFormat::Text);
+            let config = nats_settings(
+                args.store.clone(),
+                &args.nats,
+                args.retention_max_age,
+                usize::MAX,
+            )?;
+            let migration =
+                iqchannels_gateway::log::jetstream::migrate::migrate(&config, &args.to, |copied| {
+                    if copied > 0 && copied % 100_000 < 1024 {
+                        eprintln!("{copied} records copied");
+                    }
+                })
+                .await
+                .map_err(|error| anyhow::anyhow!("{error}"))?;
+            println!(
+                "copied {} records into {} ({}); {} holds sequences up to {}, {} up to {}",
+                migration.copied,
+                args.to,
+                if migration.resumed_after == 0 {
+                    "from the start".to_owned()
+                } else {
+                    format!("going on after sequence {}", migration.resumed_after)
+                },
+                config.stream,
+                migration.source_last,
+                args.to,
+                migration.target_last
+            );
+            println!(
+                "start the gateways with --nats-stream {}; delete the old stream once it is no \
+                 longer needed (`nats stream rm {}`)",
+                args.to, config.stream
+            );
+            Ok(())
+        }
         Command::Verify(args) => {
             let report = iqchannels_gateway::admin::verify(&args.data_dir)?;
             print!("{report}");
@@ -738,12 +808,30 @@ fn nats_config(
              would make JetStream refuse new events once full"
         );
     }
+    nats_settings(url, args, retention.max_age, serve.max_body_bytes)
+}
+
+/// The JetStream settings the flags give.
+fn nats_settings(
+    url: String,
+    args: &NatsArgs,
+    max_age: Option<Duration>,
+    max_body_bytes: usize,
+) -> anyhow::Result<NatsConfig> {
+    let max_age = max_age.unwrap_or_default();
+    // Past the stream's max_age, JetStream removes transitive events with every other.
+    let transitive_max_age = if !max_age.is_zero() && args.nats_transitive_max_age >= max_age {
+        Duration::ZERO
+    } else {
+        args.nats_transitive_max_age
+    };
     Ok(NatsConfig {
         stream: args.nats_stream.clone(),
         subject_prefix: args.nats_subject_prefix.clone(),
         replicas: args.nats_replicas,
         duplicate_window: args.nats_duplicate_window,
-        max_age: retention.max_age.unwrap_or_default(),
+        max_age,
+        transitive_max_age,
         ack_timeout: args.nats_ack_timeout,
         cache_bytes: args.nats_cache_bytes,
         credentials_file: args.nats_creds.clone(),
@@ -753,7 +841,7 @@ fn nats_config(
         tls_ca: args.nats_tls_ca.clone(),
         tls_client: args.nats_tls_cert.clone().zip(args.nats_tls_key.clone()),
         require_tls: args.nats_require_tls,
-        max_body_bytes: serve.max_body_bytes,
+        max_body_bytes,
         ..NatsConfig::new(url)
     })
 }

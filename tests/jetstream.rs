@@ -179,8 +179,11 @@ async fn two_replicas_share_one_order_and_a_cursor_moves_between_them() {
     }
 }
 
+/// Dedup on NATS holds within the duplicate window (`Nats-Msg-Id`): a redelivery after it is
+/// stored again, as README says, and a lookup by id finds the first copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_redelivery_after_the_duplicate_window_is_still_stored_once() {
+async fn a_redelivery_after_the_duplicate_window_is_stored_again_and_found_first_by_id() {
+    use iqchannels_gateway::pb::client::{get_event_request::Key, GetEventRequest};
     if !require(
         "NATS with JetStream on 127.0.0.1:4222",
         reachable(SHARED_NATS),
@@ -194,19 +197,41 @@ async fn a_redelivery_after_the_duplicate_window_is_still_stored_once() {
     let process = Process::start(&args);
     let http = reqwest::Client::new();
     let first = post(&http, &process, 42).await.expect("stored");
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let response = http
+    let answer = |sequence: u64, duplicate: bool| serde_json::json!({"sequence": sequence, "duplicate": duplicate});
+    let body: serde_json::Value = http
         .post(process.url("/v1/events"))
         .header("content-type", "application/json")
         .body(event(42))
         .send()
         .await
+        .unwrap()
+        .json()
+        .await
         .unwrap();
-    let body: serde_json::Value = response.json().await.unwrap();
-    assert_eq!(
-        body,
-        serde_json::json!({"sequence": first, "duplicate": true})
-    );
+    assert_eq!(body, answer(first, true), "within the window");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let body: serde_json::Value = http
+        .post(process.url("/v1/events"))
+        .header("content-type", "application/json")
+        .body(event(42))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body, answer(first + 1, false), "after the window");
+    let found = process
+        .grpc()
+        .await
+        .get_event(GetEventRequest {
+            key: Some(Key::EventId(42)),
+            ..GetEventRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(found.sequence, first);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

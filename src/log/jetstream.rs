@@ -1,12 +1,16 @@
 //! The [`EventLog`] on a NATS JetStream stream, for several gateway replicas sharing one log.
 //!
 //! JetStream holds the stream and does the replication; every gateway is a stateless front end.
-//! - Append: publish to `<prefix>.<event id>` with `Nats-Msg-Id` = event id and wait for the ack;
-//!   the stream sequence is the gateway sequence.
-//! - Exactly once: within the duplicate window JetStream answers a redelivery with the original
-//!   sequence. Outside it, the stream's "one message per subject, discard new" rule rejects the
-//!   redelivery and the original is found by its subject, so dedup holds for as long as the
-//!   event is retained, not just for the window.
+//! - Append: publish to `<prefix>.e.<id mod 16,384>` with `Nats-Msg-Id` = event id (transitive
+//!   events: `<prefix>.t.0`) and wait for the ack; the stream sequence is the gateway sequence.
+//!   The subjects are bounded whatever the number of events ([`config::BUCKETS`]): nats-server
+//!   keeps state per subject.
+//! - Stored once within the duplicate window: JetStream answers a redelivery with the original
+//!   sequence. A redelivery after the window is stored again (README).
+//! - Find by id: the headers of the id's bucket, read by an ephemeral ordered consumer.
+//! - Transitive events have a retention of their own (`--nats-transitive-max-age`): every gateway
+//!   purges their subject below the first sequence received within it ([`expire_transitive`]).
+//!   A read passes over the holes that leaves (below `skip_below`) instead of reporting them.
 //! - Tail: an ordered push consumer follows the stream (appends of every replica) into a bounded
 //!   cache of recent records and the committed watch; the hub reads from that cache.
 //! - Reads further back: direct gets by sequence, a page at a time. A page ends before a
@@ -33,8 +37,9 @@ use tokio::sync::watch;
 use super::{Appended, Bounds, EventLog, LogError, LogStats, NewRecord, Record};
 
 mod config;
+pub mod migrate;
 
-pub use config::{largest_record, parse_servers, NatsConfig};
+pub use config::{largest_record, parse_servers, NatsConfig, BUCKETS, DEFAULT_TRANSITIVE_MAX_AGE};
 
 /// Header carrying the gateway's receive time (ms since the Unix epoch).
 const RECEIVED_AT: &str = "Iqgw-Received-At";
@@ -50,14 +55,25 @@ const ACKS_IN_FLIGHT: usize = 1024;
 const REFRESH: Duration = Duration::from_secs(2);
 /// Direct gets in flight at once during a catch-up read.
 const READ_CONCURRENCY: usize = 32;
+/// How long a lookup by id may read its bucket's headers.
+const FIND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The JetStream-backed log.
 pub struct JetStreamLog {
     client: async_nats::Client,
     context: jetstream::Context,
     stream: stream::Stream,
+    reader: Reader,
     config: NatsConfig,
     shared: Arc<Shared>,
+}
+
+/// Reads from the stream by sequence and subject (cloned into the background tasks).
+#[derive(Clone)]
+struct Reader {
+    stream: stream::Stream,
+    /// Subjects of every event in the stream (`<prefix>.*.*`).
+    all_subjects: String,
 }
 
 struct Shared {
@@ -77,8 +93,32 @@ struct Shared {
     cache_bytes: usize,
     /// What the stream the gateway opened is ([`Origin`]): its identity.
     origin: Origin,
+    /// Every sequence below it that the stream does not hold is a transitive event removed by
+    /// their retention, not a loss (0: none is).
+    skip_below: AtomicU64,
+    /// Whether the sequences before the stream's first are all such removed transitive events
+    /// (nothing else removed any: no `max_age` has acted yet), so that a read may start there.
+    front_skippable: std::sync::atomic::AtomicBool,
+    /// When the stream was created (ms since the epoch), the earliest any server said (each
+    /// replica of a cluster reports its own).
+    created_ms: std::sync::atomic::AtomicI64,
     /// Set when the stream was deleted or created again ([`EventLog::replaced`]).
     replaced: watch::Sender<Option<String>>,
+}
+
+impl Shared {
+    /// The first sequence a read may start at: the stream's first, or the very first (1) when
+    /// everything before it is expired transitive events.
+    fn first(&self) -> u64 {
+        let first = self.first.load(Ordering::Acquire);
+        if self.front_skippable.load(Ordering::Acquire)
+            && first <= self.skip_below.load(Ordering::Acquire)
+        {
+            1
+        } else {
+            first
+        }
+    }
 }
 
 fn unavailable(error: impl std::fmt::Display) -> LogError {
@@ -145,9 +185,28 @@ impl JetStreamLog {
             cache_held: AtomicU64::new(0),
             cache_bytes: config.cache_bytes.max(1),
             origin,
+            skip_below: AtomicU64::new(0),
+            front_skippable: std::sync::atomic::AtomicBool::new(false),
+            created_ms: std::sync::atomic::AtomicI64::new(created_ms(&info)),
             replaced: watch::channel(None).0,
         });
+        let reader = Reader {
+            stream: stream.clone(),
+            all_subjects: format!("{}.*.*", config.subject_prefix),
+        };
         tokio::spawn(tail(client.clone(), stream.clone(), shared.clone(), next));
+        if !config.transitive_max_age.is_zero() {
+            // Once before the first read, so that a hole left before the gateway started is
+            // passed over from the start.
+            if let Err(error) = expire_once(&reader, &config, &shared).await {
+                tracing::warn!(%error, "cannot look for expired transitive events; retrying");
+            }
+            tokio::spawn(expire_transitive(
+                reader.clone(),
+                config.clone(),
+                Arc::downgrade(&shared),
+            ));
+        }
         tokio::spawn(refresh_first(
             context.clone(),
             config.stream.clone(),
@@ -158,13 +217,10 @@ impl JetStreamLog {
             client,
             context,
             stream,
+            reader,
             config,
             shared,
         })
-    }
-
-    fn subject(&self, event_id: i64) -> String {
-        format!("{}.{event_id}", self.config.subject_prefix)
     }
 
     /// Sends `record` to the stream (the server assigns sequences in the order records are
@@ -172,50 +228,40 @@ impl JetStreamLog {
     async fn send(
         &self,
         record: NewRecord,
-    ) -> Result<(jetstream::context::PublishAckFuture, String), LogError> {
+    ) -> Result<jetstream::context::PublishAckFuture, LogError> {
         let message = jetstream::message::PublishMessage::build()
             .payload(record.payload)
             .header(RECEIVED_AT, record.received_at_ms.to_string().as_str());
+        let prefix = &self.config.subject_prefix;
         let (message, subject) = match record.event_id {
-            Some(id) => (message.message_id(id.to_string()), self.subject(id)),
-            // Never deduplicated: no message id, and a subject of its own (one message per
-            // subject would otherwise remove the previous one).
-            None => (
-                message,
-                format!("{}.t{}", self.config.subject_prefix, nuid::next()),
+            Some(id) if id > 0 => (
+                message.message_id(id.to_string()),
+                config::event_subject(prefix, id),
             ),
+            // A transitive event sent with an idempotency key: deduplicated by its key's id.
+            Some(key) => (
+                message.message_id(key.to_string()),
+                config::transitive_subject(prefix),
+            ),
+            // Never deduplicated: no message id.
+            None => (message, config::transitive_subject(prefix)),
         };
-        let ack = self
-            .context
-            .send_publish(subject.clone(), message)
+        self.context
+            .send_publish(subject, message)
             .await
-            .map_err(|error| self.publish_error(error))?;
-        Ok((ack, subject))
+            .map_err(|error| self.publish_error(error))
     }
 
     /// The outcome of a record [`JetStreamLog::send`] sent, once the stream has answered.
     async fn confirm(
         &self,
         ack: jetstream::context::PublishAckFuture,
-        subject: String,
     ) -> Result<Appended, LogError> {
         match ack.await {
             Ok(ack) => Ok(Appended {
                 sequence: ack.sequence,
                 duplicate: ack.duplicate,
             }),
-            // Outside the duplicate window: the subject already holds the event.
-            Err(error) if error.to_string().contains("maximum messages per subject") => {
-                let original = self
-                    .stream
-                    .direct_get_last_for_subject(subject)
-                    .await
-                    .map_err(unavailable)?;
-                Ok(Appended {
-                    sequence: original.sequence,
-                    duplicate: true,
-                })
-            }
             Err(error) => Err(unacknowledged(error)),
         }
     }
@@ -237,44 +283,47 @@ impl JetStreamLog {
         from_cache(&recent, from, limit)
     }
 
-    /// Subjects of every event in the stream (`<prefix>.*`).
-    fn all_subjects(&self) -> String {
-        format!("{}.*", self.config.subject_prefix)
-    }
-
     /// The record at `from` when a direct get did not find it, asked of the stream leader (a
     /// direct get may be answered by a replica that is behind). If the leader has no such record
     /// either, it was removed (retention, or deleted by hand): the error says where reading can
-    /// go on, the first record after it.
-    async fn read_at_leader(&self, from: u64) -> Result<Record, LogError> {
+    /// go on, the first record after it. A hole that expired transitive events left is passed
+    /// over: the next record (`None` at the end of the log).
+    async fn read_at_leader(&self, from: u64) -> Result<Option<Record>, LogError> {
         match self.stream.get_raw_message(from).await {
-            Ok(message) => return Ok(record_of(message)),
+            Ok(message) => return Ok(Some(record_of(message))),
             Err(error) if error.kind() == stream::RawMessageErrorKind::NoMessageFound => {}
             Err(error) => return Err(unavailable(error)),
         }
         let info = self.stream.get_info().await.map_err(unavailable)?;
         let first = first_retained(&info.state);
         self.shared.first.fetch_max(first, Ordering::AcqRel);
-        let oldest = if from < first {
-            first
-        } else {
-            // Deleted by hand: reading goes on after the gap.
-            self.next_record(from)
-                .await?
-                .map_or(info.state.last_sequence + 1, |record| record.sequence)
-        };
+        let after = self.reader.next_record(from).await?;
+        let oldest = after
+            .as_ref()
+            .map_or(info.state.last_sequence + 1, |record| record.sequence);
+        // Holes that expired transitive events left: passed over, not reported. At the front
+        // only while nothing else (a `max_age`) has removed anything.
+        let skip_below = self.shared.skip_below.load(Ordering::Acquire);
+        let explained = oldest <= skip_below
+            && (from >= first || self.shared.front_skippable.load(Ordering::Acquire));
+        if explained {
+            // The next record, or none yet: the end of the log, the hole passed over.
+            return Ok(after);
+        }
         Err(LogError::Truncated {
             requested: from,
             oldest: oldest.max(from + 1),
         })
     }
+}
 
+impl Reader {
     /// The first record at or after `sequence`, from the leader. A lookup filtered by subject:
     /// only for gaps, where a lookup by sequence finds nothing.
     async fn next_record(&self, sequence: u64) -> Result<Option<Record>, LogError> {
         match self
             .stream
-            .get_first_raw_message_by_subject(self.all_subjects(), sequence)
+            .get_first_raw_message_by_subject(self.all_subjects.clone(), sequence)
             .await
         {
             Ok(message) => Ok(Some(record_of(message))),
@@ -299,6 +348,72 @@ impl JetStreamLog {
         };
         Ok(record.filter(|record| record.sequence < end))
     }
+
+    /// The first sequence in `first..next` received at or after `at_ms` (`next` if none). The
+    /// gateway's receive time (the RECEIVED_AT header), as in every store, not NATS's publish
+    /// time. Receive times follow the sequence, up to the disorder of publishes from several
+    /// replicas (README): a binary search over the sequences, a direct get each step.
+    async fn seek(&self, Bounds { first, next }: Bounds, at_ms: i64) -> Result<u64, LogError> {
+        let (mut low, mut high) = (first, next);
+        while low < high {
+            let mid = low + (high - low) / 2;
+            match self.record_at_or_after(mid, high).await? {
+                Some(record) if record.received_at_ms < at_ms => low = record.sequence + 1,
+                _ => high = mid,
+            }
+        }
+        // `low` may have been removed since: the record retained there or after it.
+        Ok(self
+            .record_at_or_after(low, next)
+            .await?
+            .map_or(next, |record| record.sequence))
+    }
+
+    /// The sequence of the first event stored under `event_id` (its bucket's headers, read from
+    /// the oldest to the bucket's last message), or `None`.
+    async fn find(&self, prefix: &str, event_id: i64) -> Result<Option<u64>, LogError> {
+        let subject = config::event_subject(prefix, event_id);
+        let last = match self.stream.direct_get_last_for_subject(&subject).await {
+            Ok(message) => message.sequence,
+            Err(error) if error.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
+                return Ok(None)
+            }
+            Err(error) => return Err(unavailable(error)),
+        };
+        let wanted = event_id.to_string();
+        let consumer = self
+            .stream
+            .create_consumer(consumer::push::OrderedConfig {
+                deliver_subject: format!("_INBOX.{}", nuid::next()),
+                filter_subject: subject,
+                headers_only: true,
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let mut messages = consumer.messages().await.map_err(unavailable)?;
+        let scan = async {
+            while let Some(message) = messages.next().await {
+                let message = message.map_err(unavailable)?;
+                let sequence = message.info().map_err(unavailable)?.stream_sequence;
+                let id = message
+                    .headers
+                    .as_ref()
+                    .and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID));
+                if id.is_some_and(|id| id.as_str() == wanted) {
+                    return Ok(Some(sequence));
+                }
+                if sequence >= last {
+                    return Ok(None);
+                }
+            }
+            Err(unavailable("the lookup by id was interrupted"))
+        };
+        tokio::time::timeout(FIND_TIMEOUT, scan)
+            .await
+            .map_err(|_| unavailable("the lookup by id took too long"))?
+    }
 }
 
 /// The cached records from `from` on, up to `limit` and up to the first gap (a record removed
@@ -320,6 +435,10 @@ fn from_cache(recent: &VecDeque<Record>, from: u64, limit: usize) -> Option<Vec<
             .map(|(record, _)| record.clone())
             .collect(),
     )
+}
+
+fn created_ms(info: &stream::Info) -> i64 {
+    (info.created.unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 /// The oldest sequence the stream retains (`last + 1` when it is empty).
@@ -551,6 +670,11 @@ async fn open_stream(
             Opening::NotReady(format!("cannot read stream {}: {error}", config.stream))
         })?
         .config;
+    if config::is_old_layout(existing, &config.subject_prefix) {
+        return Err(Opening::Refused(LogError::Misconfigured(
+            config::old_layout_advice(&config.stream),
+        )));
+    }
     let problems = config::incompatibilities(existing, &wanted);
     if !problems.is_empty() {
         return Err(Opening::Refused(LogError::Unavailable(format!(
@@ -715,6 +839,9 @@ async fn refresh_first(context: jetstream::Context, name: String, shared: std::s
                         .first
                         .fetch_max(first_retained(&info.state), Ordering::AcqRel);
                     shared.next.fetch_max(last + 1, Ordering::AcqRel);
+                    shared
+                        .created_ms
+                        .fetch_min(created_ms(info), Ordering::AcqRel);
                     None
                 }
             }
@@ -735,6 +862,76 @@ async fn refresh_first(context: jetstream::Context, name: String, shared: std::s
             return;
         }
     }
+}
+
+/// Applies the transitive events' own retention (`--nats-transitive-max-age`), on every gateway
+/// (a purge is idempotent): their subject is purged below the first sequence received within the
+/// age. `skip_below` is set to the first sequence received within the age less a margin (half
+/// the age, at most a minute: room for the clocks of several gateways and for a purge another
+/// ran since this one's last look), so that a read passes over the holes left: a hole there
+/// follows a record received before it, or is at the front of a stream created before it. A
+/// stream created since holds no expired transitive event, and no hole in it is passed over.
+async fn expire_transitive(reader: Reader, config: NatsConfig, shared: std::sync::Weak<Shared>) {
+    let every =
+        (config.transitive_max_age / 4).clamp(Duration::from_millis(250), Duration::from_secs(10));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if let Err(error) = expire_once(&reader, &config, &shared).await {
+            tracing::warn!(%error, "cannot look for expired transitive events; retrying");
+        }
+    }
+}
+
+/// One pass of [`expire_transitive`].
+async fn expire_once(
+    reader: &Reader,
+    config: &NatsConfig,
+    shared: &Shared,
+) -> Result<(), LogError> {
+    let ms = |age: Duration| age.as_millis().min(i64::MAX as u128) as i64;
+    let age_ms = ms(config.transitive_max_age);
+    let margin_ms = (age_ms / 2).min(60_000);
+    let max_age_ms = ms(config.max_age);
+    let now = crate::gateway::now_ms();
+    let bounds = Bounds {
+        first: shared.first.load(Ordering::Acquire),
+        next: shared.next.load(Ordering::Acquire),
+    };
+    let purge_cutoff = now.saturating_sub(age_ms);
+    let created_ms = shared.created_ms.load(Ordering::Acquire);
+    // Only in a stream created before the cutoff (a migrated stream holds old receive times):
+    // what [`JetStreamLog::read_at_leader`] passes over relies on it.
+    let below = if created_ms < purge_cutoff {
+        reader.seek(bounds, purge_cutoff).await?
+    } else {
+        0
+    };
+    if below > bounds.first {
+        let subject = config::transitive_subject(&config.subject_prefix);
+        match reader.stream.purge().filter(subject).sequence(below).await {
+            Ok(purged) if purged.purged > 0 => {
+                tracing::debug!(purged = purged.purged, below, "transitive events expired")
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "cannot remove expired transitive events"),
+        }
+    }
+    let skip_cutoff = purge_cutoff.saturating_add(margin_ms);
+    if created_ms < skip_cutoff {
+        let skippable = reader.seek(bounds, skip_cutoff).await?;
+        shared.skip_below.fetch_max(skippable, Ordering::AcqRel);
+    }
+    // Before the stream's first sequence, only expired transitive events are gone while no
+    // `max_age` can have removed anything: the stream is younger than it (NATS's clock, with a
+    // minute's room).
+    let young = now.saturating_sub(created_ms) < max_age_ms.saturating_sub(60_000);
+    shared
+        .front_skippable
+        .store(max_age_ms == 0 || young, Ordering::Release);
+    Ok(())
 }
 
 fn received_at(headers: Option<&async_nats::HeaderMap>, published_nanos: i128) -> i64 {
@@ -781,10 +978,10 @@ impl EventLog for JetStreamLog {
                 sent.push(result);
             }
             results.extend(
-                futures_util::future::join_all(sent.into_iter().map(|sent| async move {
-                    let (ack, subject) = sent?;
-                    self.confirm(ack, subject).await
-                }))
+                futures_util::future::join_all(
+                    sent.into_iter()
+                        .map(|sent| async move { self.confirm(sent?).await }),
+                )
                 .await,
             );
         }
@@ -800,7 +997,7 @@ impl EventLog for JetStreamLog {
     }
 
     async fn read(&self, from: u64, limit: usize) -> Result<Vec<Record>, LogError> {
-        let first = self.shared.first.load(Ordering::Acquire);
+        let first = self.bounds().first;
         if from < first {
             return Err(LogError::Truncated {
                 requested: from,
@@ -841,48 +1038,27 @@ impl EventLog for JetStreamLog {
         // told whether it was removed. A later record is never returned as if it followed.
         let mut records: Vec<Record> = fetched.into_iter().map_while(|r| r).collect();
         if records.is_empty() {
-            records.push(self.read_at_leader(from).await?);
+            records.extend(self.read_at_leader(from).await?);
         }
         Ok(records)
     }
 
     async fn find_event(&self, event_id: i64) -> Result<Option<u64>, LogError> {
-        match self
-            .stream
-            .direct_get_last_for_subject(self.subject(event_id))
-            .await
-        {
-            Ok(message) => Ok(Some(message.sequence)),
-            Err(error) if error.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
-                Ok(None)
-            }
-            Err(error) => Err(unavailable(error)),
+        if event_id <= 0 {
+            return Ok(None);
         }
+        self.reader
+            .find(&self.config.subject_prefix, event_id)
+            .await
     }
 
     async fn seek_time(&self, at_ms: i64) -> Result<u64, LogError> {
-        // The gateway's receive time (the RECEIVED_AT header), as in every store, not NATS's
-        // publish time. Receive times follow the sequence, up to the disorder of publishes from
-        // several replicas (README): a binary search over the sequences, a direct get each step.
-        let Bounds { first, next } = self.bounds();
-        let (mut low, mut high) = (first, next);
-        while low < high {
-            let mid = low + (high - low) / 2;
-            match self.record_at_or_after(mid, high).await? {
-                Some(record) if record.received_at_ms < at_ms => low = record.sequence + 1,
-                _ => high = mid,
-            }
-        }
-        // `low` may have been removed since: the record retained there or after it.
-        Ok(self
-            .record_at_or_after(low, next)
-            .await?
-            .map_or(next, |record| record.sequence))
+        self.reader.seek(self.bounds(), at_ms).await
     }
 
     fn bounds(&self) -> Bounds {
         Bounds {
-            first: self.shared.first.load(Ordering::Acquire),
+            first: self.shared.first(),
             next: self.shared.next.load(Ordering::Acquire),
         }
     }

@@ -13,6 +13,29 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 /// nats-server's duplicate window when a stream is created without one.
 const SERVER_DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
+/// Subjects an event with an id may go to (`<prefix>.e.<id mod BUCKETS>`): what bounds the
+/// stream's subjects, and nats-server's memory for them (about 400 bytes each), whatever the
+/// number of events. A lookup by id reads the headers of one bucket: a 1/16,384th of the
+/// stream. Never changed for an existing stream (lookups would miss).
+pub const BUCKETS: i64 = 16_384;
+
+/// The subject of an event with an id (`id > 0`).
+pub fn event_subject(prefix: &str, id: i64) -> String {
+    format!("{prefix}.e.{}", id.rem_euclid(BUCKETS))
+}
+
+/// The one subject of every transitive event (typing: no id, or an idempotency key's negative
+/// id), which the transitive retention purges.
+pub fn transitive_subject(prefix: &str) -> String {
+    format!("{prefix}.t.0")
+}
+
+/// The subjects of a stream in the layout of releases before the bounded one: a subject per
+/// event (`<prefix>.<id>`, `<prefix>.t<nuid>`), one message per subject.
+fn old_layout_subjects(prefix: &str) -> Vec<String> {
+    vec![format!("{prefix}.*")]
+}
+
 /// The servers of a list such as `--store`'s: URLs separated by commas (spaces around them
 /// allowed), each `nats://HOST:PORT` or `tls://HOST:PORT`, servers of one cluster (the client
 /// connects to any and fails over). The error names the entry that is not one.
@@ -72,6 +95,9 @@ pub fn max_payload_advice(max_payload: usize) -> String {
     )
 }
 
+/// How long transitive events are kept on NATS by default (`--nats-transitive-max-age`).
+pub const DEFAULT_TRANSITIVE_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
 /// How to reach and shape the stream.
 #[derive(Debug, Clone)]
 pub struct NatsConfig {
@@ -79,7 +105,7 @@ pub struct NatsConfig {
     pub url: String,
     /// Stream name.
     pub stream: String,
-    /// Subject prefix; events go to `<prefix>.<event id>`.
+    /// Subject prefix; events go to `<prefix>.e.<id bucket>` and `<prefix>.t.0` ([`BUCKETS`]).
     pub subject_prefix: String,
     /// Stream replicas (`--nats-replicas`); an existing stream must have as many.
     pub replicas: usize,
@@ -88,6 +114,9 @@ pub struct NatsConfig {
     /// Retention by age (`--retention-max-age`); zero keeps everything. An existing stream must
     /// have it.
     pub max_age: Duration,
+    /// Retention of transitive events by age (`--nats-transitive-max-age`), enforced by the
+    /// gateways (a purge of their subject); zero keeps them as long as every other event.
+    pub transitive_max_age: Duration,
     /// How long to wait for a JetStream ack before answering 503.
     pub ack_timeout: Duration,
     /// Credentials file (`.creds`), user/password, or token.
@@ -121,6 +150,7 @@ impl NatsConfig {
             replicas: 1,
             duplicate_window: Duration::from_secs(3600),
             max_age: Duration::ZERO,
+            transitive_max_age: DEFAULT_TRANSITIVE_MAX_AGE,
             ack_timeout: Duration::from_secs(5),
             credentials_file: None,
             user: None,
@@ -180,15 +210,17 @@ impl NatsConfig {
     pub fn stream_config(&self) -> stream::Config {
         stream::Config {
             name: self.stream.clone(),
-            subjects: vec![format!("{}.*", self.subject_prefix)],
+            subjects: vec![
+                format!("{}.e.*", self.subject_prefix),
+                format!("{}.t.*", self.subject_prefix),
+            ],
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             num_replicas: self.replicas,
             duplicate_window: self.effective_duplicate_window(),
             max_age: self.max_age,
-            max_messages_per_subject: 1,
+            max_messages_per_subject: -1,
             discard: stream::DiscardPolicy::New,
-            discard_new_per_subject: true,
             allow_direct: true,
             ..stream::Config::default()
         }
@@ -210,6 +242,24 @@ impl NatsConfig {
     }
 }
 
+/// Whether an existing stream has the layout of releases before the bounded one (a subject per
+/// event), which [`super::migrate`] copies into a stream of today's.
+pub fn is_old_layout(existing: &stream::Config, prefix: &str) -> bool {
+    existing.subjects == old_layout_subjects(prefix) && existing.max_messages_per_subject == 1
+}
+
+/// Why a stream of the old layout is refused, and the command that migrates it.
+pub fn old_layout_advice(stream: &str) -> String {
+    format!(
+        "stream {stream} has the layout of earlier releases (a subject per event, one message \
+         each: nats-server's memory grows with every event). Copy it into a stream of today's \
+         layout with `iqchannels-gateway migrate-stream --to {stream}_2` and the same --store and \
+         --nats-* flags as the gateway (it can run again after an interruption), then start the \
+         gateways with `--nats-stream {stream}_2`; cursors of the old stream are refused by the \
+         new one (it is another store: README, \"Migrating a stream\")"
+    )
+}
+
 /// What in an existing stream's configuration differs from what the gateway needs (`wanted`,
 /// from [`NatsConfig::stream_config`]): each difference named with both values and why it
 /// matters. Empty when the stream is usable.
@@ -223,7 +273,8 @@ pub fn incompatibilities(existing: &stream::Config, wanted: &stream::Config) -> 
             "subjects",
             format!("{:?}", existing.subjects),
             format!("{:?}", wanted.subjects),
-            "events go to <prefix>.<id>; other subjects would put foreign messages in the log",
+            "events go to <prefix>.e.<id bucket> and <prefix>.t.0; other subjects would put \
+             foreign messages in the log",
         );
     }
     if existing.storage != stream::StorageType::File {
@@ -258,24 +309,13 @@ pub fn incompatibilities(existing: &stream::Config, wanted: &stream::Config) -> 
             );
         }
     }
-    if existing.max_messages_per_subject != 1 {
+    if existing.max_messages_per_subject > 0 {
         differ(
             "max_msgs_per_subject",
             existing.max_messages_per_subject.to_string(),
-            "1".into(),
-            "one message per event id keeps dedup past the duplicate window",
-        );
-    }
-    if existing.discard != stream::DiscardPolicy::New || !existing.discard_new_per_subject {
-        differ(
-            "discard",
-            format!(
-                "{:?} (per subject: {})",
-                existing.discard, existing.discard_new_per_subject
-            )
-            .to_lowercase(),
-            "new, per subject".into(),
-            "a redelivery must be refused, never replace the stored event",
+            unlimited.into(),
+            "a subject holds many events (an id bucket, or every transitive event): a limit \
+             would remove or refuse events",
         );
     }
     if !existing.allow_direct {
@@ -447,16 +487,46 @@ mod tests {
     }
 
     #[test]
-    fn a_work_queue_stream_without_per_subject_limits_is_refused() {
+    fn a_work_queue_stream_with_per_subject_limits_is_refused() {
         let existing = stream::Config {
             retention: stream::RetentionPolicy::WorkQueue,
-            max_messages_per_subject: -1,
+            max_messages_per_subject: 5,
             ..wanted()
         };
         let problems = incompatibilities(&existing, &wanted());
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems[0].starts_with("retention is workqueue, must be limits"));
-        assert!(problems[1].starts_with("max_msgs_per_subject is -1, must be 1"));
+        assert!(problems[1].starts_with("max_msgs_per_subject is 5, must be unlimited"));
+    }
+
+    #[test]
+    fn subjects_are_bounded_whatever_the_ids() {
+        let prefix = "p";
+        let mut seen = std::collections::HashSet::new();
+        for id in (1..100_000).chain([i64::MAX, i64::MAX - 1, BUCKETS, 2 * BUCKETS + 7]) {
+            let subject = event_subject(prefix, id);
+            assert!(subject.starts_with("p.e."), "{subject}");
+            seen.insert(subject);
+        }
+        assert_eq!(seen.len(), BUCKETS as usize);
+        assert_eq!(event_subject(prefix, 2 * BUCKETS + 7), "p.e.7");
+        assert_eq!(event_subject(prefix, -3), format!("p.e.{}", BUCKETS - 3));
+        assert_eq!(transitive_subject(prefix), "p.t.0");
+    }
+
+    #[test]
+    fn a_stream_of_the_old_layout_is_recognised() {
+        let old = stream::Config {
+            subjects: vec!["iqchannels.events.*".into()],
+            max_messages_per_subject: 1,
+            discard_new_per_subject: true,
+            ..wanted()
+        };
+        assert!(is_old_layout(&old, "iqchannels.events"));
+        assert!(!is_old_layout(&wanted(), "iqchannels.events"));
+        assert!(!is_old_layout(&old, "other"));
+        let advice = old_layout_advice("S");
+        assert!(advice.contains("migrate-stream --to S_2"), "{advice}");
     }
 
     #[test]
@@ -484,7 +554,6 @@ mod tests {
             "max_msgs is 1000",
             "max_bytes is 1048576",
             "max_msg_size is 4096",
-            "discard is old",
             "allow_direct is false",
             "no_ack is set",
             "sealed is set",
