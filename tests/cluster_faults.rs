@@ -214,11 +214,11 @@ async fn stream_contents(admin: &async_nats::jetstream::Context) -> BTreeMap<u64
                 Err(error) => panic!("sequence {sequence} of {last} is missing: {error}"),
             }
         };
+        // The event's id is its message id (its subject names only its id's bucket).
         let id = message
-            .subject
-            .rsplit('.')
-            .next()
-            .and_then(|id| id.parse().ok())
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .and_then(|id| id.as_str().parse().ok())
             .unwrap_or(-1);
         contents.insert(sequence, id);
     }

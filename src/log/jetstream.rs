@@ -71,6 +71,7 @@ pub struct JetStreamLog {
 /// Reads from the stream by sequence and subject (cloned into the background tasks).
 #[derive(Clone)]
 struct Reader {
+    client: async_nats::Client,
     stream: stream::Stream,
     /// Subjects of every event in the stream (`<prefix>.*.*`).
     all_subjects: String,
@@ -191,6 +192,7 @@ impl JetStreamLog {
             replaced: watch::channel(None).0,
         });
         let reader = Reader {
+            client: client.clone(),
             stream: stream.clone(),
             all_subjects: format!("{}.*.*", config.subject_prefix),
         };
@@ -303,9 +305,17 @@ impl JetStreamLog {
             .map_or(info.state.last_sequence + 1, |record| record.sequence);
         // Holes that expired transitive events left: passed over, not reported. At the front
         // only while nothing else (a `max_age`) has removed anything.
-        let skip_below = self.shared.skip_below.load(Ordering::Acquire);
-        let explained = oldest <= skip_below
-            && (from >= first || self.shared.front_skippable.load(Ordering::Acquire));
+        let explained_by = |shared: &Shared| {
+            oldest <= shared.skip_below.load(Ordering::Acquire)
+                && (from >= first || shared.front_skippable.load(Ordering::Acquire))
+        };
+        let mut explained = explained_by(&self.shared);
+        if !explained && !self.config.transitive_max_age.is_zero() {
+            // Another gateway may have purged since this one last looked.
+            let now = crate::gateway::now_ms();
+            learn_skippable(&self.reader, &self.config, &self.shared, now).await?;
+            explained = explained_by(&self.shared);
+        }
         if explained {
             // The next record, or none yet: the end of the log, the hole passed over.
             return Ok(after);
@@ -384,7 +394,7 @@ impl Reader {
         let consumer = self
             .stream
             .create_consumer(consumer::push::OrderedConfig {
-                deliver_subject: format!("_INBOX.{}", nuid::next()),
+                deliver_subject: self.client.new_inbox(),
                 filter_subject: subject,
                 headers_only: true,
                 deliver_policy: consumer::DeliverPolicy::All,
@@ -891,10 +901,7 @@ async fn expire_once(
     config: &NatsConfig,
     shared: &Shared,
 ) -> Result<(), LogError> {
-    let ms = |age: Duration| age.as_millis().min(i64::MAX as u128) as i64;
-    let age_ms = ms(config.transitive_max_age);
-    let margin_ms = (age_ms / 2).min(60_000);
-    let max_age_ms = ms(config.max_age);
+    let age_ms = config.transitive_max_age.as_millis().min(i64::MAX as u128) as i64;
     let now = crate::gateway::now_ms();
     let bounds = Bounds {
         first: shared.first.load(Ordering::Acquire),
@@ -919,7 +926,27 @@ async fn expire_once(
             Err(error) => tracing::warn!(%error, "cannot remove expired transitive events"),
         }
     }
-    let skip_cutoff = purge_cutoff.saturating_add(margin_ms);
+    learn_skippable(reader, config, shared, now).await
+}
+
+/// Sets `skip_below` and `front_skippable` from what the stream holds now (see
+/// [`expire_transitive`]).
+async fn learn_skippable(
+    reader: &Reader,
+    config: &NatsConfig,
+    shared: &Shared,
+    now: i64,
+) -> Result<(), LogError> {
+    let ms = |age: Duration| age.as_millis().min(i64::MAX as u128) as i64;
+    let age_ms = ms(config.transitive_max_age);
+    let max_age_ms = ms(config.max_age);
+    let margin_ms = (age_ms / 2).min(60_000);
+    let bounds = Bounds {
+        first: shared.first.load(Ordering::Acquire),
+        next: shared.next.load(Ordering::Acquire),
+    };
+    let skip_cutoff = now.saturating_sub(age_ms).saturating_add(margin_ms);
+    let created_ms = shared.created_ms.load(Ordering::Acquire);
     if created_ms < skip_cutoff {
         let skippable = reader.seek(bounds, skip_cutoff).await?;
         shared.skip_below.fetch_max(skippable, Ordering::AcqRel);
