@@ -57,6 +57,8 @@ const REFRESH: Duration = Duration::from_secs(2);
 const READ_CONCURRENCY: usize = 32;
 /// How long a lookup by id may read its bucket's headers.
 const FIND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Lookups by id at once (each is a consumer on the stream); more wait for one to end.
+const FINDS_AT_ONCE: usize = 16;
 
 /// The JetStream-backed log.
 pub struct JetStreamLog {
@@ -75,6 +77,8 @@ struct Reader {
     stream: stream::Stream,
     /// Subjects of every event in the stream (`<prefix>.*.*`).
     all_subjects: String,
+    /// Lookups by id running ([`FINDS_AT_ONCE`]).
+    finds: Arc<tokio::sync::Semaphore>,
 }
 
 struct Shared {
@@ -195,6 +199,7 @@ impl JetStreamLog {
             client: client.clone(),
             stream: stream.clone(),
             all_subjects: format!("{}.*.*", config.subject_prefix),
+            finds: Arc::new(tokio::sync::Semaphore::new(FINDS_AT_ONCE)),
         };
         tokio::spawn(tail(client.clone(), stream.clone(), shared.clone(), next));
         if !config.transitive_max_age.is_zero() {
@@ -391,6 +396,7 @@ impl Reader {
             Err(error) => return Err(unavailable(error)),
         };
         let wanted = event_id.to_string();
+        let _slot = self.finds.acquire().await.map_err(unavailable)?;
         let consumer = self
             .stream
             .create_consumer(consumer::push::OrderedConfig {
