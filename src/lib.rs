@@ -16,6 +16,7 @@
 //! - [`request_budget`]: the byte budget of request bodies held before they are checked.
 //! - [`tls`]: rustls for the shared port, with certificate reload.
 //! - [`client`]: the `subscribe`, `publish` and `get` commands over gRPC.
+//! - [`consumer`]: consumer groups (in progress: the schedule).
 //! - [`server`]: one port for both, graceful shutdown.
 //! - [`admin`]: `verify` and `export` over a stopped gateway's embedded store.
 //! - [`pb`]: generated code and the descriptor set.
@@ -24,6 +25,7 @@ pub mod admin;
 pub mod auth;
 pub mod budget;
 pub mod client;
+pub mod consumer;
 pub mod decode;
 pub mod fit;
 pub mod gateway;

@@ -412,7 +412,8 @@ impl Reader {
         let scan = async {
             while let Some(message) = messages.next().await {
                 let message = message.map_err(unavailable)?;
-                let sequence = message.info().map_err(unavailable)?.stream_sequence;
+                let info = message.info().map_err(unavailable)?;
+                let (sequence, rest) = (info.stream_sequence, info.pending);
                 let id = message
                     .headers
                     .as_ref()
@@ -420,7 +421,9 @@ impl Reader {
                 if id.is_some_and(|id| id.as_str() == wanted) {
                     return Ok(Some(sequence));
                 }
-                if sequence >= last {
+                // The bucket's last message, or none left after this one (the last one was
+                // removed since).
+                if sequence >= last || rest == 0 {
                     return Ok(None);
                 }
             }
