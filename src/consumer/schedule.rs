@@ -130,7 +130,7 @@ pub enum AckOutcome {
 }
 
 /// A parked event.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Parked {
     pub sequence: u64,
     pub chat: Option<i64>,
@@ -171,6 +171,32 @@ struct Entry {
     /// Attempts made before this replay: attempt numbers go on (an ack of an attempt before the
     /// park stays stale), `max_deliveries` counts from here.
     base: u32,
+}
+
+/// An admitted, unfinished event, as [`Durable`] keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Unfinished {
+    pub sequence: u64,
+    pub chat: Option<i64>,
+    pub bytes: u64,
+    /// Attempts handed out so far, and those before its replay (if it is one).
+    pub attempts: u32,
+    pub base: u32,
+    pub replay: bool,
+    pub first_attempt: Ms,
+    pub last_attempt: Ms,
+    pub note: Option<String>,
+}
+
+/// What a schedule keeps across a restart (small: the admitted window and the park). An event
+/// that was out or waiting when it was taken is handed out again after [`Schedule::restore`], the
+/// attempt it was on counted; acks of attempts before it are stale (a new epoch).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Durable {
+    pub epoch: u32,
+    pub admit_from: u64,
+    pub unfinished: Vec<Unfinished>,
+    pub parked: Vec<Parked>,
 }
 
 /// The schedule of one consumer.
@@ -215,6 +241,75 @@ impl Schedule {
             out_bytes: 0,
             admit_from: from,
         }
+    }
+
+    /// What to keep to go on after a restart.
+    pub fn durable(&self) -> Durable {
+        Durable {
+            epoch: self.epoch,
+            admit_from: self.admit_from,
+            unfinished: self
+                .entries
+                .iter()
+                .map(|(&sequence, entry)| Unfinished {
+                    sequence,
+                    chat: entry.chat,
+                    bytes: entry.bytes,
+                    attempts: entry.attempts,
+                    base: entry.base,
+                    replay: entry.replay,
+                    first_attempt: entry.first_attempt,
+                    last_attempt: entry.last_attempt,
+                    note: entry.note.clone(),
+                })
+                .collect(),
+            parked: self.parked.values().cloned().collect(),
+        }
+    }
+
+    /// A schedule that goes on from `durable`, in a new epoch.
+    pub fn restore(settings: Settings, durable: Durable) -> Self {
+        let mut schedule = Schedule::new(settings, durable.admit_from);
+        schedule.epoch = durable.epoch.wrapping_add(1);
+        for parked in durable.parked {
+            schedule.parked.insert(parked.sequence, parked);
+        }
+        for unfinished in durable.unfinished {
+            let sequence = unfinished.sequence;
+            schedule.insert(
+                sequence,
+                unfinished.chat,
+                unfinished.bytes,
+                unfinished.replay.then_some(unfinished.base),
+            );
+            if let Some(entry) = schedule.entries.get_mut(&sequence) {
+                entry.attempts = unfinished.attempts;
+                entry.base = unfinished.base;
+                entry.first_attempt = unfinished.first_attempt;
+                entry.last_attempt = unfinished.last_attempt;
+                entry.note = unfinished.note;
+                // Its last attempt was out when the schedule was kept: failed, and it was the
+                // last one allowed.
+                if entry.attempts - entry.base >= schedule.settings.max_deliveries.max(1) {
+                    entry.note = Some("the gateway restarted while it was out".into());
+                    schedule.park(sequence);
+                }
+            }
+        }
+        // A chat held by a parked event stays held.
+        if schedule.settings.per_chat && schedule.settings.hold_on_park {
+            let holds: Vec<(i64, u64)> = schedule
+                .parked
+                .values()
+                .filter(|parked| !parked.replaying)
+                .filter_map(|parked| parked.chat.map(|chat| (chat, parked.sequence)))
+                .collect();
+            for (chat, sequence) in holds {
+                schedule.held_by_park.entry(chat).or_insert(sequence);
+                schedule.refresh_chat(chat);
+            }
+        }
+        schedule
     }
 
     pub fn settings(&self) -> &Settings {

@@ -26,6 +26,8 @@ enum Op {
     Release(u64),
     Seek,
     ReplayAll,
+    /// The schedule kept ([`Schedule::durable`]) and taken up again, as after a restart.
+    Restart,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -39,6 +41,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u64..3).prop_map(Op::Release),
         1 => Just(Op::Seek),
         1 => Just(Op::ReplayAll),
+        1 => Just(Op::Restart),
     ]
 }
 
@@ -255,6 +258,16 @@ fn run(settings: Settings, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let parked: BTreeSet<u64> = schedule.parked().map(|p| p.sequence).collect();
                 model.events.retain(|sequence, _| parked.contains(sequence));
                 model.handed.clear();
+            }
+            Op::Restart => {
+                let durable = schedule.durable();
+                // What is kept reads back as it was written.
+                let text = serde_json::to_string(&durable).unwrap();
+                let read: Durable = serde_json::from_str(&text).unwrap();
+                prop_assert_eq!(&read, &durable);
+                let epoch = schedule.epoch;
+                schedule = Schedule::restore(settings.clone(), read);
+                prop_assert_ne!(schedule.epoch, epoch, "every lease before is stale");
             }
             Op::ReplayAll => {
                 let chosen: Vec<Parked> = schedule
