@@ -1071,8 +1071,20 @@ impl EventLog for JetStreamLog {
             .try_collect()
             .await?;
         // The page ends before the first record not found: the next read starts there and is
-        // told whether it was removed. A later record is never returned as if it followed.
-        let mut records: Vec<Record> = fetched.into_iter().map_while(|r| r).collect();
+        // told whether it was removed. A later record is never returned as if it followed. A
+        // hole expired transitive events left is passed over (a region of typing events read
+        // page by page, not one record per lookup).
+        let skip_below = self.shared.skip_below.load(Ordering::Acquire);
+        let stream_first = self.shared.first.load(Ordering::Acquire);
+        let front_skippable = self.shared.front_skippable.load(Ordering::Acquire);
+        let mut records = Vec::with_capacity(fetched.len());
+        for (sequence, record) in (from..).zip(fetched) {
+            match record {
+                Some(record) => records.push(record),
+                None if sequence < skip_below && (sequence >= stream_first || front_skippable) => {}
+                None => break,
+            }
+        }
         if records.is_empty() {
             records.extend(self.read_at_leader(from).await?);
         }
