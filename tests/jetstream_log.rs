@@ -588,6 +588,8 @@ async fn transitive_events_expire_and_readers_pass_over_the_holes() {
         return;
     };
     config.transitive_max_age = Duration::from_secs(2);
+    // Purged in steps of two sequences (100,000 by default).
+    config.purge_step = 2;
     let writer = Arc::new(JetStreamLog::connect(config.clone()).await.unwrap());
     let writing = TestServer::with_log(writer.clone(), ServerConfig::default()).await;
     let event = |id| common::event_json(id, "chat_closed", 13, "user", 1);

@@ -104,6 +104,8 @@ struct Shared {
     /// Whether the sequences before the stream's first are all such removed transitive events
     /// (nothing else removed any: no `max_age` has acted yet), so that a read may start there.
     front_skippable: std::sync::atomic::AtomicBool,
+    /// Transitive events below it are purged (by this gateway).
+    purged_below: AtomicU64,
     /// When the stream was created (ms since the epoch), the earliest any server said (each
     /// replica of a cluster reports its own).
     created_ms: std::sync::atomic::AtomicI64,
@@ -175,6 +177,15 @@ impl JetStreamLog {
                 config::max_payload_advice(max_payload)
             );
         }
+        let window = stream.cached_info().config.duplicate_window;
+        if window != config.duplicate_window {
+            tracing::warn!(
+                duplicate_window = %humantime::format_duration(window),
+                asked = %humantime::format_duration(config.duplicate_window),
+                "the stream's duplicate window is not --nats-duplicate-window: nats-server takes \
+                 0 for its default (2 minutes), and the window is at most --retention-max-age"
+            );
+        }
         let info = stream.get_info().await.map_err(unavailable)?;
         let origin = Origin::of(&info);
         let next = info.state.last_sequence + 1;
@@ -193,6 +204,7 @@ impl JetStreamLog {
             skip_below: AtomicU64::new(0),
             front_skippable: std::sync::atomic::AtomicBool::new(false),
             created_ms: std::sync::atomic::AtomicI64::new(created_ms(&info)),
+            purged_below: AtomicU64::new(0),
             replaced: watch::channel(None).0,
         });
         let reader = Reader {
@@ -925,14 +937,37 @@ async fn expire_once(
     } else {
         0
     };
-    if below > bounds.first {
-        let subject = config::transitive_subject(&config.subject_prefix);
-        match reader.stream.purge().filter(subject).sequence(below).await {
-            Ok(purged) if purged.purged > 0 => {
-                tracing::debug!(purged = purged.purged, below, "transitive events expired")
+    // In steps of at most `purge_step` sequences: a purge of millions at once kept nats-server
+    // 2.9 busy past the request's timeout (and its pings: the connection dropped).
+    let mut done = shared
+        .purged_below
+        .load(Ordering::Acquire)
+        .max(bounds.first);
+    let subject = config::transitive_subject(&config.subject_prefix);
+    while done < below {
+        let step = below.min(done.saturating_add(config.purge_step.max(1)));
+        match reader
+            .stream
+            .purge()
+            .filter(subject.clone())
+            .sequence(step)
+            .await
+        {
+            Ok(purged) => {
+                if purged.purged > 0 {
+                    tracing::debug!(
+                        purged = purged.purged,
+                        below = step,
+                        "transitive events expired"
+                    );
+                }
+                done = step;
+                shared.purged_below.fetch_max(step, Ordering::AcqRel);
             }
-            Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "cannot remove expired transitive events"),
+            Err(error) => {
+                tracing::warn!(%error, "cannot remove expired transitive events; retrying");
+                break;
+            }
         }
     }
     learn_skippable(reader, config, shared, now).await

@@ -138,6 +138,9 @@ pub struct NatsConfig {
     pub max_body_bytes: usize,
     /// Bytes of recent records the tail cache keeps (`--nats-cache-bytes`).
     pub cache_bytes: usize,
+    /// Sequences one purge of expired transitive events covers at most (a purge of millions at
+    /// once kept nats-server 2.9 busy past the request's timeout).
+    pub purge_step: u64,
 }
 
 impl NatsConfig {
@@ -161,6 +164,7 @@ impl NatsConfig {
             require_tls: false,
             max_body_bytes: 1024 * 1024,
             cache_bytes: super::DEFAULT_CACHE_BYTES,
+            purge_step: 100_000,
         }
     }
 

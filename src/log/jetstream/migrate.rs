@@ -146,8 +146,8 @@ pub async fn migrate(
             let ack = ack.await.map_err(|error| {
                 unavailable(format!(
                     "copying sequence {sequence} of {} failed ({error}); {copied} records were \
-                     copied by this run. Run the command again to go on (is a gateway writing \
-                     to {to}? Stop it first)",
+                     copied by this run. Run the command again to go on: it checks the copy \
+                     first (is a gateway writing to {to}? Stop it first)",
                     config.stream
                 ))
             })?;
@@ -211,24 +211,68 @@ fn copy_of(
     Ok((subject, publish))
 }
 
-/// The old stream's sequence of the last record copied into `target` (its header).
+/// The old stream's sequence of the last record copied into `target` (its header), once the
+/// target's tail is checked to be copies only.
+///
+/// Why the tail: every publish expects the target's last sequence, so a foreign event (a gateway
+/// writing to the target) makes the copy right after it fail, and the run stops. But the copies
+/// already in flight behind that one expect a last sequence the foreign event has just made true:
+/// they are stored, one copy short. So a foreign event, and the hole it leaves, is always among
+/// the last [`PAGE`] records of a run that failed; records written after a run are at the tail.
+/// Each of the last `PAGE + 1` records must be a copy, in increasing order of their old
+/// sequences, without a hole.
 async fn copied_from(target: &stream::Stream, prefix: &str, to: &str) -> Result<u64, LogError> {
+    let refuse = |why: String| {
+        LogError::Misconfigured(format!(
+            "stream {to} is not a faithful copy: {why}. It may hold events a gateway wrote to it \
+             during the copy; stop every gateway on it, delete it (`nats stream rm {to}`) and \
+             migrate again"
+        ))
+    };
     let last = target
         .get_last_raw_message_by_subject(&format!("{prefix}.*.*"))
         .await
-        .map_err(|error| {
-            LogError::Misconfigured(format!(
-                "stream {to} is not empty but its last record cannot be read ({error}): \
-                 migrate into a new, empty stream"
-            ))
-        })?;
+        .map_err(|error| refuse(format!("its last record cannot be read ({error})")))?;
+    let first = target
+        .get_info()
+        .await
+        .map_err(unavailable)?
+        .state
+        .first_sequence;
+    let mut later: Option<(u64, u64)> = None;
+    let from = last.sequence.saturating_sub(PAGE).max(first.max(1));
+    for sequence in (from..=last.sequence).rev() {
+        let message = match target.get_raw_message(sequence).await {
+            Ok(message) => message,
+            Err(error) if error.kind() == stream::RawMessageErrorKind::NoMessageFound => {
+                return Err(refuse(format!("sequence {sequence} is missing")));
+            }
+            Err(error) => return Err(unavailable(error)),
+        };
+        let old = message
+            .headers
+            .get(MIGRATED_FROM)
+            .and_then(|value| value.as_str().parse::<u64>().ok())
+            .ok_or_else(|| {
+                refuse(format!(
+                    "sequence {sequence} has no {MIGRATED_FROM} header (not a copy)"
+                ))
+            })?;
+        if let Some((later_sequence, later_old)) = later {
+            if old >= later_old {
+                return Err(refuse(format!(
+                    "sequence {sequence} is a copy of {old}, not of one before {later_old} \
+                     (the copy at {later_sequence})"
+                )));
+            }
+        }
+        later = Some((sequence, old));
+    }
+    later
+        .map(|_| ())
+        .ok_or_else(|| refuse("nothing could be read".into()))?;
     last.headers
         .get(MIGRATED_FROM)
         .and_then(|value| value.as_str().parse::<u64>().ok())
-        .ok_or_else(|| {
-            LogError::Misconfigured(format!(
-                "stream {to} holds events that migrate-stream did not copy (its last one has no \
-                 {MIGRATED_FROM} header): migrate into a new, empty stream"
-            ))
-        })
+        .ok_or_else(|| refuse(format!("its last record has no {MIGRATED_FROM} header")))
 }
