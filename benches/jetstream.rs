@@ -251,7 +251,7 @@ async fn raw_point(
         let message = async_nats::jetstream::message::PublishMessage::build()
             .payload(template.body(id))
             .message_id(id.to_string());
-        let subject = format!("{prefix}.{id}");
+        let subject = iqchannels_gateway::log::jetstream::event_subject(&prefix, id);
         async move {
             let stored = match context.send_publish(subject, message).await {
                 Ok(ack) => ack.await.is_ok_and(|ack| !ack.duplicate),
@@ -416,7 +416,7 @@ fn main() -> ExitCode {
         plan.template.body(1_000_000_000).len()
     );
     println!(
-        "# streams {} and {} (file storage, one message per subject, dedup by Nats-Msg-Id), deleted at the end",
+        "# streams {} and {} (file storage, the gateway's layout: a subject per id bucket, dedup by Nats-Msg-Id), deleted at the end",
         gateway_config.stream, raw_config.stream
     );
     println!(

@@ -39,7 +39,9 @@ use super::{Appended, Bounds, EventLog, LogError, LogStats, NewRecord, Record};
 mod config;
 pub mod migrate;
 
-pub use config::{largest_record, parse_servers, NatsConfig, BUCKETS, DEFAULT_TRANSITIVE_MAX_AGE};
+pub use config::{
+    event_subject, largest_record, parse_servers, NatsConfig, BUCKETS, DEFAULT_TRANSITIVE_MAX_AGE,
+};
 
 /// Header carrying the gateway's receive time (ms since the Unix epoch).
 const RECEIVED_AT: &str = "Iqgw-Received-At";
