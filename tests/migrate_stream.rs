@@ -90,20 +90,18 @@ async fn a_stream_of_the_old_layout_is_refused_then_migrated_in_order_and_served
     let old = TestStream::new(SHARED_NATS);
     let new = TestStream::new(SHARED_NATS);
     let context = jetstream::new(async_nats::connect(SHARED_NATS).await.unwrap());
-    let source = context
-        .create_stream(stream::Config {
-            name: old.name().to_owned(),
-            subjects: vec![format!("{}.*", old.prefix())],
-            storage: stream::StorageType::File,
-            max_messages_per_subject: 1,
-            discard: stream::DiscardPolicy::New,
-            discard_new_per_subject: true,
-            allow_direct: true,
-            duplicate_window: Duration::from_secs(3600),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let old_config = stream::Config {
+        name: old.name().to_owned(),
+        subjects: vec![format!("{}.*", old.prefix())],
+        storage: stream::StorageType::File,
+        max_messages_per_subject: 1,
+        discard: stream::DiscardPolicy::New,
+        discard_new_per_subject: true,
+        allow_direct: true,
+        duplicate_window: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let source = context.create_stream(old_config.clone()).await.unwrap();
     // Events 1..=20, a typing event after every fifth (without a key, and one with a key).
     let mut items = Vec::new();
     for id in 1..=20i64 {
@@ -184,6 +182,18 @@ async fn a_stream_of_the_old_layout_is_refused_then_migrated_in_order_and_served
     let (ok, out, err) = migrate(&old, old.name());
     assert!(!ok, "{out}");
     assert!(err.contains("another stream"), "{err}");
+
+    // The old stream deleted and created again with other events (an old gateway restarted
+    // after `nats stream rm`): its sequences name other events, and a run never goes on from it.
+    context.delete_stream(old.name()).await.unwrap();
+    context.create_stream(old_config.clone()).await.unwrap();
+    let others: Vec<(String, Option<String>, Vec<u8>)> = (500..530)
+        .map(|id: i64| (id.to_string(), Some(id.to_string()), event(id)))
+        .collect();
+    publish_old(&context, old.prefix(), &others).await;
+    let (ok, out, err) = migrate(&old, new.name());
+    assert!(!ok, "{out}");
+    assert!(err.contains("deleted and created again"), "{err}");
 
     let store = format!("nats://{SHARED_NATS}");
     let gateway = Process::start(&[

@@ -21,6 +21,9 @@ use crate::log::LogError;
 
 /// The header naming a copied record's sequence in the old stream.
 const MIGRATED_FROM: &str = "Iqgw-Migrated-From";
+/// The header naming the old stream a copy comes from ([`super::Origin`]: its Raft group or its
+/// creation time), so that a run never goes on from a stream deleted and created again since.
+const MIGRATED_ORIGIN: &str = "Iqgw-Migrated-Origin";
 /// Sequences of the old stream read at once.
 const PAGE: u64 = 1024;
 
@@ -60,7 +63,9 @@ pub async fn migrate(
     let mut source = context.get_stream(&config.stream).await.map_err(|error| {
         LogError::Misconfigured(format!("cannot read stream {}: {error}", config.stream))
     })?;
-    let source_config = source.info().await.map_err(unavailable)?.config.clone();
+    let source_info = source.info().await.map_err(unavailable)?.clone();
+    let source_config = source_info.config.clone();
+    let origin = super::Origin::of(&source_info).to_string();
     if !config::is_old_layout(&source_config, prefix) {
         return Err(LogError::Misconfigured(format!(
             "stream {} is not of the earlier layout (subjects [\"{prefix}.*\"], one message per \
@@ -95,7 +100,7 @@ pub async fn migrate(
     let resumed_after = if target_last == 0 {
         0
     } else {
-        copied_from(&target, prefix, to).await?
+        copied_from(&target, prefix, to, &config.stream, &origin).await?
     };
 
     let mut copied = 0;
@@ -135,7 +140,7 @@ pub async fn migrate(
                 .await?;
         let mut acks = Vec::with_capacity(page.len());
         for message in page.into_iter().flatten() {
-            let publish = copy_of(&message, prefix, target_last + acks.len() as u64)?;
+            let publish = copy_of(&message, prefix, &origin, target_last + acks.len() as u64)?;
             let ack = context
                 .send_publish(publish.0, publish.1)
                 .await
@@ -154,8 +159,10 @@ pub async fn migrate(
             if ack.duplicate {
                 return Err(LogError::Misconfigured(format!(
                     "sequence {sequence} of {} is already in {to} (its Nats-Msg-Id was seen \
-                     within the duplicate window): {to} holds events the migration did not \
-                     copy; migrate into an empty stream",
+                     within the duplicate window): another migrate-stream run into {to}, or a \
+                     gateway, stored it first. If another run is copying, let it finish (and \
+                     run this one again after it: it checks the copy); otherwise stop the \
+                     gateways, delete {to} and migrate again",
                     config.stream
                 )));
             }
@@ -172,6 +179,7 @@ pub async fn migrate(
 fn copy_of(
     message: &jetstream::message::StreamMessage,
     prefix: &str,
+    origin: &str,
     target_last: u64,
 ) -> Result<(String, jetstream::message::PublishMessage), LogError> {
     let token = message
@@ -194,6 +202,7 @@ fn copy_of(
         .payload(message.payload.clone())
         .header(RECEIVED_AT, received_at.as_str())
         .header(MIGRATED_FROM, message.sequence.to_string().as_str())
+        .header(MIGRATED_ORIGIN, origin)
         .expected_last_sequence(target_last);
     // The old layout: `<prefix>.<id>` (negative: a transitive event's idempotency key), or
     // `<prefix>.t<nuid>` for a transitive event without one.
@@ -221,7 +230,13 @@ fn copy_of(
 /// the last [`PAGE`] records of a run that failed; records written after a run are at the tail.
 /// Each of the last `PAGE + 1` records must be a copy, in increasing order of their old
 /// sequences, without a hole.
-async fn copied_from(target: &stream::Stream, prefix: &str, to: &str) -> Result<u64, LogError> {
+async fn copied_from(
+    target: &stream::Stream,
+    prefix: &str,
+    to: &str,
+    source_name: &str,
+    origin: &str,
+) -> Result<u64, LogError> {
     let refuse = |why: String| {
         LogError::Misconfigured(format!(
             "stream {to} is not a faithful copy: {why}. It may hold events a gateway wrote to it \
@@ -271,6 +286,20 @@ async fn copied_from(target: &stream::Stream, prefix: &str, to: &str) -> Result<
     later
         .map(|_| ())
         .ok_or_else(|| refuse("nothing could be read".into()))?;
+    // The same old stream, not one deleted and created again since (its sequences name other
+    // events).
+    let copied_origin = last
+        .headers
+        .get(MIGRATED_ORIGIN)
+        .map(|value| value.as_str().to_owned());
+    if copied_origin.as_deref() != Some(origin) {
+        return Err(LogError::Misconfigured(format!(
+            "stream {to} was copied from another stream {source_name} ({}), not the one there now \
+             ({origin}): it was deleted and created again since. Migrate into a new, empty \
+             stream",
+            copied_origin.as_deref().unwrap_or("unknown")
+        )));
+    }
     last.headers
         .get(MIGRATED_FROM)
         .and_then(|value| value.as_str().parse::<u64>().ok())
