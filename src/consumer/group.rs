@@ -6,7 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Mutex, Notify};
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
 
 use super::schedule::{AckId, AckOutcome, Admitted, Delivery, Ms, Schedule, Settings};
 use crate::log::{LogError, Record, SharedLog, Wanted};
@@ -26,7 +28,11 @@ pub struct Handed {
 pub struct Group {
     log: SharedLog,
     filter: Filter,
+    /// Held only for the schedule's own (synchronous, quick) steps, never across a read of the
+    /// log: acks never wait for an admission.
     schedule: Mutex<Schedule>,
+    /// One admission at a time (held across its read of the log).
+    admitting: tokio::sync::Mutex<()>,
     /// Woken when an ack, a nack or a release may have made an event ready.
     changed: Notify,
     /// Unfinished events admitted at most (the window ahead of the oldest unfinished).
@@ -46,6 +52,7 @@ impl Group {
             log,
             filter,
             schedule: Mutex::new(Schedule::new(settings, from)),
+            admitting: tokio::sync::Mutex::new(()),
             changed: Notify::new(),
             window: window.max(1),
         }
@@ -54,10 +61,16 @@ impl Group {
     /// Admits what the log holds past the schedule's cursor, up to the window. Records the
     /// filter refuses are passed over without being copied; a record whose keys do not read is
     /// admitted (its delivery reports it).
-    async fn admit(&self, schedule: &mut Schedule) -> Result<(), LogError> {
-        while schedule.pending() < self.window {
-            let from = schedule.admit_from();
-            let room = self.window - schedule.pending();
+    async fn admit(&self) -> Result<(), LogError> {
+        let _admitting = self.admitting.lock().await;
+        loop {
+            let (from, room) = {
+                let schedule = self.lock();
+                if schedule.pending() >= self.window {
+                    return Ok(());
+                }
+                (schedule.admit_from(), self.window - schedule.pending())
+            };
             let found: Arc<std::sync::Mutex<Vec<Admitted>>> = Arc::default();
             let filter = self.filter.clone();
             let sink = found.clone();
@@ -81,6 +94,11 @@ impl Group {
                 .await?;
             let found = std::mem::take(&mut *found.lock().unwrap_or_else(|p| p.into_inner()));
             let admitted = found.len();
+            let mut schedule = self.lock();
+            if schedule.admit_from() != from {
+                // Moved meanwhile (a seek): read again from where it is now.
+                continue;
+            }
             for event in found.into_iter().take(room) {
                 let sequence = event.sequence;
                 schedule
@@ -89,14 +107,19 @@ impl Group {
             }
             if admitted > room {
                 // The window is full: the rest is admitted again by a later read.
-                break;
+                return Ok(());
             }
             schedule.skip_to(scanned.next);
             if scanned.next <= from {
-                break;
+                return Ok(());
             }
         }
-        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Schedule> {
+        self.schedule
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Up to `max` events for `instance`, waiting up to `wait` for the first; `now` gives the
@@ -112,9 +135,9 @@ impl Group {
         let mut committed = self.log.committed();
         loop {
             let notified = self.changed.notified();
+            self.admit().await?;
             let (deliveries, due) = {
-                let mut schedule = self.schedule.lock().await;
-                self.admit(&mut schedule).await?;
+                let mut schedule = self.lock();
                 let deliveries = schedule.pull(instance, max, now());
                 (deliveries, schedule.next_due())
             };
@@ -159,7 +182,7 @@ impl Group {
 
     /// Acknowledges `id`.
     pub async fn ack(&self, id: AckId) -> AckOutcome {
-        let outcome = self.schedule.lock().await.ack(id);
+        let outcome = self.lock().ack(id);
         self.changed.notify_waiters();
         outcome
     }
@@ -172,24 +195,20 @@ impl Group {
         now: Ms,
         note: Option<String>,
     ) -> AckOutcome {
-        let outcome = self
-            .schedule
-            .lock()
-            .await
-            .modify_deadline(id, extend_ms, now, note);
+        let outcome = self.lock().modify_deadline(id, extend_ms, now, note);
         self.changed.notify_waiters();
         outcome
     }
 
     /// An instance is gone: what it holds is taken back (an attempt each).
     pub async fn release(&self, instance: u64, now: Ms) {
-        self.schedule.lock().await.release(instance, now);
+        self.lock().release(instance, now);
         self.changed.notify_waiters();
     }
 
     /// Events admitted and not finished; events parked.
     pub async fn counts(&self) -> (usize, usize) {
-        let schedule = self.schedule.lock().await;
+        let schedule = self.lock();
         (schedule.pending(), schedule.parked().count())
     }
 }
