@@ -198,28 +198,10 @@ async fn a_redelivery_after_the_duplicate_window_is_stored_again_and_found_first
     let http = reqwest::Client::new();
     let first = post(&http, &process, 42).await.expect("stored");
     let answer = |sequence: u64, duplicate: bool| serde_json::json!({"sequence": sequence, "duplicate": duplicate});
-    let body: serde_json::Value = http
-        .post(process.url("/v1/events"))
-        .header("content-type", "application/json")
-        .body(event(42))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = process.post_event_answer(42).await;
     assert_eq!(body, answer(first, true), "within the window");
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let body: serde_json::Value = http
-        .post(process.url("/v1/events"))
-        .header("content-type", "application/json")
-        .body(event(42))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = process.post_event_answer(42).await;
     assert_eq!(body, answer(first + 1, false), "after the window");
     let found = process
         .grpc()

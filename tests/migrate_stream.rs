@@ -252,18 +252,8 @@ async fn a_stream_of_the_old_layout_is_refused_then_migrated_in_order_and_served
         .into_inner();
     let at = expected.iter().position(|(id, _)| *id == 20).unwrap() as u64 + 1;
     assert_eq!(found.sequence, at);
-    let answer: serde_json::Value = reqwest::Client::new()
-        .post(gateway.url("/v1/events"))
-        .header("content-type", "application/json")
-        .body(event(20))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
     assert_eq!(
-        answer,
+        gateway.post_event_answer(20).await,
         serde_json::json!({"sequence": at, "duplicate": true})
     );
 }

@@ -108,12 +108,12 @@ pub struct Delivery {
     pub sequence: u64,
     /// 1 for the first attempt.
     pub attempt: u32,
-    /// Sequences of this event's chat that are parked (`on_park: continue`), oldest first, at
-    /// most [`PARKED_NAMED`].
+    /// How many earlier events of this event's chat are parked (`on_park: continue`), counted
+    /// up to [`PARKED_NAMED`].
     pub parked_before: usize,
 }
 
-/// Parked sequences a delivery names at most.
+/// Parked events of its chat a delivery counts at most.
 pub const PARKED_NAMED: usize = 16;
 
 /// What became of an acknowledgement, nack or deadline change.

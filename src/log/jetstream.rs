@@ -120,13 +120,20 @@ impl Shared {
     /// everything before it is expired transitive events.
     fn first(&self) -> u64 {
         let first = self.first.load(Ordering::Acquire);
-        if self.front_skippable.load(Ordering::Acquire)
-            && first <= self.skip_below.load(Ordering::Acquire)
-        {
+        if self.expired_hole(1, first) {
             1
         } else {
             first
         }
+    }
+
+    /// Whether the sequences `start..end`, none of which the stream holds, are transitive events
+    /// removed by their retention (every one below `skip_below`; at the front of the stream only
+    /// while nothing else can have removed anything): a hole a read passes over, not a loss.
+    fn expired_hole(&self, start: u64, end: u64) -> bool {
+        end <= self.skip_below.load(Ordering::Acquire)
+            && (start >= self.first.load(Ordering::Acquire)
+                || self.front_skippable.load(Ordering::Acquire))
     }
 }
 
@@ -324,16 +331,12 @@ impl JetStreamLog {
             .map_or(info.state.last_sequence + 1, |record| record.sequence);
         // Holes that expired transitive events left: passed over, not reported. At the front
         // only while nothing else (a `max_age`) has removed anything.
-        let explained_by = |shared: &Shared| {
-            oldest <= shared.skip_below.load(Ordering::Acquire)
-                && (from >= first || shared.front_skippable.load(Ordering::Acquire))
-        };
-        let mut explained = explained_by(&self.shared);
+        let mut explained = self.shared.expired_hole(from, oldest);
         if !explained && !self.config.transitive_max_age.is_zero() {
             // Another gateway may have purged since this one last looked.
             let now = crate::gateway::now_ms();
             learn_skippable(&self.reader, &self.config, &self.shared, now).await?;
-            explained = explained_by(&self.shared);
+            explained = self.shared.expired_hole(from, oldest);
         }
         if explained {
             // The next record, or none yet: the end of the log, the hole passed over.
@@ -1111,14 +1114,11 @@ impl EventLog for JetStreamLog {
         // told whether it was removed. A later record is never returned as if it followed. A
         // hole expired transitive events left is passed over (a region of typing events read
         // page by page, not one record per lookup).
-        let skip_below = self.shared.skip_below.load(Ordering::Acquire);
-        let stream_first = self.shared.first.load(Ordering::Acquire);
-        let front_skippable = self.shared.front_skippable.load(Ordering::Acquire);
         let mut records = Vec::with_capacity(fetched.len());
         for (sequence, record) in (from..).zip(fetched) {
             match record {
                 Some(record) => records.push(record),
-                None if sequence < skip_below && (sequence >= stream_first || front_skippable) => {}
+                None if self.shared.expired_hole(sequence, sequence + 1) => {}
                 None => break,
             }
         }

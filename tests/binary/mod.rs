@@ -122,6 +122,20 @@ impl Process {
             .as_u16()
     }
 
+    /// POSTs [`event`]`(id)` to `/v1/events`; the JSON answer.
+    pub async fn post_event_answer(&self, id: i64) -> serde_json::Value {
+        reqwest::Client::new()
+            .post(self.url("/v1/events"))
+            .header("content-type", "application/json")
+            .body(event(id))
+            .send()
+            .await
+            .expect("ingest answers")
+            .json()
+            .await
+            .expect("a JSON answer")
+    }
+
     /// A gRPC client.
     pub async fn grpc(&self) -> EventGatewayClient<Channel> {
         EventGatewayClient::connect(format!("http://{}", self.addr))
